@@ -848,16 +848,22 @@ static void gemm_tile_full(const Gemm *g, int i, int j) {
     }
 }
 
-/* Edge tile (fewer rows or columns): the same sums, one element at a time. */
+/* Edge tile (fewer rows or columns): the same sums, all chains of the tile advanced
+ * together so that a narrow product (n = K) is not bound by the add latency. */
 static void gemm_tile_edge(const Gemm *g, int i, int j) {
     int mr = g->m - i < MR ? g->m - i : MR, nr = g->n - j < NR ? g->n - j : NR;
+    float acc[MR][NR] = { { 0 } };
+    for (int p = 0; p < g->k; p++) {
+        const float *b = g->B + (size_t)p * g->ldb + j;
+        for (int r = 0; r < mr; r++) {
+            float a = g->A[(size_t)(i + r) * g->sa + (size_t)p * g->sp];
+            for (int c = 0; c < nr; c++) acc[r][c] = acc[r][c] + a * b[c];
+        }
+    }
     for (int r = 0; r < mr; r++)
         for (int c = 0; c < nr; c++) {
-            float s = 0.0f;
-            for (int p = 0; p < g->k; p++)
-                s = s + g->A[(size_t)(i + r) * g->sa + (size_t)p * g->sp] * g->B[(size_t)p * g->ldb + j + c];
             float *cc = g->C + (size_t)(i + r) * g->ldc + j + c;
-            *cc = g->acc ? *cc + s : s;
+            *cc = g->acc ? *cc + acc[r][c] : acc[r][c];
         }
 }
 
@@ -1359,13 +1365,22 @@ static SsmStats ssm_stats(float pos, const float *logit, int M, float beta) {
     float mx = pos, bmax = -FLT_MAX;
     for (int j = 0; j < M; j++) mx = logit[j] > mx ? logit[j] : mx;
     for (int j = 0; j < M; j++) { float bx = beta * (logit[j] - mx); bmax = bx > bmax ? bx : bmax; }
-    double S = 0, T = 0;
-    for (int j = 0; j < M; j++) {
-        float x = logit[j] - mx;
-        float imp = exp_v(beta * x - bmax);
-        S += imp;
-        T += (double)imp * exp_v(x);
+    /* 8 explicit partial sums (lane j % 8), reduced in a fixed order: vectorisable and
+     * the same on every machine */
+    double S8[8] = { 0 }, T8[8] = { 0 }, S = 0, T = 0;
+    int j = 0;
+    for (; j + 8 <= M; j += 8)
+        for (int l = 0; l < 8; l++) {
+            float x = logit[j + l] - mx, imp = exp_v(beta * x - bmax);
+            S8[l] += imp;
+            T8[l] += (double)(imp * exp_v(x));
+        }
+    for (; j < M; j++) {
+        float x = logit[j] - mx, imp = exp_v(beta * x - bmax);
+        S8[j % 8] += imp;
+        T8[j % 8] += (double)(imp * exp_v(x));
     }
+    for (int l = 0; l < 8; l++) { S += S8[l]; T += T8[l]; }
     st.mx = mx; st.bmax = bmax; st.x0 = pos - mx; st.S = S; st.T = T;
     st.Z = exp(st.x0) + (double)M * T / S; /* e^{x0} + Ng */
     return st;
