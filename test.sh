@@ -1,0 +1,212 @@
+#!/usr/bin/env bash
+# test.sh - remi's test suite. Run as `make && ./test.sh`; needs only the binary.
+# Closing line: "N passed, M failed"; exit status 1 if anything failed.
+set -u
+cd "$(dirname "$0")"
+REMI=./remi
+[ -x "$REMI" ] || { echo "no ./remi binary: run make first"; exit 1; }
+TMP=$(mktemp -d)
+trap 'rm -rf "$TMP"' EXIT
+npass=0; nfail=0
+pass() { npass=$((npass + 1)); printf 'ok    %s\n' "$1"; }
+fail() { nfail=$((nfail + 1)); printf 'FAIL  %s: %s\n' "$1" "$2"; }
+
+# ---------------------------------------------------------------- unit checks
+if "$REMI" gradcheck >"$TMP/gradcheck.log" 2>&1; then pass "gradcheck (finite differences, every backward)"
+else fail "gradcheck" "$(grep -m3 FAIL "$TMP/gradcheck.log" | tr '\n' ' ')"; fi
+
+if "$REMI" selftest -t 3 >"$TMP/selftest.log" 2>&1; then pass "selftest (kernels vs scalar twins, eval twin, set order, -t invariance)"
+else fail "selftest" "$(grep FAIL "$TMP/selftest.log" | tr '\n' ' ')"; fi
+
+# ---------------------------------------------------------------- prep
+# Run one fixture and compare the five output files byte for byte.
+# prep_fixture TEST NAME TMPDIR ARGS...
+prep_fixture() {
+    local test=$1 name=$2 tmp=$3; shift 3
+    local exp=${PREP_EXPECTED:-expected/prep} out=$tmp/prep-$test
+    rm -rf "$out"
+    "$REMI" prep --name "$name" --out "$out" "$@" >"$tmp/prep-$test.log" 2>&1
+    local rc=$?
+    if [ $rc -ne 0 ]; then
+        fail "prep $test" "exit status $rc ($(tail -n 1 "$tmp/prep-$test.log"))"; return
+    fi
+    local f why=""
+    for f in train valid test user_map item_map; do
+        cmp -s "$exp/$test/${name}_$f.txt" "$out/${name}_$f.txt" || why="$why ${name}_$f.txt"
+    done
+    if [ -z "$why" ]; then pass "prep $test"; else fail "prep $test" "differs from $exp/$test:$why"; fi
+}
+
+# Bad input: must exit non-zero, name the file (and the line, if given) and write nothing.
+# prep_bad TEST TMPDIR CONTENT LINE ARGS...   (CONTENT: printf %b escapes; LINE "" = no line number)
+prep_bad() {
+    local test=$1 tmp=$2 content=$3 line=$4; shift 4
+    local in=$tmp/prep-bad-$test.txt out=$tmp/prep-bad-out
+    printf '%b' "$content" >"$in"   # CONTENT holds \n and \t escapes
+    rm -rf "$out"; mkdir -p "$out"
+    if "$REMI" prep --input "$in" --name bad --out "$out" "$@" >"$tmp/prep-bad.log" 2>&1; then
+        fail "prep bad $test" "exit status 0"; return
+    fi
+    local want=$in; [ -n "$line" ] && want="$in:$line:"
+    if ! grep -qF -- "$want" "$tmp/prep-bad.log"; then
+        fail "prep bad $test" "message lacks \"$want\": $(head -c 200 "$tmp/prep-bad.log")"; return
+    fi
+    if [ -n "$(ls -A "$out")" ]; then fail "prep bad $test" "left files: $(ls -A "$out")"; return; fi
+    pass "prep bad $test"
+}
+
+# Bad command line: non-zero exit and a message mentioning WHAT.
+prep_badarg() {
+    local test=$1 tmp=$2 what=$3; shift 3
+    if "$REMI" prep "$@" >"$tmp/prep-bad.log" 2>&1; then fail "prep arg $test" "exit status 0"; return; fi
+    if grep -qF -- "$what" "$tmp/prep-bad.log"; then pass "prep arg $test"
+    else fail "prep arg $test" "message lacks \"$what\": $(head -c 200 "$tmp/prep-bad.log")"; fi
+}
+
+test_prep() {
+    local tmp=$1 exp=${PREP_EXPECTED:-expected/prep}
+
+    # (a) pairs: header, comma, time column (ints, decimals, exponents; ties), ids as strings
+    prep_fixture a a "$tmp" --input "$exp/a_pairs_time.csv" --sep comma --header --time-col 3
+    # (b) sequence lines, runs of spaces/tabs, one user spread over two lines
+    prep_fixture b b "$tmp" --input "$exp/b_sequence.txt" --format sequence
+    # (c) pairs: tab, no time column (time = line number), CRLF line endings, extra column
+    prep_fixture c c "$tmp" --input "$exp/c_pairs_notime.tsv"
+    # (d) fixture (a) with --min 4 and a seed wider than 32 bits (two-word random.seed key)
+    prep_fixture d d "$tmp" --input "$exp/a_pairs_time.csv" --sep comma --header --time-col 3 \
+        --min 4 --seed 12345678901
+
+    if "$REMI" prep --help >"$tmp/prep-help.log" 2>&1 && grep -q -- "--seed" "$tmp/prep-help.log"; then
+        pass "prep --help"
+    else
+        fail "prep --help" "no usage text with exit 0"
+    fi
+
+    prep_bad missing-column "$tmp" 'u1\ti1\nu2\n' 2
+    prep_bad empty-user "$tmp" 'u1\ti1\n\ti2\n' 2
+    prep_bad empty-item "$tmp" 'u1,i1,5\nu1,,6\n' 2 --sep comma --time-col 2
+    prep_bad bad-time "$tmp" 'h,h,h\nu1,i1,5\nu2,i2,12:30\n' 3 --sep comma --header --time-col 2
+    prep_bad nan-time "$tmp" 'u1,i1,nan\n' 1 --sep comma --time-col 2
+    prep_bad blank-line "$tmp" 'u1\ti1\n\nu2\ti2\n' 2
+    prep_bad trailing-blank "$tmp" 'u1\ti1\nu2\ti2\n\n' 3
+    prep_bad seq-no-items "$tmp" 'u1 i1 i2\nu2\n' 2 --format sequence
+    prep_bad empty-file "$tmp" '' ""
+    prep_bad header-only "$tmp" 'user\titem\n' "" --header
+    prep_bad no-user-left "$tmp" 'u1\ti1\nu1\ti2\nu2\ti1\n' ""
+
+    prep_badarg no-input "$tmp" "--input" --name x
+    prep_badarg no-name "$tmp" "--name" --input "$exp/c_pairs_notime.tsv"
+    prep_badarg unknown-flag "$tmp" "--bogus" --input "$exp/c_pairs_notime.tsv" --name x --bogus 1
+    prep_badarg missing-value "$tmp" "--min" --input "$exp/c_pairs_notime.tsv" --name x --min
+    prep_badarg bad-format "$tmp" "--format" --input "$exp/c_pairs_notime.tsv" --name x --format csv
+    prep_badarg missing-file "$tmp" "$tmp/no-such-file" --input "$tmp/no-such-file" --name x
+}
+test_prep "$TMP"
+
+# ---------------------------------------------------------------- golden training run
+# A fixed slice of data/ (expected/tiny: the 400 most popular items; 600 train, 150 valid,
+# 150 test users), 300 steps.
+# Golden: expected/tiny_metrics.jsonl. Tolerance: relative 1e-3 on losses and absolute 2e-3
+# on metrics. The same binary reproduces it bit for bit; the tolerance is for another
+# compiler or libm (logf/exp in the loss), whose last-bit differences grow over 300 steps.
+TINY=(--data expected/tiny --name tiny --batch 32 --neg 256 --iters 300 --eval-every 100 --seed 7)
+
+# jsonl_close A B: same structure, numbers within tolerance; timing fields ignored.
+jsonl_close() {
+    awk -v RTOL=1e-3 -v ATOL=2e-3 '
+        function num(s) { return s ~ /^-?[0-9.]+([eE][-+]?[0-9]+)?$/ }
+        NR == FNR { a[FNR] = $0; na = FNR; next }
+        {
+            if (FNR > na) { print "extra line " FNR; bad = 1; exit }
+            n1 = split(a[FNR], x, /[{}:,"]+/); n2 = split($0, y, /[{}:,"]+/)
+            if (n1 != n2) { print "line " FNR ": different fields"; bad = 1; exit }
+            key = ""
+            for (i = 1; i <= n1; i++) {
+                if (key == "steps_per_s" || key == "elapsed") { key = x[i]; continue }
+                if (num(x[i]) && num(y[i])) {
+                    d = x[i] - y[i]; if (d < 0) d = -d
+                    tol = (key == "loss") ? RTOL * (y[i] < 0 ? -y[i] : y[i]) : ATOL
+                    if (d > tol) { print "line " FNR ", " key ": " x[i] " vs " y[i]; bad = 1 }
+                } else if (x[i] != y[i]) { print "line " FNR ": " x[i] " vs " y[i]; bad = 1 }
+                key = x[i]
+            }
+        }
+        END { if (FNR != na && !bad) { print "missing lines"; bad = 1 } exit bad }' "$1" "$2"
+}
+strip_timing() { sed -E 's/"steps_per_s":[^,]*,"elapsed":[^}]*//' "$1"; }
+
+for t in 1 2; do
+    "$REMI" train "${TINY[@]}" -t $t --out "$TMP/tiny-t$t" >"$TMP/tiny-t$t.log" 2>&1 \
+        || fail "tiny training -t $t" "$(tail -n 2 "$TMP/tiny-t$t.log")"
+done
+"$REMI" train "${TINY[@]}" -t 2 --out "$TMP/tiny-again" >"$TMP/tiny-again.log" 2>&1
+if out=$(jsonl_close "$TMP/tiny-t2/metrics.jsonl" expected/tiny_metrics.jsonl); then
+    pass "tiny training matches expected/tiny_metrics.jsonl (loss rtol 1e-3, metrics atol 2e-3)"
+else fail "tiny training golden" "$out"; fi
+if cmp -s "$TMP/tiny-t2/model.bin" "$TMP/tiny-again/model.bin" &&
+   [ "$(strip_timing "$TMP/tiny-t2/metrics.jsonl")" = "$(strip_timing "$TMP/tiny-again/metrics.jsonl")" ]; then
+    pass "same seed twice: identical model and metrics"
+else fail "same seed twice" "outputs differ"; fi
+if cmp -s "$TMP/tiny-t1/model.bin" "$TMP/tiny-t2/model.bin" &&
+   [ "$(strip_timing "$TMP/tiny-t1/metrics.jsonl")" = "$(strip_timing "$TMP/tiny-t2/metrics.jsonl")" ]; then
+    pass "-t 1 and -t 2: identical model and metrics"
+else fail "-t 1 vs -t 2" "outputs differ"; fi
+"$REMI" train "${TINY[@]}" --seed 8 -t 2 --out "$TMP/tiny-seed8" >/dev/null 2>&1
+if ! cmp -s "$TMP/tiny-t2/model.bin" "$TMP/tiny-seed8/model.bin"; then pass "another seed gives another model"
+else fail "seed" "--seed 8 gave the same model as --seed 7"; fi
+
+# eval of the saved model reproduces the test metrics printed by train
+"$REMI" eval --model-file "$TMP/tiny-t2/model.bin" --data expected/tiny --name tiny --split test >"$TMP/eval.log" 2>&1
+want=$(grep '^test' "$TMP/tiny-t2.log" | sed 's/  */ /g'); got=$(grep '^test' "$TMP/eval.log" | sed 's/  */ /g')
+if [ -n "$want" ] && [ "$want" = "$got" ]; then pass "eval of the saved model reproduces train's test metrics"
+else fail "eval" "train: $want / eval: $got"; fi
+
+# ---------------------------------------------------------------- bad input to train
+# bad_split CASE LINE CONTENT-OF-VALID: must exit non-zero, name file:line and the text,
+# and leave nothing in --out.
+bad_split() {
+    local case=$1 line=$2 content=$3 d=$TMP/bad-$1
+    mkdir -p "$d"; cp expected/tiny/tiny_train.txt expected/tiny/tiny_test.txt "$d/"
+    printf '%b' "$content" >"$d/tiny_valid.txt"
+    if "$REMI" train --data "$d" --name tiny --out "$d/out" >"$d/log" 2>&1; then fail "bad input: $case" "exit 0"; return; fi
+    local want="$d/tiny_valid.txt"; [ -n "$line" ] && want="$want:$line:"
+    if ! grep -qF -- "$want" "$d/log"; then fail "bad input: $case" "message lacks '$want': $(head -c 200 "$d/log")"; return; fi
+    if [ -e "$d/out" ]; then fail "bad input: $case" "left $d/out behind"; return; fi
+    pass "bad input: $case ($(head -c 90 "$d/log" | tr '\n' ' '))"
+}
+bad_split "malformed line" 2 '20892,43,0,1\n20892,10\n20892,5,2,3\n'
+bad_split "non-numeric id" 2 '20892,43,0,1\n20892,x12,1,2\n'
+bad_split "item id out of range" 2 '20892,43,0,1\n20892,0,1,2\n'
+bad_split "negative item id" 1 '20892,-3,0,1\n20892,5,1,2\n'
+bad_split "overflowing id" 1 '20892,99999999999999999999999,0,1\n'
+bad_split "one-item user" 3 '20892,43,0,1\n20892,5,1,2\n20893,7,0,1\n'
+bad_split "empty file" "" ''
+bad_split "binary garbage" 1 '\x01\x02\x00\x7f\n'
+d=$TMP/bad-missing; mkdir -p "$d"
+if "$REMI" train --data "$d" --name nosuch --out "$d/out" >"$d/log" 2>&1; then fail "bad input: missing file" "exit 0"
+elif grep -q "nosuch_train.txt" "$d/log" && grep -q "remi prep" "$d/log" && [ ! -e "$d/out" ]; then pass "bad input: missing file says what to run"
+else fail "bad input: missing file" "$(cat "$d/log")"; fi
+# items beyond the item map
+d=$TMP/bad-map; mkdir -p "$d"; cp expected/tiny/tiny_*.txt "$d/"; printf '1,1\n2,2\n' >"$d/tiny_item_map.txt"
+if ! "$REMI" train --data "$d" --name tiny --out "$d/out" >"$d/log" 2>&1 && grep -q "out of range 1..2" "$d/log"; then
+    pass "bad input: item id beyond the item map"
+else fail "bad input: item map range" "$(head -c 200 "$d/log")"; fi
+for flag in "--interests 0" "--hidden 0" "--lr -1" "--batch x" "--bogus 1"; do
+    if ! "$REMI" train $flag --out "$TMP/flag-out" >"$TMP/flag.log" 2>&1 && [ ! -e "$TMP/flag-out" ]; then
+        pass "bad flag: $flag ($(head -c 70 "$TMP/flag.log"))"
+    else fail "bad flag: $flag" "accepted"; fi
+done
+printf 'not a model' >"$TMP/bad.bin"
+if ! "$REMI" eval --model-file "$TMP/bad.bin" --data expected/tiny --name tiny >"$TMP/m.log" 2>&1 && grep -q "not a remi model" "$TMP/m.log"; then
+    pass "foreign model file refused"; else fail "foreign model file" "$(cat "$TMP/m.log")"; fi
+head -c 1000 "$TMP/tiny-t2/model.bin" >"$TMP/trunc.bin"
+if ! "$REMI" eval --model-file "$TMP/trunc.bin" --data expected/tiny --name tiny >"$TMP/m.log" 2>&1 && grep -q "truncated" "$TMP/m.log"; then
+    pass "truncated model file refused"; else fail "truncated model file" "$(cat "$TMP/m.log")"; fi
+
+for cmd in train eval prep gradcheck selftest bench; do
+    "$REMI" $cmd --help >"$TMP/help.log" 2>&1 && grep -q "usage: remi $cmd" "$TMP/help.log" || fail "$cmd --help" "no usage"
+done
+pass "--help on every subcommand"
+
+echo "$npass passed, $nfail failed"
+[ "$nfail" -eq 0 ]
