@@ -813,7 +813,7 @@ int cmd_prep(int argc, char **argv) {
  * vector kernel, its scalar twin, the portable build and any vector width. (Zen-class
  * cores issue two multiplies and two adds per cycle, so this costs no throughput.)
  * Register tile: MR rows x NR columns held in GCC vector-extension registers. */
-#define MR 4
+#define MR 8
 #define NR 16
 typedef float vf8 __attribute__((vector_size(32), aligned(4)));
 
@@ -827,24 +827,25 @@ typedef struct {
 static inline vf8 vload(const float *p) { vf8 v; memcpy(&v, p, sizeof v); return v; }
 static inline void vstore(float *p, vf8 v) { memcpy(p, &v, sizeof v); }
 
-/* Full MR x NR tile: 8 vector accumulators, one broadcast of A per row and step. */
+/* Full MR x NR tile: 2 MR vector accumulators; each step loads two vectors of B and
+ * broadcasts one element of A per row. */
 static void gemm_tile_full(const Gemm *g, int i, int j) {
-    vf8 c00 = { 0 }, c01 = { 0 }, c10 = { 0 }, c11 = { 0 }, c20 = { 0 }, c21 = { 0 }, c30 = { 0 }, c31 = { 0 };
+    vf8 c0[MR] = { 0 }, c1[MR] = { 0 };
     const float *a0 = g->A + (size_t)i * g->sa, *b = g->B + j;
     const size_t sa = g->sa, sp = g->sp, ldb = g->ldb;
     for (int p = 0; p < g->k; p++, b += ldb) {
         const float *ap = a0 + p * sp;
         vf8 b0 = vload(b), b1 = vload(b + 8);
-        float x0 = ap[0], x1 = ap[sa], x2 = ap[2 * sa], x3 = ap[3 * sa];
-        c00 = c00 + x0 * b0; c01 = c01 + x0 * b1;
-        c10 = c10 + x1 * b0; c11 = c11 + x1 * b1;
-        c20 = c20 + x2 * b0; c21 = c21 + x2 * b1;
-        c30 = c30 + x3 * b0; c31 = c31 + x3 * b1;
+        for (int r = 0; r < MR; r++) {
+            float x = ap[r * sa];
+            c0[r] = c0[r] + x * b0;
+            c1[r] = c1[r] + x * b1;
+        }
     }
-    vf8 acc[MR][2] = { { c00, c01 }, { c10, c11 }, { c20, c21 }, { c30, c31 } };
     for (int r = 0; r < MR; r++) {
         float *cr = g->C + (size_t)(i + r) * g->ldc + j;
-        for (int h = 0; h < 2; h++) vstore(cr + 8 * h, g->acc ? vload(cr + 8 * h) + acc[r][h] : acc[r][h]);
+        vstore(cr, g->acc ? vload(cr) + c0[r] : c0[r]);
+        vstore(cr + 8, g->acc ? vload(cr + 8) + c1[r] : c1[r]);
     }
 }
 
@@ -1166,13 +1167,14 @@ void acts_init(Acts *a, const Model *m, int cap_b, int M) {
     a->den = xcalloc((size_t)M * D + 1, sizeof(float));
     a->logit = xcalloc(B * M + 1, sizeof(float));
     a->dlogit = xcalloc(B * M + 1, sizeof(float));
-    a->dlogit_t = xcalloc(B * M + 1, sizeof(float));
+    a->ssm_tmp = xcalloc(2 * B * M + 1, sizeof(float));
     a->pos = xcalloc(B, sizeof(float));
     a->dpos = xcalloc(B, sizeof(float));
     a->loss = xcalloc(B, sizeof(float));
     a->rr_d = xcalloc(B * K, sizeof(float));
     a->w1t = xcalloc((size_t)D * H, sizeof(float));
-    a->w2t = xcalloc((size_t)H * K, sizeof(float));
+    a->w2t = xcalloc((size_t)H * (K > NR ? K : NR), sizeof(float));
+    a->zpad = xcalloc(B * L * NR + (size_t)MR * H, sizeof(float));
     a->et = xcalloc((size_t)m->N * D, sizeof(float));
 }
 
@@ -1207,16 +1209,37 @@ static void posadd_backward(float *dx, float *dP, const float *dxt, int nb, int 
         }
 }
 
-/* Bias-free nn.Linear: y = x W^T.  y (rows, out), x (rows, in), W (out, in), wt scratch (in, out). */
-static void linear_forward(float *y, const float *x, const float *W, float *wt, int rows, int in, int out) {
-    transpose(wt, W, out, in);
-    gemm_nn(y, x, wt, rows, out, in, 0);
+/* Bias-free nn.Linear: y = x W^T.  y (rows, out), x (rows, in), W (out, in).
+ * wt: scratch (in, max(out, NR)). An output narrower than a register tile (the K attention
+ * logits) is computed as one full tile with zero columns into ypad (rows, NR) and copied:
+ * the real columns get the same sums, without the slow edge path. */
+static void linear_forward(float *y, const float *x, const float *W, float *wt, float *ypad, int rows, int in,
+                           int out) {
+    if (out >= NR || !ypad) {
+        transpose(wt, W, out, in);
+        gemm_nn(y, x, wt, rows, out, in, 0);
+        return;
+    }
+    for (int i = 0; i < in; i++)
+        for (int j = 0; j < NR; j++) wt[i * NR + j] = j < out ? W[(size_t)j * in + i] : 0.0f;
+    gemm_run((Gemm){ ypad, NR, x, in, 1, wt, NR, rows, NR, in, 0 }, 1);
+    for (int r = 0; r < rows; r++) memcpy(y + (size_t)r * out, ypad + (size_t)r * NR, out * sizeof(float));
 }
-/* dx += dy W;  dW += dy^T x */
-static void linear_backward(float *dx, float *dW, const float *dy, const float *x, const float *W,
+/* dx += dy W;  dW += dy^T x.  With `out` narrower than a row tile (the K attention logits)
+ * and pad (rows * MR + MR * in) given, dy is zero-padded to MR columns so dW is one full
+ * row tile; the real rows get the same sums. */
+static void linear_backward(float *dx, float *dW, const float *dy, const float *x, const float *W, float *pad,
                             int rows, int in, int out) {
     if (dx) gemm_nn(dx, dy, W, rows, in, out, 1);
-    gemm_tn(dW, dy, x, out, in, rows, 1);
+    if (out >= MR || !pad) {
+        gemm_tn(dW, dy, x, out, in, rows, 1);
+        return;
+    }
+    float *dyp = pad, *dwp = pad + (size_t)rows * MR;
+    for (int r = 0; r < rows; r++)
+        for (int j = 0; j < MR; j++) dyp[(size_t)r * MR + j] = j < out ? dy[(size_t)r * out + j] : 0.0f;
+    gemm_tn(dwp, dyp, x, MR, in, rows, 0);
+    for (size_t i = 0; i < (size_t)out * in; i++) dW[i] += dwp[i];
 }
 
 /* y = tanh(y) in place */
@@ -1309,9 +1332,9 @@ static void sa_forward(const Model *m, Acts *a, int nb) {
     int L = m->L, D = m->D, H = m->H, K = m->K;
     embed_forward(a->x, a->hist, a->mask, m->p.item_emb, nb * L, D);
     posadd_forward(a->xt, a->x, m->p.pos_emb, nb, L, D);
-    linear_forward(a->h, a->xt, m->p.w1, a->w1t, nb * L, D, H);
+    linear_forward(a->h, a->xt, m->p.w1, a->w1t, NULL, nb * L, D, H);
     tanh_forward(a->h, (size_t)nb * L * H);
-    linear_forward(a->z, a->h, m->p.w2, a->w2t, nb * L, H, K);
+    linear_forward(a->z, a->h, m->p.w2, a->w2t, a->zpad, nb * L, H, K);
     masked_softmax_forward(a->att, a->z, a->mask, nb, K, L);
     interest_forward(a->v, a->att, a->x, nb, K, L, D);
 }
@@ -1326,9 +1349,9 @@ static void sa_backward(Model *m, Acts *a, int nb) {
     memset(a->dh, 0, bl * H * sizeof(float));
     interest_backward(a->datt, a->dx, a->dv, a->att, a->x, nb, K, L, D);
     masked_softmax_backward(a->dz, a->datt, a->att, nb, K, L);
-    linear_backward(a->dh, m->g.w2, a->dz, a->h, m->p.w2, nb * L, H, K);
+    linear_backward(a->dh, m->g.w2, a->dz, a->h, m->p.w2, a->zpad, nb * L, H, K);
     tanh_backward(a->dh, a->h, bl * H);
-    linear_backward(a->dxt, m->g.w1, a->dh, a->xt, m->p.w1, nb * L, D, H);
+    linear_backward(a->dxt, m->g.w1, a->dh, a->xt, m->p.w1, NULL, nb * L, D, H);
     posadd_backward(a->dx, m->g.pos_emb, a->dxt, nb, L, D);
     embed_backward(m->g.item_emb, a->dx, a->hist, a->mask, nb * L, D);
 }
@@ -1357,63 +1380,72 @@ static void logits_backward(float *dr, float *dE, float *den, const float *dpos,
 /* Per-sample quantities of d.4, shifted by m = max(s+, s_1..s_M):
  *   x0 = s+ - m, x_j = s_j - m, imp_j = exp(beta x_j - max_i beta x_i), S = sum imp,
  *   T = sum imp_j e^{x_j}, Ng = M T / S = M sum_j w_j e^{x_j} with w = softmax(beta s).
- * beta = 0 gives imp = 1, Ng = sum e^{x_j}: plain sampled softmax (d.3). */
-typedef struct { double x0, mx, bmax, S, T, Z; } SsmStats;
+ * beta = 0 gives imp = 1, Ng = sum e^{x_j}: plain sampled softmax (d.3).
+ * imp_j and e^{x_j} are left in tmp (2, M) for the backward pass. */
+typedef struct { double x0, S, T, Z; } SsmStats;
 
-static SsmStats ssm_stats(float pos, const float *logit, int M, float beta) {
-    SsmStats st;
+static SsmStats ssm_stats(float *tmp, float pos, const float *logit, int M, float beta) {
+    float *imp = tmp, *ex = tmp + M;
     float mx = pos, bmax = -FLT_MAX;
     for (int j = 0; j < M; j++) mx = logit[j] > mx ? logit[j] : mx;
     for (int j = 0; j < M; j++) { float bx = beta * (logit[j] - mx); bmax = bx > bmax ? bx : bmax; }
-    /* 8 explicit partial sums (lane j % 8), reduced in a fixed order: vectorisable and
-     * the same on every machine */
-    double S8[8] = { 0 }, T8[8] = { 0 }, S = 0, T = 0;
-    int j = 0;
-    for (; j + 8 <= M; j += 8)
-        for (int l = 0; l < 8; l++) {
-            float x = logit[j + l] - mx, imp = exp_v(beta * x - bmax);
-            S8[l] += imp;
-            T8[l] += (double)(imp * exp_v(x));
-        }
-    for (; j < M; j++) {
-        float x = logit[j] - mx, imp = exp_v(beta * x - bmax);
-        S8[j % 8] += imp;
-        T8[j % 8] += (double)(imp * exp_v(x));
+    for (int j = 0; j < M; j++) { /* flat, branch-free: vectorised */
+        float x = logit[j] - mx;
+        imp[j] = exp_v(beta * x - bmax);
+        ex[j] = exp_v(x);
     }
+    /* 8 partial sums (lane j % 8) reduced in a fixed order: the same on every machine */
+    double S8[8] = { 0 }, T8[8] = { 0 }, S = 0, T = 0;
+    for (int j = 0; j < M; j++) { S8[j % 8] += imp[j]; T8[j % 8] += (double)(imp[j] * ex[j]); }
     for (int l = 0; l < 8; l++) { S += S8[l]; T += T8[l]; }
-    st.mx = mx; st.bmax = bmax; st.x0 = pos - mx; st.S = S; st.T = T;
+    SsmStats st = { pos - mx, S, T, 0 };
     st.Z = exp(st.x0) + (double)M * T / S; /* e^{x0} + Ng */
     return st;
 }
 
-/* loss[b] = -x0 + log(e^{x0} + Ng). Returns the batch mean (L_CE of d.4). */
-static double ssm_forward(float *loss, const float *pos, const float *logit, int nb, int M, float beta) {
-    double sum = 0;
-    for (int b = 0; b < nb; b++) {
-        SsmStats st = ssm_stats(pos[b], logit + (size_t)b * M, M, beta);
-        loss[b] = (float)(-st.x0 + log(st.Z));
-        sum += loss[b];
+typedef struct {
+    float *loss, *dpos, *dlogit, *tmp;
+    const float *pos, *logit;
+    int M; float beta, scale;
+} SsmCtx;
+
+/* loss[b] = -x0 + log(e^{x0} + Ng) */
+static void ssm_forward_task(void *ctx, int lo, int hi) {
+    const SsmCtx *c = ctx;
+    for (int b = lo; b < hi; b++) {
+        SsmStats st = ssm_stats(c->tmp + (size_t)b * 2 * c->M, c->pos[b], c->logit + (size_t)b * c->M, c->M, c->beta);
+        c->loss[b] = (float)(-st.x0 + log(st.Z));
     }
+}
+/* Returns the batch mean of the per-sample losses (L_CE of d.4). tmp (nb, 2M). */
+static double ssm_forward(float *loss, float *tmp, const float *pos, const float *logit, int nb, int M, float beta) {
+    SsmCtx c = { loss, NULL, NULL, tmp, pos, logit, M, beta, 0 };
+    parallel_for(nb, ssm_forward_task, &c);
+    double sum = 0;
+    for (int b = 0; b < nb; b++) sum += loss[b];
     return sum / nb;
 }
+
 /* With G = T / S and Z = e^{x0} + M G (REMI-SPEC d.4, weights not detached):
  *   d loss / d s+  = -1 + e^{x0} / Z
  *   d loss / d s_j = (M / Z) w_j [ (beta + 1) e^{x_j} - beta G ],  w_j = imp_j / S
  * each scaled by `scale` (1/B for the batch mean). */
-static void ssm_backward(float *dpos, float *dlogit, const float *pos, const float *logit, int nb, int M,
-                         float beta, float scale) {
-    for (int b = 0; b < nb; b++) {
-        const float *lg = logit + (size_t)b * M;
-        SsmStats st = ssm_stats(pos[b], lg, M, beta);
+static void ssm_backward_task(void *ctx, int lo, int hi) {
+    const SsmCtx *c = ctx;
+    int M = c->M;
+    for (int b = lo; b < hi; b++) {
+        float *tmp = c->tmp + (size_t)b * 2 * M, *dl = c->dlogit + (size_t)b * M;
+        SsmStats st = ssm_stats(tmp, c->pos[b], c->logit + (size_t)b * M, M, c->beta);
         double G = st.T / st.S;
-        dpos[b] = (float)(scale * (-1.0 + exp(st.x0) / st.Z));
-        float c = (float)(scale * M / (st.Z * st.S)), b1 = beta + 1.0f, bg = (float)(beta * G);
-        for (int j = 0; j < M; j++) {
-            float x = lg[j] - (float)st.mx;
-            float imp = exp_v(beta * x - (float)st.bmax);
-            dlogit[(size_t)b * M + j] = c * imp * (b1 * exp_v(x) - bg);
-        }
+        c->dpos[b] = (float)(c->scale * (-1.0 + exp(st.x0) / st.Z));
+        float k = (float)(c->scale * M / (st.Z * st.S)), b1 = c->beta + 1.0f, bg = (float)(c->beta * G);
+        for (int j = 0; j < M; j++) dl[j] = k * tmp[j] * (b1 * tmp[M + j] - bg);
     }
+}
+static void ssm_backward(float *dpos, float *dlogit, float *tmp, const float *pos, const float *logit, int nb, int M,
+                         float beta, float scale) {
+    SsmCtx c = { NULL, dpos, dlogit, tmp, pos, logit, M, beta, scale };
+    parallel_for(nb, ssm_backward_task, &c);
 }
 
 /* ======================================================================== routing regularisation
@@ -1482,7 +1514,7 @@ static double step_forward(Model *m, Acts *a, const Config *c) {
     sa_forward(m, a, B);
     readout_forward(a->r, a->sel, a->v, m->p.item_emb, a->target, B, K, D);
     logits_forward(a->pos, a->logit, a->en, a->ent, a->r, m->p.item_emb, a->target, a->neg, B, M, D);
-    double loss = ssm_forward(a->loss, a->pos, a->logit, B, M, c->rbeta);
+    double loss = ssm_forward(a->loss, a->ssm_tmp, a->pos, a->logit, B, M, c->rbeta);
     double rr = c->rlambda != 0.0f ? rr_forward(a->rr_d, a->att, B, K, L, D) : 0.0;
     return loss + c->rlambda * rr;
 }
@@ -1493,7 +1525,7 @@ static void step_backward(Model *m, Acts *a, const Config *c) {
     memset(a->dr, 0, (size_t)B * D * sizeof(float));
     memset(a->dv, 0, (size_t)B * K * D * sizeof(float));
     memset(a->datt, 0, (size_t)B * K * L * sizeof(float));
-    ssm_backward(a->dpos, a->dlogit, a->pos, a->logit, B, M, c->rbeta, 1.0f / B);
+    ssm_backward(a->dpos, a->dlogit, a->ssm_tmp, a->pos, a->logit, B, M, c->rbeta, 1.0f / B);
     logits_backward(a->dr, m->g.item_emb, a->den, a->dpos, a->dlogit, a->r, a->en, m->p.item_emb,
                     a->target, a->neg, B, M, D);
     readout_backward(a->dv, a->dr, a->sel, B, K, D);
@@ -2079,7 +2111,7 @@ static double gc_posadd(GcState *g) { /* buf0 x (B,L,D), buf1 P (L,D), buf2 xt *
     return gc_dot(g->c, g->buf[2], (size_t)g->B * g->L * g->D);
 }
 static double gc_lintanh(GcState *g) { /* buf0 x (BL,D), buf1 W (H,D), buf2 h (BL,H), buf3 wt */
-    linear_forward(g->buf[2], g->buf[0], g->buf[1], g->buf[3], g->B * g->L, g->D, g->H);
+    linear_forward(g->buf[2], g->buf[0], g->buf[1], g->buf[3], NULL, g->B * g->L, g->D, g->H);
     tanh_forward(g->buf[2], (size_t)g->B * g->L * g->H);
     return gc_dot(g->c, g->buf[2], (size_t)g->B * g->L * g->H);
 }
@@ -2101,7 +2133,7 @@ static double gc_logits(GcState *g) { /* buf0 r (B,D); E = m.p.item_emb */
     return gc_dot(g->c, g->a.logit, (size_t)g->B * g->M) + gc_dot(g->c + (size_t)g->B * g->M, g->a.pos, g->B);
 }
 static double gc_ssm(GcState *g) { /* buf0 pos (B), buf1 logit (B,M), buf2 loss (B) */
-    return ssm_forward(g->buf[2], g->buf[0], g->buf[1], g->B, g->M, g->beta);
+    return ssm_forward(g->buf[2], g->buf[5], g->buf[0], g->buf[1], g->B, g->M, g->beta);
 }
 static double gc_rr(GcState *g) { /* buf0 att (B,K,L), buf1 rr_d (B,K); 1e3 RR, so its gradient is
                                    * well above the tolerance */
@@ -2158,7 +2190,7 @@ int cmd_gradcheck(int argc, char **argv) {
     memcpy(g.buf[4], g.c, (size_t)B * L * H * sizeof(float));
     tanh_backward(g.buf[4], g.buf[2], (size_t)B * L * H);
     ZERO(an[0], BLD); ZERO(an[1], (size_t)H * D);
-    linear_backward(an[0], an[1], g.buf[4], g.buf[0], g.buf[1], B * L, D, H);
+    linear_backward(an[0], an[1], g.buf[4], g.buf[0], g.buf[1], NULL, B * L, D, H);
     ok &= gc_check("linear+tanh: d/dx", gc_lintanh, &g, g.buf[0], an[0], BLD);
     ok &= gc_check("linear+tanh: d/dW", gc_lintanh, &g, g.buf[1], an[1], (size_t)H * D);
 
@@ -2198,7 +2230,7 @@ int cmd_gradcheck(int argc, char **argv) {
         char what[64];
         g.beta = betas[i];
         gc_fill(g.buf[0], B, 1.0, &g.rng); gc_fill(g.buf[1], (size_t)B * M, 1.0, &g.rng);
-        ssm_backward(an[0], an[1], g.buf[0], g.buf[1], B, M, g.beta, 1.0f / B);
+        ssm_backward(an[0], an[1], g.buf[5], g.buf[0], g.buf[1], B, M, g.beta, 1.0f / B);
         snprintf(what, sizeof what, "sampled softmax beta %g: d/ds+", g.beta);
         ok &= gc_check(what, gc_ssm, &g, g.buf[0], an[0], B);
         snprintf(what, sizeof what, "sampled softmax beta %g: d/ds_j", g.beta);
