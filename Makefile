@@ -5,10 +5,10 @@ BASE    := -ffp-contract=off -fno-math-errno
 CFLAGS  ?= -O3 -march=native $(BASE)
 LDLIBS  := -lm -lpthread
 
+all: remi
+
 remi: remi.c remi.h
 	$(CC) $(CFLAGS) $(WARN) -DREMI_CFLAGS='"$(CFLAGS)"' -o $@ remi.c $(LDLIBS)
-
-all: remi
 
 debug:
 	$(MAKE) -B remi CFLAGS="-O0 -g $(BASE)"

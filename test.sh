@@ -103,6 +103,12 @@ test_prep() {
 }
 test_prep "$TMP"
 
+# The shipped split is what the reference preprocessing makes from the raw file.
+if "$REMI" prep --input data/beauty_raw.txt --name beauty --sep space --out "$TMP/beauty" >/dev/null 2>&1 &&
+   for f in train valid test user_map item_map; do cmp -s "$TMP/beauty/beauty_$f.txt" "data/beauty_$f.txt" || exit 1; done; then
+    pass "prep regenerates data/beauty_* from data/beauty_raw.txt byte for byte"
+else fail "prep beauty" "output differs from data/"; fi
+
 # ---------------------------------------------------------------- golden training run
 # A fixed slice of data/ (expected/tiny: the 400 most popular items; 600 train, 150 valid,
 # 150 test users), 300 steps.
