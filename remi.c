@@ -226,6 +226,163 @@ static void parallel_for(int total, task_fn fn, void *ctx) {
     pthread_mutex_unlock(&pool.mu);
 }
 
+/* ======================================================================== data
+ * Split files (REMI-SPEC b.3): lines "user,item,index,timestamp" (or "user,item,time").
+ * Lines are grouped by user and each user's items stable-sorted by time. */
+typedef struct { int64_t user, time; int line, item; } Rec;
+
+static int rec_cmp(const void *pa, const void *pb) {
+    const Rec *a = pa, *b = pb;
+    if (a->user != b->user) return a->user < b->user ? -1 : 1;
+    if (a->time != b->time) return a->time < b->time ? -1 : 1;
+    return a->line - b->line; /* stable: file order breaks time ties */
+}
+
+/* Parse a decimal integer field ending at ',' or end of string; returns the end or NULL. */
+static const char *parse_i64(const char *s, int64_t *out) {
+    const char *p = s;
+    int neg = 0;
+    if (*p == '-') { neg = 1; p++; }
+    if (*p < '0' || *p > '9') return NULL;
+    uint64_t v = 0;
+    for (; *p >= '0' && *p <= '9'; p++) {
+        if (v > (UINT64_C(9223372036854775807) - (uint64_t)(*p - '0')) / 10) return NULL; /* overflow */
+        v = v * 10 + (uint64_t)(*p - '0');
+    }
+    if (*p != ',' && *p != 0) return NULL;
+    *out = neg ? -(int64_t)v : (int64_t)v;
+    return p;
+}
+
+/* Read a split; item ids must lie in 1..max_item, users need >= min_items items. */
+void load_split(Split *s, const char *path, int max_item, int min_items) {
+    FILE *f = xfopen(path, "rb", "run `remi prep` to make split files, or pass --data DIR --name NAME");
+    Rec *rec = NULL;
+    size_t n = 0, cap = 0, lcap = 0;
+    char *line = NULL;
+    ssize_t len;
+    int lineno = 0;
+    while ((len = getline(&line, &lcap, f)) != -1) {
+        lineno++;
+        if (len > 0 && line[len - 1] == '\n') line[--len] = 0;
+        if (len > 0 && line[len - 1] == '\r') line[--len] = 0;
+        if ((size_t)len != strlen(line)) die("%s:%d: line holds a NUL byte (binary file?)", path, lineno);
+        int64_t v[4];
+        int nf = 0;
+        const char *p = line;
+        while (nf < 4 && (p = parse_i64(p, &v[nf])) != NULL) {
+            nf++;
+            if (*p == 0) break;
+            p++;
+        }
+        if (!p || *p != 0 || nf < 3)
+            die("%s:%d: expected 'user,item,index,timestamp' or 'user,item,time' (integers), got \"%s\"",
+                path, lineno, excerpt(line));
+        if (v[1] < 1 || v[1] > max_item)
+            die("%s:%d: item id %lld out of range 1..%d in \"%s\"", path, lineno, (long long)v[1], max_item,
+                excerpt(line));
+        if (n == cap) { cap = cap ? 2 * cap : 4096; rec = xrealloc(rec, cap * sizeof *rec); }
+        rec[n] = (Rec){ v[0], nf == 3 ? v[2] : v[3], lineno, (int)v[1] };
+        n++;
+        if (n > INT_MAX / 2) die("%s: too many lines", path);
+    }
+    if (ferror(f)) die("%s: read error: %s", path, strerror(errno));
+    fclose(f);
+    free(line);
+    if (n == 0) die("%s: empty file; run `remi prep` to make split files", path);
+    qsort(rec, n, sizeof *rec, rec_cmp);
+    s->n_users = 0;
+    for (size_t i = 0; i < n; i++) s->n_users += (i == 0 || rec[i].user != rec[i - 1].user);
+    s->user_id = xmalloc(s->n_users * sizeof *s->user_id);
+    s->off = xmalloc((s->n_users + 1) * sizeof *s->off);
+    s->items = xmalloc(n * sizeof *s->items);
+    int u = -1;
+    for (size_t i = 0; i < n; i++) {
+        if (i == 0 || rec[i].user != rec[i - 1].user) { u++; s->user_id[u] = rec[i].user; s->off[u] = (int)i; }
+        s->items[i] = rec[i].item;
+    }
+    s->off[s->n_users] = (int)n;
+    for (int k = 0; k < s->n_users; k++)
+        if (s->off[k + 1] - s->off[k] < min_items) {
+            /* name the first line of the offending user */
+            int first = INT_MAX;
+            for (size_t i = s->off[k]; i < (size_t)s->off[k + 1]; i++) if (rec[i].line < first) first = rec[i].line;
+            die("%s:%d: user %lld has %d item(s); every user needs at least %d (history + target)",
+                path, first, (long long)s->user_id[k], s->off[k + 1] - s->off[k], min_items);
+        }
+    free(rec);
+}
+
+static void free_split(Split *s) { free(s->user_id); free(s->off); free(s->items); memset(s, 0, sizeof *s); }
+
+/* Number of lines of a file, or -1 if it does not exist. */
+static int count_lines(const char *path) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return -1;
+    int n = 0, c, last = '\n';
+    while ((c = getc(f)) != EOF) { if (c == '\n') n++; last = c; }
+    if (last != '\n') n++;
+    fclose(f);
+    return n;
+}
+
+/* DIR/NAME_{train,valid,test}.txt. N = (lines of NAME_item_map.txt) + 1 when the map
+ * exists, else the largest item id + 1. Every user needs >= 2 items: evaluation takes
+ * the first 80% as history and the rest as targets (REMI-SPEC g.1). */
+void load_dataset(Dataset *ds, const char *dir, const char *name) {
+    char path[3][4096], map[4096];
+    const char *part[3] = { "train", "valid", "test" };
+    Split *sp[3] = { &ds->train, &ds->valid, &ds->test };
+    snprintf(map, sizeof map, "%s/%s_item_map.txt", dir, name);
+    int n_items = count_lines(map);
+    for (int i = 0; i < 3; i++) {
+        snprintf(path[i], sizeof path[i], "%s/%s_%s.txt", dir, name, part[i]);
+        load_split(sp[i], path[i], n_items > 0 ? n_items : INT_MAX - 1, 2);
+    }
+    if (n_items <= 0)
+        for (int i = 0; i < 3; i++)
+            for (int j = 0; j < sp[i]->off[sp[i]->n_users]; j++)
+                if (sp[i]->items[j] > n_items) n_items = sp[i]->items[j];
+    ds->N = n_items + 1;
+}
+
+/* Build one training batch (REMI-SPEC f.4): B distinct users uniformly at random; for
+ * each a target position k uniform in {4..n-1} (for n < 5, where the reference would
+ * fail, {n-1}); history = items[max(0, k-L) .. k), left-aligned, zero-padded. */
+static void make_train_batch(Acts *a, const Split *s, int *perm, int B, int L, uint64_t *rng) {
+    int U = s->n_users;
+    for (int b = 0; b < B; b++) {
+        int j = b + (int)rng_below(rng, (uint32_t)(U - b)); /* partial Fisher-Yates */
+        int t = perm[b]; perm[b] = perm[j]; perm[j] = t;
+        const int *seq = s->items + s->off[perm[b]];
+        int n = s->off[perm[b] + 1] - s->off[perm[b]];
+        int lo = n > 4 ? 4 : n - 1;
+        int k = lo + (int)rng_below(rng, (uint32_t)(n - lo));
+        a->target[b] = seq[k];
+        int start = k > L ? k - L : 0;
+        for (int l = 0; l < L; l++) {
+            int real = start + l < k;
+            a->hist[b * L + l] = real ? seq[start + l] : 0;
+            a->mask[b * L + l] = real ? 1.0f : 0.0f;
+        }
+    }
+}
+
+/* Evaluation case of user u (REMI-SPEC g.1): history = first floor(0.8 n) items (the
+ * last L of them), targets = the rest. Returns the index of the first target. */
+static int make_eval_row(int *hist, float *mask, const Split *s, int u, int L) {
+    const int *seq = s->items + s->off[u];
+    int n = s->off[u + 1] - s->off[u];
+    int k = (int)(n * 0.8); /* as Python's int(len * 0.8), same double rounding */
+    int start = k > L ? k - L : 0;
+    for (int l = 0; l < L; l++) {
+        int real = start + l < k;
+        hist[l] = real ? seq[start + l] : 0;
+        mask[l] = real ? 1.0f : 0.0f;
+    }
+    return k;
+}
+
 /* ======================================================================== prep
  * remi prep: a raw interaction log -> the five files REMI trains on (REMI-SPEC b.2).
  *
@@ -920,163 +1077,6 @@ static void axpyf(float *y, float a, const float *x, int n) {
 static void transpose(float *dst, const float *src, int rows, int cols) {
     for (int i = 0; i < rows; i++)
         for (int j = 0; j < cols; j++) dst[(size_t)j * rows + i] = src[(size_t)i * cols + j];
-}
-
-/* ======================================================================== data
- * Split files (REMI-SPEC b.3): lines "user,item,index,timestamp" (or "user,item,time").
- * Lines are grouped by user and each user's items stable-sorted by time. */
-typedef struct { int64_t user, time; int line, item; } Rec;
-
-static int rec_cmp(const void *pa, const void *pb) {
-    const Rec *a = pa, *b = pb;
-    if (a->user != b->user) return a->user < b->user ? -1 : 1;
-    if (a->time != b->time) return a->time < b->time ? -1 : 1;
-    return a->line - b->line; /* stable: file order breaks time ties */
-}
-
-/* Parse a decimal integer field ending at ',' or end of string; returns the end or NULL. */
-static const char *parse_i64(const char *s, int64_t *out) {
-    const char *p = s;
-    int neg = 0;
-    if (*p == '-') { neg = 1; p++; }
-    if (*p < '0' || *p > '9') return NULL;
-    uint64_t v = 0;
-    for (; *p >= '0' && *p <= '9'; p++) {
-        if (v > (UINT64_C(9223372036854775807) - (uint64_t)(*p - '0')) / 10) return NULL; /* overflow */
-        v = v * 10 + (uint64_t)(*p - '0');
-    }
-    if (*p != ',' && *p != 0) return NULL;
-    *out = neg ? -(int64_t)v : (int64_t)v;
-    return p;
-}
-
-/* Read a split; item ids must lie in 1..max_item, users need >= min_items items. */
-void load_split(Split *s, const char *path, int max_item, int min_items) {
-    FILE *f = xfopen(path, "rb", "run `remi prep` to make split files, or pass --data DIR --name NAME");
-    Rec *rec = NULL;
-    size_t n = 0, cap = 0, lcap = 0;
-    char *line = NULL;
-    ssize_t len;
-    int lineno = 0;
-    while ((len = getline(&line, &lcap, f)) != -1) {
-        lineno++;
-        if (len > 0 && line[len - 1] == '\n') line[--len] = 0;
-        if (len > 0 && line[len - 1] == '\r') line[--len] = 0;
-        if ((size_t)len != strlen(line)) die("%s:%d: line holds a NUL byte (binary file?)", path, lineno);
-        int64_t v[4];
-        int nf = 0;
-        const char *p = line;
-        while (nf < 4 && (p = parse_i64(p, &v[nf])) != NULL) {
-            nf++;
-            if (*p == 0) break;
-            p++;
-        }
-        if (!p || *p != 0 || nf < 3)
-            die("%s:%d: expected 'user,item,index,timestamp' or 'user,item,time' (integers), got \"%s\"",
-                path, lineno, excerpt(line));
-        if (v[1] < 1 || v[1] > max_item)
-            die("%s:%d: item id %lld out of range 1..%d in \"%s\"", path, lineno, (long long)v[1], max_item,
-                excerpt(line));
-        if (n == cap) { cap = cap ? 2 * cap : 4096; rec = xrealloc(rec, cap * sizeof *rec); }
-        rec[n] = (Rec){ v[0], nf == 3 ? v[2] : v[3], lineno, (int)v[1] };
-        n++;
-        if (n > INT_MAX / 2) die("%s: too many lines", path);
-    }
-    if (ferror(f)) die("%s: read error: %s", path, strerror(errno));
-    fclose(f);
-    free(line);
-    if (n == 0) die("%s: empty file; run `remi prep` to make split files", path);
-    qsort(rec, n, sizeof *rec, rec_cmp);
-    s->n_users = 0;
-    for (size_t i = 0; i < n; i++) s->n_users += (i == 0 || rec[i].user != rec[i - 1].user);
-    s->user_id = xmalloc(s->n_users * sizeof *s->user_id);
-    s->off = xmalloc((s->n_users + 1) * sizeof *s->off);
-    s->items = xmalloc(n * sizeof *s->items);
-    int u = -1;
-    for (size_t i = 0; i < n; i++) {
-        if (i == 0 || rec[i].user != rec[i - 1].user) { u++; s->user_id[u] = rec[i].user; s->off[u] = (int)i; }
-        s->items[i] = rec[i].item;
-    }
-    s->off[s->n_users] = (int)n;
-    for (int k = 0; k < s->n_users; k++)
-        if (s->off[k + 1] - s->off[k] < min_items) {
-            /* name the first line of the offending user */
-            int first = INT_MAX;
-            for (size_t i = s->off[k]; i < (size_t)s->off[k + 1]; i++) if (rec[i].line < first) first = rec[i].line;
-            die("%s:%d: user %lld has %d item(s); every user needs at least %d (history + target)",
-                path, first, (long long)s->user_id[k], s->off[k + 1] - s->off[k], min_items);
-        }
-    free(rec);
-}
-
-static void free_split(Split *s) { free(s->user_id); free(s->off); free(s->items); memset(s, 0, sizeof *s); }
-
-/* Number of lines of a file, or -1 if it does not exist. */
-static int count_lines(const char *path) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return -1;
-    int n = 0, c, last = '\n';
-    while ((c = getc(f)) != EOF) { if (c == '\n') n++; last = c; }
-    if (last != '\n') n++;
-    fclose(f);
-    return n;
-}
-
-/* DIR/NAME_{train,valid,test}.txt. N = (lines of NAME_item_map.txt) + 1 when the map
- * exists, else the largest item id + 1. Every user needs >= 2 items: evaluation takes
- * the first 80% as history and the rest as targets (REMI-SPEC g.1). */
-void load_dataset(Dataset *ds, const char *dir, const char *name) {
-    char path[3][4096], map[4096];
-    const char *part[3] = { "train", "valid", "test" };
-    Split *sp[3] = { &ds->train, &ds->valid, &ds->test };
-    snprintf(map, sizeof map, "%s/%s_item_map.txt", dir, name);
-    int n_items = count_lines(map);
-    for (int i = 0; i < 3; i++) {
-        snprintf(path[i], sizeof path[i], "%s/%s_%s.txt", dir, name, part[i]);
-        load_split(sp[i], path[i], n_items > 0 ? n_items : INT_MAX - 1, 2);
-    }
-    if (n_items <= 0)
-        for (int i = 0; i < 3; i++)
-            for (int j = 0; j < sp[i]->off[sp[i]->n_users]; j++)
-                if (sp[i]->items[j] > n_items) n_items = sp[i]->items[j];
-    ds->N = n_items + 1;
-}
-
-/* Build one training batch (REMI-SPEC f.4): B distinct users uniformly at random; for
- * each a target position k uniform in {4..n-1} (for n < 5, where the reference would
- * fail, {n-1}); history = items[max(0, k-L) .. k), left-aligned, zero-padded. */
-static void make_train_batch(Acts *a, const Split *s, int *perm, int B, int L, uint64_t *rng) {
-    int U = s->n_users;
-    for (int b = 0; b < B; b++) {
-        int j = b + (int)rng_below(rng, (uint32_t)(U - b)); /* partial Fisher-Yates */
-        int t = perm[b]; perm[b] = perm[j]; perm[j] = t;
-        const int *seq = s->items + s->off[perm[b]];
-        int n = s->off[perm[b] + 1] - s->off[perm[b]];
-        int lo = n > 4 ? 4 : n - 1;
-        int k = lo + (int)rng_below(rng, (uint32_t)(n - lo));
-        a->target[b] = seq[k];
-        int start = k > L ? k - L : 0;
-        for (int l = 0; l < L; l++) {
-            int real = start + l < k;
-            a->hist[b * L + l] = real ? seq[start + l] : 0;
-            a->mask[b * L + l] = real ? 1.0f : 0.0f;
-        }
-    }
-}
-
-/* Evaluation case of user u (REMI-SPEC g.1): history = first floor(0.8 n) items (the
- * last L of them), targets = the rest. Returns the index of the first target. */
-static int make_eval_row(int *hist, float *mask, const Split *s, int u, int L) {
-    const int *seq = s->items + s->off[u];
-    int n = s->off[u + 1] - s->off[u];
-    int k = (int)(n * 0.8); /* as Python's int(len * 0.8), same double rounding */
-    int start = k > L ? k - L : 0;
-    for (int l = 0; l < L; l++) {
-        int real = start + l < k;
-        hist[l] = real ? seq[start + l] : 0;
-        mask[l] = real ? 1.0f : 0.0f;
-    }
-    return k;
 }
 
 /* Vectorisable exp and tanh (Cephes polynomials, about 1-2 ulp). They replace libm in
@@ -1856,18 +1856,21 @@ static Config default_config(void) {
     { "--len", F_INT, &(c).L, "history length L" },                                                   \
     { "-t", F_INT, &(c).threads, "threads (results do not depend on it)" }
 
-#define TRAIN_FLAGS(c)                                                                                \
+#define STEP_FLAGS(c)                                                                                 \
     { "--rbeta", F_FLOAT, &(c).rbeta, "IHN hardness beta (0 = uniform sampled softmax)" },            \
     { "--rlambda", F_FLOAT, &(c).rlambda, "RR weight lambda (0 = off)" },                             \
     { "--batch", F_INT, &(c).B, "batch size B" },                                                     \
     { "--neg", F_INT, &(c).M, "sampled negatives M, shared by the batch" },                           \
     { "--lr", F_FLOAT, &(c).lr, "Adam learning rate" },                                               \
+    { "--seed", F_U64, &(c).seed, "random seed" }
+
+#define LOOP_FLAGS(c)                                                                                 \
     { "--iters", F_LONG, &(c).iters, "maximum training steps" },                                      \
     { "--eval-every", F_INT, &(c).eval_every, "steps between validations" },                          \
-    { "--patience", F_INT, &(c).patience, "stop after this many validations without improvement + 1" }, \
+    { "--patience", F_INT, &(c).patience, "stop once more validations than this in a row bring no improvement" }, \
     { "--topn", F_INT, &(c).topn, "N of the validation Recall@N used for model selection" },          \
-    { "--seed", F_U64, &(c).seed, "random seed" },                                                    \
-    { "--out", F_STR, &(c).out, "output folder (metrics.jsonl, model.bin)" }
+    { "--out", F_STR, &(c).out, "output folder (metrics.jsonl, model.bin)" },                         \
+    { "--eval-batch", F_INT, &(c).eval_batch, "users per evaluation chunk" }
 
 static void check_config(const Config *c) {
     if (strcmp(c->model, "sa") != 0) die("--model %s: only 'sa' (ComiRec-SA / REMI) is implemented", c->model);
@@ -1925,8 +1928,7 @@ static const char *TRAIN_WHAT =
 
 int cmd_train(int argc, char **argv) {
     Config c = default_config();
-    Flag flags[] = { MODEL_FLAGS(c), TRAIN_FLAGS(c),
-                     { "--eval-batch", F_INT, &c.eval_batch, "users per evaluation chunk" } };
+    Flag flags[] = { MODEL_FLAGS(c), STEP_FLAGS(c), LOOP_FLAGS(c) };
     parse_flags(argc, argv, "train", TRAIN_WHAT, flags, sizeof flags / sizeof *flags);
     check_config(&c);
     check_range("--eval-batch", c.eval_batch, 1, 1 << 16);
@@ -2569,7 +2571,7 @@ static void cpu_name(char *buf, size_t n) {
 int cmd_bench(int argc, char **argv) {
     Config c = default_config();
     int steps = 50;
-    Flag flags[] = { MODEL_FLAGS(c), TRAIN_FLAGS(c), { "--steps", F_INT, &steps, "timed training steps" } };
+    Flag flags[] = { MODEL_FLAGS(c), STEP_FLAGS(c), { "--steps", F_INT, &steps, "timed training steps" } };
     parse_flags(argc, argv, "bench", "Time a training step and an evaluation pass against the machine's ceilings.",
                 flags, sizeof flags / sizeof *flags);
     check_config(&c);
