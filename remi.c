@@ -1964,9 +1964,10 @@ int cmd_train(int argc, char **argv) {
     for (int u = 0; u < ds.train.n_users; u++) perm[u] = u;
     uint64_t rng = c.seed;
     double best_recall = 0, loss_sum = 0, t0 = now_sec(), t_train = 0, t_mark = now_sec();
-    long best_iter = 0, it;
+    long best_iter = 0, last = 0;
     int trials = 0, cut = c.topn;
-    for (it = 1; it <= c.iters; it++) {
+    for (long it = 1; it <= c.iters; it++) {
+        last = it;
         float loss = train_step(&m, &a, &ds.train, &c, &rng, perm);
         if (!isfinite(loss)) die("iteration %ld: the loss is %f; lower --lr or --rlambda", it, loss);
         loss_sum += loss;
@@ -1991,7 +1992,7 @@ int cmd_train(int argc, char **argv) {
         log_line(&lg, "{\"iter\":%ld,\"loss\":%.6f,\"valid\":{%s},\"best_iter\":%ld,\"steps_per_s\":%.1f,\"elapsed\":%.1f}",
                  it, loss_sum / steps, js, best_iter, it / t_train, el);
         loss_sum = 0;
-        if (trials > c.patience) { printf("early stop: %d evaluations without improvement\n", trials); it++; break; }
+        if (trials > c.patience) { printf("early stop: %d evaluations without improvement\n", trials); break; }
         t_mark = now_sec();
     }
     if (best_iter == 0) {
@@ -2004,7 +2005,7 @@ int cmd_train(int argc, char **argv) {
     int cuts[2] = { 20, 50 };
     evaluate(&mv, &cut, 1, &m, &a, &ds.valid);
     evaluate(mt, cuts, 2, &m, &a, &ds.test);
-    printf("\nbest model: iter %ld of %ld (%.1f s)\n", best_iter, it - 1, now_sec() - t0);
+    printf("\nbest model: iter %ld of %ld (%.1f s)\n", best_iter, last, now_sec() - t0);
     print_metrics_row("valid", &mv);
     print_metrics_row("test", &mt[0]);
     print_metrics_row("test", &mt[1]);
@@ -2144,9 +2145,8 @@ static double gc_rr(GcState *g) { /* buf0 att (B,K,L), buf1 rr_d (B,K); 1e3 RR, 
 static double gc_model(GcState *g) { return step_forward(&g->m, &g->a, &g->cfg); }
 
 int cmd_gradcheck(int argc, char **argv) {
-    Flag flags[] = { { "--seed", F_U64, &(uint64_t){ 7 }, "seed of the random shapes' contents" } };
     uint64_t seed = 7;
-    flags[0].dst = &seed;
+    Flag flags[] = { { "--seed", F_U64, &seed, "seed of the random shapes' contents" } };
     parse_flags(argc, argv, "gradcheck", "Finite-difference check of every backward pass; exits 1 on failure.",
                 flags, 1);
     GcState g = { .B = 3, .L = 5, .D = 6, .K = 3, .M = 7, .N = 11, .rng = seed };
