@@ -112,7 +112,9 @@ static void mkdir_p(const char *dir) {
     snprintf(buf, sizeof buf, "%s", dir);
     for (char *p = buf + 1; *p; p++)
         if (*p == '/') { *p = 0; mkdir(buf, 0755); *p = '/'; }
+    struct stat st;
     if (mkdir(buf, 0755) != 0 && errno != EEXIST) die("cannot create folder %s: %s", dir, strerror(errno));
+    if (stat(buf, &st) != 0 || !S_ISDIR(st.st_mode)) die("%s exists and is not a folder; pick another --out", dir);
 }
 
 static double now_sec(void) {
@@ -1200,13 +1202,16 @@ static void posadd_forward(float *xt, const float *x, const float *P, int nb, in
     for (int b = 0; b < nb; b++)
         for (int i = 0; i < L * D; i++) xt[(size_t)b * L * D + i] = x[(size_t)b * L * D + i] + P[i];
 }
-/* dx += dxt; dP[l] += sum_b dxt[b,l] */
-static void posadd_backward(float *dx, float *dP, const float *dxt, int nb, int L, int D) {
+/* dx += dxt; dP[l] += sum_b dxt[b,l] (b ascending), for flat positions i = l D + d in [i0, i1) */
+static void posadd_backward_range(float *dx, float *dP, const float *dxt, int nb, int L, int D, int i0, int i1) {
     for (int b = 0; b < nb; b++)
-        for (int i = 0; i < L * D; i++) {
+        for (int i = i0; i < i1; i++) {
             dx[(size_t)b * L * D + i] += dxt[(size_t)b * L * D + i];
             dP[i] += dxt[(size_t)b * L * D + i];
         }
+}
+static void posadd_backward(float *dx, float *dP, const float *dxt, int nb, int L, int D) {
+    posadd_backward_range(dx, dP, dxt, nb, L, D, 0, L * D);
 }
 
 /* Bias-free nn.Linear: y = x W^T.  y (rows, out), x (rows, in), W (out, in).
@@ -1327,32 +1332,77 @@ static void readout_backward(float *dv, const float *dr, const int *sel, int nb,
 
 /* ======================================================================== encoder: ComiRec-SA
  * REMI-SPEC c.1; the same forward serves ComiRec-SA and REMI. Reads a->hist, a->mask;
- * writes x, xt, h, z, att and the interests v (nb, K, D). */
+ * writes x, xt, h, z, att and the interests v (nb, K, D). The per-sample layers run on
+ * ranges of samples in parallel (each sample is written by one thread), the products
+ * inside gemm. */
+typedef struct { Model *m; Acts *a; int nb; } SaCtx;
+
+static void sa_input_task(void *ctx, int lo, int hi) { /* samples [lo, hi) */
+    const SaCtx *c = ctx;
+    const Model *m = c->m;
+    Acts *a = c->a;
+    size_t o = (size_t)lo * m->L, D = m->D;
+    embed_forward(a->x + o * D, a->hist + o, a->mask + o, m->p.item_emb, (hi - lo) * m->L, m->D);
+    posadd_forward(a->xt + o * D, a->x + o * D, m->p.pos_emb, hi - lo, m->L, m->D);
+}
+static void sa_tanh_task(void *ctx, int lo, int hi) {
+    const SaCtx *c = ctx;
+    size_t row = (size_t)c->m->L * c->m->H;
+    tanh_forward(c->a->h + lo * row, (hi - lo) * row);
+}
+static void sa_attend_task(void *ctx, int lo, int hi) {
+    const SaCtx *c = ctx;
+    const Model *m = c->m;
+    Acts *a = c->a;
+    int L = m->L, D = m->D, K = m->K;
+    masked_softmax_forward(a->att + (size_t)lo * K * L, a->z + (size_t)lo * L * K, a->mask + (size_t)lo * L, hi - lo,
+                           K, L);
+    interest_forward(a->v + (size_t)lo * K * D, a->att + (size_t)lo * K * L, a->x + (size_t)lo * L * D, hi - lo, K, L, D);
+}
+
 static void sa_forward(const Model *m, Acts *a, int nb) {
     int L = m->L, D = m->D, H = m->H, K = m->K;
-    embed_forward(a->x, a->hist, a->mask, m->p.item_emb, nb * L, D);
-    posadd_forward(a->xt, a->x, m->p.pos_emb, nb, L, D);
-    linear_forward(a->h, a->xt, m->p.w1, a->w1t, NULL, nb * L, D, H);
-    tanh_forward(a->h, (size_t)nb * L * H);
-    linear_forward(a->z, a->h, m->p.w2, a->w2t, a->zpad, nb * L, H, K);
-    masked_softmax_forward(a->att, a->z, a->mask, nb, K, L);
-    interest_forward(a->v, a->att, a->x, nb, K, L, D);
+    SaCtx c = { (Model *)m, a, nb };
+    parallel_for(nb, sa_input_task, &c);                                   /* x, xt */
+    linear_forward(a->h, a->xt, m->p.w1, a->w1t, NULL, nb * L, D, H);     /* xt W1^T */
+    parallel_for(nb, sa_tanh_task, &c);                                    /* h */
+    linear_forward(a->z, a->h, m->p.w2, a->w2t, a->zpad, nb * L, H, K);   /* z */
+    parallel_for(nb, sa_attend_task, &c);                                  /* att, v */
+}
+
+static void sa_attend_back_task(void *ctx, int lo, int hi) {
+    const SaCtx *c = ctx;
+    const Model *m = c->m;
+    Acts *a = c->a;
+    int L = m->L, D = m->D, K = m->K;
+    size_t kl = (size_t)lo * K * L, ld = (size_t)lo * L * D;
+    interest_backward(a->datt + kl, a->dx + ld, a->dv + (size_t)lo * K * D, a->att + kl, a->x + ld, hi - lo, K, L, D);
+    masked_softmax_backward(a->dz + (size_t)lo * L * K, a->datt + kl, a->att + kl, hi - lo, K, L);
+}
+static void sa_tanh_back_task(void *ctx, int lo, int hi) {
+    const SaCtx *c = ctx;
+    size_t row = (size_t)c->m->L * c->m->H;
+    tanh_backward(c->a->dh + lo * row, c->a->h + lo * row, (hi - lo) * row);
+}
+static void sa_pos_back_task(void *ctx, int lo, int hi) { /* flat positions [lo, hi) of P */
+    const SaCtx *c = ctx;
+    posadd_backward_range(c->a->dx, c->m->g.pos_emb, c->a->dxt, c->nb, c->m->L, c->m->D, lo, hi);
 }
 
 /* From dv and datt (which may already hold the RR gradient) to the parameter gradients. */
 static void sa_backward(Model *m, Acts *a, int nb) {
     int L = m->L, D = m->D, H = m->H, K = m->K;
     size_t bl = (size_t)nb * L;
+    SaCtx c = { m, a, nb };
     memset(a->dx, 0, bl * D * sizeof(float));
     memset(a->dxt, 0, bl * D * sizeof(float));
     memset(a->dz, 0, bl * K * sizeof(float));
     memset(a->dh, 0, bl * H * sizeof(float));
-    interest_backward(a->datt, a->dx, a->dv, a->att, a->x, nb, K, L, D);
-    masked_softmax_backward(a->dz, a->datt, a->att, nb, K, L);
+    parallel_for(nb, sa_attend_back_task, &c);                                   /* datt -> dz, dx */
     linear_backward(a->dh, m->g.w2, a->dz, a->h, m->p.w2, a->zpad, nb * L, H, K);
-    tanh_backward(a->dh, a->h, bl * H);
+    parallel_for(nb, sa_tanh_back_task, &c);
     linear_backward(a->dxt, m->g.w1, a->dh, a->xt, m->p.w1, NULL, nb * L, D, H);
-    posadd_backward(a->dx, m->g.pos_emb, a->dxt, nb, L, D);
+    parallel_for(L * D, sa_pos_back_task, &c);                                   /* dx, dP */
     embed_backward(m->g.item_emb, a->dx, a->hist, a->mask, nb * L, D);
 }
 
