@@ -1177,7 +1177,7 @@ void acts_init(Acts *a, const Model *m, int cap_b, int M) {
     a->w1t = xcalloc((size_t)D * H, sizeof(float));
     a->w2t = xcalloc((size_t)H * (K > NR ? K : NR), sizeof(float));
     a->zpad = xcalloc(B * L * NR + (size_t)MR * H, sizeof(float));
-    a->et = xcalloc((size_t)m->N * D, sizeof(float));
+    a->et = xcalloc((size_t)(m->N + NR - 1) / NR * NR * D, sizeof(float));
 }
 
 /* ======================================================================== layers
@@ -1711,14 +1711,48 @@ static void user_metrics(double *out /* recall, ndcg, ndcg_ref, hit */, const in
     out[3] = hits > 0;
 }
 
+/* Offer scores row[0..n) (items j0..j0+n) to the heap. Eight scores at a time are first
+ * compared with the heap's worst kept score, so most of the catalogue costs one vector
+ * compare; the survivors are pushed in item order, as a plain scan would. */
+typedef int vi8 __attribute__((vector_size(32)));
+static int any_ge(vf8 v, float thr) {
+    vi8 c = v >= thr;
+    int64_t w[4];
+    memcpy(w, &c, sizeof w);
+    return (w[0] | w[1] | w[2] | w[3]) != 0;
+}
+static void topk_scan(Hit *h, int *hn, int cap, const float *row, int n, int j0) {
+    float thr = *hn == cap ? h[0].s : -INFINITY;
+    for (int j = 0; j < n; j += 8) {
+        int end = j + 8 < n ? j + 8 : n;
+        if (end - j == 8 && !any_ge(vload(row + j), thr)) continue;
+        for (int t = j; t < end; t++)
+            if (row[t] >= thr) {
+                heap_push(h, hn, cap, (Hit){ row[t], j0 + t });
+                if (*hn == cap) thr = h[0].s;
+            }
+    }
+}
+
 #define EVAL_GROUP 4    /* users scored together: EVAL_GROUP * K queries share each item block */
-#define EVAL_BLOCK 512  /* items per block: (D, 512) floats stay in L2 */
+
+/* Item embeddings as panels of NR items: dst[(p * D + d) * NR + t] = E[p * NR + t][d], zero
+ * past the last item, so the scoring kernel reads each panel (D, NR) contiguously. */
+static void pack_panels(float *dst, const float *E, int N, int D) {
+    for (int p = 0; p < (N + NR - 1) / NR; p++)
+        for (int d = 0; d < D; d++)
+            for (int t = 0; t < NR; t++) {
+                int item = p * NR + t;
+                dst[((size_t)p * D + d) * NR + t] = item < N ? E[(size_t)item * D + d] : 0.0f;
+            }
+}
+#define EVAL_BLOCK 512  /* items per block (a multiple of NR): their panels stay in L2 */
 
 typedef struct {
     const Model *m;
     const Acts *a;
     const Split *s;
-    const float *et;      /* (D, N) */
+    const float *et;      /* (N / NR, D, NR) item panels */
     int u0, nb;           /* chunk: users u0 .. u0+nb */
     const int *cuts; int n_cut, maxn;
     double *res;          /* (U, n_cut, 4) per-user metrics */
@@ -1739,16 +1773,9 @@ static void eval_task(void *ctx, int lo, int hi) {
         for (int i = 0; i < q; i++) hn[i] = 0;
         for (int j0 = 0; j0 < N; j0 += EVAL_BLOCK) {
             int nj = N - j0 < EVAL_BLOCK ? N - j0 : EVAL_BLOCK;
-            gemm_run((Gemm){ S, nj, Q, D, 1, e->et + j0, N, q, nj, D, 0 }, 0);
-            for (int i = 0; i < q; i++) {
-                Hit *h = heap + (size_t)i * maxn;
-                float thr = hn[i] == maxn ? h[0].s : -INFINITY;
-                for (int j = 0; j < nj; j++)
-                    if (S[(size_t)i * nj + j] >= thr) {
-                        heap_push(h, &hn[i], maxn, (Hit){ S[(size_t)i * nj + j], j0 + j });
-                        if (hn[i] == maxn) thr = h[0].s;
-                    }
-            }
+            for (int jp = 0; jp < nj; jp += NR) /* one contiguous (D, NR) panel at a time */
+                gemm_run((Gemm){ S + jp, EVAL_BLOCK, Q, D, 1, e->et + (size_t)(j0 + jp) * D, NR, q, NR, D, 0 }, 0);
+            for (int i = 0; i < q; i++) topk_scan(heap + (size_t)i * maxn, &hn[i], maxn, S + (size_t)i * EVAL_BLOCK, nj, j0);
         }
         for (int i = 0; i < q; i++) hits_sort(heap + (size_t)i * maxn, hn[i], 0);
         for (int b = 0; b < gb; b++) {
@@ -1771,7 +1798,7 @@ void evaluate(Metrics *out, const int *cuts, int n_cut, const Model *m, Acts *a,
     for (int ci = 0; ci < n_cut; ci++) maxn = cuts[ci] > maxn ? cuts[ci] : maxn;
     if (maxn > m->N) maxn = m->N;
     if (maxn > 1000) die("--topn above 1000 is not supported");
-    transpose(a->et, m->p.item_emb, m->N, m->D);
+    pack_panels(a->et, m->p.item_emb, m->N, m->D);
     double *res = xcalloc((size_t)U * n_cut * 4, sizeof(double));
     for (int u0 = 0; u0 < U; u0 += a->cap_b) {
         int nb = U - u0 < a->cap_b ? U - u0 : a->cap_b;
