@@ -370,12 +370,16 @@ static void make_train_batch(Acts *a, const Split *s, int *perm, int B, int L, u
     }
 }
 
-/* Evaluation case of user u (REMI-SPEC g.1): history = first floor(0.8 n) items (the
- * last L of them), targets = the rest. Returns the index of the first target. */
+/* REMI-SPEC g.1: a user of n items is evaluated on the items after the first floor(0.8 n),
+ * computed as Python's int(len * 0.8), with the same double rounding. */
+static int eval_split_point(int n) { return (int)(n * 0.8); }
+
+/* Evaluation case of user u: history = the first eval_split_point(n) items (the last L of
+ * them), targets = the rest. Returns the index of the first target. */
 static int make_eval_row(int *hist, float *mask, const Split *s, int u, int L) {
     const int *seq = s->items + s->off[u];
     int n = s->off[u + 1] - s->off[u];
-    int k = (int)(n * 0.8); /* as Python's int(len * 0.8), same double rounding */
+    int k = eval_split_point(n);
     int start = k > L ? k - L : 0;
     for (int l = 0; l < L; l++) {
         int real = start + l < k;
@@ -1773,15 +1777,18 @@ static void eval_task(void *ctx, int lo, int hi) {
         for (int i = 0; i < q; i++) hn[i] = 0;
         for (int j0 = 0; j0 < N; j0 += EVAL_BLOCK) {
             int nj = N - j0 < EVAL_BLOCK ? N - j0 : EVAL_BLOCK;
-            for (int jp = 0; jp < nj; jp += NR) /* one contiguous (D, NR) panel at a time */
-                gemm_run((Gemm){ S + jp, EVAL_BLOCK, Q, D, 1, e->et + (size_t)(j0 + jp) * D, NR, q, NR, D, 0 }, 0);
-            for (int i = 0; i < q; i++) topk_scan(heap + (size_t)i * maxn, &hn[i], maxn, S + (size_t)i * EVAL_BLOCK, nj, j0);
+            for (int jp = 0; jp < nj; jp += NR) { /* one contiguous (D, NR) panel at a time */
+                const float *panel = e->et + (size_t)(j0 + jp) * D;
+                gemm_run((Gemm){ S + jp, EVAL_BLOCK, Q, D, 1, panel, NR, q, NR, D, 0 }, 0);
+            }
+            for (int i = 0; i < q; i++)
+                topk_scan(heap + (size_t)i * maxn, &hn[i], maxn, S + (size_t)i * EVAL_BLOCK, nj, j0);
         }
         for (int i = 0; i < q; i++) hits_sort(heap + (size_t)i * maxn, hn[i], 0);
         for (int b = 0; b < gb; b++) {
             int u = e->u0 + b0 + b;
             const int *seq = e->s->items + e->s->off[u];
-            int n = e->s->off[u + 1] - e->s->off[u], k = (int)(n * 0.8);
+            int n = e->s->off[u + 1] - e->s->off[u], k = eval_split_point(n);
             for (int ci = 0; ci < e->n_cut; ci++) {
                 int cut = e->cuts[ci] < hn[b * K] ? e->cuts[ci] : hn[b * K];
                 int nr = merge_interests(R, cand, heap + (size_t)b * K * maxn, K, maxn, cut);
