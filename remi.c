@@ -27,6 +27,7 @@
 #include <pthread.h>
 #include <signal.h>
 #include <stdarg.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
@@ -164,13 +165,18 @@ static double rng_normal(uint64_t *s) {
  * in a fixed order inside one call, so results are identical for any thread count. */
 typedef void (*task_fn)(void *ctx, int lo, int hi);
 
+/* Workers spin briefly on the generation counter before sleeping on the condition
+ * variable: a training step hands out about twenty small tasks, and a sleep/wake pair per
+ * task would cost more than some of the tasks. */
+#define POOL_SPIN 20000
+
 static struct {
     int n;                      /* threads, the caller included */
     pthread_t th[256];
     pthread_mutex_t mu;
     pthread_cond_t go, done;
-    long gen;                   /* bumped for every parallel_for */
-    int busy;                   /* workers still running the current task */
+    _Atomic long gen;           /* bumped for every parallel_for */
+    _Atomic int busy;           /* workers still running the current task */
     task_fn fn;
     void *ctx;
     int total;
@@ -186,19 +192,21 @@ static void *pool_worker(void *arg) {
     int t = (int)(intptr_t)arg;
     long seen = 0;
     for (;;) {
-        pthread_mutex_lock(&pool.mu);
-        while (pool.gen == seen) pthread_cond_wait(&pool.go, &pool.mu);
-        seen = pool.gen;
-        task_fn fn = pool.fn;
-        void *ctx = pool.ctx;
-        int total = pool.total;
-        pthread_mutex_unlock(&pool.mu);
+        for (int i = 0; i < POOL_SPIN && atomic_load(&pool.gen) == seen; i++) {}
+        if (atomic_load(&pool.gen) == seen) {
+            pthread_mutex_lock(&pool.mu);
+            while (atomic_load(&pool.gen) == seen) pthread_cond_wait(&pool.go, &pool.mu);
+            pthread_mutex_unlock(&pool.mu);
+        }
+        seen = atomic_load(&pool.gen);
         int lo, hi;
-        pool_range(t, total, &lo, &hi);
-        if (lo < hi) fn(ctx, lo, hi);
-        pthread_mutex_lock(&pool.mu);
-        if (--pool.busy == 0) pthread_cond_signal(&pool.done);
-        pthread_mutex_unlock(&pool.mu);
+        pool_range(t, pool.total, &lo, &hi);
+        if (lo < hi) pool.fn(pool.ctx, lo, hi);
+        if (atomic_fetch_sub(&pool.busy, 1) == 1) {
+            pthread_mutex_lock(&pool.mu);
+            pthread_cond_signal(&pool.done);
+            pthread_mutex_unlock(&pool.mu);
+        }
     }
     return NULL;
 }
@@ -214,17 +222,18 @@ static void pool_start(int n) {
 
 static void parallel_for(int total, task_fn fn, void *ctx) {
     if (pool.n == 1 || total < 2) { if (total > 0) fn(ctx, 0, total); return; }
-    pthread_mutex_lock(&pool.mu);
     pool.fn = fn; pool.ctx = ctx; pool.total = total;
-    pool.busy = pool.n - 1;
-    pool.gen++;
+    atomic_store(&pool.busy, pool.n - 1);
+    pthread_mutex_lock(&pool.mu);
+    atomic_fetch_add(&pool.gen, 1); /* publishes fn, ctx, total */
     pthread_cond_broadcast(&pool.go);
     pthread_mutex_unlock(&pool.mu);
     int lo, hi;
     pool_range(0, total, &lo, &hi);
     if (lo < hi) fn(ctx, lo, hi);
+    for (int i = 0; i < POOL_SPIN && atomic_load(&pool.busy) > 0; i++) {}
     pthread_mutex_lock(&pool.mu);
-    while (pool.busy > 0) pthread_cond_wait(&pool.done, &pool.mu);
+    while (atomic_load(&pool.busy) > 0) pthread_cond_wait(&pool.done, &pool.mu);
     pthread_mutex_unlock(&pool.mu);
 }
 
