@@ -1933,7 +1933,7 @@ static Config default_config(void) {
     Config c = { 0 };
     c.data = "data"; c.name = "beauty"; c.out = "out"; c.model = "sa";
     c.D = 64; c.K = 4; c.L = 20; c.B = 128; c.M = 1280; c.add_pos = 1;
-    c.lr = 1e-3f; c.rbeta = 1.0f; c.rlambda = 100.0f;
+    c.lr = 1e-3f; c.rbeta = 0.1f; c.rlambda = 100.0f; /* REMI; beta chosen on Beauty's validation split */
     c.iters = 1000000; c.eval_every = 1000; c.patience = 50; c.topn = 50;
     c.seed = 2021; c.threads = default_threads(); c.eval_batch = 128;
     return c;

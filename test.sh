@@ -115,7 +115,7 @@ else fail "prep beauty" "output differs from data/"; fi
 # Golden: expected/tiny_metrics.jsonl. Tolerance: relative 1e-3 on losses and absolute 2e-3
 # on metrics. The same binary reproduces it bit for bit; the tolerance is for another
 # compiler or libm (logf/exp in the loss), whose last-bit differences grow over 300 steps.
-TINY=(--data expected/tiny --name tiny --batch 32 --neg 256 --iters 300 --eval-every 100 --seed 7)
+TINY=(--data expected/tiny --name tiny --batch 32 --neg 256 --iters 300 --eval-every 100 --seed 7 --rbeta 1 --rlambda 100)
 
 # jsonl_close A B: same structure, numbers within tolerance; timing fields ignored.
 jsonl_close() {
