@@ -159,6 +159,58 @@ static double rng_normal(uint64_t *s) {
     return sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2);
 }
 
+/* ------------------------------------------------------------------ flags
+ * Poor man's argparse: each command declares a table of flags with their defaults. */
+typedef enum { F_INT, F_LONG, F_FLOAT, F_STR, F_U64, F_BOOL } FlagType;
+typedef struct { const char *name; FlagType type; void *dst; const char *help; } Flag;
+
+static void flag_value_str(char *buf, size_t n, const Flag *f) {
+    switch (f->type) {
+    case F_INT: snprintf(buf, n, "%d", *(int *)f->dst); break;
+    case F_LONG: snprintf(buf, n, "%ld", *(long *)f->dst); break;
+    case F_FLOAT: snprintf(buf, n, "%g", *(float *)f->dst); break;
+    case F_STR: snprintf(buf, n, "%s", *(const char **)f->dst ? *(const char **)f->dst : "(none)"); break;
+    case F_U64: snprintf(buf, n, "%llu", (unsigned long long)*(uint64_t *)f->dst); break;
+    case F_BOOL: snprintf(buf, n, "%s", *(int *)f->dst ? "on" : "off"); break;
+    }
+}
+
+static void usage(const char *cmd, const char *what, const Flag *flags, int nf) {
+    printf("usage: remi %s [flags]\n%s\n\nflags (default in brackets):\n", cmd, what);
+    for (int i = 0; i < nf; i++) {
+        char v[256];
+        flag_value_str(v, sizeof v, &flags[i]);
+        printf("  %-14s %s [%s]\n", flags[i].name, flags[i].help, v);
+    }
+}
+
+static void parse_flags(int argc, char **argv, const char *cmd, const char *what, const Flag *flags, int nf) {
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) { usage(cmd, what, flags, nf); exit(0); }
+        const Flag *f = NULL;
+        for (int j = 0; j < nf && !f; j++) if (!strcmp(argv[i], flags[j].name)) f = &flags[j];
+        if (!f) die("%s: unknown flag '%s'; see `remi %s --help`", cmd, argv[i], cmd);
+        if (f->type == F_BOOL) { *(int *)f->dst = 1; continue; }
+        if (i + 1 >= argc) die("%s: flag %s needs a value", cmd, f->name);
+        const char *v = argv[++i];
+        char *end = NULL;
+        errno = 0;
+        switch (f->type) {
+        case F_INT: { long x = strtol(v, &end, 10); if (x < INT_MIN || x > INT_MAX) errno = ERANGE; *(int *)f->dst = (int)x; break; }
+        case F_LONG: *(long *)f->dst = strtol(v, &end, 10); break;
+        case F_FLOAT: { float x = strtof(v, &end); if (!isfinite(x)) errno = ERANGE; *(float *)f->dst = x; break; }
+        case F_U64: *(uint64_t *)f->dst = strtoull(v, &end, 10); if (v[0] == '-') errno = ERANGE; break;
+        case F_STR: *(const char **)f->dst = v; end = (char *)v + strlen(v); break;
+        case F_BOOL: break;
+        }
+        if (errno || end == v || *end) die("%s: bad value '%s' for %s (%s)", cmd, v, f->name, f->help);
+    }
+}
+
+static void check_range(const char *flag, double v, double lo, double hi) {
+    if (!(v >= lo && v <= hi)) die("%s = %g is out of range [%g, %g]", flag, v, lo, hi);
+}
+
 /* ======================================================================== thread pool
  * Static partitioning: parallel_for(n, fn, ctx) gives thread t the contiguous range
  * [n*t/T, n*(t+1)/T). Every output element is written by one thread and every sum runs
@@ -778,96 +830,46 @@ static int prep_cmp_kept(const void *a, const void *b) {
     return (x->pos > y->pos) - (x->pos < y->pos);
 }
 
-static void prep_usage(FILE *f) {
-    fputs("usage: remi prep --input FILE --name NAME [options]\n"
-          "Turn an interaction log into NAME_{train,valid,test}.txt, NAME_user_map.txt and\n"
-          "NAME_item_map.txt in --out, exactly as the reference process/data.py does\n"
-          "(REMI-SPEC b.2): items with >= --min interactions, then users with >= --min\n"
-          "interactions on those items, users shuffled (Python random, --seed) and split 8:1:1.\n"
-          "  --input FILE      interaction file (required)\n"
-          "  --name NAME       dataset name, prefix of the output files (required)\n"
-          "  --out DIR         output folder, created if missing (default data)\n"
-          "  --format F        pairs: one interaction per line (user, item[, time] columns);\n"
-          "                    sequence: one user per line, \"user item item ...\" (default pairs)\n"
-          "  --sep S           column separator: tab, comma, semicolon, space (runs of spaces\n"
-          "                    and tabs) or any single character (default: tab for pairs,\n"
-          "                    space for sequence)\n"
-          "  --header          skip the first line (default off)\n"
-          "  --user-col N      0-based user column, pairs only (default 0)\n"
-          "  --item-col N      0-based item column, pairs only (default 1)\n"
-          "  --time-col N      0-based time column, pairs only, parsed as int(float(x)); -1 = none:\n"
-          "                    the time is then the 1-based line number, header line included\n"
-          "                    (sequence: a running 1-based interaction counter) (default -1)\n"
-          "  --min N           filter size for items and users (default 5)\n"
-          "  --seed N          Python random.seed of the user shuffle (default 1230)\n"
-          "Ties in time keep file order. Output lines: user_id,item_id,index,timestamp;\n"
-          "maps: raw_id,new_id.\n", f);
-}
-
-/* Strict integer flag value in [lo, hi]. */
-static long long prep_int_arg(const char *flag, const char *v, long long lo, long long hi) {
-    char *end;
-    errno = 0;
-    long long x = strtoll(v, &end, 10);
-    if (errno || end == v || *end || x < lo || x > hi)
-        die("prep: %s wants an integer in [%lld, %lld], got \"%s\"", flag, lo, hi, v);
-    return x;
-}
+static const char *PREP_WHAT =
+    "Turn an interaction log into NAME_{train,valid,test}.txt, NAME_user_map.txt and\n"
+    "NAME_item_map.txt in --out, exactly as the reference process/data.py does\n"
+    "(REMI-SPEC b.2): items with >= --min interactions, then users with >= --min\n"
+    "interactions on those items, users shuffled (Python random, --seed) and split 8:1:1.\n"
+    "Without a time column the time is the 1-based line number, header included (pairs),\n"
+    "or a running 1-based interaction counter (sequence); ties in time keep file order.\n"
+    "Output lines: user_id,item_id,index,timestamp; maps: raw_id,new_id.";
 
 int cmd_prep(int argc, char **argv) {
-    /* argv[0] is the subcommand name ("prep"); defaults first */
-    PrepOpts o = {0};
-    o.out = "data";      /* --out */
-    o.sequence = 0;      /* --format pairs */
-    o.ucol = 0;          /* --user-col */
-    o.icol = 1;          /* --item-col */
-    o.tcol = -1;         /* --time-col: none */
-    o.min = 5;           /* --min: filter_size of data.py */
-    o.seed = 1230;       /* --seed: random.seed(1230) of data.py */
-    const char *sep = NULL; /* --sep: NULL = format default */
-    int cols_given = 0;
-    for (int i = 1; i < argc; i++) {
-        const char *a = argv[i];
-        if (!strcmp(a, "--help") || !strcmp(a, "-h")) { prep_usage(stdout); return 0; }
-        if (!strcmp(a, "--header")) { o.header = 1; continue; }
-        if (strncmp(a, "--", 2) != 0) die("prep: unexpected argument \"%s\"; see remi prep --help", a);
-        if (i + 1 >= argc || !strncmp(argv[i + 1], "--", 2))
-            die("prep: %s needs a value; see remi prep --help", a);
-        const char *v = argv[++i];
-        if (!strcmp(a, "--input")) o.input = v;
-        else if (!strcmp(a, "--name")) o.name = v;
-        else if (!strcmp(a, "--out")) o.out = v;
-        else if (!strcmp(a, "--sep")) sep = v;
-        else if (!strcmp(a, "--format")) {
-            if (!strcmp(v, "pairs")) o.sequence = 0;
-            else if (!strcmp(v, "sequence")) o.sequence = 1;
-            else die("prep: --format must be pairs or sequence, got \"%s\"", v);
-        }
-        else if (!strcmp(a, "--user-col")) o.ucol = (int)prep_int_arg(a, v, 0, 1000000), cols_given = 1;
-        else if (!strcmp(a, "--item-col")) o.icol = (int)prep_int_arg(a, v, 0, 1000000), cols_given = 1;
-        else if (!strcmp(a, "--time-col")) {
-            o.tcol = (int)prep_int_arg(a, v, -1, 1000000);
-            cols_given |= o.tcol >= 0;
-        }
-        else if (!strcmp(a, "--min")) o.min = (int)prep_int_arg(a, v, 1, INT32_MAX);
-        else if (!strcmp(a, "--seed")) {
-            /* random.seed(n) seeds with abs(n); accept -2^64+1 .. 2^64-1 */
-            const char *p = v + (v[0] == '-');
-            char *end;
-            errno = 0;
-            unsigned long long s = strtoull(p, &end, 10);
-            if (errno || end == p || *end || *p < '0' || *p > '9')
-                die("prep: --seed wants an integer, got \"%s\"", v);
-            o.seed = s;
-        }
-        else die("prep: unknown flag %s; see remi prep --help", a);
-    }
+    PrepOpts o = { .out = "data", .ucol = 0, .icol = 1, .tcol = -1, .min = 5, .seed = 1230 };
+    const char *format = "pairs", *sep = NULL;
+    Flag flags[] = {
+        { "--input", F_STR, &o.input, "interaction file (required)" },
+        { "--name", F_STR, &o.name, "dataset name, prefix of the output files (required)" },
+        { "--out", F_STR, &o.out, "output folder, created if missing" },
+        { "--format", F_STR, &format, "pairs (user, item[, time] columns) or sequence (user item item ...)" },
+        { "--sep", F_STR, &sep, "tab, comma, semicolon, space (runs of blanks) or one character;"
+                                " none: tab for pairs, space for sequence" },
+        { "--header", F_BOOL, &o.header, "skip the first line" },
+        { "--user-col", F_INT, &o.ucol, "0-based user column (pairs)" },
+        { "--item-col", F_INT, &o.icol, "0-based item column (pairs)" },
+        { "--time-col", F_INT, &o.tcol, "0-based time column (pairs), read as int(float(x)); -1 = none" },
+        { "--min", F_INT, &o.min, "filter size for items and users" },
+        { "--seed", F_U64, &o.seed, "Python random.seed of the user shuffle" },
+    };
+    parse_flags(argc, argv, "prep", PREP_WHAT, flags, sizeof flags / sizeof *flags);
     if (!o.input) die("prep: --input FILE is required; see remi prep --help");
     if (!o.name) die("prep: --name NAME is required; see remi prep --help");
     if (!o.name[0] || strchr(o.name, '/'))
         die("prep: --name must be non-empty and contain no '/', got \"%s\"", o.name);
     if (!o.out[0]) die("prep: --out must not be empty");
-    if (o.sequence && cols_given)
+    if (strcmp(format, "pairs") && strcmp(format, "sequence"))
+        die("prep: --format must be pairs or sequence, got \"%s\"", format);
+    o.sequence = !strcmp(format, "sequence");
+    check_range("--user-col", o.ucol, 0, 1000000);
+    check_range("--item-col", o.icol, 0, 1000000);
+    check_range("--time-col", o.tcol, -1, 1000000);
+    check_range("--min", o.min, 1, INT32_MAX);
+    if (o.sequence && (o.ucol != 0 || o.icol != 1 || o.tcol != -1))
         die("prep: --user-col, --item-col and --time-col apply to --format pairs only");
     if (!o.sequence && (o.ucol == o.icol || o.ucol == o.tcol || o.icol == o.tcol))
         die("prep: --user-col, --item-col and --time-col must be different columns");
@@ -1872,58 +1874,7 @@ static void model_load(Model *m, Config *c, const char *path) {
     fclose(f);
 }
 
-/* ======================================================================== command line
- * Poor man's argparse: each command declares a table of flags with their defaults. */
-typedef enum { F_INT, F_LONG, F_FLOAT, F_STR, F_U64, F_BOOL } FlagType;
-typedef struct { const char *name; FlagType type; void *dst; const char *help; } Flag;
-
-static void flag_value_str(char *buf, size_t n, const Flag *f) {
-    switch (f->type) {
-    case F_INT: snprintf(buf, n, "%d", *(int *)f->dst); break;
-    case F_LONG: snprintf(buf, n, "%ld", *(long *)f->dst); break;
-    case F_FLOAT: snprintf(buf, n, "%g", *(float *)f->dst); break;
-    case F_STR: snprintf(buf, n, "%s", *(const char **)f->dst ? *(const char **)f->dst : "(none)"); break;
-    case F_U64: snprintf(buf, n, "%llu", (unsigned long long)*(uint64_t *)f->dst); break;
-    case F_BOOL: snprintf(buf, n, "%s", *(int *)f->dst ? "on" : "off"); break;
-    }
-}
-
-static void usage(const char *cmd, const char *what, const Flag *flags, int nf) {
-    printf("usage: remi %s [flags]\n%s\n\nflags (default in brackets):\n", cmd, what);
-    for (int i = 0; i < nf; i++) {
-        char v[256];
-        flag_value_str(v, sizeof v, &flags[i]);
-        printf("  %-14s %s [%s]\n", flags[i].name, flags[i].help, v);
-    }
-}
-
-static void parse_flags(int argc, char **argv, const char *cmd, const char *what, const Flag *flags, int nf) {
-    for (int i = 1; i < argc; i++) {
-        if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) { usage(cmd, what, flags, nf); exit(0); }
-        const Flag *f = NULL;
-        for (int j = 0; j < nf && !f; j++) if (!strcmp(argv[i], flags[j].name)) f = &flags[j];
-        if (!f) die("%s: unknown flag '%s'; see `remi %s --help`", cmd, argv[i], cmd);
-        if (f->type == F_BOOL) { *(int *)f->dst = 1; continue; }
-        if (i + 1 >= argc) die("%s: flag %s needs a value", cmd, f->name);
-        const char *v = argv[++i];
-        char *end = NULL;
-        errno = 0;
-        switch (f->type) {
-        case F_INT: { long x = strtol(v, &end, 10); if (x < INT_MIN || x > INT_MAX) errno = ERANGE; *(int *)f->dst = (int)x; break; }
-        case F_LONG: *(long *)f->dst = strtol(v, &end, 10); break;
-        case F_FLOAT: { float x = strtof(v, &end); if (!isfinite(x)) errno = ERANGE; *(float *)f->dst = x; break; }
-        case F_U64: *(uint64_t *)f->dst = strtoull(v, &end, 10); if (v[0] == '-') errno = ERANGE; break;
-        case F_STR: *(const char **)f->dst = v; end = (char *)v + strlen(v); break;
-        case F_BOOL: break;
-        }
-        if (errno || end == v || *end) die("%s: bad value '%s' for %s (%s)", cmd, v, f->name, f->help);
-    }
-}
-
-static void check_range(const char *flag, double v, double lo, double hi) {
-    if (!(v >= lo && v <= hi)) die("%s = %g is out of range [%g, %g]", flag, v, lo, hi);
-}
-
+/* ======================================================================== command line */
 static int default_threads(void) {
     long n = sysconf(_SC_NPROCESSORS_ONLN);
     return n < 1 ? 1 : (n > 64 ? 64 : (int)n);
