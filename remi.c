@@ -1943,6 +1943,18 @@ static int json_metrics(char *buf, size_t n, const Metrics *mt) {
                     mt->topn, mt->users, mt->recall, mt->ndcg, mt->ndcg_ref, mt->hitrate);
 }
 
+/* s as the inside of a JSON string: quotes, backslashes and control bytes escaped. */
+static void json_escape(char *dst, size_t n, const char *s) {
+    size_t k = 0;
+    for (; *s && k + 7 < n; s++) {
+        unsigned char ch = (unsigned char)*s;
+        if (ch == '"' || ch == '\\') { dst[k++] = '\\'; dst[k++] = (char)ch; }
+        else if (ch < 0x20) k += (size_t)snprintf(dst + k, n - k, "\\u%04x", ch);
+        else dst[k++] = (char)ch;
+    }
+    dst[k] = 0;
+}
+
 /* The metrics log lives in memory and is rewritten (temp file + rename) after every
  * evaluation, so the file on disk is always complete. */
 typedef struct { char *buf; size_t len, cap; char path[4096]; } Log;
@@ -1997,9 +2009,12 @@ int cmd_train(int argc, char **argv) {
            "  seed %llu  threads %d\n",
            c.data, c.name, ds.train.n_users, ds.valid.n_users, ds.test.n_users, ds.N - 1, c.D, c.K, c.L, c.B, c.M,
            c.lr, c.rbeta, c.rlambda, (unsigned long long)c.seed, c.threads);
+    char jdata[1024], jname[256];
+    json_escape(jdata, sizeof jdata, c.data);
+    json_escape(jname, sizeof jname, c.name);
     log_line(&lg, "{\"config\":{\"data\":\"%s\",\"name\":\"%s\",\"model\":\"%s\",\"D\":%d,\"K\":%d,\"L\":%d,\"B\":%d,"
              "\"M\":%d,\"lr\":%g,\"rbeta\":%g,\"rlambda\":%g,\"seed\":%llu,\"N\":%d,\"train_users\":%d}}",
-             c.data, c.name, c.model, c.D, c.K, c.L, c.B, c.M, c.lr, c.rbeta, c.rlambda,
+             jdata, jname, c.model, c.D, c.K, c.L, c.B, c.M, c.lr, c.rbeta, c.rlambda,
              (unsigned long long)c.seed, ds.N, ds.train.n_users);
 
     float *best = xmalloc(m.n_params * sizeof(float));
