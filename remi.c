@@ -409,9 +409,20 @@ void load_dataset(Dataset *ds, const char *dir, const char *name) {
     ds->N = n_items + 1;
 }
 
+/* History before position k: seq[max(0, k-L) .. k), left-aligned, zero-padded to L, with
+ * its mask (REMI-SPEC f.4 and g.1). */
+static void fill_history(int *hist, float *mask, const int *seq, int k, int L) {
+    int start = k > L ? k - L : 0;
+    for (int l = 0; l < L; l++) {
+        int real = start + l < k;
+        hist[l] = real ? seq[start + l] : 0;
+        mask[l] = real ? 1.0f : 0.0f;
+    }
+}
+
 /* Build one training batch (REMI-SPEC f.4): B distinct users uniformly at random; for
  * each a target position k uniform in {4..n-1} (for n < 5, where the reference would
- * fail, {n-1}); history = items[max(0, k-L) .. k), left-aligned, zero-padded. */
+ * fail, {n-1}); the history is what precedes k. */
 static void make_train_batch(Acts *a, const Split *s, int *perm, int B, int L, uint64_t *rng) {
     int U = s->n_users;
     for (int b = 0; b < B; b++) {
@@ -422,12 +433,7 @@ static void make_train_batch(Acts *a, const Split *s, int *perm, int B, int L, u
         int lo = n > 4 ? 4 : n - 1;
         int k = lo + (int)rng_below(rng, (uint32_t)(n - lo));
         a->target[b] = seq[k];
-        int start = k > L ? k - L : 0;
-        for (int l = 0; l < L; l++) {
-            int real = start + l < k;
-            a->hist[b * L + l] = real ? seq[start + l] : 0;
-            a->mask[b * L + l] = real ? 1.0f : 0.0f;
-        }
+        fill_history(a->hist + b * L, a->mask + b * L, seq, k, L);
     }
 }
 
@@ -441,12 +447,7 @@ static int make_eval_row(int *hist, float *mask, const Split *s, int u, int L) {
     const int *seq = s->items + s->off[u];
     int n = s->off[u + 1] - s->off[u];
     int k = eval_split_point(n);
-    int start = k > L ? k - L : 0;
-    for (int l = 0; l < L; l++) {
-        int real = start + l < k;
-        hist[l] = real ? seq[start + l] : 0;
-        mask[l] = real ? 1.0f : 0.0f;
-    }
+    fill_history(hist, mask, seq, k, L);
     return k;
 }
 
