@@ -1024,33 +1024,60 @@ static void gemm_tile_full(const Gemm *g, int i, int j) {
     }
 }
 
-/* Edge tile (fewer rows or columns): the same sums, all chains of the tile advanced
- * together so that a narrow product (n = K) is not bound by the add latency. */
-static void gemm_tile_edge(const Gemm *g, int i, int j) {
-    int mr = g->m - i < MR ? g->m - i : MR, nr = g->n - j < NR ? g->n - j : NR;
-    float acc[MR][NR] = { { 0 } };
-    for (int p = 0; p < g->k; p++) {
-        const float *b = g->B + (size_t)p * g->ldb + j;
-        for (int r = 0; r < mr; r++) {
-            float a = g->A[(size_t)(i + r) * g->sa + (size_t)p * g->sp];
-            for (int c = 0; c < nr; c++) acc[r][c] = acc[r][c] + a * b[c];
-        }
-    }
+/* Edge tiles (fewer than MR rows or NR columns) are copied, zero-padded, into a full
+ * tile and computed by the same kernel, so a narrow product (the K attention logits) runs
+ * at full speed; the real elements get the same sums. The padded B columns are packed
+ * once per task, the padded A rows once per row tile. Scratch is per thread and grows. */
+static __thread float *edge_buf;
+static __thread size_t edge_cap;
+
+static float *edge_scratch(size_t n) {
+    if (n > edge_cap) { edge_buf = xrealloc(edge_buf, n * sizeof(float)); edge_cap = n; }
+    return edge_buf;
+}
+
+/* Full-tile kernel on A (MR rows at a, strides sa/sp) and B (NR columns at b, ldb) into
+ * a local tile, then the mr x nr real part stored (or added) at c. */
+static void gemm_tile_via(const Gemm *g, const float *a, int sa, int sp, const float *b, int ldb, float *c,
+                          int mr, int nr) {
+    float tile[MR * NR];
+    Gemm t = { tile, NR, a, sa, sp, b, ldb, MR, NR, g->k, 0 };
+    gemm_tile_full(&t, 0, 0);
     for (int r = 0; r < mr; r++)
-        for (int c = 0; c < nr; c++) {
-            float *cc = g->C + (size_t)(i + r) * g->ldc + j + c;
-            *cc = g->acc ? *cc + acc[r][c] : acc[r][c];
+        for (int q = 0; q < nr; q++) {
+            float *cc = c + (size_t)r * g->ldc + q;
+            *cc = g->acc ? *cc + tile[r * NR + q] : tile[r * NR + q];
         }
 }
 
 /* Row tiles [lo, hi) of one product. */
 static void gemm_task(void *ctx, int lo, int hi) {
     const Gemm *g = ctx;
-    for (int t = lo; t < hi; t++)
-        for (int j = 0; j < g->n; j += NR) {
-            if (t * MR + MR <= g->m && j + NR <= g->n) gemm_tile_full(g, t * MR, j);
-            else gemm_tile_edge(g, t * MR, j);
+    int k = g->k, nfull = g->n / NR * NR, nr = g->n - nfull;
+    float *bp = NULL, *ap = NULL;
+    if (nr > 0 || (hi - 1) * MR + MR > g->m) {
+        float *buf = edge_scratch((size_t)k * NR + (size_t)MR * k);
+        bp = buf; ap = buf + (size_t)k * NR;
+    }
+    if (nr > 0) /* the last, narrow column tile of B, zero-padded to NR columns */
+        for (int p = 0; p < k; p++)
+            for (int q = 0; q < NR; q++) bp[(size_t)p * NR + q] = q < nr ? g->B[(size_t)p * g->ldb + nfull + q] : 0.0f;
+    for (int t = lo; t < hi; t++) {
+        int i = t * MR, mr = g->m - i < MR ? g->m - i : MR;
+        const float *a = g->A + (size_t)i * g->sa;
+        int sa = g->sa, sp = g->sp;
+        if (mr < MR) { /* the last, short row tile of A, zero-padded to MR rows */
+            for (int r = 0; r < MR; r++)
+                for (int p = 0; p < k; p++) ap[(size_t)r * k + p] = r < mr ? a[(size_t)r * sa + (size_t)p * sp] : 0.0f;
+            a = ap; sa = k; sp = 1;
         }
+        float *c = g->C + (size_t)i * g->ldc;
+        for (int j = 0; j < nfull; j += NR) {
+            if (mr == MR) gemm_tile_full(g, i, j);
+            else gemm_tile_via(g, a, sa, sp, g->B + j, g->ldb, c + j, mr, NR);
+        }
+        if (nr > 0) gemm_tile_via(g, a, sa, sp, bp, NR, c + nfull, mr, nr);
+    }
 }
 
 static void gemm_run(Gemm g, int parallel) {
@@ -1191,8 +1218,7 @@ void acts_init(Acts *a, const Model *m, int cap_b, int M) {
     a->loss = xcalloc(B, sizeof(float));
     a->rr_d = xcalloc(B * K, sizeof(float));
     a->w1t = xcalloc((size_t)D * H, sizeof(float));
-    a->w2t = xcalloc((size_t)H * (K > NR ? K : NR), sizeof(float));
-    a->zpad = xcalloc(B * L * NR + (size_t)MR * H, sizeof(float));
+    a->w2t = xcalloc((size_t)H * K, sizeof(float));
     a->et = xcalloc((size_t)(m->N + NR - 1) / NR * NR * D, sizeof(float));
 }
 
@@ -1230,37 +1256,16 @@ static void posadd_backward(float *dx, float *dP, const float *dxt, int nb, int 
     posadd_backward_range(dx, dP, dxt, nb, L, D, 0, L * D);
 }
 
-/* Bias-free nn.Linear: y = x W^T.  y (rows, out), x (rows, in), W (out, in).
- * wt: scratch (in, max(out, NR)). An output narrower than a register tile (the K attention
- * logits) is computed as one full tile with zero columns into ypad (rows, NR) and copied:
- * the real columns get the same sums, without the slow edge path. */
-static void linear_forward(float *y, const float *x, const float *W, float *wt, float *ypad, int rows, int in,
-                           int out) {
-    if (out >= NR || !ypad) {
-        transpose(wt, W, out, in);
-        gemm_nn(y, x, wt, rows, out, in, 0);
-        return;
-    }
-    for (int i = 0; i < in; i++)
-        for (int j = 0; j < NR; j++) wt[i * NR + j] = j < out ? W[(size_t)j * in + i] : 0.0f;
-    gemm_run((Gemm){ ypad, NR, x, in, 1, wt, NR, rows, NR, in, 0 }, 1);
-    for (int r = 0; r < rows; r++) memcpy(y + (size_t)r * out, ypad + (size_t)r * NR, out * sizeof(float));
+/* Bias-free nn.Linear: y = x W^T.  y (rows, out), x (rows, in), W (out, in), wt scratch (in, out). */
+static void linear_forward(float *y, const float *x, const float *W, float *wt, int rows, int in, int out) {
+    transpose(wt, W, out, in);
+    gemm_nn(y, x, wt, rows, out, in, 0);
 }
-/* dx += dy W;  dW += dy^T x.  With `out` narrower than a row tile (the K attention logits)
- * and pad (rows * MR + MR * in) given, dy is zero-padded to MR columns so dW is one full
- * row tile; the real rows get the same sums. */
-static void linear_backward(float *dx, float *dW, const float *dy, const float *x, const float *W, float *pad,
+/* dx += dy W;  dW += dy^T x */
+static void linear_backward(float *dx, float *dW, const float *dy, const float *x, const float *W,
                             int rows, int in, int out) {
     if (dx) gemm_nn(dx, dy, W, rows, in, out, 1);
-    if (out >= MR || !pad) {
-        gemm_tn(dW, dy, x, out, in, rows, 1);
-        return;
-    }
-    float *dyp = pad, *dwp = pad + (size_t)rows * MR;
-    for (int r = 0; r < rows; r++)
-        for (int j = 0; j < MR; j++) dyp[(size_t)r * MR + j] = j < out ? dy[(size_t)r * out + j] : 0.0f;
-    gemm_tn(dwp, dyp, x, MR, in, rows, 0);
-    for (size_t i = 0; i < (size_t)out * in; i++) dW[i] += dwp[i];
+    gemm_tn(dW, dy, x, out, in, rows, 1);
 }
 
 /* y = tanh(y) in place */
@@ -1380,9 +1385,9 @@ static void sa_forward(const Model *m, Acts *a, int nb) {
     int L = m->L, D = m->D, H = m->H, K = m->K;
     SaCtx c = { (Model *)m, a, nb };
     parallel_for(nb, sa_input_task, &c);                                   /* x, xt */
-    linear_forward(a->h, a->xt, m->p.w1, a->w1t, NULL, nb * L, D, H);     /* xt W1^T */
+    linear_forward(a->h, a->xt, m->p.w1, a->w1t, nb * L, D, H);     /* xt W1^T */
     parallel_for(nb, sa_tanh_task, &c);                                    /* h */
-    linear_forward(a->z, a->h, m->p.w2, a->w2t, a->zpad, nb * L, H, K);   /* z */
+    linear_forward(a->z, a->h, m->p.w2, a->w2t, nb * L, H, K);   /* z */
     parallel_for(nb, sa_attend_task, &c);                                  /* att, v */
 }
 
@@ -1415,9 +1420,9 @@ static void sa_backward(Model *m, Acts *a, int nb) {
     memset(a->dz, 0, bl * K * sizeof(float));
     memset(a->dh, 0, bl * H * sizeof(float));
     parallel_for(nb, sa_attend_back_task, &c);                                   /* datt -> dz, dx */
-    linear_backward(a->dh, m->g.w2, a->dz, a->h, m->p.w2, a->zpad, nb * L, H, K);
+    linear_backward(a->dh, m->g.w2, a->dz, a->h, m->p.w2, nb * L, H, K);
     parallel_for(nb, sa_tanh_back_task, &c);
-    linear_backward(a->dxt, m->g.w1, a->dh, a->xt, m->p.w1, NULL, nb * L, D, H);
+    linear_backward(a->dxt, m->g.w1, a->dh, a->xt, m->p.w1, nb * L, D, H);
     parallel_for(L * D, sa_pos_back_task, &c);                                   /* dx, dP */
     embed_backward(m->g.item_emb, a->dx, a->hist, a->mask, nb * L, D);
 }
@@ -2174,7 +2179,7 @@ static double gc_posadd(GcState *g) { /* buf0 x (B,L,D), buf1 P (L,D), buf2 xt *
     return gc_dot(g->c, g->buf[2], (size_t)g->B * g->L * g->D);
 }
 static double gc_lintanh(GcState *g) { /* buf0 x (BL,D), buf1 W (H,D), buf2 h (BL,H), buf3 wt */
-    linear_forward(g->buf[2], g->buf[0], g->buf[1], g->buf[3], NULL, g->B * g->L, g->D, g->H);
+    linear_forward(g->buf[2], g->buf[0], g->buf[1], g->buf[3], g->B * g->L, g->D, g->H);
     tanh_forward(g->buf[2], (size_t)g->B * g->L * g->H);
     return gc_dot(g->c, g->buf[2], (size_t)g->B * g->L * g->H);
 }
@@ -2252,7 +2257,7 @@ int cmd_gradcheck(int argc, char **argv) {
     memcpy(g.buf[4], g.c, (size_t)B * L * H * sizeof(float));
     tanh_backward(g.buf[4], g.buf[2], (size_t)B * L * H);
     ZERO(an[0], BLD); ZERO(an[1], (size_t)H * D);
-    linear_backward(an[0], an[1], g.buf[4], g.buf[0], g.buf[1], NULL, B * L, D, H);
+    linear_backward(an[0], an[1], g.buf[4], g.buf[0], g.buf[1], B * L, D, H);
     ok &= gc_check("linear+tanh: d/dx", gc_lintanh, &g, g.buf[0], an[0], BLD);
     ok &= gc_check("linear+tanh: d/dW", gc_lintanh, &g, g.buf[1], an[1], (size_t)H * D);
 

@@ -77,7 +77,6 @@ typedef struct {
     float *xt;     /* (B, L, D) x + P */
     float *h;      /* (B, L, H) tanh(xt W1^T) */
     float *z;      /* (B, L, K) h W2^T */
-    float *zpad;   /* (B L 16 + 8 H) scratch: the K-wide products as full register tiles */
     float *att;    /* (B, K, L) A, masked softmax over L */
     float *v;      /* (B, K, D) interests V = A x */
     int *sel;      /* (B) k* of the hard readout */
@@ -100,7 +99,7 @@ typedef struct {
     float *dxt;    /* (B, L, D) */
     float *dx;     /* (B, L, D) */
     float *w1t;    /* (D, H) W1 transposed */
-    float *w2t;    /* (H, max(K, 16)) W2 transposed, zero-padded */
+    float *w2t;    /* (H, K) W2 transposed */
     float *et;     /* (D, N) item embeddings transposed, for evaluation */
 } Acts;
 
