@@ -1213,6 +1213,7 @@ void acts_init(Acts *a, const Model *m, int cap_b, int M) {
     a->logit = xcalloc(B * M + 1, sizeof(float));
     a->dlogit = xcalloc(B * M + 1, sizeof(float));
     a->ssm_tmp = xcalloc(2 * B * M + 1, sizeof(float));
+    a->ssm_st = xcalloc(4 * B, sizeof(double));
     a->pos = xcalloc(B, sizeof(float));
     a->dpos = xcalloc(B, sizeof(float));
     a->loss = xcalloc(B, sizeof(float));
@@ -1452,7 +1453,8 @@ static void logits_backward(float *dr, float *dE, float *den, const float *dpos,
  *   x0 = s+ - m, x_j = s_j - m, imp_j = exp(beta x_j - max_i beta x_i), S = sum imp,
  *   T = sum imp_j e^{x_j}, Ng = M T / S = M sum_j w_j e^{x_j} with w = softmax(beta s).
  * beta = 0 gives imp = 1, Ng = sum e^{x_j}: plain sampled softmax (d.3).
- * imp_j and e^{x_j} are left in tmp (2, M) for the backward pass. */
+ * The forward pass keeps these statistics and leaves imp_j and e^{x_j} in tmp (2, M) for
+ * the backward pass. */
 typedef struct { double x0, S, T, Z; } SsmStats;
 
 static SsmStats ssm_stats(float *tmp, float pos, const float *logit, int M, float beta) {
@@ -1476,6 +1478,7 @@ static SsmStats ssm_stats(float *tmp, float pos, const float *logit, int M, floa
 
 typedef struct {
     float *loss, *dpos, *dlogit, *tmp;
+    SsmStats *st;
     const float *pos, *logit;
     int M; float beta, scale;
 } SsmCtx;
@@ -1484,13 +1487,14 @@ typedef struct {
 static void ssm_forward_task(void *ctx, int lo, int hi) {
     const SsmCtx *c = ctx;
     for (int b = lo; b < hi; b++) {
-        SsmStats st = ssm_stats(c->tmp + (size_t)b * 2 * c->M, c->pos[b], c->logit + (size_t)b * c->M, c->M, c->beta);
-        c->loss[b] = (float)(-st.x0 + log(st.Z));
+        c->st[b] = ssm_stats(c->tmp + (size_t)b * 2 * c->M, c->pos[b], c->logit + (size_t)b * c->M, c->M, c->beta);
+        c->loss[b] = (float)(-c->st[b].x0 + log(c->st[b].Z));
     }
 }
-/* Returns the batch mean of the per-sample losses (L_CE of d.4). tmp (nb, 2M). */
-static double ssm_forward(float *loss, float *tmp, const float *pos, const float *logit, int nb, int M, float beta) {
-    SsmCtx c = { loss, NULL, NULL, tmp, pos, logit, M, beta, 0 };
+/* Returns the batch mean of the per-sample losses (L_CE of d.4). st (nb), tmp (nb, 2M). */
+static double ssm_forward(float *loss, SsmStats *st, float *tmp, const float *pos, const float *logit, int nb, int M,
+                          float beta) {
+    SsmCtx c = { loss, NULL, NULL, tmp, st, pos, logit, M, beta, 0 };
     parallel_for(nb, ssm_forward_task, &c);
     double sum = 0;
     for (int b = 0; b < nb; b++) sum += loss[b];
@@ -1500,22 +1504,22 @@ static double ssm_forward(float *loss, float *tmp, const float *pos, const float
 /* With G = T / S and Z = e^{x0} + M G (REMI-SPEC d.4, weights not detached):
  *   d loss / d s+  = -1 + e^{x0} / Z
  *   d loss / d s_j = (M / Z) w_j [ (beta + 1) e^{x_j} - beta G ],  w_j = imp_j / S
- * each scaled by `scale` (1/B for the batch mean). */
+ * each scaled by `scale` (1/B for the batch mean), from what ssm_forward kept in st, tmp. */
 static void ssm_backward_task(void *ctx, int lo, int hi) {
     const SsmCtx *c = ctx;
     int M = c->M;
     for (int b = lo; b < hi; b++) {
         float *tmp = c->tmp + (size_t)b * 2 * M, *dl = c->dlogit + (size_t)b * M;
-        SsmStats st = ssm_stats(tmp, c->pos[b], c->logit + (size_t)b * M, M, c->beta);
+        SsmStats st = c->st[b];
         double G = st.T / st.S;
         c->dpos[b] = (float)(c->scale * (-1.0 + exp(st.x0) / st.Z));
         float k = (float)(c->scale * M / (st.Z * st.S)), b1 = c->beta + 1.0f, bg = (float)(c->beta * G);
         for (int j = 0; j < M; j++) dl[j] = k * tmp[j] * (b1 * tmp[M + j] - bg);
     }
 }
-static void ssm_backward(float *dpos, float *dlogit, float *tmp, const float *pos, const float *logit, int nb, int M,
-                         float beta, float scale) {
-    SsmCtx c = { NULL, dpos, dlogit, tmp, pos, logit, M, beta, scale };
+static void ssm_backward(float *dpos, float *dlogit, const SsmStats *st, float *tmp, int nb, int M, float beta,
+                         float scale) {
+    SsmCtx c = { NULL, dpos, dlogit, tmp, (SsmStats *)st, NULL, NULL, M, beta, scale };
     parallel_for(nb, ssm_backward_task, &c);
 }
 
@@ -1585,7 +1589,7 @@ static double step_forward(Model *m, Acts *a, const Config *c) {
     sa_forward(m, a, B);
     readout_forward(a->r, a->sel, a->v, m->p.item_emb, a->target, B, K, D);
     logits_forward(a->pos, a->logit, a->en, a->ent, a->r, m->p.item_emb, a->target, a->neg, B, M, D);
-    double loss = ssm_forward(a->loss, a->ssm_tmp, a->pos, a->logit, B, M, c->rbeta);
+    double loss = ssm_forward(a->loss, (SsmStats *)a->ssm_st, a->ssm_tmp, a->pos, a->logit, B, M, c->rbeta);
     double rr = c->rlambda != 0.0f ? rr_forward(a->rr_d, a->att, B, K, L, D) : 0.0;
     return loss + c->rlambda * rr;
 }
@@ -1596,7 +1600,7 @@ static void step_backward(Model *m, Acts *a, const Config *c) {
     memset(a->dr, 0, (size_t)B * D * sizeof(float));
     memset(a->dv, 0, (size_t)B * K * D * sizeof(float));
     memset(a->datt, 0, (size_t)B * K * L * sizeof(float));
-    ssm_backward(a->dpos, a->dlogit, a->ssm_tmp, a->pos, a->logit, B, M, c->rbeta, 1.0f / B);
+    ssm_backward(a->dpos, a->dlogit, (SsmStats *)a->ssm_st, a->ssm_tmp, B, M, c->rbeta, 1.0f / B);
     logits_backward(a->dr, m->g.item_emb, a->den, a->dpos, a->dlogit, a->r, a->en, m->p.item_emb,
                     a->target, a->neg, B, M, D);
     readout_backward(a->dv, a->dr, a->sel, B, K, D);
@@ -2201,7 +2205,7 @@ static double gc_logits(GcState *g) { /* buf0 r (B,D); E = m.p.item_emb */
     return gc_dot(g->c, g->a.logit, (size_t)g->B * g->M) + gc_dot(g->c + (size_t)g->B * g->M, g->a.pos, g->B);
 }
 static double gc_ssm(GcState *g) { /* buf0 pos (B), buf1 logit (B,M), buf2 loss (B) */
-    return ssm_forward(g->buf[2], g->buf[5], g->buf[0], g->buf[1], g->B, g->M, g->beta);
+    return ssm_forward(g->buf[2], (SsmStats *)g->a.ssm_st, g->buf[5], g->buf[0], g->buf[1], g->B, g->M, g->beta);
 }
 static double gc_rr(GcState *g) { /* buf0 att (B,K,L), buf1 rr_d (B,K); 1e3 RR, so its gradient is
                                    * well above the tolerance */
@@ -2297,7 +2301,8 @@ int cmd_gradcheck(int argc, char **argv) {
         char what[64];
         g.beta = betas[i];
         gc_fill(g.buf[0], B, 1.0, &g.rng); gc_fill(g.buf[1], (size_t)B * M, 1.0, &g.rng);
-        ssm_backward(an[0], an[1], g.buf[5], g.buf[0], g.buf[1], B, M, g.beta, 1.0f / B);
+        gc_ssm(&g);
+        ssm_backward(an[0], an[1], (SsmStats *)g.a.ssm_st, g.buf[5], B, M, g.beta, 1.0f / B);
         snprintf(what, sizeof what, "sampled softmax beta %g: d/ds+", g.beta);
         ok &= gc_check(what, gc_ssm, &g, g.buf[0], an[0], B);
         snprintf(what, sizeof what, "sampled softmax beta %g: d/ds_j", g.beta);

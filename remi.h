@@ -88,6 +88,7 @@ typedef struct {
     float *dlogit; /* (B, M) */
     float *dpos;   /* (B) */
     float *ssm_tmp;  /* (B, 2, M) importance weights and exponentials of the loss */
+    double *ssm_st;  /* (B, 4) per-sample loss statistics: x0, S, T, Z */
     float *loss;   /* (B) per-sample sampled-softmax loss */
     float *rr_d;   /* (B, K) diag of the RR covariance */
     float *dr;     /* (B, D) */
