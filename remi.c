@@ -168,7 +168,7 @@ static void flag_value_str(char *buf, size_t n, const Flag *f) {
     switch (f->type) {
     case F_INT: snprintf(buf, n, "%d", *(int *)f->dst); break;
     case F_LONG: snprintf(buf, n, "%ld", *(long *)f->dst); break;
-    case F_FLOAT: snprintf(buf, n, "%g", *(float *)f->dst); break;
+    case F_FLOAT: snprintf(buf, n, isnan(*(float *)f->dst) ? "per model" : "%g", *(float *)f->dst); break;
     case F_STR: snprintf(buf, n, "%s", *(const char **)f->dst ? *(const char **)f->dst : "(none)"); break;
     case F_U64: snprintf(buf, n, "%llu", (unsigned long long)*(uint64_t *)f->dst); break;
     case F_BOOL: snprintf(buf, n, "%s", *(int *)f->dst ? "on" : "off"); break;
@@ -1024,18 +1024,21 @@ static void gemm_tile_full(const Gemm *g, int i, int j) {
     }
 }
 
+/* Growable per-thread scratch buffers, one per slot: the gemm's edge tiles, and the
+ * per-sample layers (capsule routing) that need a few rows of their own. */
+enum { SCRATCH_GEMM, SCRATCH_LAYER, N_SCRATCH };
+static __thread float *scratch_buf[N_SCRATCH];
+static __thread size_t scratch_cap[N_SCRATCH];
+
+static float *thread_scratch(int slot, size_t n) {
+    if (n > scratch_cap[slot]) { scratch_buf[slot] = xrealloc(scratch_buf[slot], n * sizeof(float)); scratch_cap[slot] = n; }
+    return scratch_buf[slot];
+}
+
 /* Edge tiles (fewer than MR rows or NR columns) are copied, zero-padded, into a full
  * tile and computed by the same kernel, so a narrow product (the K attention logits) runs
  * at full speed; the real elements get the same sums. The padded B columns are packed
- * once per task, the padded A rows once per row tile. Scratch is per thread and grows. */
-static __thread float *edge_buf;
-static __thread size_t edge_cap;
-
-static float *edge_scratch(size_t n) {
-    if (n > edge_cap) { edge_buf = xrealloc(edge_buf, n * sizeof(float)); edge_cap = n; }
-    return edge_buf;
-}
-
+ * once per task, the padded A rows once per row tile. */
 /* Full-tile kernel on A (MR rows at a, strides sa/sp) and B (NR columns at b, ldb) into
  * a local tile, then the mr x nr real part stored (or added) at c. */
 static void gemm_tile_via(const Gemm *g, const float *a, int sa, int sp, const float *b, int ldb, float *c,
@@ -1056,7 +1059,7 @@ static void gemm_task(void *ctx, int lo, int hi) {
     int k = g->k, nfull = g->n / NR * NR, nr = g->n - nfull;
     float *bp = NULL, *ap = NULL;
     if (nr > 0 || (hi - 1) * MR + MR > g->m) {
-        float *buf = edge_scratch((size_t)k * NR + (size_t)MR * k);
+        float *buf = thread_scratch(SCRATCH_GEMM, (size_t)k * NR + (size_t)MR * k);
         bp = buf; ap = buf + (size_t)k * NR;
     }
     if (nr > 0) /* the last, narrow column tile of B, zero-padded to NR columns */
@@ -1158,14 +1161,60 @@ static inline float tanh_v(float x) {
 }
 
 /* ======================================================================== model */
+static const char *ENC_NAMES[N_ENCODERS] = { "sa", "dr", "mind", "dnn", "gru4rec", "pop" };
+
+/* How each tensor starts (REMI-SPEC c.6): 'n' normal with std `scale`, 'u' uniform in
+ * [-scale, scale), 0 zeros. */
+typedef struct { size_t size; char dist; double scale; } TensorInit;
+
+/* kaiming_normal_ with its defaults: std = sqrt(2 / fan_in), fan_in = size(1) * prod(size[2:]) */
+#define KAIMING(fan_in) sqrt(2.0 / (double)(fan_in))
+
+static void encoder_tensors(TensorInit *t, const Model *m) {
+    size_t N = m->N, D = m->D, L = m->L, K = m->K, H = m->H, G = m->G;
+    memset(t, 0, N_PARAM_TENSORS * sizeof *t);
+    t[0] = (TensorInit){ N * D, 'n', KAIMING(D) };
+    switch (m->enc) {
+    case ENC_SA:
+        t[1] = (TensorInit){ L * D, 'n', KAIMING(L * D) };   /* stored (1, L, D) */
+        t[2] = (TensorInit){ H * D, 'n', KAIMING(D) };
+        t[3] = (TensorInit){ K * H, 'n', KAIMING(H) };
+        break;
+    case ENC_DR: /* stored (1, L, K D, D): fan_in = L K D D */
+        t[4] = (TensorInit){ L * K * D * D, 'n', KAIMING(L * K * D * D) };
+        break;
+    case ENC_MIND:
+        t[4] = (TensorInit){ D * D, 'n', KAIMING(D) };
+        if (m->relu) t[5] = (TensorInit){ D * D, 'n', KAIMING(D) };
+        break;
+    case ENC_DNN:
+        t[6] = (TensorInit){ D * D, 'n', KAIMING(D) };
+        break;
+    case ENC_GRU4REC: /* the exception: xavier_normal_ on E, xavier_uniform_ on the GRU,
+                       * nn.Linear's own init (bound 1 / sqrt(fan_in)) on the dense layer */
+        t[0].scale = sqrt(2.0 / (double)(N + D));
+        t[7] = (TensorInit){ 3 * G * D, 'u', sqrt(6.0 / (double)(3 * G + D)) };
+        t[8] = (TensorInit){ 3 * G * G, 'u', sqrt(6.0 / (double)(3 * G + G)) };
+        t[9] = (TensorInit){ D * G, 'u', 1.0 / sqrt((double)G) };
+        t[10] = (TensorInit){ D, 'u', 1.0 / sqrt((double)G) };
+        break;
+    case ENC_POP: /* counts, not parameters */
+        t[0] = (TensorInit){ N, 0, 0 };
+        break;
+    default: break;
+    }
+}
+
 void model_init(Model *m, int N, const Config *c) {
     memset(m, 0, sizeof *m);
-    m->N = N; m->D = c->D; m->K = c->K; m->L = c->L; m->H = 4 * c->D;
-    m->size[0] = (size_t)N * m->D;
-    m->size[1] = (size_t)m->L * m->D;
-    m->size[2] = (size_t)m->H * m->D;
-    m->size[3] = (size_t)m->K * m->H;
-    for (int i = 0; i < N_PARAM_TENSORS; i++) m->n_params += m->size[i];
+    m->enc = c->enc;
+    m->multi = c->enc == ENC_SA || c->enc == ENC_DR || c->enc == ENC_MIND;
+    m->relu = c->enc == ENC_MIND && c->relu;
+    m->N = N; m->D = c->enc == ENC_POP ? 1 : c->D; m->K = m->multi ? c->K : 1; m->L = c->L;
+    m->H = 4 * m->D; m->G = 2 * m->D;
+    TensorInit t[N_PARAM_TENSORS];
+    encoder_tensors(t, m);
+    for (int i = 0; i < N_PARAM_TENSORS; i++) { m->size[i] = t[i].size; m->n_params += t[i].size; }
     m->mem = xcalloc(m->n_params, sizeof(float));
     m->gmem = xcalloc(m->n_params, sizeof(float));
     m->mmem = xcalloc(m->n_params, sizeof(float));
@@ -1173,16 +1222,13 @@ void model_init(Model *m, int N, const Config *c) {
     float **pp = (float **)&m->p, **gp = (float **)&m->g;
     size_t off = 0;
     for (int i = 0; i < N_PARAM_TENSORS; i++) { pp[i] = m->mem + off; gp[i] = m->gmem + off; off += m->size[i]; }
-    /* REMI-SPEC c.6: kaiming_normal_ (fan_in, gain sqrt 2) on every tensor, row 0 included:
-     * std = sqrt(2 / fan_in), fan_in = size(1) * prod(size[2:]). */
     uint64_t rng = c->seed ^ 0x5eedf00dull;
-    size_t fan_in[N_PARAM_TENSORS] = { (size_t)m->D, (size_t)m->L * m->D, (size_t)m->D, (size_t)m->H };
-    for (int i = 0; i < N_PARAM_TENSORS; i++) {
-        double std = sqrt(2.0 / fan_in[i]);
-        for (size_t j = 0; j < m->size[i]; j++) pp[i][j] = (float)(std * rng_normal(&rng));
-    }
-    m->add_pos = c->add_pos;
-    if (!c->add_pos) memset(m->p.pos_emb, 0, m->size[1] * sizeof(float));
+    for (int i = 0; i < N_PARAM_TENSORS; i++)
+        for (size_t j = 0; j < m->size[i]; j++)
+            pp[i][j] = t[i].dist == 'n' ? (float)(t[i].scale * rng_normal(&rng))
+                     : t[i].dist == 'u' ? (float)(t[i].scale * (2.0 * rng_uniform(&rng) - 1.0)) : 0.0f;
+    m->add_pos = c->enc == ENC_SA && c->add_pos;
+    if (c->enc == ENC_SA && !c->add_pos) memset(m->p.pos_emb, 0, m->size[1] * sizeof(float));
 }
 
 void acts_init(Acts *a, const Model *m, int cap_b, int M) {
@@ -1221,6 +1267,38 @@ void acts_init(Acts *a, const Model *m, int cap_b, int M) {
     a->w1t = xcalloc((size_t)D * H, sizeof(float));
     a->w2t = xcalloc((size_t)H * K, sizeof(float));
     a->et = xcalloc((size_t)(m->N + NR - 1) / NR * NR * D, sizeof(float));
+    if (m->enc == ENC_DR || m->enc == ENC_MIND) {
+        size_t uw = m->enc == ENC_DR ? (size_t)K * D : (size_t)D;
+        a->uhat = xcalloc(B * L * uw, sizeof(float));
+        a->duhat = xcalloc(B * L * uw, sizeof(float));
+        a->capt = xcalloc(m->enc == ENC_DR ? (size_t)L * D * K * D : (size_t)D * D, sizeof(float));
+        a->noise = xcalloc(B * K * L, sizeof(float));
+        a->rp = xcalloc(B * 3 * K * L, sizeof(float));
+        a->rs = xcalloc(B * 3 * K * D, sizeof(float));
+        a->rv = xcalloc(B * 2 * K * D, sizeof(float));
+        a->caps = xcalloc(B * K * D, sizeof(float));
+        a->dcaps = xcalloc(B * K * D, sizeof(float));
+    }
+    if (m->enc == ENC_DNN) a->mean = xcalloc(B * D, sizeof(float));
+    if (m->enc == ENC_GRU4REC) {
+        size_t G = m->G, R = B * L;
+        a->glen = xcalloc(B, sizeof(int));
+        a->gorder = xcalloc(B, sizeof(int));
+        a->grow = xcalloc(B, sizeof(int));
+        a->gact = xcalloc(L, sizeof(int));
+        a->goff = xcalloc(L + 1, sizeof(int));
+        a->drop = xcalloc(B * L * D, sizeof(float));
+        a->gx = xcalloc(R * D, sizeof(float));
+        a->ggi = xcalloc(R * 3 * G, sizeof(float));
+        a->ggate = xcalloc(R * 3 * G, sizeof(float));
+        a->gghn = xcalloc(R * G, sizeof(float));
+        a->gh = xcalloc(R * G, sizeof(float));
+        a->ggh = xcalloc(B * 3 * G, sizeof(float));
+        a->gdh = xcalloc(B * G, sizeof(float));
+        a->glast = xcalloc(B * G, sizeof(float));
+        a->dglast = xcalloc(B * G, sizeof(float));
+        a->gwt = xcalloc(3 * G * G, sizeof(float));
+    }
 }
 
 /* ======================================================================== layers
@@ -1357,10 +1435,10 @@ static void readout_backward(float *dv, const float *dr, const int *sel, int nb,
  * writes x, xt, h, z, att and the interests v (nb, K, D). The per-sample layers run on
  * ranges of samples in parallel (each sample is written by one thread), the products
  * inside gemm. */
-typedef struct { Model *m; Acts *a; int nb; } SaCtx;
+typedef struct { Model *m; Acts *a; int nb, rr; } EncCtx; /* parallel tasks of every encoder */
 
 static void sa_input_task(void *ctx, int lo, int hi) { /* samples [lo, hi) */
-    const SaCtx *c = ctx;
+    const EncCtx *c = ctx;
     const Model *m = c->m;
     Acts *a = c->a;
     size_t o = (size_t)lo * m->L, D = m->D;
@@ -1368,12 +1446,12 @@ static void sa_input_task(void *ctx, int lo, int hi) { /* samples [lo, hi) */
     posadd_forward(a->xt + o * D, a->x + o * D, m->p.pos_emb, hi - lo, m->L, m->D);
 }
 static void sa_tanh_task(void *ctx, int lo, int hi) {
-    const SaCtx *c = ctx;
+    const EncCtx *c = ctx;
     size_t row = (size_t)c->m->L * c->m->H;
     tanh_forward(c->a->h + lo * row, (hi - lo) * row);
 }
 static void sa_attend_task(void *ctx, int lo, int hi) {
-    const SaCtx *c = ctx;
+    const EncCtx *c = ctx;
     const Model *m = c->m;
     Acts *a = c->a;
     int L = m->L, D = m->D, K = m->K;
@@ -1384,7 +1462,7 @@ static void sa_attend_task(void *ctx, int lo, int hi) {
 
 static void sa_forward(const Model *m, Acts *a, int nb) {
     int L = m->L, D = m->D, H = m->H, K = m->K;
-    SaCtx c = { (Model *)m, a, nb };
+    EncCtx c = { (Model *)m, a, nb, 0 };
     parallel_for(nb, sa_input_task, &c);                                   /* x, xt */
     linear_forward(a->h, a->xt, m->p.w1, a->w1t, nb * L, D, H);     /* xt W1^T */
     parallel_for(nb, sa_tanh_task, &c);                                    /* h */
@@ -1393,7 +1471,7 @@ static void sa_forward(const Model *m, Acts *a, int nb) {
 }
 
 static void sa_attend_back_task(void *ctx, int lo, int hi) {
-    const SaCtx *c = ctx;
+    const EncCtx *c = ctx;
     const Model *m = c->m;
     Acts *a = c->a;
     int L = m->L, D = m->D, K = m->K;
@@ -1402,12 +1480,12 @@ static void sa_attend_back_task(void *ctx, int lo, int hi) {
     masked_softmax_backward(a->dz + (size_t)lo * L * K, a->datt + kl, a->att + kl, hi - lo, K, L);
 }
 static void sa_tanh_back_task(void *ctx, int lo, int hi) {
-    const SaCtx *c = ctx;
+    const EncCtx *c = ctx;
     size_t row = (size_t)c->m->L * c->m->H;
     tanh_backward(c->a->dh + lo * row, c->a->h + lo * row, (hi - lo) * row);
 }
 static void sa_pos_back_task(void *ctx, int lo, int hi) { /* flat positions [lo, hi) of P */
-    const SaCtx *c = ctx;
+    const EncCtx *c = ctx;
     posadd_backward_range(c->a->dx, c->m->g.pos_emb, c->a->dxt, c->nb, c->m->L, c->m->D, lo, hi);
 }
 
@@ -1415,7 +1493,7 @@ static void sa_pos_back_task(void *ctx, int lo, int hi) { /* flat positions [lo,
 static void sa_backward(Model *m, Acts *a, int nb) {
     int L = m->L, D = m->D, H = m->H, K = m->K;
     size_t bl = (size_t)nb * L;
-    SaCtx c = { m, a, nb };
+    EncCtx c = { m, a, nb, 0 };
     memset(a->dx, 0, bl * D * sizeof(float));
     memset(a->dxt, 0, bl * D * sizeof(float));
     memset(a->dz, 0, bl * K * sizeof(float));
@@ -1426,6 +1504,469 @@ static void sa_backward(Model *m, Acts *a, int nb) {
     linear_backward(a->dxt, m->g.w1, a->dh, a->xt, m->p.w1, nb * L, D, H);
     parallel_for(L * D, sa_pos_back_task, &c);                                   /* dx, dP */
     embed_backward(m->g.item_emb, a->dx, a->hist, a->mask, nb * L, D);
+}
+
+/* ======================================================================== encoder: capsule routing (ComiRec-DR, MIND)
+ * REMI-SPEC c.2 (DR) and c.3 (MIND). Predictions u_hat[k,l] come from a per-position
+ * bilinear map (DR: W[l] maps x_l to K vectors of D) or from one shared map (MIND: S x_l,
+ * the same vector for every k). Three routing iterations, per sample and interest:
+ *   c = mask * softmax over l of the logits b (padded slots stay in the denominator),
+ *   s_k = sum_l c_kl u_hat_kl,  v_k = squash(s_k),
+ *   after iterations 0 and 1: b_kl += <u_hat_kl, v_k>.
+ * b starts at 0 (DR) or N(0, 1) (MIND, drawn on every forward pass). The logits of
+ * iterations 0 and 1 are built from a detached u_hat, so the interests (v of the last
+ * iteration) pass their gradient to u_hat with c held constant.
+ *
+ * RR on DR and MIND (which the reference does not define, REMI-SPEC i.1): the routing
+ * matrix is the last iteration's c (K, L), and RR is the formula of REMI-SPEC e on it.
+ * RR's gradient goes back through the three iterations to u_hat: with the stop-gradient
+ * applied to it too, c would be a constant and RR would change nothing. */
+
+/* u_hat[k, l] of one sample is at u + k sk + l sl (sk = 0 for MIND: one vector for all k). */
+typedef struct { float *u; size_t sk, sl; } Uhat;
+static float *uhat_at(Uhat u, int k, int l) { return u.u + k * u.sk + l * u.sl; }
+
+/* squash(s) = |s|^2 / (1 + |s|^2) * s / sqrt(|s|^2 + 1e-9), as the reference writes it */
+static float squash_factor(float n2) { return n2 / (1.0f + n2) / sqrtf(n2 + 1e-9f); }
+static void squash_forward(float *v, const float *s, int D) {
+    float f = squash_factor(dotf(s, s, D));
+    for (int d = 0; d < D; d++) v[d] = f * s[d];
+}
+/* forward: v = f(n) s with n = |s|^2;  ds += f dv + 2 f'(n) <s, dv> s, where
+ * f'(n) = ((n + e) - n (1 + n) / 2) / ((1 + n)^2 (n + e)^(3/2)) */
+static void squash_backward(float *ds, const float *dv, const float *s, int D) {
+    float n2 = dotf(s, s, D), f = squash_factor(n2), ne = n2 + 1e-9f;
+    float fp = (ne - 0.5f * n2 * (1.0f + n2)) / ((1.0f + n2) * (1.0f + n2) * ne * sqrtf(ne));
+    float c = 2.0f * fp * dotf(s, dv, D);
+    for (int d = 0; d < D; d++) ds[d] += f * dv[d] + c * s[d];
+}
+
+/* softmax of one row in place */
+static void softmax_row(float *x, int n) {
+    float mx = -FLT_MAX, sum = 0.0f;
+    for (int i = 0; i < n; i++) mx = x[i] > mx ? x[i] : mx;
+    for (int i = 0; i < n; i++) { x[i] = exp_v(x[i] - mx); sum += x[i]; }
+    for (int i = 0; i < n; i++) x[i] /= sum;
+}
+/* forward: p = softmax(b), c = mask * p;  db += p (mask dc - <p, mask dc>) */
+static void masked_softmax_row_backward(float *db, const float *dc, const float *p, const float *mask, int n) {
+    float dot = 0.0f;
+    for (int i = 0; i < n; i++) dot += p[i] * mask[i] * dc[i];
+    for (int i = 0; i < n; i++) db[i] += p[i] * (mask[i] * dc[i] - dot);
+}
+
+/* s_k = sum_l c_kl u_hat_kl with c = mask * p (or `frozen`), then v_k = squash(s_k). */
+static void route_capsules(float *v, float *s, const float *p, const float *mask, const float *frozen, Uhat u,
+                           int K, int L, int D) {
+    for (int k = 0; k < K; k++) {
+        float *sk = s + (size_t)k * D;
+        for (int d = 0; d < D; d++) sk[d] = 0.0f;
+        for (int l = 0; l < L; l++)
+            axpyf(sk, frozen ? frozen[k * L + l] : mask[l] * p[k * L + l], uhat_at(u, k, l), D);
+        squash_forward(v + (size_t)k * D, sk, D);
+    }
+}
+
+/* One sample. b0 (K, L) initial logits or NULL for zeros. Writes p (3, K, L) the softmax
+ * of each iteration, s (3, K, D), v01 (2, K, D) the squashed capsules of iterations 0
+ * and 1, att (K, L) = mask * p[2] the routing matrix, out (K, D) the interests.
+ * frozen (K, L), if given, replaces the last c in the interests (gradient check only). */
+static void routing_forward(float *out, float *att, float *p, float *s, float *v01, Uhat u, const float *mask,
+                            const float *b0, const float *frozen, int K, int L, int D) {
+    size_t KL = (size_t)K * L, KD = (size_t)K * D;
+    if (b0) memcpy(p, b0, KL * sizeof(float));
+    else memset(p, 0, KL * sizeof(float));
+    for (int it = 0; it < 3; it++) {
+        float *pi = p + it * KL, *next = pi + KL;
+        if (it < 2) memcpy(next, pi, KL * sizeof(float)); /* next logits = these + the update */
+        for (int k = 0; k < K; k++) softmax_row(pi + k * L, L);
+        float *v = it < 2 ? v01 + it * KD : out;
+        route_capsules(v, s + it * KD, pi, mask, it == 2 ? frozen : NULL, u, K, L, D);
+        if (it < 2)
+            for (int k = 0; k < K; k++)
+                for (int l = 0; l < L; l++) next[k * L + l] += dotf(uhat_at(u, k, l), v + (size_t)k * D, D);
+    }
+    for (size_t i = 0; i < KL; i++) att[i] = mask[i % L] * p[2 * KL + i];
+}
+
+/* One sample. dout (K, D): gradient of the interests; datt (K, L): of the routing
+ * matrix, or NULL. du (same layout as u) += the gradient w.r.t. u_hat. */
+static void routing_backward(Uhat du, const float *dout, const float *datt, const float *p, const float *s,
+                             const float *v01, Uhat u, const float *mask, int K, int L, int D) {
+    size_t KL = (size_t)K * L, KD = (size_t)K * D;
+    float *ds = thread_scratch(SCRATCH_LAYER, 2 * KL + 2 * (size_t)D), *gb = ds + D, *gc = gb + KL, *gv = gc + KL;
+    /* the interests, c of the last iteration constant */
+    for (int k = 0; k < K; k++) {
+        for (int d = 0; d < D; d++) ds[d] = 0.0f;
+        squash_backward(ds, dout + (size_t)k * D, s + 2 * KD + (size_t)k * D, D);
+        for (int l = 0; l < L; l++) axpyf(uhat_at(du, k, l), mask[l] * p[2 * KL + k * L + l], ds, D);
+    }
+    if (!datt) return;
+    /* the routing matrix, back through the iterations: gc = d/dc of iteration it, gb =
+     * d/db of its logits (b_it = b_{it-1} + <u_hat, v_{it-1}>; b_0 is a constant) */
+    memcpy(gc, datt, KL * sizeof(float));
+    memset(gb, 0, KL * sizeof(float));
+    for (int it = 2; it > 0; it--) {
+        const float *pi = p + it * KL, *pp = p + (it - 1) * KL, *vp = v01 + (it - 1) * KD, *sp = s + (it - 1) * KD;
+        for (int k = 0; k < K; k++) masked_softmax_row_backward(gb + k * L, gc + k * L, pi + k * L, mask, L);
+        for (int k = 0; k < K; k++) {
+            for (int d = 0; d < D; d++) gv[d] = 0.0f;
+            for (int l = 0; l < L; l++) {
+                axpyf(gv, gb[k * L + l], uhat_at(u, k, l), D);
+                axpyf(uhat_at(du, k, l), gb[k * L + l], vp + (size_t)k * D, D);
+            }
+            for (int d = 0; d < D; d++) ds[d] = 0.0f;
+            squash_backward(ds, gv, sp + (size_t)k * D, D);
+            for (int l = 0; l < L; l++) {
+                axpyf(uhat_at(du, k, l), mask[l] * pp[k * L + l], ds, D);
+                gc[k * L + l] = dotf(ds, uhat_at(u, k, l), D);
+            }
+        }
+    }
+}
+
+/* u_hat of sample b (DR: (L, K D) rows, k-major inside; MIND: (L, D), stride 0 over k) */
+static Uhat caps_uhat(const Model *m, float *base, int b) {
+    size_t D = m->D, L = m->L, K = m->K;
+    if (m->enc == ENC_DR) return (Uhat){ base + (size_t)b * L * K * D, D, K * D };
+    return (Uhat){ base + (size_t)b * L * D, 0, D };
+}
+
+static void caps_embed_task(void *ctx, int lo, int hi) {
+    const EncCtx *c = ctx;
+    size_t o = (size_t)lo * c->m->L;
+    embed_forward(c->a->x + o * c->m->D, c->a->hist + o, c->a->mask + o, c->m->p.item_emb, (hi - lo) * c->m->L,
+                  c->m->D);
+}
+static void caps_route_task(void *ctx, int lo, int hi) {
+    const EncCtx *c = ctx;
+    const Model *m = c->m;
+    Acts *a = c->a;
+    size_t K = m->K, L = m->L, D = m->D;
+    for (int b = lo; b < hi; b++)
+        routing_forward(a->caps + b * K * D, a->att + b * K * L, a->rp + b * 3 * K * L, a->rs + b * 3 * K * D,
+                        a->rv + b * 2 * K * D, caps_uhat(m, a->uhat, b), a->mask + b * L,
+                        m->enc == ENC_MIND ? a->noise + b * K * L : NULL,
+                        a->route_frozen ? a->route_frozen + b * K * L : NULL, (int)K, (int)L, (int)D);
+}
+
+/* DR's bilinear step, position by position: uhat[:, l, :] (nb, K D) = x[:, l, :] W[l]^T */
+static void dr_bilinear_forward(const Model *m, Acts *a, int nb) {
+    int L = m->L, D = m->D, KD = m->K * m->D;
+    for (int l = 0; l < L; l++) {
+        float *wt = a->capt + (size_t)l * D * KD;
+        transpose(wt, m->p.caps + (size_t)l * KD * D, KD, D);
+        gemm_run((Gemm){ a->uhat + (size_t)l * KD, L * KD, a->x + (size_t)l * D, L * D, 1, wt, KD, nb, KD, D, 0 }, 1);
+    }
+}
+/* dW[l] += duhat[:, l, :]^T x[:, l, :];  dx[:, l, :] = duhat[:, l, :] W[l] */
+static void dr_bilinear_backward(Model *m, Acts *a, int nb) {
+    int L = m->L, D = m->D, KD = m->K * m->D;
+    for (int l = 0; l < L; l++) {
+        const float *du = a->duhat + (size_t)l * KD;
+        gemm_run((Gemm){ m->g.caps + (size_t)l * KD * D, D, du, 1, L * KD, a->x + (size_t)l * D, L * D, KD, D, nb, 1 }, 1);
+        gemm_run((Gemm){ a->dx + (size_t)l * D, L * D, du, L * KD, 1, m->p.caps + (size_t)l * KD * D, D, nb, D, KD, 0 }, 1);
+    }
+}
+
+/* Writes the interests a->v (nb, K, D) and the routing matrices a->att (nb, K, L). */
+static void caps_forward(const Model *m, Acts *a, int nb) {
+    int L = m->L, D = m->D, K = m->K;
+    EncCtx c = { (Model *)m, a, nb, 0 };
+    parallel_for(nb, caps_embed_task, &c);
+    if (m->enc == ENC_DR) dr_bilinear_forward(m, a, nb);
+    else linear_forward(a->uhat, a->x, m->p.caps, a->capt, nb * L, D, D);
+    parallel_for(nb, caps_route_task, &c);
+    if (m->relu) { /* MIND on Book: V = ReLU(caps R^T) */
+        linear_forward(a->v, a->caps, m->p.relu_w, a->capt + D * D, nb * K, D, D);
+        for (size_t i = 0; i < (size_t)nb * K * D; i++) a->v[i] = a->v[i] > 0.0f ? a->v[i] : 0.0f;
+    } else memcpy(a->v, a->caps, (size_t)nb * K * D * sizeof(float));
+}
+
+static void caps_route_back_task(void *ctx, int lo, int hi) {
+    const EncCtx *c = ctx;
+    const Model *m = c->m;
+    Acts *a = c->a;
+    size_t K = m->K, L = m->L, D = m->D;
+    for (int b = lo; b < hi; b++)
+        routing_backward(caps_uhat(m, a->duhat, b), a->dcaps + b * K * D, c->rr ? a->datt + b * K * L : NULL,
+                         a->rp + b * 3 * K * L, a->rs + b * 3 * K * D, a->rv + b * 2 * K * D,
+                         caps_uhat(m, a->uhat, b), a->mask + b * L, (int)K, (int)L, (int)D);
+}
+
+/* From a->dv (and a->datt when RR is on) to the parameter gradients. */
+static void caps_backward(Model *m, Acts *a, int nb, int rr) {
+    int L = m->L, D = m->D, K = m->K;
+    size_t KD = (size_t)nb * K * D, uw = m->enc == ENC_DR ? (size_t)K * D : (size_t)D;
+    EncCtx c = { m, a, nb, rr };
+    if (m->relu) {
+        for (size_t i = 0; i < KD; i++) a->dv[i] = a->v[i] > 0.0f ? a->dv[i] : 0.0f;
+        memset(a->dcaps, 0, KD * sizeof(float));
+        linear_backward(a->dcaps, m->g.relu_w, a->dv, a->caps, m->p.relu_w, nb * K, D, D);
+    } else memcpy(a->dcaps, a->dv, KD * sizeof(float));
+    memset(a->duhat, 0, (size_t)nb * L * uw * sizeof(float));
+    memset(a->dx, 0, (size_t)nb * L * D * sizeof(float));
+    parallel_for(nb, caps_route_back_task, &c);
+    if (m->enc == ENC_DR) dr_bilinear_backward(m, a, nb);
+    else linear_backward(a->dx, m->g.caps, a->duhat, a->x, m->p.caps, nb * L, D, D);
+    embed_backward(m->g.item_emb, a->dx, a->hist, a->mask, nb * L, D);
+}
+
+/* ======================================================================== encoder: DNN
+ * REMI-SPEC c.5: u = W (sum over all L positions of E[hist] / history length). The sum is
+ * not masked, so padded positions add E[0]; the lookup passes no gradient to row 0
+ * (padding_idx). */
+static void dnn_mean_task(void *ctx, int lo, int hi) {
+    const EncCtx *c = ctx;
+    int L = c->m->L, D = c->m->D;
+    for (int b = lo; b < hi; b++) {
+        float *mu = c->a->mean + (size_t)b * D, n = 0.0f;
+        for (int d = 0; d < D; d++) mu[d] = 0.0f;
+        for (int l = 0; l < L; l++) {
+            axpyf(mu, 1.0f, c->m->p.item_emb + (size_t)c->a->hist[b * L + l] * D, D);
+            n += c->a->mask[b * L + l];
+        }
+        for (int d = 0; d < D; d++) mu[d] /= n;
+    }
+}
+static void dnn_forward(const Model *m, Acts *a, int nb) {
+    EncCtx c = { (Model *)m, a, nb, 0 };
+    parallel_for(nb, dnn_mean_task, &c);
+    linear_forward(a->v, a->mean, m->p.dnn_w, a->w1t, nb, m->D, m->D);
+}
+static void dnn_backward(Model *m, Acts *a, int nb) {
+    int L = m->L, D = m->D;
+    float *dmean = a->dx; /* (nb, D) */
+    memset(dmean, 0, (size_t)nb * D * sizeof(float));
+    linear_backward(dmean, m->g.dnn_w, a->dv, a->mean, m->p.dnn_w, nb, D, D);
+    for (int b = 0; b < nb; b++) {
+        float n = 0.0f;
+        for (int l = 0; l < L; l++) n += a->mask[b * L + l];
+        for (int l = 0; l < L; l++) {
+            int item = a->hist[b * L + l];
+            float *de = m->g.item_emb + (size_t)item * D;
+            if (item != 0)
+                for (int d = 0; d < D; d++) de[d] += dmean[(size_t)b * D + d] / n;
+        }
+    }
+}
+
+/* ======================================================================== encoder: GRU4Rec
+ * REMI-SPEC c.5: dropout on E[hist] (training only), a one-layer bias-free GRU of hidden
+ * size G = 2D (PyTorch's gate equations), and a dense layer with bias on the hidden state
+ * at the last real position n-1:
+ *   r = sigmoid(W_ir x + W_hr h),  z = sigmoid(W_iz x + W_hz h),
+ *   n = tanh(W_in x + r * (W_hn h)),  h' = (1 - z) n + z h,  h_0 = 0,
+ *   u = W_d h_{n-1} + b_d.
+ * The output at n-1 depends only on positions 0..n-1, so each sample runs n steps. The
+ * batch is sorted by history length (longest first, ties by sample) so the samples still
+ * running at step t are the first gact[t] rows; step t's rows are packed at goff[t]. */
+static float sigmoid_v(float x) { return 1.0f / (1.0f + exp_v(-x)); }
+
+/* Sort the batch by length and lay out the packed steps (a->glen, grow, gorder, gact,
+ * goff, gsteps). */
+static void gru_layout(const Model *m, Acts *a, int nb) {
+    int L = m->L, T = 0, i = 0;
+    for (int b = 0; b < nb; b++) {
+        int n = 0;
+        for (int l = 0; l < L; l++) n += a->mask[b * L + l] != 0.0f;
+        if (n == 0) die("internal: a history of length 0 reached GRU4Rec");
+        a->glen[b] = n;
+        T = n > T ? n : T;
+    }
+    for (int len = T; len >= 1; len--) /* counting sort, stable in the sample index */
+        for (int b = 0; b < nb; b++)
+            if (a->glen[b] == len) { a->grow[b] = i; a->gorder[i++] = b; }
+    a->goff[0] = 0;
+    for (int t = 0; t < T; t++) {
+        int act = 0;
+        while (act < nb && a->glen[a->gorder[act]] > t) act++;
+        a->gact[t] = act;
+        a->goff[t + 1] = a->goff[t] + act;
+    }
+    a->gsteps = T;
+}
+
+/* Gates of step t for its rows [lo, hi), given gi (x W_ih^T) and gh (h W_hh^T). */
+typedef struct { const Model *m; Acts *a; int t; } GruCtx;
+static void gru_gate_task(void *ctx, int lo, int hi) {
+    const GruCtx *c = ctx;
+    Acts *a = c->a;
+    int G = c->m->G, t = c->t;
+    for (int i = lo; i < hi; i++) {
+        size_t row = (size_t)a->goff[t] + i;
+        const float *gi = a->ggi + row * 3 * G, *gh = a->ggh + (size_t)i * 3 * G;
+        const float *hp = t > 0 ? a->gh + ((size_t)a->goff[t - 1] + i) * G : NULL;
+        float *gate = a->ggate + row * 3 * G, *ghn = a->gghn + row * G, *h = a->gh + row * G;
+        for (int j = 0; j < G; j++) {
+            float r = sigmoid_v(gi[j] + gh[j]), z = sigmoid_v(gi[G + j] + gh[G + j]);
+            float n = tanh_v(gi[2 * G + j] + r * gh[2 * G + j]), prev = hp ? hp[j] : 0.0f;
+            gate[j] = r; gate[G + j] = z; gate[2 * G + j] = n; ghn[j] = gh[2 * G + j];
+            h[j] = (1.0f - z) * n + z * prev;
+        }
+    }
+}
+
+/* Writes a->v (nb, 1, D). drop: apply a->drop (training) or not (evaluation). */
+static void gru_forward(const Model *m, Acts *a, int nb, int drop) {
+    gru_layout(m, a, nb);
+    int L = m->L, D = m->D, G = m->G, T = a->gsteps;
+    for (int t = 0; t < T; t++) /* inputs, packed */
+        for (int i = 0; i < a->gact[t]; i++) {
+            int b = a->gorder[i];
+            const float *e = m->p.item_emb + (size_t)a->hist[b * L + t] * D, *dm = a->drop + ((size_t)b * L + t) * D;
+            float *x = a->gx + ((size_t)a->goff[t] + i) * D;
+            for (int d = 0; d < D; d++) x[d] = drop ? e[d] * dm[d] : e[d];
+        }
+    float *wt = a->gwt;
+    transpose(wt, m->p.gru_ih, 3 * G, D);
+    gemm_nn(a->ggi, a->gx, wt, a->goff[T], 3 * G, D, 0);           /* all steps' x W_ih^T */
+    transpose(wt, m->p.gru_hh, 3 * G, G);
+    for (int t = 0; t < T; t++) {
+        int act = a->gact[t];
+        if (t > 0) gemm_nn(a->ggh, a->gh + (size_t)a->goff[t - 1] * G, wt, act, 3 * G, G, 0);
+        else memset(a->ggh, 0, (size_t)act * 3 * G * sizeof(float));
+        GruCtx c = { m, a, t };
+        parallel_for(act, gru_gate_task, &c);
+    }
+    for (int b = 0; b < nb; b++) { /* the hidden state at each sample's last position */
+        size_t row = (size_t)a->goff[a->glen[b] - 1] + a->grow[b];
+        memcpy(a->glast + (size_t)b * G, a->gh + row * G, G * sizeof(float));
+    }
+    linear_forward(a->v, a->glast, m->p.dense_w, wt, nb, G, D);
+    for (int b = 0; b < nb; b++) axpyf(a->v + (size_t)b * D, 1.0f, m->p.dense_b, D);
+}
+
+/* Step t backward for rows [lo, hi): from gdh (d/dh_t) to the gate-input gradients, in
+ * ggi (x side) and ggh (h side), and gdh = the direct part of d/dh_{t-1}. */
+static void gru_gate_back_task(void *ctx, int lo, int hi) {
+    const GruCtx *c = ctx;
+    Acts *a = c->a;
+    int G = c->m->G, t = c->t;
+    for (int i = lo; i < hi; i++) {
+        size_t row = (size_t)a->goff[t] + i;
+        const float *gate = a->ggate + row * 3 * G, *ghn = a->gghn + row * G;
+        const float *hp = t > 0 ? a->gh + ((size_t)a->goff[t - 1] + i) * G : NULL;
+        float *dgi = a->ggi + row * 3 * G, *dgh = a->ggh + (size_t)i * 3 * G, *dh = a->gdh + (size_t)i * G;
+        for (int j = 0; j < G; j++) {
+            float r = gate[j], z = gate[G + j], n = gate[2 * G + j], prev = hp ? hp[j] : 0.0f;
+            float dn = dh[j] * (1.0f - z), dz = dh[j] * (prev - n);
+            float dan = dn * (1.0f - n * n), dar = dan * ghn[j] * r * (1.0f - r), daz = dz * z * (1.0f - z);
+            dgi[j] = dar; dgi[G + j] = daz; dgi[2 * G + j] = dan;
+            dgh[j] = dar; dgh[G + j] = daz; dgh[2 * G + j] = dan * r;
+            dh[j] = dh[j] * z;
+        }
+    }
+}
+
+/* From a->dv (nb, 1, D) to the parameter gradients. */
+static void gru_backward(Model *m, Acts *a, int nb) {
+    int L = m->L, D = m->D, G = m->G, T = a->gsteps;
+    memset(a->dglast, 0, (size_t)nb * G * sizeof(float));
+    linear_backward(a->dglast, m->g.dense_w, a->dv, a->glast, m->p.dense_w, nb, G, D);
+    for (int b = 0; b < nb; b++) axpyf(m->g.dense_b, 1.0f, a->dv + (size_t)b * D, D);
+    memset(a->gdh, 0, (size_t)nb * G * sizeof(float));
+    for (int t = T - 1; t >= 0; t--) {
+        int act = a->gact[t];
+        for (int i = 0; i < act; i++) /* samples whose last position is t */
+            if (a->glen[a->gorder[i]] == t + 1) axpyf(a->gdh + (size_t)i * G, 1.0f, a->dglast + (size_t)a->gorder[i] * G, G);
+        GruCtx c = { m, a, t };
+        parallel_for(act, gru_gate_back_task, &c);
+        if (t > 0) {
+            const float *hp = a->gh + (size_t)a->goff[t - 1] * G;
+            gemm_nn(a->gdh, a->ggh, m->p.gru_hh, act, G, 3 * G, 1);      /* dh_{t-1} += dgh W_hh */
+            gemm_tn(m->g.gru_hh, a->ggh, hp, 3 * G, G, act, 1);           /* dW_hh += dgh^T h_{t-1} */
+        }
+    }
+    int R = a->goff[T];
+    gemm_tn(m->g.gru_ih, a->ggi, a->gx, 3 * G, D, R, 1);                 /* dW_ih += dgi^T x */
+    float *dx = a->gx;                                                   /* x is no longer needed */
+    gemm_nn(dx, a->ggi, m->p.gru_ih, R, D, 3 * G, 0);
+    for (int b = 0; b < nb; b++) /* dE[hist] += dx * dropout multiplier; row 0 gets nothing */
+        for (int t = 0; t < a->glen[b]; t++) {
+            const float *g = dx + ((size_t)a->goff[t] + a->grow[b]) * D, *dm = a->drop + ((size_t)b * L + t) * D;
+            float *de = m->g.item_emb + (size_t)a->hist[b * L + t] * D;
+            for (int d = 0; d < D; d++) de[d] += g[d] * dm[d];
+        }
+}
+
+/* ======================================================================== encoders: dispatch
+ * Every encoder reads a->hist and a->mask (and the draws in a->noise, a->drop) and writes
+ * the user vectors a->v (nb, K, D), K = 1 for the single-vector models; the
+ * multi-interest ones also write the routing matrix a->att (nb, K, L) that RR penalises.
+ * train: training mode (GRU4Rec's dropout). */
+static void encode_forward(const Model *m, Acts *a, int nb, int train) {
+    switch (m->enc) {
+    case ENC_SA: sa_forward(m, a, nb); break;
+    case ENC_DR: case ENC_MIND: caps_forward(m, a, nb); break;
+    case ENC_DNN: dnn_forward(m, a, nb); break;
+    case ENC_GRU4REC: gru_forward(m, a, nb, train); break;
+    case ENC_POP: for (int b = 0; b < nb; b++) a->v[b] = 1.0f; break; /* score = count (D = 1) */
+    default: break;
+    }
+}
+/* From a->dv (and a->datt, holding RR's gradient when rr is set) to m->g. */
+static void encode_backward(Model *m, Acts *a, int nb, int rr) {
+    switch (m->enc) {
+    case ENC_SA: sa_backward(m, a, nb); break;
+    case ENC_DR: case ENC_MIND: caps_backward(m, a, nb, rr); break;
+    case ENC_DNN: dnn_backward(m, a, nb); break;
+    case ENC_GRU4REC: gru_backward(m, a, nb); break;
+    default: break;
+    }
+}
+
+/* Substream i of a key: independent draws per user, whatever the chunking and threads. */
+static uint64_t rng_stream(uint64_t key, uint64_t i) {
+    uint64_t s = key ^ (i * 0xbf58476d1ce4e5b9ull);
+    rng_next(&s);
+    return s;
+}
+
+/* The encoder's randomness for a training batch, drawn in order from the step's stream:
+ * MIND's initial routing logits N(0, 1) (REMI-SPEC c.3), GRU4Rec's dropout multipliers
+ * (0 with probability p, else 1 / (1 - p), as torch's dropout) on the real positions. */
+static void encoder_draws(const Model *m, Acts *a, const Config *c, int nb, uint64_t *rng) {
+    int L = m->L, D = m->D;
+    if (m->enc == ENC_MIND)
+        for (size_t i = 0; i < (size_t)nb * m->K * L; i++) a->noise[i] = (float)rng_normal(rng);
+    if (m->enc == ENC_GRU4REC) {
+        float keep = 1.0f / (1.0f - c->dropout);
+        for (int b = 0; b < nb; b++)
+            for (int l = 0; l < L && a->mask[b * L + l] != 0.0f; l++)
+                for (int d = 0; d < D; d++)
+                    a->drop[((size_t)b * L + l) * D + d] = c->dropout > 0.0f && rng_uniform(rng) < c->dropout ? 0.0f : keep;
+    }
+}
+
+/* MIND draws its routing logits at evaluation too (REMI-SPEC c.3): user u of a pass gets
+ * substream u of `key`, so the draws depend on neither -t nor --eval-batch. */
+static void encoder_eval_draws(const Model *m, Acts *a, int u0, int nb, uint64_t key) {
+    if (m->enc != ENC_MIND) return;
+    size_t KL = (size_t)m->K * m->L;
+    for (int b = 0; b < nb; b++) {
+        uint64_t s = rng_stream(key, (uint64_t)(u0 + b));
+        for (size_t i = 0; i < KL; i++) a->noise[b * KL + i] = (float)rng_normal(&s);
+    }
+}
+/* The key of an evaluation pass: "fresh" draws anew every pass, as the reference does;
+ * "fixed" uses the same draws for every pass, so a saved model always scores the same. */
+static uint64_t eval_noise_key(const char *mode, uint64_t seed, long pass) {
+    uint64_t s = seed ^ 0x6d696e646576616cull;
+    return rng_stream(rng_next(&s), strcmp(mode, "fixed") ? (uint64_t)pass : 0);
+}
+
+/* Pop (REMI-SPEC c.5) trains no parameters: each step adds 1 to the count of every
+ * distinct target of the batch (the reference's `cnt[item] = cnt[item] + 1` with an index
+ * tensor writes a repeated item once). Counts are floats, exact below 2^24. */
+static void pop_count(Model *m, const Acts *a, int nb) {
+    for (int b = 0; b < nb; b++) {
+        int t = a->target[b], seen = 0;
+        for (int j = 0; j < b && !seen; j++) seen = a->target[j] == t;
+        if (seen) continue;
+        if (m->p.item_emb[t] >= 16777216.0f) die("Pop: item %d was counted 2^24 times; lower --iters", t);
+        m->p.item_emb[t] += 1.0f;
+    }
 }
 
 /* ======================================================================== loss: sampled softmax + IHN
@@ -1583,10 +2124,11 @@ static void adam_step(Model *m, float lr) {
 /* ======================================================================== training step
  * REMI-SPEC f.5: forward, L_CE + lambda RR, backward, Adam. */
 
-/* Forward of a batch already in a->hist/mask/target/neg: returns L_CE + lambda RR. */
+/* Forward of a batch already in a->hist/mask/target/neg (and the encoder's draws):
+ * returns L_CE + lambda RR. */
 static double step_forward(Model *m, Acts *a, const Config *c) {
     int B = c->B, L = m->L, D = m->D, K = m->K, M = c->M;
-    sa_forward(m, a, B);
+    encode_forward(m, a, B, 1);
     readout_forward(a->r, a->sel, a->v, m->p.item_emb, a->target, B, K, D);
     logits_forward(a->pos, a->logit, a->en, a->ent, a->r, m->p.item_emb, a->target, a->neg, B, M, D);
     double loss = ssm_forward(a->loss, (SsmStats *)a->ssm_st, a->ssm_tmp, a->pos, a->logit, B, M, c->rbeta);
@@ -1605,13 +2147,17 @@ static void step_backward(Model *m, Acts *a, const Config *c) {
                     a->target, a->neg, B, M, D);
     readout_backward(a->dv, a->dr, a->sel, B, K, D);
     if (c->rlambda != 0.0f) rr_backward(a->datt, a->att, a->rr_d, c->rlambda, B, K, L, D);
-    sa_backward(m, a, B);
-    if (!m->add_pos) memset(m->g.pos_emb, 0, m->size[1] * sizeof(float));
+    encode_backward(m, a, B, c->rlambda != 0.0f);
+    if (m->enc == ENC_SA && !m->add_pos) memset(m->g.pos_emb, 0, m->size[1] * sizeof(float));
 }
 
+/* One training step: batch, negatives, the encoder's draws, forward, backward, Adam.
+ * Pop only counts the batch's targets. Returns the loss. */
 float train_step(Model *m, Acts *a, const Split *train, const Config *c, uint64_t *rng, int *perm) {
     make_train_batch(a, train, perm, c->B, m->L, rng);
+    if (m->enc == ENC_POP) { pop_count(m, a, c->B); return 0.0f; }
     for (int j = 0; j < c->M; j++) a->neg[j] = (int)rng_below(rng, (uint32_t)m->N); /* id 0 included */
+    encoder_draws(m, a, c, c->B, rng);
     double loss = step_forward(m, a, c);
     step_backward(m, a, c);
     adam_step(m, c->lr);
@@ -1699,8 +2245,13 @@ static void hits_sort(Hit *h, int n, int by_score_only) {
 }
 
 /* REMI-SPEC g.2 step 3: concatenate the first n hits of each interest (interest-major),
- * stable-sort by score, keep unique non-zero ids until n are taken. Returns |R|. */
-static int merge_interests(int *R, Hit *cand, const Hit *lists, int K, int stride, int n) {
+ * stable-sort by score, keep unique non-zero ids until n are taken. Returns |R|.
+ * A single-vector model's list is taken as it is, id 0 included (REMI-SPEC i.12). */
+static int merge_interests(int *R, Hit *cand, const Hit *lists, int K, int stride, int n, int multi) {
+    if (!multi) {
+        for (int i = 0; i < n; i++) R[i] = lists[i].id;
+        return n;
+    }
     int c = 0, taken = 0;
     for (int k = 0; k < K; k++)
         for (int i = 0; i < n; i++) cand[c++] = lists[k * stride + i];
@@ -1715,12 +2266,14 @@ static int merge_interests(int *R, Hit *cand, const Hit *lists, int K, int strid
 
 /* REMI-SPEC g.3 for one user: hits are distinct retrieved items found among the targets;
  * recall divides by |T| with duplicates. ndcg ranks by retrieval position; ndcg_ref by
- * the CPython set order the reference enumerates (g.4). IDCG counts the hits. */
+ * the CPython set order the reference enumerates (g.4), or by position too when
+ * ref_in_order is set (its Pop evaluation enumerates the ranked list). IDCG counts the hits. */
 static void user_metrics(double *out /* recall, ndcg, ndcg_ref, hit */, const int *R, int nr,
-                         const int *T, int nt) {
+                         const int *T, int nt, int ref_in_order) {
     int order[1024], hits = 0;
     double dcg = 0, dcg_ref = 0, idcg = 0;
-    set_order(order, R, nr);
+    if (ref_in_order) for (int p = 0; p < nr; p++) order[p] = p;
+    else set_order(order, R, nr);
     for (int p = 0; p < nr; p++) {
         int found = 0;
         for (int t = 0; t < nt && !found; t++) found = (T[t] == R[p]);
@@ -1812,16 +2365,17 @@ static void eval_task(void *ctx, int lo, int hi) {
             int n = e->s->off[u + 1] - e->s->off[u], k = eval_split_point(n);
             for (int ci = 0; ci < e->n_cut; ci++) {
                 int cut = e->cuts[ci] < hn[b * K] ? e->cuts[ci] : hn[b * K];
-                int nr = merge_interests(R, cand, heap + (size_t)b * K * maxn, K, maxn, cut);
-                user_metrics(e->res + ((size_t)u * e->n_cut + ci) * 4, R, nr, seq + k, n - k);
+                int nr = merge_interests(R, cand, heap + (size_t)b * K * maxn, K, maxn, cut, e->m->multi);
+                user_metrics(e->res + ((size_t)u * e->n_cut + ci) * 4, R, nr, seq + k, n - k, e->m->enc == ENC_POP);
             }
         }
     }
     free(S); free(heap); free(cand); free(R); free(hn);
 }
 
-/* Evaluate every user of split s at each cut-off (e.g. 20 and 50). */
-void evaluate(Metrics *out, const int *cuts, int n_cut, const Model *m, Acts *a, const Split *s) {
+/* Evaluate every user of split s at each cut-off (e.g. 20 and 50). noise_key: MIND's
+ * evaluation draws (eval_noise_key). */
+void evaluate(Metrics *out, const int *cuts, int n_cut, const Model *m, Acts *a, const Split *s, uint64_t noise_key) {
     int L = m->L, U = s->n_users, maxn = 0;
     for (int ci = 0; ci < n_cut; ci++) maxn = cuts[ci] > maxn ? cuts[ci] : maxn;
     if (maxn > m->N) maxn = m->N;
@@ -1831,7 +2385,8 @@ void evaluate(Metrics *out, const int *cuts, int n_cut, const Model *m, Acts *a,
     for (int u0 = 0; u0 < U; u0 += a->cap_b) {
         int nb = U - u0 < a->cap_b ? U - u0 : a->cap_b;
         for (int b = 0; b < nb; b++) make_eval_row(a->hist + b * L, a->mask + b * L, s, u0 + b, L);
-        sa_forward(m, a, nb);
+        encoder_eval_draws(m, a, u0, nb, noise_key);
+        encode_forward(m, a, nb, 0);
         EvalCtx e = { m, a, s, a->et, u0, nb, cuts, n_cut, maxn, res };
         parallel_for((nb + EVAL_GROUP - 1) / EVAL_GROUP, eval_task, &e);
     }
@@ -1845,8 +2400,9 @@ void evaluate(Metrics *out, const int *cuts, int n_cut, const Model *m, Acts *a,
 }
 
 /* ======================================================================== model files
- * Layout: magic, version, N, D, K, L, add_pos (int32 each), n_params (uint64), the
- * parameters (float32, Params order), FNV-1a 64 checksum of the parameter bytes. */
+ * Layout: magic, version, encoder, N, D, K, L, add_pos, relu, 0 (int32 each), the
+ * training seed and n_params (uint64), the parameters (float32, Params order), FNV-1a 64
+ * checksum of the parameter bytes. */
 static uint64_t fnv1a(const void *p, size_t n) {
     const unsigned char *c = p;
     uint64_t h = 0xcbf29ce484222325ull;
@@ -1854,33 +2410,37 @@ static uint64_t fnv1a(const void *p, size_t n) {
     return h;
 }
 
-static void model_save(const Model *m, const float *params, const char *path) {
+static void model_save(const Model *m, const float *params, uint64_t seed, const char *path) {
     FILE *f = atomic_open(path);
-    int32_t hdr[7] = { (int32_t)REMI_MODEL_MAGIC, REMI_MODEL_VERSION, m->N, m->D, m->K, m->L, m->add_pos };
-    uint64_t n = m->n_params, sum = fnv1a(params, n * sizeof(float));
+    int32_t hdr[10] = { (int32_t)REMI_MODEL_MAGIC, REMI_MODEL_VERSION, m->enc, m->N, m->D, m->K, m->L, m->add_pos,
+                        m->relu, 0 };
+    uint64_t meta[2] = { seed, m->n_params }, sum = fnv1a(params, m->n_params * sizeof(float));
     fwrite(hdr, sizeof hdr, 1, f);
-    fwrite(&n, sizeof n, 1, f);
-    fwrite(params, sizeof(float), n, f);
+    fwrite(meta, sizeof meta, 1, f);
+    fwrite(params, sizeof(float), m->n_params, f);
     fwrite(&sum, sizeof sum, 1, f);
     atomic_commit(f);
 }
 
-/* Reads a model file into a fresh Model (config dims come from the file). */
+/* Reads a model file into a fresh Model; the encoder, dimensions and seed come from the file. */
 static void model_load(Model *m, Config *c, const char *path) {
     FILE *f = xfopen(path, "rb", "train a model first with `remi train --out DIR` (it writes DIR/model.bin)");
-    int32_t hdr[7];
-    uint64_t n, sum;
-    if (fread(hdr, sizeof hdr, 1, f) != 1 || (uint32_t)hdr[0] != REMI_MODEL_MAGIC)
-        die("%s: not a remi model file", path);
-    if (hdr[1] != REMI_MODEL_VERSION) die("%s: model file version %d, this remi reads version %d", path, hdr[1], REMI_MODEL_VERSION);
-    if (hdr[2] < 2 || hdr[3] < 1 || hdr[4] < 1 || hdr[5] < 1 || hdr[3] > 4096 || hdr[4] > 1024 || hdr[5] > 100000)
+    int32_t hdr[10];
+    uint64_t meta[2], sum;
+    if (fread(hdr, 4, 2, f) != 2 || (uint32_t)hdr[0] != REMI_MODEL_MAGIC) die("%s: not a remi model file", path);
+    if (hdr[1] != REMI_MODEL_VERSION)
+        die("%s: model file version %d, this remi reads version %d (retrain it)", path, hdr[1], REMI_MODEL_VERSION);
+    if (fread(hdr + 2, 4, 8, f) != 8 || fread(meta, sizeof meta, 1, f) != 1) die("%s: truncated model file", path);
+    if (hdr[2] < 0 || hdr[2] >= N_ENCODERS || hdr[3] < 2 || hdr[4] < 1 || hdr[5] < 1 || hdr[6] < 1 ||
+        hdr[4] > 4096 || hdr[5] > 64 || hdr[6] > 10000 || (hdr[7] | hdr[8]) & ~1)
         die("%s: corrupt header", path);
-    c->D = hdr[3]; c->K = hdr[4]; c->L = hdr[5]; c->add_pos = hdr[6];
-    model_init(m, hdr[2], c);
-    if (fread(&n, sizeof n, 1, f) != 1 || n != m->n_params) die("%s: corrupt header (parameter count)", path);
-    if (fread(m->mem, sizeof(float), n, f) != n || fread(&sum, sizeof sum, 1, f) != 1)
+    c->enc = (Encoder)hdr[2]; c->model = ENC_NAMES[c->enc];
+    c->D = hdr[4]; c->K = hdr[5]; c->L = hdr[6]; c->add_pos = hdr[7]; c->relu = hdr[8]; c->seed = meta[0];
+    model_init(m, hdr[3], c);
+    if (meta[1] != m->n_params) die("%s: corrupt header (parameter count)", path);
+    if (fread(m->mem, sizeof(float), m->n_params, f) != m->n_params || fread(&sum, sizeof sum, 1, f) != 1)
         die("%s: truncated model file", path);
-    if (sum != fnv1a(m->mem, n * sizeof(float))) die("%s: checksum mismatch (corrupt model file)", path);
+    if (sum != fnv1a(m->mem, m->n_params * sizeof(float))) die("%s: checksum mismatch (corrupt model file)", path);
     fclose(f);
 }
 
@@ -1892,9 +2452,11 @@ static int default_threads(void) {
 
 static Config default_config(void) {
     Config c = { 0 };
-    c.data = "data"; c.name = "beauty"; c.out = "out"; c.model = "sa";
+    c.data = "data"; c.name = "beauty"; c.out = "out"; c.model = "sa"; c.enc = ENC_SA;
     c.D = 64; c.K = 4; c.L = 20; c.B = 128; c.M = 1280; c.add_pos = 1;
-    c.lr = 1e-3f; c.rbeta = 0.1f; c.rlambda = 100.0f; /* REMI; beta chosen on Beauty's validation split */
+    c.dropout = 0.2f; c.mind_eval = "fresh";
+    c.lr = 1e-3f;
+    c.rbeta = NAN; c.rlambda = NAN; /* per model, set by check_config */
     c.iters = 1000000; c.eval_every = 1000; c.patience = 50; c.topn = 50;
     c.seed = 2021; c.threads = default_threads(); c.eval_batch = 128;
     return c;
@@ -1904,15 +2466,17 @@ static Config default_config(void) {
 #define MODEL_FLAGS(c)                                                                                \
     { "--data", F_STR, &(c).data, "folder holding NAME_{train,valid,test}.txt" },                     \
     { "--name", F_STR, &(c).name, "dataset name (file prefix)" },                                     \
-    { "--model", F_STR, &(c).model, "encoder: sa (ComiRec-SA, the REMI backbone)" },                  \
+    { "--model", F_STR, &(c).model, "encoder: sa (ComiRec-SA), dr (ComiRec-DR), mind, dnn, gru4rec, pop" }, \
+    { "--relu", F_BOOL, &(c).relu, "MIND: the ReLU layer the reference adds on Book" },              \
     { "--hidden", F_INT, &(c).D, "embedding size D" },                                                \
     { "--interests", F_INT, &(c).K, "number of interests K" },                                        \
     { "--len", F_INT, &(c).L, "history length L" },                                                   \
     { "-t", F_INT, &(c).threads, "threads (results do not depend on it)" }
 
 #define STEP_FLAGS(c)                                                                                 \
-    { "--rbeta", F_FLOAT, &(c).rbeta, "IHN hardness beta (0 = uniform sampled softmax)" },            \
-    { "--rlambda", F_FLOAT, &(c).rlambda, "RR weight lambda (0 = off)" },                             \
+    { "--rbeta", F_FLOAT, &(c).rbeta, "IHN hardness beta, 0 = uniform sampled softmax (default 0.1 for sa, dr, mind; 0 for dnn, gru4rec)" }, \
+    { "--rlambda", F_FLOAT, &(c).rlambda, "RR weight lambda, 0 = off (default 100 for sa, dr, mind; single-vector models have no RR)" }, \
+    { "--dropout", F_FLOAT, &(c).dropout, "GRU4Rec: embedding dropout" },                            \
     { "--batch", F_INT, &(c).B, "batch size B" },                                                     \
     { "--neg", F_INT, &(c).M, "sampled negatives M, shared by the batch" },                           \
     { "--lr", F_FLOAT, &(c).lr, "Adam learning rate" },                                               \
@@ -1924,10 +2488,27 @@ static Config default_config(void) {
     { "--patience", F_INT, &(c).patience, "stop once more validations than this in a row bring no improvement" }, \
     { "--topn", F_INT, &(c).topn, "N of the validation Recall@N used for model selection" },          \
     { "--out", F_STR, &(c).out, "output folder (metrics.jsonl, model.bin)" },                         \
-    { "--eval-batch", F_INT, &(c).eval_batch, "users per evaluation chunk" }
+    { "--eval-batch", F_INT, &(c).eval_batch, "users per evaluation chunk" },                         \
+    { "--mind-eval", F_STR, &(c).mind_eval, "MIND's routing logits at evaluation: fresh (new draws every pass, as the reference) or fixed" }
 
-static void check_config(const Config *c) {
-    if (strcmp(c->model, "sa") != 0) die("--model %s: only 'sa' (ComiRec-SA / REMI) is implemented", c->model);
+/* Validates the flags and resolves the per-model defaults: the multi-interest encoders
+ * train REMI (beta 0.1, lambda 100; beta chosen on Beauty's validation split), the
+ * single-vector ones their plain baseline. */
+static void check_config(Config *c) {
+    c->enc = N_ENCODERS;
+    for (int e = 0; e < N_ENCODERS; e++) if (!strcmp(c->model, ENC_NAMES[e])) c->enc = (Encoder)e;
+    if (c->enc == N_ENCODERS) die("--model %s: expected sa, dr, mind, dnn, gru4rec or pop", c->model);
+    int multi = c->enc == ENC_SA || c->enc == ENC_DR || c->enc == ENC_MIND;
+    if (isnan(c->rbeta)) c->rbeta = multi ? 0.1f : 0.0f;
+    if (isnan(c->rlambda)) c->rlambda = multi ? 100.0f : 0.0f;
+    if (!multi && c->rlambda != 0.0f)
+        die("--rlambda %g: RR regularises a routing matrix, which --model %s does not have; use --rlambda 0",
+            c->rlambda, c->model);
+    if (c->enc == ENC_POP && c->rbeta != 0.0f) die("--rbeta %g: Pop has no loss to reweight; use --rbeta 0", c->rbeta);
+    if (c->relu && c->enc != ENC_MIND) die("--relu is MIND's layer; use it with --model mind");
+    if (strcmp(c->mind_eval, "fresh") && strcmp(c->mind_eval, "fixed"))
+        die("--mind-eval %s: expected fresh or fixed", c->mind_eval);
+    check_range("--dropout", c->dropout, 0, 0.99);
     check_range("--hidden", c->D, 1, 4096);
     check_range("--interests", c->K, 1, 64);
     check_range("--len", c->L, 1, 10000);
@@ -1990,7 +2571,9 @@ static const char *TRAIN_WHAT =
     "Train REMI (ComiRec-SA + IHN + RR) on DATA/NAME_train.txt, select the best model by\n"
     "validation Recall@topn every --eval-every steps, stop after --patience evaluations\n"
     "without improvement, then report test Recall/NDCG/HitRate@20,50 of the best model.\n"
-    "--rbeta 0 --rlambda 0 trains plain ComiRec-SA. Writes OUT/metrics.jsonl and OUT/model.bin.";
+    "--model dr|mind applies REMI to ComiRec-DR or MIND; --rbeta 0 --rlambda 0 trains the plain\n"
+    "encoder; --model dnn|gru4rec|pop trains a single-vector baseline.\n"
+    "Writes OUT/metrics.jsonl and OUT/model.bin.";
 
 int cmd_train(int argc, char **argv) {
     Config c = default_config();
@@ -2015,17 +2598,19 @@ int cmd_train(int argc, char **argv) {
     char model_path[4096];
     snprintf(model_path, sizeof model_path, "%s/model.bin", c.out);
 
-    printf("remi train: %s/%s  users %d/%d/%d  items %d  |  D %d K %d L %d B %d M %d lr %g  beta %g lambda %g"
-           "  seed %llu  threads %d\n",
-           c.data, c.name, ds.train.n_users, ds.valid.n_users, ds.test.n_users, ds.N - 1, c.D, c.K, c.L, c.B, c.M,
-           c.lr, c.rbeta, c.rlambda, (unsigned long long)c.seed, c.threads);
+    printf("remi train: %s/%s  users %d/%d/%d  items %d  |  model %s%s  D %d K %d L %d B %d M %d lr %g  beta %g"
+           "  lambda %g  seed %llu  threads %d\n",
+           c.data, c.name, ds.train.n_users, ds.valid.n_users, ds.test.n_users, ds.N - 1, c.model,
+           m.relu ? "+relu" : "", m.D, m.K, c.L, c.B, c.M, c.lr, c.rbeta, c.rlambda, (unsigned long long)c.seed,
+           c.threads);
     char jdata[1024], jname[256];
     json_escape(jdata, sizeof jdata, c.data);
     json_escape(jname, sizeof jname, c.name);
     log_line(&lg, "{\"config\":{\"data\":\"%s\",\"name\":\"%s\",\"model\":\"%s\",\"D\":%d,\"K\":%d,\"L\":%d,\"B\":%d,"
-             "\"M\":%d,\"lr\":%g,\"rbeta\":%g,\"rlambda\":%g,\"seed\":%llu,\"N\":%d,\"train_users\":%d}}",
-             jdata, jname, c.model, c.D, c.K, c.L, c.B, c.M, c.lr, c.rbeta, c.rlambda,
-             (unsigned long long)c.seed, ds.N, ds.train.n_users);
+             "\"M\":%d,\"lr\":%g,\"rbeta\":%g,\"rlambda\":%g,\"relu\":%d,\"dropout\":%g,\"mind_eval\":\"%s\","
+             "\"seed\":%llu,\"N\":%d,\"train_users\":%d}}",
+             jdata, jname, c.model, m.D, m.K, c.L, c.B, c.M, c.lr, c.rbeta, c.rlambda, m.relu, c.dropout,
+             c.mind_eval, (unsigned long long)c.seed, ds.N, ds.train.n_users);
 
     float *best = xmalloc(m.n_params * sizeof(float));
     memcpy(best, m.mem, m.n_params * sizeof(float));
@@ -2033,7 +2618,7 @@ int cmd_train(int argc, char **argv) {
     for (int u = 0; u < ds.train.n_users; u++) perm[u] = u;
     uint64_t rng = c.seed;
     double best_recall = 0, loss_sum = 0, t0 = now_sec(), t_train = 0, t_mark = now_sec();
-    long best_iter = 0, last = 0;
+    long best_iter = 0, last = 0, pass = 0; /* pass: evaluations so far (MIND's draws) */
     int trials = 0, cut = c.topn;
     for (long it = 1; it <= c.iters; it++) {
         last = it;
@@ -2044,12 +2629,12 @@ int cmd_train(int argc, char **argv) {
         t_train += now_sec() - t_mark;
         long steps = it % c.eval_every ? it % c.eval_every : c.eval_every;
         Metrics mv;
-        evaluate(&mv, &cut, 1, &m, &a, &ds.valid);
+        evaluate(&mv, &cut, 1, &m, &a, &ds.valid, eval_noise_key(c.mind_eval, c.seed, ++pass));
         int improved = mv.recall > best_recall; /* REMI-SPEC f.5: strictly better */
         if (improved) {
             best_recall = mv.recall; best_iter = it; trials = 0;
             memcpy(best, m.mem, m.n_params * sizeof(float));
-            model_save(&m, best, model_path);
+            model_save(&m, best, c.seed, model_path);
         } else trials++;
         double el = now_sec() - t0;
         printf("iter %8ld  loss %.4f  valid recall@%d %.6f  ndcg %.6f  ndcg_ref %.6f  hitrate %.6f%s  %6.1f it/s  %7.1f s\n",
@@ -2067,13 +2652,13 @@ int cmd_train(int argc, char **argv) {
     if (best_iter == 0) {
         printf("no validation improvement over recall 0: reporting the last parameters\n");
         memcpy(best, m.mem, m.n_params * sizeof(float));
-        model_save(&m, best, model_path);
+        model_save(&m, best, c.seed, model_path);
     }
     memcpy(m.mem, best, m.n_params * sizeof(float));
     Metrics mv, mt[2];
     int cuts[2] = { 20, 50 };
-    evaluate(&mv, &cut, 1, &m, &a, &ds.valid);
-    evaluate(mt, cuts, 2, &m, &a, &ds.test);
+    evaluate(&mv, &cut, 1, &m, &a, &ds.valid, eval_noise_key(c.mind_eval, c.seed, ++pass));
+    evaluate(mt, cuts, 2, &m, &a, &ds.test, eval_noise_key(c.mind_eval, c.seed, ++pass));
     printf("\nbest model: iter %ld of %ld (%.1f s)\n", best_iter, last, now_sec() - t0);
     print_metrics_row("valid", &mv);
     print_metrics_row("test", &mt[0]);
@@ -2100,10 +2685,12 @@ int cmd_eval(int argc, char **argv) {
         { "--name", F_STR, &c.name, "dataset name (file prefix)" },
         { "--split", F_STR, &split, "valid or test" },
         { "--topn", F_INT, &topn, "one cut-off N (0 = both 20 and 50)" },
+        { "--mind-eval", F_STR, &c.mind_eval, "MIND's routing logits: fresh (new draws, seeded) or fixed (the draws train used with --mind-eval fixed)" },
         { "-t", F_INT, &c.threads, "threads (results do not depend on it)" },
     };
     parse_flags(argc, argv, "eval", "Evaluate a saved model on the valid or test users.", flags, sizeof flags / sizeof *flags);
     if (strcmp(split, "valid") && strcmp(split, "test")) die("--split must be valid or test, got '%s'", split);
+    if (strcmp(c.mind_eval, "fresh") && strcmp(c.mind_eval, "fixed")) die("--mind-eval %s: expected fresh or fixed", c.mind_eval);
     check_range("--topn", topn, 0, 1000);
     check_range("-t", c.threads, 1, 256);
     pool_start(c.threads);
@@ -2117,7 +2704,7 @@ int cmd_eval(int argc, char **argv) {
     int cuts[2] = { 20, 50 }, n_cut = 2;
     if (topn) { cuts[0] = topn; n_cut = 1; }
     Metrics mt[2];
-    evaluate(mt, cuts, n_cut, &m, &a, strcmp(split, "test") ? &ds.valid : &ds.test);
+    evaluate(mt, cuts, n_cut, &m, &a, strcmp(split, "test") ? &ds.valid : &ds.test, eval_noise_key(c.mind_eval, c.seed, 1));
     for (int i = 0; i < n_cut; i++) print_metrics_row(split, &mt[i]);
     return 0;
 }
@@ -2404,8 +2991,8 @@ static int st_merge(void) {
      * with ties in interest-major order: 5 7 0 5 7 3 -> skip 0 and repeats -> 5 7 3. */
     Hit lists[6] = { { 0.9f, 5 }, { 0.8f, 0 }, { 0.5f, 7 }, { 0.9f, 7 }, { 0.7f, 5 }, { 0.1f, 3 } };
     Hit cand[6];
-    int R[3], nr = merge_interests(R, cand, lists, 2, 3, 3);
-    int R2[2], nr2 = merge_interests(R2, cand, lists, 2, 3, 2);
+    int R[3], nr = merge_interests(R, cand, lists, 2, 3, 3, 1);
+    int R2[2], nr2 = merge_interests(R2, cand, lists, 2, 3, 2, 1);
     int ok = nr == 3 && R[0] == 5 && R[1] == 7 && R[2] == 3 && nr2 == 2 && R2[0] == 5 && R2[1] == 7;
     return st_report("merge of interests (hand-checked)", ok, "");
 }
@@ -2438,21 +3025,22 @@ static int st_set_order(const char *path) {
 }
 
 /* Brute-force twin of evaluate(): every score by dotf, full sort per interest. */
-static void evaluate_ref(Metrics *out, int cut, const Model *m, Acts *a, const Split *s) {
+static void evaluate_ref(Metrics *out, int cut, const Model *m, Acts *a, const Split *s, uint64_t key) {
     int K = m->K, D = m->D, N = m->N, L = m->L;
     double sum[4] = { 0 };
     Hit *lists = xmalloc((size_t)K * N * sizeof(Hit)), *cand = xmalloc((size_t)K * N * sizeof(Hit));
     int *R = xmalloc((size_t)cut * sizeof(int));
     for (int u = 0; u < s->n_users; u++) {
         int k = make_eval_row(a->hist, a->mask, s, u, L), n = s->off[u + 1] - s->off[u];
-        sa_forward(m, a, 1);
+        encoder_eval_draws(m, a, u, 1, key);
+        encode_forward(m, a, 1, 0);
         for (int q = 0; q < K; q++) {
             for (int j = 0; j < N; j++) lists[q * N + j] = (Hit){ dotf(a->v + q * D, m->p.item_emb + (size_t)j * D, D), j };
             hits_sort(lists + q * N, N, 0);
         }
-        int c = cut < N ? cut : N, nr = merge_interests(R, cand, lists, K, N, c);
+        int c = cut < N ? cut : N, nr = merge_interests(R, cand, lists, K, N, c, m->multi);
         double r[4];
-        user_metrics(r, R, nr, s->items + s->off[u] + k, n - k);
+        user_metrics(r, R, nr, s->items + s->off[u] + k, n - k, m->enc == ENC_POP);
         for (int j = 0; j < 4; j++) sum[j] += r[j];
     }
     int U = s->n_users;
@@ -2476,54 +3064,66 @@ static void st_random_data(Model *m, Split *s, Config *c, int N, int U, uint64_t
     }
 }
 
+/* Every encoder: the tiled evaluation against its brute-force twin, same metrics. */
 static int st_eval(uint64_t *rng) {
-    Config c = default_config();
-    c.D = 24; c.K = 3; c.L = 7;
-    Model m;
-    Split s;
-    st_random_data(&m, &s, &c, 1200, 37, rng);
-    Acts a;
-    acts_init(&a, &m, 16, 1);
-    int cuts[2] = { 20, 50 }, ok = 1;
-    Metrics fast[2], ref;
-    evaluate(fast, cuts, 2, &m, &a, &s);
-    for (int i = 0; i < 2; i++) {
-        evaluate_ref(&ref, cuts[i], &m, &a, &s);
-        ok &= fast[i].recall == ref.recall && fast[i].ndcg == ref.ndcg && fast[i].ndcg_ref == ref.ndcg_ref &&
-              fast[i].hitrate == ref.hitrate && ref.hitrate > 0;
-    }
-    char d[128];
-    snprintf(d, sizeof d, "recall@50 %.4f ndcg@50 %.4f ndcg_ref@50 %.4f, identical", fast[1].recall, fast[1].ndcg,
-             fast[1].ndcg_ref);
-    return st_report("tiled evaluation vs brute-force twin", ok, d);
-}
-
-/* A few training steps with 1 thread and with `threads` threads: identical bits. */
-static int st_threads(uint64_t *rng, int threads) {
-    Config c = default_config();
-    c.D = 16; c.K = 3; c.L = 9; c.B = 12; c.M = 40; c.rbeta = 1; c.rlambda = 100;
-    Split s;
-    float *res[2];
-    for (int run = 0; run < 2; run++) {
+    int ok = 1;
+    char d[256] = "";
+    for (int e = 0; e < N_ENCODERS; e++) {
+        Config c = default_config();
+        c.D = 24; c.K = 3; c.L = 7; c.enc = (Encoder)e; c.relu = e == ENC_MIND;
         Model m;
-        uint64_t r = *rng, step_rng = 99;
-        st_random_data(&m, &s, &c, 300, 40, &r);
+        Split s;
+        st_random_data(&m, &s, &c, 1200, 37, rng);
+        if (e == ENC_POP) /* counts with ties */
+            for (int j = 0; j < m.N; j++) m.p.item_emb[j] = (float)rng_below(rng, 40);
         Acts a;
-        acts_init(&a, &m, c.B, c.M);
-        int perm[40];
-        for (int u = 0; u < 40; u++) perm[u] = u;
-        pool.n = run == 0 ? 1 : threads;
-        for (int i = 0; i < 5; i++) train_step(&m, &a, &s, &c, &step_rng, perm);
-        res[run] = m.mem;
-        if (run == 1) {
-            int ok = !memcmp(res[0], res[1], m.n_params * sizeof(float));
-            char d[64];
-            snprintf(d, sizeof d, "5 steps, 1 vs %d threads", threads);
-            return st_report("training bits independent of -t", ok, d);
+        acts_init(&a, &m, 16, 1);
+        int cuts[2] = { 20, 50 };
+        uint64_t key = 77;
+        Metrics fast[2], ref;
+        evaluate(fast, cuts, 2, &m, &a, &s, key);
+        for (int i = 0; i < 2; i++) {
+            evaluate_ref(&ref, cuts[i], &m, &a, &s, key);
+            ok &= fast[i].recall == ref.recall && fast[i].ndcg == ref.ndcg && fast[i].ndcg_ref == ref.ndcg_ref &&
+                  fast[i].hitrate == ref.hitrate && ref.hitrate > 0;
         }
+        size_t k = strlen(d);
+        snprintf(d + k, sizeof d - k, "%s%s R@50 %.3f", e ? ", " : "", ENC_NAMES[e], fast[1].recall);
         free_split(&s);
     }
-    return 0;
+    return st_report("tiled evaluation vs brute-force twin, every model", ok, d);
+}
+
+/* A few training steps of every encoder with 1 thread and with `threads` threads:
+ * identical bits. */
+static int st_threads(uint64_t *rng, int threads) {
+    int ok = 1;
+    for (int e = 0; e < N_ENCODERS; e++) {
+        Config c = default_config();
+        c.D = 16; c.K = 3; c.L = 9; c.B = 12; c.M = 40; c.enc = (Encoder)e; c.relu = e == ENC_MIND;
+        c.rbeta = 1; c.rlambda = e == ENC_SA || e == ENC_DR || e == ENC_MIND ? 100 : 0;
+        float *res[2];
+        uint64_t start = *rng;
+        for (int run = 0; run < 2; run++) {
+            Model m;
+            Split s;
+            uint64_t r = start, step_rng = 99;
+            st_random_data(&m, &s, &c, 300, 40, &r);
+            Acts a;
+            acts_init(&a, &m, c.B, c.M);
+            int perm[40];
+            for (int u = 0; u < 40; u++) perm[u] = u;
+            pool.n = run == 0 ? 1 : threads;
+            for (int i = 0; i < 5; i++) train_step(&m, &a, &s, &c, &step_rng, perm);
+            res[run] = m.mem;
+            if (run == 1) ok &= !memcmp(res[0], res[1], m.n_params * sizeof(float));
+            free_split(&s);
+        }
+        rng_next(rng);
+    }
+    char d[64];
+    snprintf(d, sizeof d, "5 steps, 1 vs %d threads", threads);
+    return st_report("training bits independent of -t, every model", ok, d);
 }
 
 int cmd_selftest(int argc, char **argv) {
@@ -2688,7 +3288,7 @@ int cmd_bench(int argc, char **argv) {
     double te[3];
     for (int i = 0; i < 3; i++) {
         double t0 = now_sec();
-        evaluate(&mv, &cut, 1, &m, &a, &ds.valid);
+        evaluate(&mv, &cut, 1, &m, &a, &ds.valid, eval_noise_key(c.mind_eval, c.seed, i + 1));
         te[i] = now_sec() - t0;
     }
     qsort(te, 3, sizeof *te, cmp_double);

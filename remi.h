@@ -2,7 +2,8 @@
  * that make up REMI (Xie et al., RecSys 2023) training and evaluation.
  * Dimension legend used in every shape comment:
  *   B batch, L history length, D hidden size, H = 4D attention width, K interests,
- *   M sampled negatives, N items including the padding id 0, U users of a split. */
+ *   G = 2D GRU4Rec hidden size, M sampled negatives, N items including the padding id 0,
+ *   U users of a split. */
 #ifndef REMI_H
 #define REMI_H
 
@@ -11,16 +12,24 @@
 #include <stddef.h>
 
 #define REMI_MODEL_MAGIC 0x494d4552u /* "REMI" little-endian */
-#define REMI_MODEL_VERSION 1
+#define REMI_MODEL_VERSION 2
 
 /* ---------------------------------------------------------------- config */
+/* The encoders of the reference (REMI-SPEC c.1-c.5). The first three are multi-interest
+ * (K vectors per user); the others produce one vector. */
+typedef enum { ENC_SA, ENC_DR, ENC_MIND, ENC_DNN, ENC_GRU4REC, ENC_POP, N_ENCODERS } Encoder;
+
 typedef struct {
     const char *data;     /* folder of <name>_{train,valid,test}.txt */
     const char *name;     /* dataset prefix, e.g. "beauty" */
     const char *out;      /* output folder: metrics.jsonl, model.bin */
-    const char *model;    /* encoder: "sa" (ComiRec-SA backbone of REMI) */
+    const char *model;    /* encoder name: sa, dr, mind, dnn, gru4rec, pop */
+    Encoder enc;          /* the same, resolved by check_config */
     int D, K, L, B, M;    /* hidden, interests, history length, batch, negatives */
-    int add_pos;          /* 1: add position embeddings (REMI-SPEC c.1 step 1) */
+    int add_pos;          /* SA: 1 = add position embeddings (REMI-SPEC c.1 step 1) */
+    int relu;             /* MIND: 1 = the ReLU layer the reference uses on Book (c.3) */
+    float dropout;        /* GRU4Rec: embedding dropout (c.5) */
+    const char *mind_eval;/* MIND evaluation routing logits: "fresh" or "fixed" */
     float lr, rbeta, rlambda;
     long iters;           /* stop after this many steps */
     int eval_every, patience, topn;
@@ -44,18 +53,30 @@ typedef struct {
 } Dataset;
 
 /* ---------------------------------------------------------------- model */
-/* ComiRec-SA / REMI parameters (REMI-SPEC c.1). The same layout is used for the
- * gradients and for Adam's two moments, so the optimiser is one flat loop. */
+/* Parameters of every encoder; a model uses some of them, the others have size 0.
+ * The same layout is used for the gradients and for Adam's two moments, so the
+ * optimiser is one flat loop. */
 typedef struct {
-    float *item_emb; /* (N, D) E, row 0 = padding (still trained, REMI-SPEC c.0) */
-    float *pos_emb;  /* (L, D) P */
-    float *w1;       /* (H, D) first attention layer, followed by tanh */
-    float *w2;       /* (K, H) second attention layer */
+    float *item_emb; /* (N, D) E, row 0 = padding (still trained, REMI-SPEC c.0);
+                      * Pop: (N, 1) how often each item was a training target */
+    float *pos_emb;  /* SA (L, D) P */
+    float *w1;       /* SA (H, D) first attention layer, followed by tanh */
+    float *w2;       /* SA (K, H) second attention layer */
+    float *caps;     /* DR (L, K D, D) per-position bilinear maps; MIND (D, D) shared map S */
+    float *relu_w;   /* MIND with --relu (D, D) R */
+    float *dnn_w;    /* DNN (D, D) */
+    float *gru_ih;   /* GRU4Rec (3G, D) input weights, gates r, z, n stacked */
+    float *gru_hh;   /* GRU4Rec (3G, G) recurrent weights */
+    float *dense_w;  /* GRU4Rec (D, G) output layer */
+    float *dense_b;  /* GRU4Rec (D) its bias */
 } Params;
-#define N_PARAM_TENSORS 4
+#define N_PARAM_TENSORS 11
 
 typedef struct {
-    int N, D, K, L, H;
+    Encoder enc;
+    int multi;       /* 1: K interests per user (sa, dr, mind); 0: one vector (K = 1) */
+    int relu;        /* MIND ReLU layer in use */
+    int N, D, K, L, H, G;
     size_t size[N_PARAM_TENSORS]; /* floats per tensor */
     size_t n_params;
     float *mem;   Params p;  /* parameters */
@@ -101,7 +122,40 @@ typedef struct {
     float *dx;     /* (B, L, D) */
     float *w1t;    /* (D, H) W1 transposed */
     float *w2t;    /* (H, K) W2 transposed */
-    float *et;     /* (D, N) item embeddings transposed, for evaluation */
+    float *et;     /* (N / NR, D, NR) item panels, for evaluation */
+    /* capsule routing, DR and MIND (REMI-SPEC c.2, c.3) */
+    float *uhat;   /* DR (B, L, K D) per-position predictions; MIND (B, L, D), shared by all k */
+    float *duhat;  /* the same shape */
+    float *capt;   /* DR (L, D, K D) the bilinear maps transposed; MIND (D, D) */
+    float *noise;  /* MIND (B, K, L) initial routing logits, N(0, 1) */
+    float *rp;     /* (B, 3, K, L) softmax over l of the routing logits, per iteration */
+    float *rs;     /* (B, 3, K, D) capsules s before the squash, per iteration */
+    float *rv;     /* (B, 2, K, D) squash(s) of iterations 0 and 1 */
+    float *caps;   /* (B, K, D) output of the routing (before MIND's ReLU layer) */
+    float *dcaps;  /* (B, K, D) */
+    const float *route_frozen; /* (B, K, L) gradient check only: routing weights of the last
+                                * iteration held constant, as the stop-gradient does */
+    /* DNN (c.5) */
+    float *mean;   /* (B, D) mean history embedding */
+    /* GRU4Rec (c.5): rows sorted by history length (longest first) and packed by time:
+     * step t holds rows 0..gact[t]-1 at row offset goff[t] */
+    int *glen;     /* (B) history length of each sample */
+    int gsteps;    /* steps of the batch: the longest history */
+    int *gorder;   /* (B) sample of each sorted row */
+    int *grow;     /* (B) sorted row of each sample */
+    int *gact;     /* (L) active rows per step */
+    int *goff;     /* (L + 1) */
+    float *drop;   /* (B, L, D) dropout multipliers, 0 or 1 / (1 - p) */
+    float *gx;     /* (R, D) inputs after dropout, R = sum of history lengths */
+    float *ggi;    /* (R, 3G) x W_ih^T; then the gradients of the gate inputs */
+    float *ggate;  /* (R, 3G) gates r, z and candidate n */
+    float *gghn;   /* (R, G) W_hn h_{t-1} */
+    float *gh;     /* (R, G) hidden states */
+    float *ggh;    /* (B, 3G) h_{t-1} W_hh^T of one step; then its gradient */
+    float *gdh;    /* (B, G) gradient of the hidden state being walked back */
+    float *glast;  /* (B, G) hidden state at each sample's last position */
+    float *dglast; /* (B, G) */
+    float *gwt;    /* scratch for transposed weights: max(3G D, 3G G, G D) */
 } Acts;
 
 /* Metrics of one evaluation at one cut-off N (REMI-SPEC g.3). */
@@ -125,7 +179,7 @@ void load_dataset(Dataset *ds, const char *dir, const char *name);
 void model_init(Model *m, int N, const Config *c);
 void acts_init(Acts *a, const Model *m, int cap_b, int M);
 float train_step(Model *m, Acts *a, const Split *train, const Config *c, uint64_t *rng, int *perm);
-void evaluate(Metrics *out, const int *cuts, int n_cut, const Model *m, Acts *a, const Split *s);
+void evaluate(Metrics *out, const int *cuts, int n_cut, const Model *m, Acts *a, const Split *s, uint64_t noise_key);
 void set_order(int *order, const int *keys, int n);
 
 int cmd_train(int argc, char **argv);
