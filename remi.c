@@ -1271,7 +1271,7 @@ void acts_init(Acts *a, const Model *m, int cap_b, int M) {
         size_t uw = m->enc == ENC_DR ? (size_t)K * D : (size_t)D;
         a->uhat = xcalloc(B * L * uw, sizeof(float));
         a->duhat = xcalloc(B * L * uw, sizeof(float));
-        a->capt = xcalloc(m->enc == ENC_DR ? (size_t)L * D * K * D : (size_t)D * D, sizeof(float));
+        a->capt = xcalloc(m->enc == ENC_DR ? (size_t)L * D * K * D : 2 * (size_t)D * D, sizeof(float)); /* MIND: S^T, R^T */
         a->noise = xcalloc(B * K * L, sizeof(float));
         a->rp = xcalloc(B * 3 * K * L, sizeof(float));
         a->rs = xcalloc(B * 3 * K * D, sizeof(float));
@@ -2800,6 +2800,87 @@ static double gc_rr(GcState *g) { /* buf0 att (B,K,L), buf1 rr_d (B,K); 1e3 RR, 
 }
 static double gc_model(GcState *g) { return step_forward(&g->m, &g->a, &g->cfg); }
 
+/* Capsule routing of B samples. buf0 u_hat (B, L, K, D) (DR layout; MIND: (B, L, D) shared
+ * by every k), buf1 interests (B, K, D), buf2 routing matrix (B, K, L), buf3..5 p, s, v01,
+ * buf6 the frozen last c, buf7 MIND's initial logits. Objective: c . interests (with the
+ * last c frozen, as the stop-gradient) or 10 c' . routing matrix (live). */
+typedef struct { int mind, matrix; } GcRoute;
+static GcRoute gc_route_mode;
+static Uhat gc_uhat(GcState *g, float *base, int b) {
+    size_t L = g->L, K = g->K, D = g->D;
+    return gc_route_mode.mind ? (Uhat){ base + b * L * D, 0, D } : (Uhat){ base + b * L * K * D, D, K * D };
+}
+static double gc_route(GcState *g) {
+    size_t K = g->K, L = g->L, D = g->D, B = g->B;
+    for (size_t b = 0; b < B; b++)
+        routing_forward(g->buf[1] + b * K * D, g->buf[2] + b * K * L, g->buf[3] + b * 3 * K * L,
+                        g->buf[4] + b * 3 * K * D, g->buf[5] + b * 2 * K * D, gc_uhat(g, g->buf[0], (int)b),
+                        g->a.mask + b * L, gc_route_mode.mind ? g->buf[7] + b * K * L : NULL,
+                        gc_route_mode.matrix ? NULL : g->buf[6] + b * K * L, (int)K, (int)L, (int)D);
+    if (gc_route_mode.matrix) return 10.0 * gc_dot(g->c + B * K * D, g->buf[2], B * K * L);
+    return gc_dot(g->c, g->buf[1], B * K * D);
+}
+static int gc_route_check(GcState *g, float *an, int mind, int matrix) {
+    size_t K = g->K, L = g->L, D = g->D, B = g->B, n = B * L * (mind ? 1 : K) * D;
+    gc_route_mode = (GcRoute){ mind, matrix };
+    gc_fill(g->buf[0], n, 1.0, &g->rng);
+    gc_fill(g->buf[7], B * K * L, 1.0, &g->rng);
+    gc_route_mode.matrix = 1;
+    gc_route(g);
+    memcpy(g->buf[6], g->buf[2], B * K * L * sizeof(float)); /* c of the last iteration, frozen */
+    gc_route_mode.matrix = matrix;
+    float *datt = g->buf[7] + B * K * L, *zero = datt + B * K * L;
+    for (size_t i = 0; i < B * K * L; i++) datt[i] = 10.0f * g->c[B * K * D + i];
+    memset(zero, 0, B * K * D * sizeof(float));
+    memset(an, 0, n * sizeof(float));
+    for (size_t b = 0; b < B; b++)
+        routing_backward(gc_uhat(g, an, (int)b), matrix ? zero : g->c + b * K * D, matrix ? datt + b * K * L : NULL,
+                         g->buf[3] + b * 3 * K * L, g->buf[4] + b * 3 * K * D, g->buf[5] + b * 2 * K * D,
+                         gc_uhat(g, g->buf[0], (int)b), g->a.mask + b * L, (int)K, (int)L, (int)D);
+    char what[80];
+    snprintf(what, sizeof what, "%s routing, %s: d/du_hat", mind ? "MIND" : "DR",
+             matrix ? "routing matrix (x10)" : "interests (last c frozen)");
+    return gc_check(what, gc_route, g, g->buf[0], an, n);
+}
+
+/* Encoder e end to end: L_CE + lambda RR (multi-interest models) w.r.t. every parameter
+ * tensor, with MIND's logits and GRU4Rec's dropout drawn once. For DR and MIND the
+ * interests use the last c of the unperturbed point, which is what the stop-gradient
+ * differentiates; RR sees the live c. */
+static int gc_model_check(GcState *g, Encoder e) {
+    static const char *names[N_PARAM_TENSORS] = { "item_emb", "pos_emb", "W1", "W2", "bilinear", "relu_w", "dnn_w",
+                                                  "gru_ih", "gru_hh", "dense_w", "dense_b" };
+    GcState h = *g;
+    int multi = e == ENC_SA || e == ENC_DR || e == ENC_MIND, ok = 1;
+    h.cfg.enc = e; h.cfg.relu = e == ENC_MIND; h.cfg.dropout = 0.3f;
+    h.cfg.rbeta = 2.0f; h.cfg.rlambda = multi ? 1000.0f : 0.0f;
+    model_init(&h.m, g->N, &h.cfg);
+    acts_init(&h.a, &h.m, g->B, g->M);
+    memcpy(h.a.hist, g->a.hist, (size_t)g->B * g->L * sizeof(int));
+    memcpy(h.a.mask, g->a.mask, (size_t)g->B * g->L * sizeof(float));
+    memcpy(h.a.target, g->a.target, (size_t)g->B * sizeof(int));
+    memcpy(h.a.neg, g->a.neg, (size_t)g->M * sizeof(int));
+    gc_fill(h.m.mem, h.m.n_params, 0.5, &g->rng);
+    encoder_draws(&h.m, &h.a, &h.cfg, g->B, &g->rng);
+    step_forward(&h.m, &h.a, &h.cfg);
+    float *frozen = xmalloc((size_t)g->B * h.m.K * g->L * sizeof(float));
+    memcpy(frozen, h.a.att, (size_t)g->B * h.m.K * g->L * sizeof(float));
+    if (e == ENC_DR || e == ENC_MIND) h.a.route_frozen = frozen;
+    step_backward(&h.m, &h.a, &h.cfg);
+    float **pp = (float **)&h.m.p, **gp = (float **)&h.m.g;
+    for (int i = 0; i < N_PARAM_TENSORS; i++) {
+        if (!h.m.size[i]) continue;
+        char what[80];
+        snprintf(what, sizeof what, "%s model: d/d %s", ENC_NAMES[e], names[i]);
+        /* DNN sums E[0] at padded positions but, like the reference (padding_idx), passes it
+         * no gradient through the lookup: its row 0 is left out of the comparison */
+        size_t skip = e == ENC_DNN && i == 0 ? (size_t)h.m.D : 0;
+        ok &= gc_check(what, gc_model, &h, pp[i] + skip, gp[i] + skip, h.m.size[i] - skip);
+    }
+    free(frozen);
+    return ok;
+}
+
 int cmd_gradcheck(int argc, char **argv) {
     uint64_t seed = 7;
     Flag flags[] = { { "--seed", F_U64, &seed, "seed of the random shapes' contents" } };
@@ -2905,15 +2986,15 @@ int cmd_gradcheck(int argc, char **argv) {
     for (size_t i = 0; i < (size_t)B * K * L; i++) an[0][i] *= 1e3f;
     ok &= gc_check("RR (x1e3): d/dA", gc_rr, &g, g.buf[0], an[0], (size_t)B * K * L);
 
-    /* The whole model, end to end: L_CE + lambda RR w.r.t. every parameter tensor. */
-    g.cfg.rbeta = 2.0f; g.cfg.rlambda = 1000.0f;
-    gc_fill(g.m.mem, g.m.n_params, 0.5, &g.rng);
-    memset(g.m.gmem, 0, g.m.n_params * sizeof(float));
-    step_forward(&g.m, &g.a, &g.cfg);
-    step_backward(&g.m, &g.a, &g.cfg);
-    const char *names[N_PARAM_TENSORS] = { "model: d/d item_emb", "model: d/d pos_emb", "model: d/d W1", "model: d/d W2" };
-    float **pp = (float **)&g.m.p, **gp = (float **)&g.m.g;
-    for (int i = 0; i < N_PARAM_TENSORS; i++) ok &= gc_check(names[i], gc_model, &g, pp[i], gp[i], g.m.size[i]);
+    /* capsule routing (squash, the iterations, both stop-gradient paths), DR and MIND layouts */
+    ok &= gc_route_check(&g, an[0], 0, 0);
+    ok &= gc_route_check(&g, an[0], 0, 1);
+    ok &= gc_route_check(&g, an[0], 1, 0);
+    ok &= gc_route_check(&g, an[0], 1, 1);
+
+    /* every model, end to end */
+    for (int e = 0; e < N_ENCODERS; e++)
+        if (e != ENC_POP) ok &= gc_model_check(&g, (Encoder)e);
 #undef ZERO
     printf("gradcheck: %s\n", ok ? "all passed" : "FAILED");
     return ok ? 0 : 1;

@@ -126,7 +126,7 @@ typedef struct {
     /* capsule routing, DR and MIND (REMI-SPEC c.2, c.3) */
     float *uhat;   /* DR (B, L, K D) per-position predictions; MIND (B, L, D), shared by all k */
     float *duhat;  /* the same shape */
-    float *capt;   /* DR (L, D, K D) the bilinear maps transposed; MIND (D, D) */
+    float *capt;   /* DR (L, D, K D) the bilinear maps transposed; MIND (2, D, D) S^T and R^T */
     float *noise;  /* MIND (B, K, L) initial routing logits, N(0, 1) */
     float *rp;     /* (B, 3, K, L) softmax over l of the routing logits, per iteration */
     float *rs;     /* (B, 3, K, D) capsules s before the squash, per iteration */
