@@ -109,13 +109,19 @@ if "$REMI" prep --input data/beauty_raw.txt --name beauty --sep space --out "$TM
     pass "prep regenerates data/beauty_* from data/beauty_raw.txt byte for byte"
 else fail "prep beauty" "output differs from data/"; fi
 
-# ---------------------------------------------------------------- golden training run
+# ---------------------------------------------------------------- golden training runs
 # A fixed slice of data/ (expected/tiny: the 400 most popular items; 600 train, 150 valid,
-# 150 test users), 300 steps.
-# Golden: expected/tiny_metrics.jsonl. Tolerance: relative 1e-3 on losses and absolute 2e-3
-# on metrics. The same binary reproduces it bit for bit; the tolerance is for another
-# compiler or libm (logf/exp in the loss), whose last-bit differences grow over 300 steps.
-TINY=(--data expected/tiny --name tiny --batch 32 --neg 256 --iters 300 --eval-every 100 --seed 7 --rbeta 1 --rlambda 100)
+# 150 test users), 300 steps of every model.
+# Golden: expected/tiny_<model>_metrics.jsonl. Tolerance: relative 1e-3 on losses and
+# absolute 2e-3 on metrics. The same binary reproduces them bit for bit; the tolerance is
+# for another compiler or libm (logf/exp in the loss), whose last-bit differences grow
+# over 300 steps.
+TINY=(--data expected/tiny --name tiny --batch 32 --neg 256 --iters 300 --eval-every 100 --seed 7)
+MODELS=(sa dr mind dnn gru4rec pop)
+declare -A MODEL_ARGS=(
+    [sa]="--rbeta 1 --rlambda 100" [dr]="--rbeta 1 --rlambda 100" [mind]="--relu --rbeta 1 --rlambda 100"
+    [dnn]="--rbeta 1" [gru4rec]="" [pop]=""
+)
 
 # jsonl_close A B: same structure, numbers within tolerance; timing fields ignored.
 jsonl_close() {
@@ -140,32 +146,45 @@ jsonl_close() {
         END { if (FNR != na && !bad) { print "missing lines"; bad = 1 } exit bad }' "$1" "$2"
 }
 strip_timing() { sed -E 's/"steps_per_s":[^,]*,"elapsed":[^}]*//' "$1"; }
+same_run() { cmp -s "$1/model.bin" "$2/model.bin" && [ "$(strip_timing "$1/metrics.jsonl")" = "$(strip_timing "$2/metrics.jsonl")" ]; }
 
-for t in 1 2; do
-    "$REMI" train "${TINY[@]}" -t $t --out "$TMP/tiny-t$t" >"$TMP/tiny-t$t.log" 2>&1 \
-        || fail "tiny training -t $t" "$(tail -n 2 "$TMP/tiny-t$t.log")"
+for mdl in "${MODELS[@]}"; do
+    # shellcheck disable=SC2206  # the per-model flags are meant to split
+    args=("${TINY[@]}" --model "$mdl" ${MODEL_ARGS[$mdl]})
+    ran=1
+    for t in 1 2; do
+        "$REMI" train "${args[@]}" -t $t --out "$TMP/tiny-$mdl-t$t" >"$TMP/tiny-$mdl-t$t.log" 2>&1 \
+            || { fail "tiny $mdl training -t $t" "$(tail -n 2 "$TMP/tiny-$mdl-t$t.log")"; ran=0; }
+    done
+    [ $ran = 1 ] || continue
+    if out=$(jsonl_close "$TMP/tiny-$mdl-t2/metrics.jsonl" "expected/tiny_${mdl}_metrics.jsonl"); then
+        pass "tiny $mdl training matches expected/tiny_${mdl}_metrics.jsonl (loss rtol 1e-3, metrics atol 2e-3)"
+    else fail "tiny $mdl golden" "$out"; fi
+    if same_run "$TMP/tiny-$mdl-t1" "$TMP/tiny-$mdl-t2"; then pass "tiny $mdl: -t 1 and -t 2 give identical model and metrics"
+    else fail "tiny $mdl -t 1 vs -t 2" "outputs differ"; fi
 done
-"$REMI" train "${TINY[@]}" -t 2 --out "$TMP/tiny-again" >"$TMP/tiny-again.log" 2>&1
-if out=$(jsonl_close "$TMP/tiny-t2/metrics.jsonl" expected/tiny_metrics.jsonl); then
-    pass "tiny training matches expected/tiny_metrics.jsonl (loss rtol 1e-3, metrics atol 2e-3)"
-else fail "tiny training golden" "$out"; fi
-if cmp -s "$TMP/tiny-t2/model.bin" "$TMP/tiny-again/model.bin" &&
-   [ "$(strip_timing "$TMP/tiny-t2/metrics.jsonl")" = "$(strip_timing "$TMP/tiny-again/metrics.jsonl")" ]; then
-    pass "same seed twice: identical model and metrics"
+
+"$REMI" train "${TINY[@]}" ${MODEL_ARGS[sa]} -t 2 --out "$TMP/tiny-again" >"$TMP/tiny-again.log" 2>&1
+if same_run "$TMP/tiny-sa-t2" "$TMP/tiny-again"; then pass "same seed twice: identical model and metrics"
 else fail "same seed twice" "outputs differ"; fi
-if cmp -s "$TMP/tiny-t1/model.bin" "$TMP/tiny-t2/model.bin" &&
-   [ "$(strip_timing "$TMP/tiny-t1/metrics.jsonl")" = "$(strip_timing "$TMP/tiny-t2/metrics.jsonl")" ]; then
-    pass "-t 1 and -t 2: identical model and metrics"
-else fail "-t 1 vs -t 2" "outputs differ"; fi
-"$REMI" train "${TINY[@]}" --seed 8 -t 2 --out "$TMP/tiny-seed8" >/dev/null 2>&1
-if ! cmp -s "$TMP/tiny-t2/model.bin" "$TMP/tiny-seed8/model.bin"; then pass "another seed gives another model"
+"$REMI" train "${TINY[@]}" ${MODEL_ARGS[sa]} --seed 8 -t 2 --out "$TMP/tiny-seed8" >/dev/null 2>&1
+if ! cmp -s "$TMP/tiny-sa-t2/model.bin" "$TMP/tiny-seed8/model.bin"; then pass "another seed gives another model"
 else fail "seed" "--seed 8 gave the same model as --seed 7"; fi
 
-# eval of the saved model reproduces the test metrics printed by train
-"$REMI" eval --model-file "$TMP/tiny-t2/model.bin" --data expected/tiny --name tiny --split test >"$TMP/eval.log" 2>&1
-want=$(grep '^test' "$TMP/tiny-t2.log" | sed 's/  */ /g'); got=$(grep '^test' "$TMP/eval.log" | sed 's/  */ /g')
-if [ -n "$want" ] && [ "$want" = "$got" ]; then pass "eval of the saved model reproduces train's test metrics"
-else fail "eval" "train: $want / eval: $got"; fi
+# eval of a saved model reproduces the test metrics printed by train
+eval_matches() { # TEST TRAIN-OUT-DIR [EVAL FLAGS...]
+    local test=$1 dir=$2; shift 2
+    "$REMI" eval --model-file "$dir/model.bin" --data expected/tiny --name tiny --split test "$@" >"$TMP/eval.log" 2>&1
+    local want got
+    want=$(grep '^test' "$dir.log" | sed 's/  */ /g'); got=$(grep '^test' "$TMP/eval.log" | sed 's/  */ /g')
+    if [ -n "$want" ] && [ "$want" = "$got" ]; then pass "$test"; else fail "$test" "train: $want / eval: $got"; fi
+}
+eval_matches "eval of the saved model reproduces train's test metrics" "$TMP/tiny-sa-t2"
+eval_matches "eval of a single-vector model (gru4rec) reproduces train's test metrics" "$TMP/tiny-gru4rec-t2"
+# MIND draws routing logits at evaluation; with --mind-eval fixed they are the same every pass
+"$REMI" train "${TINY[@]}" --model mind --iters 100 --mind-eval fixed -t 2 --out "$TMP/tiny-mind-fixed" \
+    >"$TMP/tiny-mind-fixed.log" 2>&1
+eval_matches "MIND --mind-eval fixed: eval reproduces train's test metrics" "$TMP/tiny-mind-fixed" --mind-eval fixed
 
 # ---------------------------------------------------------------- bad input to train
 # bad_split CASE LINE CONTENT-OF-VALID: must exit non-zero, name file:line and the text,
@@ -197,7 +216,8 @@ d=$TMP/bad-map; mkdir -p "$d"; cp expected/tiny/tiny_*.txt "$d/"; printf '1,1\n2
 if ! "$REMI" train --data "$d" --name tiny --out "$d/out" >"$d/log" 2>&1 && grep -q "out of range 1..2" "$d/log"; then
     pass "bad input: item id beyond the item map"
 else fail "bad input: item map range" "$(head -c 200 "$d/log")"; fi
-for flag in "--interests 0" "--hidden 0" "--lr -1" "--batch x" "--bogus 1"; do
+for flag in "--interests 0" "--hidden 0" "--lr -1" "--batch x" "--bogus 1" "--model bert" "--model dnn --rlambda 5" \
+            "--model pop --rbeta 1" "--model sa --relu" "--model gru4rec --dropout 1" "--mind-eval sometimes"; do
     if ! "$REMI" train $flag --out "$TMP/flag-out" >"$TMP/flag.log" 2>&1 && [ ! -e "$TMP/flag-out" ]; then
         pass "bad flag: $flag ($(head -c 70 "$TMP/flag.log"))"
     else fail "bad flag: $flag" "accepted"; fi
@@ -205,7 +225,7 @@ done
 printf 'not a model' >"$TMP/bad.bin"
 if ! "$REMI" eval --model-file "$TMP/bad.bin" --data expected/tiny --name tiny >"$TMP/m.log" 2>&1 && grep -q "not a remi model" "$TMP/m.log"; then
     pass "foreign model file refused"; else fail "foreign model file" "$(cat "$TMP/m.log")"; fi
-head -c 1000 "$TMP/tiny-t2/model.bin" >"$TMP/trunc.bin"
+head -c 1000 "$TMP/tiny-sa-t2/model.bin" >"$TMP/trunc.bin"
 if ! "$REMI" eval --model-file "$TMP/trunc.bin" --data expected/tiny --name tiny >"$TMP/m.log" 2>&1 && grep -q "truncated" "$TMP/m.log"; then
     pass "truncated model file refused"; else fail "truncated model file" "$(cat "$TMP/m.log")"; fi
 
