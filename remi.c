@@ -3321,6 +3321,22 @@ static void cpu_name(char *buf, size_t n) {
     fclose(f);
 }
 
+/* Multiply-adds x 2 of a training step's products, forward and both backward products
+ * (3x), for a batch whose histories hold `real` items on average: the encoder's matrix
+ * products and routing, and the sampled logits. Elementwise work is not counted. */
+static double step_flops(const Model *m, const Config *c, double real) {
+    double B = c->B, L = m->L, D = m->D, H = m->H, K = m->K, G = m->G, M = c->M, enc = 0;
+    switch (m->enc) {
+    case ENC_SA: enc = B * L * (D * H + H * K + K * D); break;
+    case ENC_DR: enc = B * L * K * D * D + 3 * 2 * B * K * L * D; break; /* bilinear maps, routing */
+    case ENC_MIND: enc = B * L * D * D + 3 * 2 * B * K * L * D + (m->relu ? B * K * D * D : 0); break;
+    case ENC_DNN: enc = B * D * D; break;
+    case ENC_GRU4REC: enc = B * real * (3 * G * D + 3 * G * G) + B * G * D; break;
+    default: return 0;
+    }
+    return 2.0 * 3 * (enc + B * M * D);
+}
+
 int cmd_bench(int argc, char **argv) {
     Config c = default_config();
     int steps = 50;
@@ -3346,23 +3362,23 @@ int cmd_bench(int argc, char **argv) {
     for (int u = 0; u < ds.train.n_users; u++) perm[u] = u;
     uint64_t rng = c.seed;
     for (int i = 0; i < 10; i++) train_step(&m, &a, &ds.train, &c, &rng, perm);
-    double *t = xmalloc(steps * sizeof(double));
+    double *t = xmalloc(steps * sizeof(double)), real = 0;
     for (int i = 0; i < steps; i++) {
         double t0 = now_sec();
         train_step(&m, &a, &ds.train, &c, &rng, perm);
         t[i] = now_sec() - t0;
+        for (int j = 0; j < c.B * c.L; j++) real += a.mask[j];
     }
     qsort(t, steps, sizeof *t, cmp_double);
-    double step = t[steps / 2];
-    /* encoder + logits: 3 products (forward, 2 backward) of each matmul */
-    double B = c.B, L = c.L, D = c.D, H = 4.0 * c.D, K = c.K, M = c.M;
-    double flops = 2.0 * 3 * (B * L * D * H + B * L * H * K + B * M * D + B * K * L * D);
-    double adam_bytes = 32.0 * m.n_params; /* p, m, v, g read + written */
+    double step = t[steps / 2], B = c.B;
+    double flops = step_flops(&m, &c, real / steps / c.B);
+    double adam_bytes = m.enc == ENC_POP ? 0 : 32.0 * m.n_params; /* p, m, v, g read + written */
     double floor_s = flops / (peak * 1e9) + adam_bytes / (bw * 1e9);
     printf("train step: %.3f ms median of %d (%.0f sequences/s)  math %.2f GFLOP  Adam %.1f MB\n", step * 1e3, steps,
            B / step, flops / 1e9, adam_bytes / 1e6);
-    printf("            floor %.3f ms (math at peak + Adam bytes at bandwidth): step / floor = %.2f\n", floor_s * 1e3,
-           step / floor_s);
+    if (floor_s > 0)
+        printf("            floor %.3f ms (math at peak + Adam bytes at bandwidth): step / floor = %.2f\n",
+               floor_s * 1e3, step / floor_s);
 
     int cut = 50;
     Metrics mv;
@@ -3373,7 +3389,7 @@ int cmd_bench(int argc, char **argv) {
         te[i] = now_sec() - t0;
     }
     qsort(te, 3, sizeof *te, cmp_double);
-    double eflops = 2.0 * ds.valid.n_users * c.K * (double)ds.N * c.D;
+    double eflops = 2.0 * ds.valid.n_users * m.K * (double)ds.N * m.D;
     printf("evaluation: %.3f s median of 3 for %d users x %d items: %.1f GFLOP/s scoring = %.0f%% of peak\n", te[1],
            ds.valid.n_users, ds.N, eflops / te[1] / 1e9, 100.0 * eflops / te[1] / 1e9 / peak);
     struct rusage ru;
