@@ -1038,9 +1038,9 @@ static float *thread_scratch(int slot, size_t n) {
 /* Edge tiles (fewer than MR rows or NR columns) are copied, zero-padded, into a full
  * tile and computed by the same kernel, so a narrow product (the K attention logits) runs
  * at full speed; the real elements get the same sums. The padded B columns are packed
- * once per task, the padded A rows once per row tile. */
-/* Full-tile kernel on A (MR rows at a, strides sa/sp) and B (NR columns at b, ldb) into
- * a local tile, then the mr x nr real part stored (or added) at c. */
+ * once per task, the padded A rows once per row tile.
+ * gemm_tile_via: the full-tile kernel on A (MR rows at a, strides sa/sp) and B (NR columns
+ * at b, ldb) into a local tile, then the mr x nr real part stored (or added) at c. */
 static void gemm_tile_via(const Gemm *g, const float *a, int sa, int sp, const float *b, int ldb, float *c,
                           int mr, int nr) {
     float tile[MR * NR];
