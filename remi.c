@@ -26,6 +26,7 @@
 #include <limits.h>
 #include <math.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdatomic.h>
 #include <stdlib.h>
@@ -1162,6 +1163,8 @@ static inline float tanh_v(float x) {
 
 /* ======================================================================== model */
 static const char *ENC_NAMES[N_ENCODERS] = { "sa", "dr", "mind", "dnn", "gru4rec", "pop" };
+static const char *TENSOR_NAMES[N_PARAM_TENSORS] = { "item_emb", "pos_emb", "W1", "W2", "bilinear", "relu_w",
+                                                     "dnn_w", "gru_ih", "gru_hh", "dense_w", "dense_b" };
 
 /* How each tensor starts (REMI-SPEC c.6): 'n' normal with std `scale`, 'u' uniform in
  * [-scale, scale), 0 zeros. */
@@ -2152,7 +2155,8 @@ static void step_backward(Model *m, Acts *a, const Config *c) {
 }
 
 /* One training step: batch, negatives, the encoder's draws, forward, backward, Adam.
- * Pop only counts the batch's targets. Returns the loss. */
+ * Pop only counts the batch's targets. Returns the loss; a non-finite loss skips Adam, so
+ * the parameters stay as they were and the gradients show where it went wrong. */
 float train_step(Model *m, Acts *a, const Split *train, const Config *c, uint64_t *rng, int *perm) {
     make_train_batch(a, train, perm, c->B, m->L, rng);
     if (m->enc == ENC_POP) { pop_count(m, a, c->B); return 0.0f; }
@@ -2160,7 +2164,7 @@ float train_step(Model *m, Acts *a, const Split *train, const Config *c, uint64_
     encoder_draws(m, a, c, c->B, rng);
     double loss = step_forward(m, a, c);
     step_backward(m, a, c);
-    adam_step(m, c->lr);
+    if (isfinite(loss)) adam_step(m, c->lr);
     return (float)loss;
 }
 
@@ -2403,12 +2407,12 @@ void evaluate(Metrics *out, const int *cuts, int n_cut, const Model *m, Acts *a,
  * Layout: magic, version, encoder, N, D, K, L, add_pos, relu, 0 (int32 each), the
  * training seed and n_params (uint64), the parameters (float32, Params order), FNV-1a 64
  * checksum of the parameter bytes. */
-static uint64_t fnv1a(const void *p, size_t n) {
+static uint64_t fnv1a_update(uint64_t h, const void *p, size_t n) {
     const unsigned char *c = p;
-    uint64_t h = 0xcbf29ce484222325ull;
     for (size_t i = 0; i < n; i++) h = (h ^ c[i]) * 0x100000001b3ull;
     return h;
 }
+static uint64_t fnv1a(const void *p, size_t n) { return fnv1a_update(0xcbf29ce484222325ull, p, n); }
 
 static void model_save(const Model *m, const float *params, uint64_t seed, const char *path) {
     FILE *f = atomic_open(path);
@@ -2566,6 +2570,202 @@ static void log_line(Log *lg, const char *fmt, ...) {
     atomic_commit(f);
 }
 
+/* ======================================================================== training state, checkpoints
+ * Everything the training loop carries from one step to the next. A checkpoint holds all
+ * of it, so a run resumed from one continues with the bits of the run left alone. It is
+ * written (temporary file + rename) after every evaluation and when the run is
+ * interrupted. Layout: magic, version, the settings, the dataset's size, the state
+ * below, parameters, Adam's moments and step, the best parameters, the metrics log; then
+ * the FNV-1a 64 checksum of every byte before it. */
+#define REMI_CKPT_MAGIC 0x504b4352u /* "RCKP" */
+#define REMI_CKPT_VERSION 1
+
+typedef struct { long iter; double loss, recall, ndcg; } CurvePoint;
+
+typedef struct {
+    long it, pass, best_iter;   /* steps done, evaluations done (MIND's draws), best model's step */
+    int trials;                 /* evaluations since the last improvement */
+    double best_recall, loss_sum, elapsed, t_train; /* loss_sum: since the last evaluation */
+    uint64_t rng;
+    int *perm;                  /* (U) the batch sampler's permutation */
+    float *best;                /* (n_params) parameters of the best model */
+    CurvePoint *curve; long n_curve; /* one point per evaluation, for curves.svg */
+    Log log;                    /* metrics.jsonl so far */
+} TrainState;
+
+/* A file read or written with a running checksum. */
+typedef struct { FILE *f; uint64_t h; const char *path; } Stream;
+static void put(Stream *s, const void *p, size_t n) {
+    fwrite(p, 1, n, s->f);
+    s->h = fnv1a_update(s->h, p, n);
+}
+static void get(Stream *s, void *p, size_t n) {
+    if (fread(p, 1, n, s->f) != n) die("%s: truncated checkpoint", s->path);
+    s->h = fnv1a_update(s->h, p, n);
+}
+static void put_str(Stream *s, const char *x) {
+    uint32_t n = (uint32_t)strlen(x);
+    put(s, &n, 4);
+    put(s, x, n);
+}
+static void get_str(Stream *s, char *x, size_t cap) {
+    uint32_t n;
+    get(s, &n, 4);
+    if (n >= cap) die("%s: corrupt checkpoint (string of %u bytes)", s->path, n);
+    get(s, x, n);
+    x[n] = 0;
+}
+
+/* The settings that define a run, in checkpoint order. */
+#define CKPT_INTS(c) &(c)->D, &(c)->K, &(c)->L, &(c)->B, &(c)->M, &(c)->add_pos, &(c)->relu, &(c)->eval_every, \
+                     &(c)->patience, &(c)->topn, &(c)->eval_batch
+#define CKPT_FLOATS(c) &(c)->lr, &(c)->rbeta, &(c)->rlambda, &(c)->dropout
+
+static void ckpt_write(const char *path, const Config *c, const Model *m, const TrainState *st, int n_users) {
+    Stream s = { atomic_open(path), 0xcbf29ce484222325ull, path };
+    uint32_t hdr[2] = { REMI_CKPT_MAGIC, REMI_CKPT_VERSION };
+    put(&s, hdr, sizeof hdr);
+    put_str(&s, c->data); put_str(&s, c->name); put_str(&s, c->model); put_str(&s, c->mind_eval);
+    const int *ints[] = { CKPT_INTS(c) };
+    for (size_t i = 0; i < sizeof ints / sizeof *ints; i++) put(&s, ints[i], sizeof(int));
+    const float *floats[] = { CKPT_FLOATS(c) };
+    for (size_t i = 0; i < sizeof floats / sizeof *floats; i++) put(&s, floats[i], sizeof(float));
+    int64_t meta[5] = { c->iters, (int64_t)c->seed, m->N, n_users, (int64_t)m->n_params };
+    put(&s, meta, sizeof meta);
+    int64_t counters[6] = { st->it, st->pass, st->best_iter, st->trials, m->step, st->n_curve };
+    double sums[4] = { st->best_recall, st->loss_sum, st->elapsed, st->t_train };
+    put(&s, counters, sizeof counters);
+    put(&s, sums, sizeof sums);
+    put(&s, &st->rng, sizeof st->rng);
+    put(&s, st->perm, (size_t)n_users * sizeof(int));
+    const float *tensors[4] = { m->mem, m->mmem, m->vmem, st->best };
+    for (int i = 0; i < 4; i++) put(&s, tensors[i], m->n_params * sizeof(float));
+    put(&s, st->curve, (size_t)st->n_curve * sizeof *st->curve);
+    uint64_t len = st->log.len;
+    put(&s, &len, sizeof len);
+    put(&s, st->log.buf, st->log.len);
+    uint64_t sum = s.h;
+    fwrite(&sum, sizeof sum, 1, s.f);
+    atomic_commit(s.f);
+}
+
+/* Opens a checkpoint, checks its checksum, magic and version, and reads its settings into
+ * c (the strings live in static storage). The stream is left at the dataset's size. */
+static Stream ckpt_open(const char *path, Config *c) {
+    static char data[4096], name[256], model[32], mind_eval[32];
+    FILE *f = xfopen(path, "rb", "the folder holds no checkpoint: `remi train --out DIR` writes DIR/checkpoint.bin");
+    struct stat sb;
+    if (fstat(fileno(f), &sb) != 0 || sb.st_size < 16) die("%s: not a remi checkpoint (too short)", path);
+    uint32_t hdr[2];
+    if (fread(hdr, sizeof hdr, 1, f) != 1 || hdr[0] != REMI_CKPT_MAGIC) die("%s: not a remi checkpoint", path);
+    if (hdr[1] != REMI_CKPT_VERSION)
+        die("%s: checkpoint version %u, this remi reads version %d", path, hdr[1], REMI_CKPT_VERSION);
+    uint64_t h = fnv1a_update(0xcbf29ce484222325ull, hdr, sizeof hdr), stored;
+    unsigned char buf[1 << 16];
+    for (off_t left = sb.st_size - 8 - (off_t)sizeof hdr; left > 0;) {
+        size_t n = fread(buf, 1, left < (off_t)sizeof buf ? (size_t)left : sizeof buf, f);
+        if (n == 0) die("%s: read error", path);
+        h = fnv1a_update(h, buf, n);
+        left -= (off_t)n;
+    }
+    if (fread(&stored, sizeof stored, 1, f) != 1 || stored != h)
+        die("%s: checksum mismatch (truncated or corrupt checkpoint)", path);
+    fseek(f, (long)sizeof hdr, SEEK_SET);
+    Stream s = { f, fnv1a_update(0xcbf29ce484222325ull, hdr, sizeof hdr), path };
+    get_str(&s, data, sizeof data); get_str(&s, name, sizeof name);
+    get_str(&s, model, sizeof model); get_str(&s, mind_eval, sizeof mind_eval);
+    c->data = data; c->name = name; c->model = model; c->mind_eval = mind_eval;
+    int *ints[] = { CKPT_INTS(c) };
+    for (size_t i = 0; i < sizeof ints / sizeof *ints; i++) get(&s, ints[i], sizeof(int));
+    float *floats[] = { CKPT_FLOATS(c) };
+    for (size_t i = 0; i < sizeof floats / sizeof *floats; i++) get(&s, floats[i], sizeof(float));
+    int64_t meta[2];
+    get(&s, meta, sizeof meta);
+    c->iters = meta[0]; c->seed = (uint64_t)meta[1];
+    return s;
+}
+
+/* Reads the rest of a checkpoint into a model and a state made for its settings and data. */
+static void ckpt_read_state(Stream *s, Model *m, TrainState *st, int n_users) {
+    int64_t meta[3], counters[6];
+    double sums[4];
+    get(s, meta, sizeof meta);
+    if (meta[0] != m->N || meta[1] != n_users || meta[2] != (int64_t)m->n_params)
+        die("%s: the checkpoint's data has %lld items and %lld training users, %s has %d and %d",
+            s->path, (long long)meta[0] - 1, (long long)meta[1], "the data now", m->N - 1, n_users);
+    get(s, counters, sizeof counters);
+    get(s, sums, sizeof sums);
+    if (counters[0] < 0 || counters[5] < 0 || counters[5] > counters[0] + 2) die("%s: corrupt checkpoint", s->path);
+    st->it = counters[0]; st->pass = counters[1]; st->best_iter = counters[2]; st->trials = (int)counters[3];
+    m->step = counters[4]; st->n_curve = counters[5];
+    st->best_recall = sums[0]; st->loss_sum = sums[1]; st->elapsed = sums[2]; st->t_train = sums[3];
+    get(s, &st->rng, sizeof st->rng);
+    get(s, st->perm, (size_t)n_users * sizeof(int));
+    for (int u = 0; u < n_users; u++)
+        if (st->perm[u] < 0 || st->perm[u] >= n_users) die("%s: corrupt checkpoint (permutation)", s->path);
+    float *tensors[4] = { m->mem, m->mmem, m->vmem, st->best };
+    for (int i = 0; i < 4; i++) get(s, tensors[i], m->n_params * sizeof(float));
+    st->curve = xrealloc(st->curve, (size_t)(st->n_curve + 1) * sizeof *st->curve);
+    get(s, st->curve, (size_t)st->n_curve * sizeof *st->curve);
+    uint64_t len;
+    get(s, &len, sizeof len);
+    if (len > (1u << 30)) die("%s: corrupt checkpoint (log of %llu bytes)", s->path, (unsigned long long)len);
+    st->log.cap = len + 4096;
+    st->log.buf = xrealloc(st->log.buf, st->log.cap);
+    get(s, st->log.buf, len);
+    st->log.len = len;
+    fclose(s->f);
+}
+
+/* ======================================================================== training curves
+ * OUT/curves.svg, rewritten after every evaluation: the training loss (left) and the
+ * validation Recall and NDCG at --topn (right) against the step. */
+static void svg_panel(FILE *f, double x0, const char *title, const CurvePoint *p, long n, int n_series,
+                      const char *const *names, const char *const *colors) {
+    const double y0 = 40, w = 380, h = 240;
+    double lo = INFINITY, hi = -INFINITY, xmax = p[n - 1].iter;
+    for (long i = 0; i < n; i++)
+        for (int s = 0; s < n_series; s++) {
+            double v = s == 0 && n_series == 1 ? p[i].loss : s == 0 ? p[i].recall : p[i].ndcg;
+            lo = v < lo ? v : lo; hi = v > hi ? v : hi;
+        }
+    if (hi <= lo) { hi = lo + 1; }
+    fprintf(f, "<text x=\"%.0f\" y=\"%.0f\" font-weight=\"bold\">%s</text>\n", x0, y0 - 12, title);
+    fprintf(f, "<rect x=\"%.0f\" y=\"%.0f\" width=\"%.0f\" height=\"%.0f\" fill=\"none\" stroke=\"#888\"/>\n", x0, y0, w, h);
+    for (int t = 0; t <= 4; t++) { /* y ticks */
+        double v = lo + (hi - lo) * t / 4, y = y0 + h - h * t / 4;
+        fprintf(f, "<text x=\"%.0f\" y=\"%.1f\" text-anchor=\"end\">%.4g</text>\n", x0 - 4, y + 4, v);
+        fprintf(f, "<line x1=\"%.0f\" x2=\"%.0f\" y1=\"%.1f\" y2=\"%.1f\" stroke=\"#eee\"/>\n", x0, x0 + w, y, y);
+    }
+    fprintf(f, "<text x=\"%.0f\" y=\"%.0f\">0</text><text x=\"%.0f\" y=\"%.0f\" text-anchor=\"end\">step %ld</text>\n",
+            x0, y0 + h + 16, x0 + w, y0 + h + 16, p[n - 1].iter);
+    for (int s = 0; s < n_series; s++) {
+        fprintf(f, "<polyline fill=\"none\" stroke=\"%s\" stroke-width=\"1.5\" points=\"", colors[s]);
+        for (long i = 0; i < n; i++) {
+            double v = n_series == 1 ? p[i].loss : s == 0 ? p[i].recall : p[i].ndcg;
+            fprintf(f, "%.1f,%.1f ", x0 + w * p[i].iter / xmax, y0 + h - h * (v - lo) / (hi - lo));
+        }
+        fprintf(f, "\"/>\n<text x=\"%.0f\" y=\"%.0f\" fill=\"%s\">%s</text>\n", x0 + w - 150, y0 + 16 + 14 * s,
+                colors[s], names[s]);
+    }
+}
+
+static void write_curves(const char *path, const CurvePoint *p, long n, int topn) {
+    if (n == 0) return;
+    FILE *f = atomic_open(path);
+    char r[32], d[32];
+    snprintf(r, sizeof r, "Recall@%d", topn);
+    snprintf(d, sizeof d, "NDCG@%d", topn);
+    const char *loss_name[] = { "loss" }, *loss_color[] = { "#333" };
+    const char *val_names[] = { r, d }, *val_colors[] = { "#1f77b4", "#d62728" };
+    fprintf(f, "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"920\" height=\"320\" font-family=\"sans-serif\" "
+               "font-size=\"12\">\n<rect width=\"920\" height=\"320\" fill=\"white\"/>\n");
+    svg_panel(f, 70, "training loss (mean since the previous evaluation)", p, n, 1, loss_name, loss_color);
+    svg_panel(f, 530, "validation", p, n, 2, val_names, val_colors);
+    fprintf(f, "</svg>\n");
+    atomic_commit(f);
+}
+
 /* ======================================================================== train */
 static const char *TRAIN_WHAT =
     "Train REMI (ComiRec-SA + IHN + RR) on DATA/NAME_train.txt, select the best model by\n"
@@ -2573,14 +2773,72 @@ static const char *TRAIN_WHAT =
     "without improvement, then report test Recall/NDCG/HitRate@20,50 of the best model.\n"
     "--model dr|mind applies REMI to ComiRec-DR or MIND; --rbeta 0 --rlambda 0 trains the plain\n"
     "encoder; --model dnn|gru4rec|pop trains a single-vector baseline.\n"
-    "Writes OUT/metrics.jsonl and OUT/model.bin.";
+    "Writes OUT/metrics.jsonl, OUT/curves.svg, OUT/model.bin (the best model) and\n"
+    "OUT/checkpoint.bin (the whole state, after every evaluation and on Ctrl-C / SIGTERM);\n"
+    "`remi train --resume OUT` continues a stopped run with the bits it would have had.";
+
+static volatile sig_atomic_t stop_signal;
+static void on_stop_signal(int sig) {
+    if (stop_signal) _exit(128 + sig); /* a second Ctrl-C: quit at once */
+    stop_signal = sig;
+}
+
+/* Names the first tensor of mem (the parameters or the gradients) holding a NaN or an
+ * infinity, with their count, or returns NULL. */
+static const char *nonfinite_tensor(const Model *m, const float *mem, size_t *count) {
+    const float *p = mem;
+    for (int i = 0; i < N_PARAM_TENSORS; p += m->size[i], i++) {
+        size_t n = 0;
+        for (size_t j = 0; j < m->size[i]; j++) n += !isfinite(p[j]);
+        if (n) { *count = n; return TENSOR_NAMES[i]; }
+    }
+    return NULL;
+}
+
+/* Stops the run on a NaN or an infinity, naming the tensor (a parameter, else a gradient)
+ * and the last checkpoint. */
+static void die_nonfinite(const Model *m, long it, double loss, const char *ckpt, long ckpt_it) {
+    size_t n = 0;
+    const char *t = nonfinite_tensor(m, m->mem, &n);
+    char what[128] = "", last[4300] = "no checkpoint was written yet";
+    if (t) snprintf(what, sizeof what, "; %zu non-finite values in the parameters %s", n, t);
+    else if ((t = nonfinite_tensor(m, m->gmem, &n)))
+        snprintf(what, sizeof what, "; the parameters are finite, %zu values of the gradient of %s are not", n, t);
+    if (ckpt_it > 0) snprintf(last, sizeof last, "the last good checkpoint is %s (iteration %ld)", ckpt, ckpt_it);
+    die("iteration %ld: the loss is %g%s; %s; lower --lr or --rlambda", it, loss, what, last);
+}
+
+/* The live status line on a terminal: step, speed, loss, best so far, time to go. */
+static void progress_line(const Config *c, const TrainState *st, double rate) {
+    long since = st->it % c->eval_every ? st->it % c->eval_every : c->eval_every;
+    long to_eval = c->eval_every - since, to_end = c->iters - st->it;
+    if (rate <= 0) return;
+    printf("\r  iter %ld  %.0f it/s  loss %.4f  best recall@%d %.4f  next eval in %.0f s  limit in %.1f h\033[K",
+           st->it, rate, st->loss_sum / since, c->topn, st->best_recall, to_eval / rate, to_end / rate / 3600);
+    fflush(stdout);
+}
 
 int cmd_train(int argc, char **argv) {
     Config c = default_config();
-    Flag flags[] = { MODEL_FLAGS(c), STEP_FLAGS(c), LOOP_FLAGS(c) };
+    const char *resume = NULL;
+    long stop_after = 0;
+    Flag flags[] = { MODEL_FLAGS(c), STEP_FLAGS(c), LOOP_FLAGS(c),
+                     { "--resume", F_STR, &resume, "continue the run whose --out folder this is, from its checkpoint" },
+                     { "--stop-after", F_LONG, &stop_after, "stop after this step as an interrupt would (checkpoint and exit)" } };
     parse_flags(argc, argv, "train", TRAIN_WHAT, flags, sizeof flags / sizeof *flags);
+    char ckpt_path[4200];
+    Stream ck = { 0 };
+    if (resume) { /* the settings come from the checkpoint; only -t and --stop-after may be given */
+        for (int i = 1; i < argc; i += 2)
+            if (strcmp(argv[i], "--resume") && strcmp(argv[i], "-t") && strcmp(argv[i], "--stop-after"))
+                die("train --resume takes the run's settings from its checkpoint; %s cannot be changed", argv[i]);
+        snprintf(ckpt_path, sizeof ckpt_path, "%s/checkpoint.bin", resume);
+        ck = ckpt_open(ckpt_path, &c);
+        c.out = resume;
+    }
     check_config(&c);
     check_range("--eval-batch", c.eval_batch, 1, 1 << 16);
+    check_range("--stop-after", (double)stop_after, 0, 1e12);
     pool_start(c.threads);
 
     Dataset ds;
@@ -2588,89 +2846,125 @@ int cmd_train(int argc, char **argv) {
     if (ds.train.n_users < c.B)
         die("%s/%s_train.txt has %d users, fewer than --batch %d (batches hold distinct users); lower --batch",
             c.data, c.name, ds.train.n_users, c.B);
+    int U = ds.train.n_users, cut = c.topn;
     Model m;
     model_init(&m, ds.N, &c);
     Acts a;
     acts_init(&a, &m, c.B > c.eval_batch ? c.B : c.eval_batch, c.M);
+    TrainState st = { .rng = c.seed };
+    st.perm = xmalloc(U * sizeof(int));
+    st.best = xmalloc(m.n_params * sizeof(float));
+    st.curve = xmalloc(sizeof *st.curve);
     mkdir_p(c.out);
-    Log lg = { 0 };
-    snprintf(lg.path, sizeof lg.path, "%s/metrics.jsonl", c.out);
-    char model_path[4096];
+    snprintf(st.log.path, sizeof st.log.path, "%s/metrics.jsonl", c.out);
+    snprintf(ckpt_path, sizeof ckpt_path, "%s/checkpoint.bin", c.out);
+    char model_path[4200], curves_path[4200];
     snprintf(model_path, sizeof model_path, "%s/model.bin", c.out);
+    snprintf(curves_path, sizeof curves_path, "%s/curves.svg", c.out);
 
     printf("remi train: %s/%s  users %d/%d/%d  items %d  |  model %s%s  D %d K %d L %d B %d M %d lr %g  beta %g"
            "  lambda %g  seed %llu  threads %d\n",
-           c.data, c.name, ds.train.n_users, ds.valid.n_users, ds.test.n_users, ds.N - 1, c.model,
-           m.relu ? "+relu" : "", m.D, m.K, c.L, c.B, c.M, c.lr, c.rbeta, c.rlambda, (unsigned long long)c.seed,
-           c.threads);
-    char jdata[1024], jname[256];
-    json_escape(jdata, sizeof jdata, c.data);
-    json_escape(jname, sizeof jname, c.name);
-    log_line(&lg, "{\"config\":{\"data\":\"%s\",\"name\":\"%s\",\"model\":\"%s\",\"D\":%d,\"K\":%d,\"L\":%d,\"B\":%d,"
-             "\"M\":%d,\"lr\":%g,\"rbeta\":%g,\"rlambda\":%g,\"relu\":%d,\"dropout\":%g,\"mind_eval\":\"%s\","
-             "\"seed\":%llu,\"N\":%d,\"train_users\":%d}}",
-             jdata, jname, c.model, m.D, m.K, c.L, c.B, c.M, c.lr, c.rbeta, c.rlambda, m.relu, c.dropout,
-             c.mind_eval, (unsigned long long)c.seed, ds.N, ds.train.n_users);
-
-    float *best = xmalloc(m.n_params * sizeof(float));
-    memcpy(best, m.mem, m.n_params * sizeof(float));
-    int *perm = xmalloc(ds.train.n_users * sizeof(int));
-    for (int u = 0; u < ds.train.n_users; u++) perm[u] = u;
-    uint64_t rng = c.seed;
-    double best_recall = 0, loss_sum = 0, t0 = now_sec(), t_train = 0, t_mark = now_sec();
-    long best_iter = 0, last = 0, pass = 0; /* pass: evaluations so far (MIND's draws) */
-    int trials = 0, cut = c.topn;
-    for (long it = 1; it <= c.iters; it++) {
-        last = it;
-        float loss = train_step(&m, &a, &ds.train, &c, &rng, perm);
-        if (!isfinite(loss)) die("iteration %ld: the loss is %f; lower --lr or --rlambda", it, loss);
-        loss_sum += loss;
-        if (it % c.eval_every != 0 && it != c.iters) continue;
-        t_train += now_sec() - t_mark;
-        long steps = it % c.eval_every ? it % c.eval_every : c.eval_every;
-        Metrics mv;
-        evaluate(&mv, &cut, 1, &m, &a, &ds.valid, eval_noise_key(c.mind_eval, c.seed, ++pass));
-        int improved = mv.recall > best_recall; /* REMI-SPEC f.5: strictly better */
-        if (improved) {
-            best_recall = mv.recall; best_iter = it; trials = 0;
-            memcpy(best, m.mem, m.n_params * sizeof(float));
-            model_save(&m, best, c.seed, model_path);
-        } else trials++;
-        double el = now_sec() - t0;
-        printf("iter %8ld  loss %.4f  valid recall@%d %.6f  ndcg %.6f  ndcg_ref %.6f  hitrate %.6f%s  %6.1f it/s  %7.1f s\n",
-               it, loss_sum / steps, cut, mv.recall, mv.ndcg, mv.ndcg_ref, mv.hitrate, improved ? " *" : "  ",
-               it / t_train, el);
-        fflush(stdout);
-        char js[512];
-        json_metrics(js, sizeof js, &mv);
-        log_line(&lg, "{\"iter\":%ld,\"loss\":%.6f,\"valid\":{%s},\"best_iter\":%ld,\"steps_per_s\":%.1f,\"elapsed\":%.1f}",
-                 it, loss_sum / steps, js, best_iter, it / t_train, el);
-        loss_sum = 0;
-        if (trials > c.patience) { printf("early stop: %d evaluations without improvement\n", trials); break; }
+           c.data, c.name, U, ds.valid.n_users, ds.test.n_users, ds.N - 1, c.model, m.relu ? "+relu" : "", m.D,
+           m.K, c.L, c.B, c.M, c.lr, c.rbeta, c.rlambda, (unsigned long long)c.seed, c.threads);
+    if (resume) {
+        ckpt_read_state(&ck, &m, &st, U);
+        printf("resumed from %s at iteration %ld\n", ckpt_path, st.it);
+    } else {
+        memcpy(st.best, m.mem, m.n_params * sizeof(float));
+        for (int u = 0; u < U; u++) st.perm[u] = u;
+        char jdata[1024], jname[256];
+        json_escape(jdata, sizeof jdata, c.data);
+        json_escape(jname, sizeof jname, c.name);
+        log_line(&st.log, "{\"config\":{\"data\":\"%s\",\"name\":\"%s\",\"model\":\"%s\",\"D\":%d,\"K\":%d,\"L\":%d,"
+                 "\"B\":%d,\"M\":%d,\"lr\":%g,\"rbeta\":%g,\"rlambda\":%g,\"relu\":%d,\"dropout\":%g,"
+                 "\"mind_eval\":\"%s\",\"seed\":%llu,\"N\":%d,\"train_users\":%d}}",
+                 jdata, jname, c.model, m.D, m.K, c.L, c.B, c.M, c.lr, c.rbeta, c.rlambda, m.relu, c.dropout,
+                 c.mind_eval, (unsigned long long)c.seed, ds.N, U);
+    }
+    signal(SIGINT, on_stop_signal);
+    signal(SIGTERM, on_stop_signal);
+    int tty = isatty(fileno(stdout));
+    double t0 = now_sec() - st.elapsed, t_mark = now_sec(), t_shown = now_sec();
+    long it_mark = st.it, ckpt_it = resume ? st.it : 0;
+    while (st.it < c.iters && st.trials <= c.patience) {
+        long it = ++st.it;
+        float loss = train_step(&m, &a, &ds.train, &c, &st.rng, st.perm);
+        if (!isfinite(loss)) die_nonfinite(&m, it, loss, ckpt_path, ckpt_it);
+        st.loss_sum += loss;
+        int eval_now = it % c.eval_every == 0 || it == c.iters;
+        if (!eval_now && !stop_signal && it != stop_after) {
+            if (tty && (it & 15) == 0 && now_sec() - t_shown > 0.25) {
+                t_shown = now_sec();
+                progress_line(&c, &st, (it - it_mark) / (t_shown - t_mark));
+            }
+            continue;
+        }
+        st.t_train += now_sec() - t_mark;
+        if (eval_now) {
+            long steps = it % c.eval_every ? it % c.eval_every : c.eval_every;
+            Metrics mv;
+            evaluate(&mv, &cut, 1, &m, &a, &ds.valid, eval_noise_key(c.mind_eval, c.seed, ++st.pass));
+            int improved = mv.recall > st.best_recall; /* REMI-SPEC f.5: strictly better */
+            if (improved) {
+                st.best_recall = mv.recall; st.best_iter = it; st.trials = 0;
+                memcpy(st.best, m.mem, m.n_params * sizeof(float));
+                model_save(&m, st.best, c.seed, model_path);
+            } else st.trials++;
+            double el = now_sec() - t0;
+            if (tty) printf("\r\033[K");
+            printf("iter %8ld  loss %.4f  valid recall@%d %.6f  ndcg %.6f  ndcg_ref %.6f  hitrate %.6f%s  %6.1f it/s  %7.1f s\n",
+                   it, st.loss_sum / steps, cut, mv.recall, mv.ndcg, mv.ndcg_ref, mv.hitrate, improved ? " *" : "  ",
+                   it / st.t_train, el);
+            fflush(stdout);
+            char js[512];
+            json_metrics(js, sizeof js, &mv);
+            log_line(&st.log, "{\"iter\":%ld,\"loss\":%.6f,\"valid\":{%s},\"best_iter\":%ld,\"steps_per_s\":%.1f,"
+                     "\"elapsed\":%.1f}", it, st.loss_sum / steps, js, st.best_iter, it / st.t_train, el);
+            st.curve = xrealloc(st.curve, (size_t)(st.n_curve + 2) * sizeof *st.curve);
+            st.curve[st.n_curve++] = (CurvePoint){ it, st.loss_sum / steps, mv.recall, mv.ndcg };
+            write_curves(curves_path, st.curve, st.n_curve, cut);
+            st.loss_sum = 0;
+            size_t bad;
+            if (nonfinite_tensor(&m, m.mem, &bad)) die_nonfinite(&m, it, NAN, ckpt_path, ckpt_it);
+        }
+        st.elapsed = now_sec() - t0;
+        ckpt_write(ckpt_path, &c, &m, &st, U);
+        ckpt_it = it;
+        if (stop_signal || it == stop_after) {
+            if (tty) printf("\r\033[K");
+            printf("%s after iteration %ld: wrote %s; continue with `remi train --resume %s`\n",
+                   stop_signal == SIGINT ? "interrupted (SIGINT)" : stop_signal == SIGTERM ? "terminated (SIGTERM)"
+                                                                                       : "stopped (--stop-after)",
+                   it, ckpt_path, c.out);
+            return stop_signal ? 128 + stop_signal : 0;
+        }
+        if (st.trials > c.patience) printf("early stop: %d evaluations without improvement\n", st.trials);
         t_mark = now_sec();
+        it_mark = it;
     }
-    if (best_iter == 0) {
+    if (st.best_iter == 0) {
         printf("no validation improvement over recall 0: reporting the last parameters\n");
-        memcpy(best, m.mem, m.n_params * sizeof(float));
-        model_save(&m, best, c.seed, model_path);
+        memcpy(st.best, m.mem, m.n_params * sizeof(float));
+        model_save(&m, st.best, c.seed, model_path);
     }
-    memcpy(m.mem, best, m.n_params * sizeof(float));
+    memcpy(m.mem, st.best, m.n_params * sizeof(float));
     Metrics mv, mt[2];
     int cuts[2] = { 20, 50 };
+    long pass = st.pass; /* the final evaluations do not change the checkpointed state */
     evaluate(&mv, &cut, 1, &m, &a, &ds.valid, eval_noise_key(c.mind_eval, c.seed, ++pass));
     evaluate(mt, cuts, 2, &m, &a, &ds.test, eval_noise_key(c.mind_eval, c.seed, ++pass));
-    printf("\nbest model: iter %ld of %ld (%.1f s)\n", best_iter, last, now_sec() - t0);
+    printf("\nbest model: iter %ld of %ld (%.1f s)\n", st.best_iter, st.it, now_sec() - t0);
     print_metrics_row("valid", &mv);
     print_metrics_row("test", &mt[0]);
     print_metrics_row("test", &mt[1]);
     char js[512];
     json_metrics(js, sizeof js, &mv);
-    log_line(&lg, "{\"final\":\"valid\",\"best_iter\":%ld,%s}", best_iter, js);
+    log_line(&st.log, "{\"final\":\"valid\",\"best_iter\":%ld,%s}", st.best_iter, js);
     for (int i = 0; i < 2; i++) {
         json_metrics(js, sizeof js, &mt[i]);
-        log_line(&lg, "{\"final\":\"test\",\"best_iter\":%ld,%s}", best_iter, js);
+        log_line(&st.log, "{\"final\":\"test\",\"best_iter\":%ld,%s}", st.best_iter, js);
     }
-    printf("wrote %s and %s\n", lg.path, model_path);
+    printf("wrote %s, %s and %s\n", st.log.path, model_path, curves_path);
     return 0;
 }
 
@@ -2848,8 +3142,6 @@ static int gc_route_check(GcState *g, float *an, int mind, int matrix) {
  * interests use the last c of the unperturbed point, which is what the stop-gradient
  * differentiates; RR sees the live c. */
 static int gc_model_check(GcState *g, Encoder e) {
-    static const char *names[N_PARAM_TENSORS] = { "item_emb", "pos_emb", "W1", "W2", "bilinear", "relu_w", "dnn_w",
-                                                  "gru_ih", "gru_hh", "dense_w", "dense_b" };
     GcState h = *g;
     int multi = e == ENC_SA || e == ENC_DR || e == ENC_MIND, ok = 1;
     h.cfg.enc = e; h.cfg.relu = e == ENC_MIND; h.cfg.dropout = 0.3f;
@@ -2871,7 +3163,7 @@ static int gc_model_check(GcState *g, Encoder e) {
     for (int i = 0; i < N_PARAM_TENSORS; i++) {
         if (!h.m.size[i]) continue;
         char what[80];
-        snprintf(what, sizeof what, "%s model: d/d %s", ENC_NAMES[e], names[i]);
+        snprintf(what, sizeof what, "%s model: d/d %s", ENC_NAMES[e], TENSOR_NAMES[i]);
         /* DNN sums E[0] at padded positions but, like the reference (padding_idx), passes it
          * no gradient through the lookup: its row 0 is left out of the comparison */
         size_t skip = e == ENC_DNN && i == 0 ? (size_t)h.m.D : 0;
@@ -3207,6 +3499,30 @@ static int st_threads(uint64_t *rng, int threads) {
     return st_report("training bits independent of -t, every model", ok, d);
 }
 
+/* A NaN planted in W1: the step reports a non-finite loss, skips Adam, and the check that
+ * names the offending tensor finds W1 and nothing else. */
+static int st_nonfinite(uint64_t *rng) {
+    Config c = default_config();
+    c.D = 16; c.K = 3; c.L = 9; c.B = 12; c.M = 40; c.rbeta = 1; c.rlambda = 100;
+    Model m;
+    Split s;
+    st_random_data(&m, &s, &c, 300, 40, rng);
+    Acts a;
+    acts_init(&a, &m, c.B, c.M);
+    int perm[40];
+    for (int u = 0; u < 40; u++) perm[u] = u;
+    uint64_t r = 5;
+    m.p.w1[7] = NAN;
+    float loss = train_step(&m, &a, &s, &c, &r, perm);
+    size_t n = 0, ng = 0;
+    const char *t = nonfinite_tensor(&m, m.mem, &n), *tg = nonfinite_tensor(&m, m.gmem, &ng);
+    int ok = !isfinite(loss) && t && !strcmp(t, "W1") && n == 1 && m.step == 0 && tg;
+    char d[128];
+    snprintf(d, sizeof d, "loss %g, parameters: %s (%zu), first gradient: %s", loss, t ? t : "none", n, tg ? tg : "none");
+    free_split(&s);
+    return st_report("NaN in W1: no update, W1 named", ok, d);
+}
+
 int cmd_selftest(int argc, char **argv) {
     const char *expected = "expected";
     int threads = 3;
@@ -3228,6 +3544,7 @@ int cmd_selftest(int argc, char **argv) {
     ok &= st_set_order(path);
     ok &= st_eval(&rng);
     ok &= st_threads(&rng, threads);
+    ok &= st_nonfinite(&rng);
     printf("selftest: %s\n", ok ? "all passed" : "FAILED");
     return ok ? 0 : 1;
 }

@@ -186,6 +186,51 @@ eval_matches "eval of a single-vector model (gru4rec) reproduces train's test me
     >"$TMP/tiny-mind-fixed.log" 2>&1
 eval_matches "MIND --mind-eval fixed: eval reproduces train's test metrics" "$TMP/tiny-mind-fixed" --mind-eval fixed
 
+# ---------------------------------------------------------------- checkpoints, resuming, interrupts
+# A run stopped at any point and resumed must end with the bytes of the run left alone.
+resume_matches() { # TEST MODEL STOP-AFTER: stop, resume with -t 1, compare with the golden run
+    local test=$1 mdl=$2 k=$3 d=$TMP/resume-$2-$3
+    # shellcheck disable=SC2206
+    local args=("${TINY[@]}" --model "$mdl" ${MODEL_ARGS[$mdl]})
+    "$REMI" train "${args[@]}" -t 2 --out "$d" --stop-after "$k" >"$d.log" 2>&1 || { fail "$test" "stop: $(tail -n 1 "$d.log")"; return; }
+    grep -q "resume $d" "$d.log" || { fail "$test" "no resume hint: $(tail -n 1 "$d.log")"; return; }
+    "$REMI" train --resume "$d" -t 1 >"$d-2.log" 2>&1 || { fail "$test" "resume: $(tail -n 1 "$d-2.log")"; return; }
+    if same_run "$d" "$TMP/tiny-$mdl-t2"; then pass "$test"; else fail "$test" "resumed run differs from the run left alone"; fi
+}
+resume_matches "resume: SA stopped at step 150 (between evaluations) = the run left alone" sa 150
+resume_matches "resume: GRU4Rec stopped at step 200 (at an evaluation) = the run left alone" gru4rec 200
+resume_matches "resume: MIND stopped at step 77 = the run left alone" mind 77
+
+# SIGINT in the middle of a run: a checkpoint, exit 130, and the resumed run equals the run left alone
+SIG=(--data expected/tiny --name tiny --batch 32 --neg 64 --iters 20000 --eval-every 4000 --seed 3 --model dnn -t 2)
+"$REMI" train "${SIG[@]}" --out "$TMP/sig-whole" >"$TMP/sig-whole.log" 2>&1
+"$REMI" train "${SIG[@]}" --out "$TMP/sig" >"$TMP/sig.log" 2>&1 &
+pid=$!; sleep 1; kill -INT $pid; wait $pid; rc=$?
+if [ $rc -eq 130 ] && grep -q "interrupted (SIGINT) after iteration" "$TMP/sig.log" && [ -f "$TMP/sig/checkpoint.bin" ]; then
+    "$REMI" train --resume "$TMP/sig" >"$TMP/sig-2.log" 2>&1
+    if same_run "$TMP/sig" "$TMP/sig-whole"; then pass "SIGINT: checkpoint, exit 130, resumed run = the run left alone ($(grep -o 'after iteration [0-9]*' "$TMP/sig.log"))"
+    else fail "SIGINT resume" "resumed run differs"; fi
+else fail "SIGINT" "exit $rc: $(tail -n 1 "$TMP/sig.log")"; fi
+
+# damaged, foreign and missing checkpoints are refused, and settings cannot change on resume
+ck=$TMP/resume-sa-150/checkpoint.bin
+bad_ckpt() { # TEST WANT: $TMP/ck/checkpoint.bin prepared by the caller
+    if ! "$REMI" train --resume "$TMP/ck" >"$TMP/ck.log" 2>&1 && grep -q "$2" "$TMP/ck.log"; then pass "checkpoint: $1 refused"
+    else fail "checkpoint: $1" "$(head -c 200 "$TMP/ck.log")"; fi
+}
+mkdir -p "$TMP/ck"
+head -c 5000 "$ck" >"$TMP/ck/checkpoint.bin"; bad_ckpt truncated "checksum mismatch"
+cp "$ck" "$TMP/ck/checkpoint.bin"; printf '\x55' | dd of="$TMP/ck/checkpoint.bin" bs=1 seek=3000 conv=notrunc 2>/dev/null
+bad_ckpt "one byte changed" "checksum mismatch"
+cp "$TMP/tiny-sa-t2/model.bin" "$TMP/ck/checkpoint.bin"; bad_ckpt "foreign file" "not a remi checkpoint"
+rm "$TMP/ck/checkpoint.bin"; bad_ckpt missing "train --out DIR"
+if ! "$REMI" train --resume "$TMP/resume-sa-150" --lr 0.1 >"$TMP/ck.log" 2>&1 && grep -q "cannot be changed" "$TMP/ck.log"; then
+    pass "resume refuses changed settings"; else fail "resume settings" "$(head -c 200 "$TMP/ck.log")"; fi
+
+# the training curves are an SVG with the loss and both validation series
+if grep -q "<svg" "$TMP/tiny-sa-t2/curves.svg" && [ "$(grep -c '<polyline' "$TMP/tiny-sa-t2/curves.svg")" -eq 3 ]; then
+    pass "curves.svg: loss, Recall@50 and NDCG@50 curves"; else fail "curves.svg" "missing or incomplete"; fi
+
 # ---------------------------------------------------------------- bad input to train
 # bad_split CASE LINE CONTENT-OF-VALID: must exit non-zero, name file:line and the text,
 # and leave nothing in --out.
