@@ -1,6 +1,6 @@
 # remi: one C file, libc + libm + pthreads.
 CC      ?= cc
-WARN    := -Wall -Wextra -std=gnu11
+WARN    := -Wall -Wextra -Wno-psabi -std=gnu11
 BASE    := -ffp-contract=off -fno-math-errno
 CFLAGS  ?= -O3 -march=native $(BASE)
 LDLIBS  := -lm -lpthread
@@ -13,8 +13,18 @@ remi: remi.c remi.h
 debug:
 	$(MAKE) -B remi CFLAGS="-O0 -g $(BASE)"
 
+ASAN    := -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer $(BASE)
+
 asan:
-	$(MAKE) -B remi CFLAGS="-O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer $(BASE)"
+	$(MAKE) -B remi CFLAGS="$(ASAN)"
+
+# remi-asan: the sanitizer build beside ./remi (test.sh fuzzes with it when a compiler is there)
+remi-asan: remi.c remi.h
+	$(CC) $(ASAN) $(WARN) -DREMI_CFLAGS='"$(ASAN)"' -o $@ remi.c $(LDLIBS)
+
+# a longer fuzz run of every reader under the sanitizers
+fuzz: remi-asan
+	./remi-asan fuzz --iters 20000
 
 portable:
 	$(MAKE) -B remi CFLAGS="-O3 $(BASE)"
@@ -26,6 +36,6 @@ bench: remi
 	./remi bench
 
 clean:
-	rm -f remi
+	rm -f remi remi-asan
 
-.PHONY: all debug asan portable test bench clean
+.PHONY: all debug asan portable test bench fuzz clean

@@ -32,7 +32,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
+#include <ftw.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -1208,16 +1210,21 @@ static void encoder_tensors(TensorInit *t, const Model *m) {
     }
 }
 
-void model_init(Model *m, int N, const Config *c) {
+/* The model's shape (dimensions and tensor sizes) without allocating anything. */
+static void model_shape(Model *m, TensorInit *t, int N, const Config *c) {
     memset(m, 0, sizeof *m);
     m->enc = c->enc;
     m->multi = c->enc == ENC_SA || c->enc == ENC_DR || c->enc == ENC_MIND;
     m->relu = c->enc == ENC_MIND && c->relu;
     m->N = N; m->D = c->enc == ENC_POP ? 1 : c->D; m->K = m->multi ? c->K : 1; m->L = c->L;
     m->H = 4 * m->D; m->G = 2 * m->D;
-    TensorInit t[N_PARAM_TENSORS];
     encoder_tensors(t, m);
     for (int i = 0; i < N_PARAM_TENSORS; i++) { m->size[i] = t[i].size; m->n_params += t[i].size; }
+}
+
+void model_init(Model *m, int N, const Config *c) {
+    TensorInit t[N_PARAM_TENSORS];
+    model_shape(m, t, N, c);
     m->mem = xcalloc(m->n_params, sizeof(float));
     m->gmem = xcalloc(m->n_params, sizeof(float));
     m->mmem = xcalloc(m->n_params, sizeof(float));
@@ -2440,8 +2447,17 @@ static void model_load(Model *m, Config *c, const char *path) {
         die("%s: corrupt header", path);
     c->enc = (Encoder)hdr[2]; c->model = ENC_NAMES[c->enc];
     c->D = hdr[4]; c->K = hdr[5]; c->L = hdr[6]; c->add_pos = hdr[7]; c->relu = hdr[8]; c->seed = meta[0];
+    TensorInit t[N_PARAM_TENSORS];
+    model_shape(m, t, hdr[3], c); /* check the sizes against the file before allocating */
+    struct stat sb;
+    uint64_t want = sizeof hdr + sizeof meta + m->n_params * sizeof(float) + 8;
+    if (meta[1] != m->n_params || fstat(fileno(f), &sb) != 0) die("%s: corrupt header (parameter count)", path);
+    if ((uint64_t)sb.st_size < want)
+        die("%s: truncated model file (%lld bytes, its header needs %llu)", path, (long long)sb.st_size,
+            (unsigned long long)want);
+    if ((uint64_t)sb.st_size != want) die("%s: corrupt model file (%lld bytes, its header needs %llu)", path,
+                                          (long long)sb.st_size, (unsigned long long)want);
     model_init(m, hdr[3], c);
-    if (meta[1] != m->n_params) die("%s: corrupt header (parameter count)", path);
     if (fread(m->mem, sizeof(float), m->n_params, f) != m->n_params || fread(&sum, sizeof sum, 1, f) != 1)
         die("%s: truncated model file", path);
     if (sum != fnv1a(m->mem, m->n_params * sizeof(float))) die("%s: checksum mismatch (corrupt model file)", path);
@@ -2596,10 +2612,12 @@ typedef struct {
 /* A file read or written with a running checksum. */
 typedef struct { FILE *f; uint64_t h; const char *path; } Stream;
 static void put(Stream *s, const void *p, size_t n) {
+    if (n == 0) return;
     fwrite(p, 1, n, s->f);
     s->h = fnv1a_update(s->h, p, n);
 }
 static void get(Stream *s, void *p, size_t n) {
+    if (n == 0) return;
     if (fread(p, 1, n, s->f) != n) die("%s: truncated checkpoint", s->path);
     s->h = fnv1a_update(s->h, p, n);
 }
@@ -3549,6 +3567,167 @@ int cmd_selftest(int argc, char **argv) {
     return ok ? 0 : 1;
 }
 
+/* ======================================================================== fuzz
+ * Every reader against mutated copies of valid inputs: split files, the raw formats of
+ * prep, model files and checkpoints. Each case runs in a child process, which must end
+ * with success or remi's clean error exit (status 1); a signal, or a sanitizer's status,
+ * is a crash, and its input is kept for reproduction. */
+typedef struct { char *p; size_t n; } Bytes;
+
+static Bytes read_all(const char *path) {
+    FILE *f = xfopen(path, "rb", "fuzz reads its fixtures from --expected");
+    Bytes b = { NULL, 0 };
+    size_t cap = 0;
+    int ch;
+    while ((ch = getc(f)) != EOF) {
+        if (b.n == cap) { cap = cap ? 2 * cap : 4096; b.p = xrealloc(b.p, cap); }
+        b.p[b.n++] = (char)ch;
+    }
+    fclose(f);
+    return b;
+}
+
+static void write_all(const char *path, const char *p, size_t n) {
+    FILE *f = fopen(path, "wb");
+    if (!f || fwrite(p, 1, n, f) != n || fclose(f) != 0) die("fuzz: cannot write %s", path);
+}
+
+/* One random edit of b (capacity grows as needed). */
+static void mutate(Bytes *b, uint64_t *rng) {
+    static const char *inserts[] = { "\r", "\xef\xbb\xbf", "", "\n", ",", "\t", "-", "99999999999999999999999",
+                                     "-1", "0", "nan", "1e999", "\"", "\\u0000", " ", "\xff\xfe" };
+    size_t at = b->n ? rng_below(rng, (uint32_t)b->n + 1) : 0;
+    switch (rng_below(rng, 8)) {
+    case 0: if (b->n) b->p[at % b->n] ^= (char)(1 << rng_below(rng, 8)); break;          /* flip a bit */
+    case 1: if (b->n) b->p[at % b->n] = (char)rng_below(rng, 256); break;                  /* a random byte */
+    case 2: b->n = at; break;                                                              /* truncate */
+    case 3: { size_t len = 1 + rng_below(rng, 64);                                         /* delete a run */
+              if (at + len > b->n) len = b->n - at;
+              memmove(b->p + at, b->p + at + len, b->n - at - len); b->n -= len; break; }
+    default: {                                                                             /* insert text */
+        const char *ins = inserts[rng_below(rng, sizeof inserts / sizeof *inserts)];
+        size_t len = strlen(ins), rep = rng_below(rng, 8) == 0 ? 5000 : 1;             /* sometimes a long run */
+        if (!len) { ins = "\0"; len = 1; }
+        b->p = xrealloc(b->p, b->n + len * rep + 1);
+        memmove(b->p + at + len * rep, b->p + at, b->n - at);
+        for (size_t r = 0; r < rep; r++) memcpy(b->p + at + r * len, ins, len);
+        b->n += len * rep;
+    } }
+}
+
+typedef enum { FZ_SPLIT, FZ_PREP_PAIRS, FZ_PREP_SEQ, FZ_MODEL, FZ_CKPT, N_FZ } FuzzKind;
+static const char *FZ_NAMES[N_FZ] = { "split file", "prep pairs", "prep sequence", "model file", "checkpoint" };
+
+/* The reader of one kind on `path`, in the child. */
+static void fuzz_target(FuzzKind k, const char *path, const char *dir) {
+    Config c = default_config();
+    Model m;
+    Split s;
+    char out[4200];
+    snprintf(out, sizeof out, "%s/prep-out", dir);
+    switch (k) {
+    case FZ_SPLIT: load_split(&s, path, 400, 2); break;
+    case FZ_PREP_PAIRS: {
+        char *argv[] = { "prep", "--input", (char *)path, "--name", "f", "--out", out, "--sep", "comma", "--header",
+                         "--time-col", "3", "--min", "2" };
+        cmd_prep(sizeof argv / sizeof *argv, argv);
+        break;
+    }
+    case FZ_PREP_SEQ: {
+        char *argv[] = { "prep", "--input", (char *)path, "--name", "f", "--out", out, "--format", "sequence",
+                         "--min", "2" };
+        cmd_prep(sizeof argv / sizeof *argv, argv);
+        break;
+    }
+    case FZ_MODEL: model_load(&m, &c, path); break;
+    case FZ_CKPT: { Stream st = ckpt_open(path, &c); fclose(st.f); check_config(&c); break; }
+    default: break;
+    }
+}
+
+/* Valid inputs of each kind: fixtures from `expected`, a model and a checkpoint made here. */
+static void fuzz_fixtures(Bytes *fx, const char *expected, const char *dir) {
+    char path[4200];
+    snprintf(path, sizeof path, "%s/tiny/tiny_valid.txt", expected);
+    fx[FZ_SPLIT] = read_all(path);
+    if (fx[FZ_SPLIT].n > 3000) fx[FZ_SPLIT].n = 3000; /* whole lines: cut after a newline */
+    while (fx[FZ_SPLIT].n && fx[FZ_SPLIT].p[fx[FZ_SPLIT].n - 1] != '\n') fx[FZ_SPLIT].n--;
+    snprintf(path, sizeof path, "%s/prep/a_pairs_time.csv", expected);
+    fx[FZ_PREP_PAIRS] = read_all(path);
+    snprintf(path, sizeof path, "%s/prep/b_sequence.txt", expected);
+    fx[FZ_PREP_SEQ] = read_all(path);
+    Config c = default_config();
+    c.D = 4; c.K = 2; c.L = 3; c.enc = ENC_MIND; c.model = "mind"; c.relu = 1;
+    Model m;
+    model_init(&m, 9, &c);
+    snprintf(path, sizeof path, "%s/model.bin", dir);
+    model_save(&m, m.mem, c.seed, path);
+    fx[FZ_MODEL] = read_all(path);
+    int perm[3] = { 2, 0, 1 };
+    TrainState st = { .it = 5, .pass = 1, .rng = 3, .perm = perm, .best = m.mem };
+    snprintf(path, sizeof path, "%s/checkpoint.bin", dir);
+    ckpt_write(path, &c, &m, &st, 3);
+    fx[FZ_CKPT] = read_all(path);
+}
+
+static int remove_entry(const char *path, const struct stat *sb, int flag, struct FTW *ftw) {
+    (void)sb; (void)flag; (void)ftw;
+    return remove(path);
+}
+
+int cmd_fuzz(int argc, char **argv) {
+    const char *expected = "expected", *keep = ".";
+    int iters = 500;
+    uint64_t seed = 1;
+    Flag flags[] = { { "--iters", F_INT, &iters, "mutated inputs to try" },
+                     { "--seed", F_U64, &seed, "seed of the mutations" },
+                     { "--expected", F_STR, &expected, "folder holding the fixtures (tiny/, prep/)" },
+                     { "--keep", F_STR, &keep, "folder where a crashing input is saved" } };
+    parse_flags(argc, argv, "fuzz", "Feed every reader mutated valid inputs; each must succeed or fail cleanly.\n"
+                "Exits 1 and keeps the input if one crashes.", flags, sizeof flags / sizeof *flags);
+    check_range("--iters", iters, 1, 1e9);
+    char dir[] = "/tmp/remi-fuzz-XXXXXX";
+    if (!mkdtemp(dir)) die("fuzz: cannot create a temporary folder: %s", strerror(errno));
+    Bytes fx[N_FZ];
+    fuzz_fixtures(fx, expected, dir);
+    uint64_t rng = seed;
+    int crashes = 0, clean[2] = { 0, 0 };
+    char path[4200];
+    snprintf(path, sizeof path, "%s/input", dir);
+    for (int i = 0; i < iters; i++) {
+        FuzzKind k = (FuzzKind)(i % N_FZ);
+        Bytes b = { xmalloc(fx[k].n + 1), fx[k].n };
+        memcpy(b.p, fx[k].p, b.n);
+        for (int e = 1 + (int)rng_below(&rng, 3); e > 0; e--) mutate(&b, &rng);
+        write_all(path, b.p, b.n);
+        fflush(stdout);
+        pid_t pid = fork();
+        if (pid < 0) die("fuzz: fork failed: %s", strerror(errno));
+        if (pid == 0) {
+            if (!freopen("/dev/null", "w", stdout) || !freopen("/dev/null", "w", stderr)) _exit(2);
+            fuzz_target(k, path, dir);
+            exit(0);
+        }
+        int status;
+        waitpid(pid, &status, 0);
+        int code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+        if (code == 0 || code == 1) clean[code]++;
+        else {
+            char saved[4300];
+            snprintf(saved, sizeof saved, "%s/fuzz-crash-%d.bin", keep, i);
+            write_all(saved, b.p, b.n);
+            printf("fuzz: %s case %d %s %d; input saved as %s\n", FZ_NAMES[k], i,
+                   WIFSIGNALED(status) ? "killed by signal" : "exit status", WIFSIGNALED(status) ? WTERMSIG(status) : code,
+                   saved);
+            crashes++;
+        }
+        free(b.p);
+    }
+    nftw(dir, remove_entry, 16, FTW_DEPTH | FTW_PHYS);
+    printf("fuzz: %d inputs, %d accepted, %d refused cleanly, %d crashed\n", iters, clean[0], clean[1], crashes);
+    return crashes ? 1 : 0;
+}
+
 /* ======================================================================== bench
  * Times a training step and an evaluation pass, beside the FMA peak and the memory
  * bandwidth measured in the same run (see PERF.md for the budget). */
@@ -3719,7 +3898,9 @@ int cmd_bench(int argc, char **argv) {
 /* ======================================================================== main */
 #ifdef __SANITIZE_ADDRESS__
 /* Buffers live as long as the process (allocated once, freed by exit): not leaks. */
-const char *__asan_default_options(void) { return "detect_leaks=0"; }
+/* A sanitizer's error exits with 86 / 87, never with remi's clean-error status 1 (fuzz). */
+const char *__asan_default_options(void) { return "detect_leaks=0:exitcode=86:allocator_may_return_null=1"; }
+const char *__ubsan_default_options(void) { return "halt_on_error=1:print_stacktrace=1:exitcode=87"; }
 #endif
 
 static void main_usage(void) {
@@ -3730,14 +3911,15 @@ static void main_usage(void) {
            "  prep       turn a raw interaction file into split files\n"
            "  gradcheck  finite-difference check of every backward pass\n"
            "  selftest   fast kernels against scalar twins, evaluation checks\n"
-           "  bench      time a step and an evaluation pass against the machine's ceilings\n");
+           "  bench      time a step and an evaluation pass against the machine's ceilings\n"
+           "  fuzz       feed every reader mutated inputs: each must succeed or fail cleanly\n");
 }
 
 int main(int argc, char **argv) {
     if (argc < 2 || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h")) { main_usage(); return argc < 2; }
     struct { const char *name; int (*fn)(int, char **); } cmds[] = {
         { "train", cmd_train }, { "eval", cmd_eval }, { "prep", cmd_prep }, { "gradcheck", cmd_gradcheck },
-        { "selftest", cmd_selftest }, { "bench", cmd_bench },
+        { "selftest", cmd_selftest }, { "bench", cmd_bench }, { "fuzz", cmd_fuzz },
     };
     for (size_t i = 0; i < sizeof cmds / sizeof *cmds; i++)
         if (!strcmp(argv[1], cmds[i].name)) return cmds[i].fn(argc - 1, argv + 1);

@@ -188,5 +188,6 @@ int cmd_prep(int argc, char **argv);
 int cmd_gradcheck(int argc, char **argv);
 int cmd_bench(int argc, char **argv);
 int cmd_selftest(int argc, char **argv);
+int cmd_fuzz(int argc, char **argv);
 
 #endif
