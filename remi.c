@@ -333,6 +333,8 @@ void load_split(Split *s, const char *path, int max_item, int min_items) {
         if (len > 0 && line[len - 1] == '\n') line[--len] = 0;
         if (len > 0 && line[len - 1] == '\r') line[--len] = 0;
         if ((size_t)len != strlen(line)) die("%s:%d: line holds a NUL byte (binary file?)", path, lineno);
+        if (lineno == 1 && !strncmp(line, "\xef\xbb\xbf", 3))
+            die("%s:1: starts with a UTF-8 byte-order mark; save the file without it", path);
         int64_t v[4];
         int nf = 0;
         const char *p = line;

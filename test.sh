@@ -252,6 +252,15 @@ bad_split "overflowing id" 1 '20892,99999999999999999999999,0,1\n'
 bad_split "one-item user" 3 '20892,43,0,1\n20892,5,1,2\n20893,7,0,1\n'
 bad_split "empty file" "" ''
 bad_split "binary garbage" 1 '\x01\x02\x00\x7f\n'
+bad_split "UTF-8 byte-order mark" 1 '\xef\xbb\xbf20892,43,0,1\n20892,5,1,2\n'
+bad_split "empty line" 2 '20892,43,0,1\n\n20892,5,1,2\n'
+bad_split "very long line" 2 "20892,43,0,1\n20892,5,1,$(printf '7%.0s' $(seq 100000))\n"
+# CRLF line endings read the same as LF
+d=$TMP/crlf; mkdir -p "$d"; cp expected/tiny/tiny_*.txt "$d/"; sed -i 's/$/\r/' "$d/tiny_test.txt"
+"$REMI" eval --model-file "$TMP/tiny-sa-t2/model.bin" --data "$d" --name tiny >"$d/crlf.log" 2>&1
+"$REMI" eval --model-file "$TMP/tiny-sa-t2/model.bin" --data expected/tiny --name tiny >"$d/lf.log" 2>&1
+if grep -q '^test' "$d/lf.log" && cmp -s "$d/crlf.log" "$d/lf.log"; then pass "CRLF split file: the same metrics as LF"
+else fail "CRLF split file" "$(head -c 200 "$d/crlf.log")"; fi
 d=$TMP/bad-missing; mkdir -p "$d"
 if "$REMI" train --data "$d" --name nosuch --out "$d/out" >"$d/log" 2>&1; then fail "bad input: missing file" "exit 0"
 elif grep -q "nosuch_train.txt" "$d/log" && grep -q "remi prep" "$d/log" && [ ! -e "$d/out" ]; then pass "bad input: missing file says what to run"
@@ -274,7 +283,17 @@ head -c 1000 "$TMP/tiny-sa-t2/model.bin" >"$TMP/trunc.bin"
 if ! "$REMI" eval --model-file "$TMP/trunc.bin" --data expected/tiny --name tiny >"$TMP/m.log" 2>&1 && grep -q "truncated" "$TMP/m.log"; then
     pass "truncated model file refused"; else fail "truncated model file" "$(cat "$TMP/m.log")"; fi
 
-for cmd in train eval prep gradcheck selftest bench; do
+# ---------------------------------------------------------------- fuzzing every reader
+if "$REMI" fuzz --iters 500 --keep "$TMP" >"$TMP/fuzz.log" 2>&1; then pass "$(tail -n 1 "$TMP/fuzz.log")"
+else fail "fuzz" "$(grep -v '^fuzz: [0-9]' "$TMP/fuzz.log" | head -n 3)"; fi
+# under AddressSanitizer and UBSan too, when a compiler is at hand (REMI_TEST_ASAN=0 skips it)
+if [ "${REMI_TEST_ASAN:-1}" != 0 ] && command -v "${CC:-cc}" >/dev/null && make -s remi-asan >"$TMP/asan-build.log" 2>&1; then
+    if ./remi-asan fuzz --iters 150 --seed 2 --keep "$TMP" >"$TMP/fuzz-asan.log" 2>&1; then
+        pass "under the sanitizers, $(tail -n 1 "$TMP/fuzz-asan.log")"
+    else fail "fuzz under the sanitizers" "$(grep -v '^fuzz: [0-9]' "$TMP/fuzz-asan.log" | head -n 3)"; fi
+else echo "skip  fuzz under the sanitizers (no compiler, or REMI_TEST_ASAN=0)"; fi
+
+for cmd in train eval prep gradcheck selftest bench fuzz; do
     "$REMI" $cmd --help >"$TMP/help.log" 2>&1 && grep -q "usage: remi $cmd" "$TMP/help.log" || fail "$cmd --help" "no usage"
 done
 pass "--help on every subcommand"
