@@ -59,13 +59,14 @@ void die(const char *fmt, ...) {
 
 void *xmalloc(size_t n) {
     void *p = malloc(n ? n : 1);
-    if (!p) die("out of memory allocating %zu bytes (%.1f MiB); lower --batch, --neg or the data size",
-                n, n / 1048576.0);
+    if (!p) die("out of memory allocating %zu bytes (%.1f MiB); lower --batch, --eval-batch, --neg, --hidden, --len "
+                "or the data size", n, n / 1048576.0);
     return p;
 }
 void *xcalloc(size_t n, size_t size) {
     void *p = calloc(n ? n : 1, size ? size : 1);
-    if (!p) die("out of memory allocating %zu x %zu bytes; lower --batch, --neg or the data size", n, size);
+    if (!p) die("out of memory allocating %zu x %zu bytes (%.1f MiB); lower --batch, --eval-batch, --neg, --hidden, "
+                "--len or the data size", n, size, (double)n * size / 1048576.0);
     return p;
 }
 void *xrealloc(void *p, size_t n) {
@@ -3023,6 +3024,180 @@ int cmd_eval(int argc, char **argv) {
     return 0;
 }
 
+/* ======================================================================== recommend, export
+ * A saved model put to use: the top-N items for a history given on the command line, and
+ * the item embeddings and user interest vectors as TSV for other tools. */
+
+/* NAME_item_map.txt ("raw id,item" per line, as prep writes it): raw[item] = raw id, or
+ * NULL for every item when no folder is given or the file does not exist. */
+static char **load_item_names(const char *dir, const char *name, int N) {
+    char path[4200];
+    snprintf(path, sizeof path, "%s/%s_item_map.txt", dir ? dir : "", name);
+    char **raw = xcalloc((size_t)N, sizeof *raw);
+    FILE *f = dir ? fopen(path, "rb") : NULL;
+    if (!f) return raw;
+    char *line = NULL;
+    size_t cap = 0;
+    int lineno = 0;
+    while (getline(&line, &cap, f) != -1) {
+        lineno++;
+        line[strcspn(line, "\r\n")] = 0;
+        char *comma = strrchr(line, ','), *end = NULL;
+        long id = comma ? strtol(comma + 1, &end, 10) : -1;
+        if (!comma || end == comma + 1 || *end || id < 1 || id >= N)
+            die("%s:%d: expected 'raw id,item' with an item in 1..%d, got \"%s\"", path, lineno, N - 1, excerpt(line));
+        *comma = 0;
+        free(raw[id]);
+        raw[id] = strdup(line);
+    }
+    free(line);
+    fclose(f);
+    return raw;
+}
+
+/* Item ids separated by blanks or commas, each in 1..N-1; returns how many. */
+static int parse_history(int **out, const char *text, int N) {
+    int n = 0, cap = 16, *h = xmalloc(cap * sizeof(int));
+    for (const char *p = text; *p;) {
+        if (*p == ' ' || *p == ',' || *p == '\t' || *p == '\n') { p++; continue; }
+        char *end;
+        errno = 0;
+        long v = strtol(p, &end, 10);
+        if (end == p || errno || v < 1 || v >= N || (*end && !strchr(" ,\t\n", *end)))
+            die("--history: \"%.*s\" is not an item id in 1..%d", (int)strcspn(p, " ,\t\n"), p, N - 1);
+        if (n == cap) h = xrealloc(h, (cap *= 2) * sizeof(int));
+        h[n++] = (int)v;
+        p = end;
+    }
+    if (n == 0) die("--history: give at least one item id, e.g. --history \"12 7 403\"");
+    *out = h;
+    return n;
+}
+
+/* The user vectors of rows already in a->hist/mask (nb of them, rows u0.. of their split). */
+static void user_vectors(const Model *m, Acts *a, int u0, int nb, uint64_t key) {
+    encoder_eval_draws(m, a, u0, nb, key);
+    encode_forward(m, a, nb, 0);
+}
+
+int cmd_recommend(int argc, char **argv) {
+    Config c = default_config();
+    const char *model_file = "out/model.bin", *history = NULL;
+    int topn = 20;
+    Flag flags[] = {
+        { "--model-file", F_STR, &model_file, "model written by remi train" },
+        { "--history", F_STR, &history, "the user's items, oldest first, e.g. \"12 7 403\" (required)" },
+        { "--topn", F_INT, &topn, "how many items to recommend" },
+        { "--data", F_STR, &c.data, "folder of NAME_item_map.txt, to show raw item ids (optional)" },
+        { "--name", F_STR, &c.name, "dataset name (file prefix)" },
+        { "--mind-eval", F_STR, &c.mind_eval, "MIND's routing logits: fixed (the draws of train --mind-eval fixed) or fresh" },
+    };
+    c.mind_eval = "fixed";
+    c.data = NULL;
+    parse_flags(argc, argv, "recommend", "The top-N items for a history, with the interest that retrieved each.",
+                flags, sizeof flags / sizeof *flags);
+    if (!history) die("recommend: --history \"ITEM ITEM ...\" is required; see remi recommend --help");
+    if (strcmp(c.mind_eval, "fresh") && strcmp(c.mind_eval, "fixed")) die("--mind-eval %s: expected fresh or fixed", c.mind_eval);
+    Model m;
+    model_load(&m, &c, model_file);
+    check_range("--topn", topn, 1, m.N);
+    int *h, n = parse_history(&h, history, m.N), K = m.K, D = m.D, N = m.N;
+    char **raw = load_item_names(c.data, c.name, N);
+    pool_start(1);
+    Acts a;
+    acts_init(&a, &m, 1, 1);
+    fill_history(a.hist, a.mask, h, n, m.L);
+    user_vectors(&m, &a, 0, 1, eval_noise_key(c.mind_eval, c.seed, 1));
+    Hit *lists = xmalloc((size_t)K * topn * sizeof(Hit)), *cand = xmalloc((size_t)K * topn * sizeof(Hit));
+    for (int k = 0; k < K; k++) { /* each interest's exact top-N, best first */
+        Hit *hk = lists + (size_t)k * topn;
+        int hn = 0;
+        for (int j = 0; j < N; j++) heap_push(hk, &hn, topn, (Hit){ dotf(a.v + (size_t)k * D, m.p.item_emb + (size_t)j * D, D), j });
+        hits_sort(hk, hn, 0);
+    }
+    int *R = xmalloc(topn * sizeof(int)), nr = merge_interests(R, cand, lists, K, topn, topn, m.multi);
+    printf("%s model, history of %d item(s) (the last %d used)\n", ENC_NAMES[m.enc], n, n < m.L ? n : m.L);
+    printf("rank\titem\traw\tscore\tinterest\n");
+    for (int r = 0; r < nr; r++) { /* the interest whose list scored the item highest */
+        int best_k = 0;
+        float best_s = -INFINITY;
+        for (int k = 0; k < K; k++)
+            for (int i = 0; i < topn; i++)
+                if (lists[k * topn + i].id == R[r] && lists[k * topn + i].s > best_s) { best_s = lists[k * topn + i].s; best_k = k; }
+        printf("%d\t%d\t%s\t%.6f\t%d\n", r + 1, R[r], raw[R[r]] ? raw[R[r]] : "-", best_s, best_k);
+    }
+    return 0;
+}
+
+int cmd_export(int argc, char **argv) {
+    Config c = default_config();
+    const char *model_file = "out/model.bin", *out = "out";
+    Flag flags[] = {
+        { "--model-file", F_STR, &model_file, "model written by remi train" },
+        { "--data", F_STR, &c.data, "folder holding NAME_{train,valid,test}.txt" },
+        { "--name", F_STR, &c.name, "dataset name (file prefix)" },
+        { "--out", F_STR, &out, "folder for items.tsv and users.tsv" },
+        { "--mind-eval", F_STR, &c.mind_eval, "MIND's routing logits: fixed or fresh" },
+        { "-t", F_INT, &c.threads, "threads (results do not depend on it)" },
+    };
+    c.mind_eval = "fixed";
+    parse_flags(argc, argv, "export",
+                "Write OUT/items.tsv (item, raw id, embedding) and OUT/users.tsv (split, user, interest,\n"
+                "vector): train users from their whole history, valid/test users from the history\n"
+                "their evaluation uses (the first 80%), each the last --len items.",
+                flags, sizeof flags / sizeof *flags);
+    if (strcmp(c.mind_eval, "fresh") && strcmp(c.mind_eval, "fixed")) die("--mind-eval %s: expected fresh or fixed", c.mind_eval);
+    check_range("-t", c.threads, 1, 256);
+    pool_start(c.threads);
+    Model m;
+    model_load(&m, &c, model_file);
+    Dataset ds;
+    load_dataset(&ds, c.data, c.name);
+    if (ds.N != m.N) die("%s has %d items but the model was trained with %d", c.data, ds.N - 1, m.N - 1);
+    char **raw = load_item_names(c.data, c.name, m.N);
+    mkdir_p(out);
+    char path[4200];
+    snprintf(path, sizeof path, "%s/items.tsv", out);
+    FILE *f = atomic_open(path);
+    fprintf(f, "item\traw");
+    for (int d = 0; d < m.D; d++) fprintf(f, "\te%d", d);
+    for (int j = 0; j < m.N; j++) {
+        fprintf(f, "\n%d\t%s", j, raw[j] ? raw[j] : "-");
+        for (int d = 0; d < m.D; d++) fprintf(f, "\t%.9g", m.p.item_emb[(size_t)j * m.D + d]);
+    }
+    fputc('\n', f);
+    atomic_commit(f);
+    snprintf(path, sizeof path, "%s/users.tsv", out);
+    f = atomic_open(path);
+    fprintf(f, "split\tuser\tinterest");
+    for (int d = 0; d < m.D; d++) fprintf(f, "\tv%d", d);
+    fputc('\n', f);
+    Acts a;
+    acts_init(&a, &m, c.eval_batch, 1);
+    const Split *sp[3] = { &ds.train, &ds.valid, &ds.test };
+    const char *names[3] = { "train", "valid", "test" };
+    for (int s = 0; s < 3; s++)
+        for (int u0 = 0; u0 < sp[s]->n_users; u0 += c.eval_batch) {
+            int nb = sp[s]->n_users - u0 < c.eval_batch ? sp[s]->n_users - u0 : c.eval_batch;
+            for (int b = 0; b < nb; b++) {
+                const int *seq = sp[s]->items + sp[s]->off[u0 + b];
+                int n = sp[s]->off[u0 + b + 1] - sp[s]->off[u0 + b];
+                fill_history(a.hist + b * m.L, a.mask + b * m.L, seq, s == 0 ? n : eval_split_point(n), m.L);
+            }
+            user_vectors(&m, &a, u0, nb, eval_noise_key(c.mind_eval, c.seed, 1));
+            for (int b = 0; b < nb; b++)
+                for (int k = 0; k < m.K; k++) {
+                    fprintf(f, "%s\t%lld\t%d", names[s], (long long)sp[s]->user_id[u0 + b], k);
+                    for (int d = 0; d < m.D; d++) fprintf(f, "\t%.9g", a.v[((size_t)b * m.K + k) * m.D + d]);
+                    fputc('\n', f);
+                }
+        }
+    atomic_commit(f);
+    printf("wrote %s/items.tsv (%d items) and %s/users.tsv (%d users x %d vectors)\n", out, m.N, out,
+           ds.train.n_users + ds.valid.n_users + ds.test.n_users, m.K);
+    return 0;
+}
+
 /* ======================================================================== gradcheck
  * Central finite differences against every backward, on tiny shapes. Each check
  * perturbs one input element by +-eps, evaluates a scalar objective sum_i c_i y_i (or the
@@ -3910,6 +4085,8 @@ static void main_usage(void) {
            "usage: remi <command> [flags]     (remi <command> --help lists every flag)\n\n"
            "  train      train REMI / ComiRec-SA on data/ (default: data/beauty_*.txt)\n"
            "  eval       evaluate a saved model on the valid or test users\n"
+           "  recommend  the top-N items for a history, with the interest that retrieved each\n"
+           "  export     item embeddings and user interest vectors as TSV\n"
            "  prep       turn a raw interaction file into split files\n"
            "  gradcheck  finite-difference check of every backward pass\n"
            "  selftest   fast kernels against scalar twins, evaluation checks\n"
@@ -3922,6 +4099,7 @@ int main(int argc, char **argv) {
     struct { const char *name; int (*fn)(int, char **); } cmds[] = {
         { "train", cmd_train }, { "eval", cmd_eval }, { "prep", cmd_prep }, { "gradcheck", cmd_gradcheck },
         { "selftest", cmd_selftest }, { "bench", cmd_bench }, { "fuzz", cmd_fuzz },
+        { "recommend", cmd_recommend }, { "export", cmd_export },
     };
     for (size_t i = 0; i < sizeof cmds / sizeof *cmds; i++)
         if (!strcmp(argv[1], cmds[i].name)) return cmds[i].fn(argc - 1, argv + 1);

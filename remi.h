@@ -189,5 +189,7 @@ int cmd_gradcheck(int argc, char **argv);
 int cmd_bench(int argc, char **argv);
 int cmd_selftest(int argc, char **argv);
 int cmd_fuzz(int argc, char **argv);
+int cmd_recommend(int argc, char **argv);
+int cmd_export(int argc, char **argv);
 
 #endif

@@ -231,6 +231,44 @@ if ! "$REMI" train --resume "$TMP/resume-sa-150" --lr 0.1 >"$TMP/ck.log" 2>&1 &&
 if grep -q "<svg" "$TMP/tiny-sa-t2/curves.svg" && [ "$(grep -c '<polyline' "$TMP/tiny-sa-t2/curves.svg")" -eq 3 ]; then
     pass "curves.svg: loss, Recall@50 and NDCG@50 curves"; else fail "curves.svg" "missing or incomplete"; fi
 
+# ---------------------------------------------------------------- recommend, export
+# recommend's top 5 for a training user's history = the top 5 recomputed (in awk) from the
+# user vector and the item embeddings that export wrote (DNN: one vector, id 0 included)
+m=$TMP/tiny-dnn-t2/model.bin
+if "$REMI" export --model-file "$m" --data expected/tiny --name tiny --out "$TMP/export" >"$TMP/export.log" 2>&1; then
+    u=$(awk -F, 'NR == 1 { print $1 }' expected/tiny/tiny_train.txt)
+    hist=$(awk -F, -v u="$u" '$1 == u { print $4 "," NR "," $2 }' expected/tiny/tiny_train.txt | sort -t, -k1,1n -k2,2n | cut -d, -f3 | tr '\n' ' ')
+    got=$("$REMI" recommend --model-file "$m" --history "$hist" --topn 5 | awk 'NR > 2 { print $2 }' | tr '\n' ' ')
+    want=$(awk -F'\t' -v u="$u" 'NR == FNR { if (FNR > 1 && $1 == "train" && $2 == u) for (d = 4; d <= NF; d++) v[d - 4] = $d; next }
+        FNR > 1 { s = 0; for (d = 3; d <= NF; d++) s += v[d - 3] * $d; printf "%.9f %d\n", s, $1 }' \
+        "$TMP/export/users.tsv" "$TMP/export/items.tsv" | sort -k1,1gr -k2,2n | head -n 5 | awk '{ print $2 }' | tr '\n' ' ')
+    if [ -n "$got" ] && [ "$got" = "$want" ]; then pass "recommend = top 5 recomputed from export's vectors ($got)"
+    else fail "recommend vs export" "recommend: $got / from export: $want"; fi
+else fail "export" "$(tail -n 1 "$TMP/export.log")"; fi
+n_users=$(($(cut -d, -f1 expected/tiny/tiny_{train,valid,test}.txt | sort -u | wc -l)))
+if [ "$(($(wc -l <"$TMP/export/users.tsv") - 1))" -eq "$n_users" ] && [ "$(($(wc -l <"$TMP/export/items.tsv") - 1))" -eq 401 ]; then
+    pass "export: one row per item (401) and per user ($n_users)"; else fail "export rows" "$(wc -l "$TMP"/export/*.tsv | tr '\n' ' ')"; fi
+"$REMI" recommend --model-file "$TMP/tiny-mind-t2/model.bin" --history "3 9 27" --topn 10 >"$TMP/rec.log" 2>&1
+if [ "$(awk 'NR > 2 && $5 >= 0 && $5 < 4' "$TMP/rec.log" | wc -l)" -eq 10 ]; then pass "recommend (MIND): 10 items, each with its interest"
+else fail "recommend MIND" "$(head -c 200 "$TMP/rec.log")"; fi
+for h in "3 x 9" "3 0 9" "3 401" ""; do
+    if ! "$REMI" recommend --model-file "$m" --history "$h" >"$TMP/rec.log" 2>&1 && grep -q -- "--history" "$TMP/rec.log"; then
+        pass "recommend refuses --history \"$h\""; else fail "recommend --history \"$h\"" "$(head -c 200 "$TMP/rec.log")"; fi
+done
+
+# ---------------------------------------------------------------- terminal output
+# a live progress line on a terminal (util-linux script gives one), plain lines otherwise
+if command -v script >/dev/null; then
+    script -qec "$REMI train ${TINY[*]} --out $TMP/tty" /dev/null >"$TMP/tty.log" 2>&1
+    if grep -q $'\r  iter [0-9]* *[0-9]* it/s  loss' "$TMP/tty.log" && ! grep -q $'\r' "$TMP/tiny-sa-t2.log"; then
+        pass "progress line on a terminal, none in a log file"
+    else fail "progress line" "$(tr '\r' '|' <"$TMP/tty.log" | head -c 300)"; fi
+fi
+# out of memory: the size asked for and what to lower, nothing left behind
+if ! "$REMI" train "${TINY[@]}" --hidden 4096 --len 10000 --eval-batch 65536 --out "$TMP/oom" >"$TMP/oom.log" 2>&1 &&
+   grep -q "out of memory allocating .*lower --batch" "$TMP/oom.log" && [ ! -e "$TMP/oom/checkpoint.bin" ]; then
+    pass "out of memory: $(head -c 100 "$TMP/oom.log")"; else fail "out of memory" "$(head -c 200 "$TMP/oom.log")"; fi
+
 # ---------------------------------------------------------------- bad input to train
 # bad_split CASE LINE CONTENT-OF-VALID: must exit non-zero, name file:line and the text,
 # and leave nothing in --out.
@@ -293,7 +331,7 @@ if [ "${REMI_TEST_ASAN:-1}" != 0 ] && command -v "${CC:-cc}" >/dev/null && make 
     else fail "fuzz under the sanitizers" "$(grep -v '^fuzz: [0-9]' "$TMP/fuzz-asan.log" | head -n 3)"; fi
 else echo "skip  fuzz under the sanitizers (no compiler, or REMI_TEST_ASAN=0)"; fi
 
-for cmd in train eval prep gradcheck selftest bench fuzz; do
+for cmd in train eval prep gradcheck selftest bench fuzz recommend export; do
     "$REMI" $cmd --help >"$TMP/help.log" 2>&1 && grep -q "usage: remi $cmd" "$TMP/help.log" || fail "$cmd --help" "no usage"
 done
 pass "--help on every subcommand"
