@@ -303,6 +303,10 @@ d=$TMP/bad-missing; mkdir -p "$d"
 if "$REMI" train --data "$d" --name nosuch --out "$d/out" >"$d/log" 2>&1; then fail "bad input: missing file" "exit 0"
 elif grep -q "nosuch_train.txt" "$d/log" && grep -q "remi prep" "$d/log" && [ ! -e "$d/out" ]; then pass "bad input: missing file says what to run"
 else fail "bad input: missing file" "$(cat "$d/log")"; fi
+# a directory where a file belongs
+d=$TMP/bad-dir; mkdir -p "$d/tiny_valid.txt"; cp expected/tiny/tiny_train.txt expected/tiny/tiny_test.txt "$d/"
+if ! "$REMI" train --data "$d" --name tiny --out "$d/out" >"$d/log" 2>&1 && grep -q "tiny_valid.txt: is a directory" "$d/log"; then
+    pass "bad input: a directory given as a file"; else fail "bad input: directory" "$(head -c 200 "$d/log")"; fi
 # items beyond the item map
 d=$TMP/bad-map; mkdir -p "$d"; cp expected/tiny/tiny_*.txt "$d/"; printf '1,1\n2,2\n' >"$d/tiny_item_map.txt"
 if ! "$REMI" train --data "$d" --name tiny --out "$d/out" >"$d/log" 2>&1 && grep -q "out of range 1..2" "$d/log"; then
