@@ -2839,6 +2839,36 @@ static void progress_line(const Config *c, const TrainState *st, double rate) {
     fflush(stdout);
 }
 
+typedef struct { char model[4200], curves[4200]; } OutFiles;
+
+/* REMI-SPEC f.5: validate at step st->it; keep the model if its Recall@topn is strictly the
+ * best so far, else count a trial; print and log the line; redraw the curves. */
+static void validate(const Config *c, const Model *m, Acts *a, const Split *valid, TrainState *st,
+                     const OutFiles *out, double elapsed) {
+    long it = st->it, steps = it % c->eval_every ? it % c->eval_every : c->eval_every;
+    int cut = c->topn;
+    Metrics mv;
+    evaluate(&mv, &cut, 1, m, a, valid, eval_noise_key(c->mind_eval, c->seed, ++st->pass));
+    int improved = mv.recall > st->best_recall;
+    if (improved) {
+        st->best_recall = mv.recall; st->best_iter = it; st->trials = 0;
+        memcpy(st->best, m->mem, m->n_params * sizeof(float));
+        model_save(m, st->best, c->seed, out->model);
+    } else st->trials++;
+    double loss = st->loss_sum / steps;
+    printf("iter %8ld  loss %.4f  valid recall@%d %.6f  ndcg %.6f  ndcg_ref %.6f  hitrate %.6f%s  %6.1f it/s  %7.1f s\n",
+           it, loss, cut, mv.recall, mv.ndcg, mv.ndcg_ref, mv.hitrate, improved ? " *" : "  ", it / st->t_train, elapsed);
+    fflush(stdout);
+    char js[512];
+    json_metrics(js, sizeof js, &mv);
+    log_line(&st->log, "{\"iter\":%ld,\"loss\":%.6f,\"valid\":{%s},\"best_iter\":%ld,\"steps_per_s\":%.1f,"
+             "\"elapsed\":%.1f}", it, loss, js, st->best_iter, it / st->t_train, elapsed);
+    st->curve = xrealloc(st->curve, (size_t)(st->n_curve + 2) * sizeof *st->curve);
+    st->curve[st->n_curve++] = (CurvePoint){ it, loss, mv.recall, mv.ndcg };
+    write_curves(out->curves, st->curve, st->n_curve, cut);
+    st->loss_sum = 0;
+}
+
 int cmd_train(int argc, char **argv) {
     Config c = default_config();
     const char *resume = NULL;
@@ -2879,9 +2909,9 @@ int cmd_train(int argc, char **argv) {
     mkdir_p(c.out);
     snprintf(st.log.path, sizeof st.log.path, "%s/metrics.jsonl", c.out);
     snprintf(ckpt_path, sizeof ckpt_path, "%s/checkpoint.bin", c.out);
-    char model_path[4200], curves_path[4200];
-    snprintf(model_path, sizeof model_path, "%s/model.bin", c.out);
-    snprintf(curves_path, sizeof curves_path, "%s/curves.svg", c.out);
+    OutFiles out_dir;
+    snprintf(out_dir.model, sizeof out_dir.model, "%s/model.bin", c.out);
+    snprintf(out_dir.curves, sizeof out_dir.curves, "%s/curves.svg", c.out);
 
     printf("remi train: %s/%s  users %d/%d/%d  items %d  |  model %s%s  D %d K %d L %d B %d M %d lr %g  beta %g"
            "  lambda %g  seed %llu  threads %d\n",
@@ -2922,29 +2952,8 @@ int cmd_train(int argc, char **argv) {
         }
         st.t_train += now_sec() - t_mark;
         if (eval_now) {
-            long steps = it % c.eval_every ? it % c.eval_every : c.eval_every;
-            Metrics mv;
-            evaluate(&mv, &cut, 1, &m, &a, &ds.valid, eval_noise_key(c.mind_eval, c.seed, ++st.pass));
-            int improved = mv.recall > st.best_recall; /* REMI-SPEC f.5: strictly better */
-            if (improved) {
-                st.best_recall = mv.recall; st.best_iter = it; st.trials = 0;
-                memcpy(st.best, m.mem, m.n_params * sizeof(float));
-                model_save(&m, st.best, c.seed, model_path);
-            } else st.trials++;
-            double el = now_sec() - t0;
             if (tty) printf("\r\033[K");
-            printf("iter %8ld  loss %.4f  valid recall@%d %.6f  ndcg %.6f  ndcg_ref %.6f  hitrate %.6f%s  %6.1f it/s  %7.1f s\n",
-                   it, st.loss_sum / steps, cut, mv.recall, mv.ndcg, mv.ndcg_ref, mv.hitrate, improved ? " *" : "  ",
-                   it / st.t_train, el);
-            fflush(stdout);
-            char js[512];
-            json_metrics(js, sizeof js, &mv);
-            log_line(&st.log, "{\"iter\":%ld,\"loss\":%.6f,\"valid\":{%s},\"best_iter\":%ld,\"steps_per_s\":%.1f,"
-                     "\"elapsed\":%.1f}", it, st.loss_sum / steps, js, st.best_iter, it / st.t_train, el);
-            st.curve = xrealloc(st.curve, (size_t)(st.n_curve + 2) * sizeof *st.curve);
-            st.curve[st.n_curve++] = (CurvePoint){ it, st.loss_sum / steps, mv.recall, mv.ndcg };
-            write_curves(curves_path, st.curve, st.n_curve, cut);
-            st.loss_sum = 0;
+            validate(&c, &m, &a, &ds.valid, &st, &out_dir, now_sec() - t0);
             size_t bad;
             if (nonfinite_tensor(&m, m.mem, &bad)) die_nonfinite(&m, it, NAN, ckpt_path, ckpt_it);
         }
@@ -2966,7 +2975,7 @@ int cmd_train(int argc, char **argv) {
     if (st.best_iter == 0) {
         printf("no validation improvement over recall 0: reporting the last parameters\n");
         memcpy(st.best, m.mem, m.n_params * sizeof(float));
-        model_save(&m, st.best, c.seed, model_path);
+        model_save(&m, st.best, c.seed, out_dir.model);
     }
     memcpy(m.mem, st.best, m.n_params * sizeof(float));
     Metrics mv, mt[2];
@@ -2985,7 +2994,7 @@ int cmd_train(int argc, char **argv) {
         json_metrics(js, sizeof js, &mt[i]);
         log_line(&st.log, "{\"final\":\"test\",\"best_iter\":%ld,%s}", st.best_iter, js);
     }
-    printf("wrote %s, %s and %s\n", st.log.path, model_path, curves_path);
+    printf("wrote %s, %s and %s\n", st.log.path, out_dir.model, out_dir.curves);
     return 0;
 }
 
