@@ -30,6 +30,7 @@ typedef struct {
     int relu;             /* MIND: 1 = the ReLU layer the reference uses on Book (c.3) */
     float dropout;        /* GRU4Rec: embedding dropout (c.5) */
     const char *mind_eval;/* MIND evaluation routing logits: "fresh" or "fixed" */
+    const char *adam;     /* "dense" (the reference) or "lazy" (touched item rows only) */
     float lr, rbeta, rlambda;
     long iters;           /* stop after this many steps */
     int eval_every, patience, topn;
@@ -123,6 +124,7 @@ typedef struct {
     float *w1t;    /* (D, H) W1 transposed */
     float *w2t;    /* (H, K) W2 transposed */
     float *et;     /* (N / NR, D, NR) item panels, for evaluation */
+    unsigned char *touched; /* (N) item rows with a gradient in this step (Adam) */
     /* capsule routing, DR and MIND (REMI-SPEC c.2, c.3) */
     float *uhat;   /* DR (B, L, K D) per-position predictions; MIND (B, L, D), shared by all k */
     float *duhat;  /* the same shape */
