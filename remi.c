@@ -2199,18 +2199,27 @@ static void step_backward(Model *m, Acts *a, const Config *c) {
 /* One training step: batch, negatives, the encoder's draws, forward, backward, Adam.
  * Pop only counts the batch's targets. Returns the loss; a non-finite loss skips Adam, so
  * the parameters stay as they were and the gradients show where it went wrong. */
+/* Seconds spent in each phase of train_step since the program started (for bench). */
+static struct { double batch, forward, backward, adam; } step_time;
+
 float train_step(Model *m, Acts *a, const Split *train, const Config *c, uint64_t *rng, int *perm) {
+    double t0 = now_sec();
     make_train_batch(a, train, perm, c->B, m->L, rng);
     if (m->enc == ENC_POP) { pop_count(m, a, c->B); return 0.0f; }
     for (int j = 0; j < c->M; j++) a->neg[j] = (int)rng_below(rng, (uint32_t)m->N); /* id 0 included */
     encoder_draws(m, a, c, c->B, rng);
+    double t1 = now_sec();
     double loss = step_forward(m, a, c);
+    double t2 = now_sec();
     step_backward(m, a, c);
+    double t3 = now_sec();
     if (isfinite(loss)) {
         mark_rows(a->touched, a, c->B, m->L, c->M, 1);
         adam_step(m, a->touched, c->lr, !strcmp(c->adam, "lazy"));
         mark_rows(a->touched, a, c->B, m->L, c->M, 0);
     }
+    double t4 = now_sec();
+    step_time.batch += t1 - t0; step_time.forward += t2 - t1; step_time.backward += t3 - t2; step_time.adam += t4 - t3;
     return (float)loss;
 }
 
@@ -4111,65 +4120,164 @@ static double step_flops(const Model *m, const Config *c, double real) {
     return 2.0 * 3 * (enc + B * M * D);
 }
 
-int cmd_bench(int argc, char **argv) {
-    Config c = default_config();
-    int steps = 50;
-    Flag flags[] = { MODEL_FLAGS(c), STEP_FLAGS(c), { "--steps", F_INT, &steps, "timed training steps" } };
-    parse_flags(argc, argv, "bench", "Time a training step and an evaluation pass against the machine's ceilings.",
-                flags, sizeof flags / sizeof *flags);
-    check_config(&c);
-    check_range("--steps", steps, 1, 100000);
-    pool_start(c.threads);
-    char cpu[256];
-    cpu_name(cpu, sizeof cpu);
-    printf("remi bench: %s, %d thread(s), flags: %s\n", cpu, c.threads, REMI_CFLAGS);
-    double peak = measure_peak(), bw = measure_bandwidth();
-    printf("ceilings:   FMA peak %.1f GFLOP/s   streaming read %.1f GB/s\n", peak, bw);
+/* Resident memory now, in MB (VmRSS), or 0 if unknown. */
+static double rss_mb(void) {
+    FILE *f = fopen("/proc/self/status", "r");
+    char line[256];
+    double kb = 0;
+    while (f && fgets(line, sizeof line, f))
+        if (!strncmp(line, "VmRSS:", 6)) kb = atof(line + 6);
+    if (f) fclose(f);
+    return kb / 1024.0;
+}
 
-    Dataset ds;
-    load_dataset(&ds, c.data, c.name);
-    Model m;
-    model_init(&m, ds.N, &c);
-    Acts a;
-    acts_init(&a, &m, c.B > c.eval_batch ? c.B : c.eval_batch, c.M);
-    int *perm = xmalloc(ds.train.n_users * sizeof(int));
-    for (int u = 0; u < ds.train.n_users; u++) perm[u] = u;
-    uint64_t rng = c.seed;
-    for (int i = 0; i < 10; i++) train_step(&m, &a, &ds.train, &c, &rng, perm);
-    double *t = xmalloc(steps * sizeof(double)), real = 0;
+/* A random dataset of the given size: U users with 5..44 interactions over N items, ids
+ * drawn uniformly (for timing only). */
+static void synthetic_dataset(Dataset *ds, int N, int U, int U_eval, uint64_t seed) {
+    uint64_t r = seed;
+    Split *sp[3] = { &ds->train, &ds->valid, &ds->test };
+    int n_users[3] = { U, U_eval, U_eval };
+    for (int s = 0; s < 3; s++) {
+        Split *x = sp[s];
+        x->n_users = n_users[s];
+        x->user_id = xmalloc((size_t)x->n_users * sizeof(int64_t));
+        x->off = xmalloc((size_t)(x->n_users + 1) * sizeof(int));
+        x->items = xmalloc((size_t)x->n_users * 44 * sizeof(int));
+        x->off[0] = 0;
+        for (int u = 0; u < x->n_users; u++) {
+            int n = 5 + (int)rng_below(&r, 40);
+            x->user_id[u] = u;
+            for (int i = 0; i < n; i++) x->items[x->off[u] + i] = 1 + (int)rng_below(&r, (uint32_t)N - 1);
+            x->off[u + 1] = x->off[u] + n;
+        }
+    }
+    ds->N = N;
+}
+
+/* Median step time (ms) over `steps` steps; the mean phase times (ms) of those steps, the
+ * mean real history length and the item rows one batch touches. */
+static double bench_steps(Model *m, Acts *a, const Split *train, const Config *c, int steps, double *phase,
+                          double *real, int *touched_rows) {
+    int *perm = xmalloc(train->n_users * sizeof(int));
+    for (int u = 0; u < train->n_users; u++) perm[u] = u;
+    uint64_t rng = c->seed;
+    for (int i = 0; i < 5; i++) train_step(m, a, train, c, &rng, perm);
+    double *t = xmalloc(steps * sizeof(double)), p0[4] = { step_time.batch, step_time.forward, step_time.backward,
+                                                          step_time.adam };
+    *real = 0;
     for (int i = 0; i < steps; i++) {
         double t0 = now_sec();
-        train_step(&m, &a, &ds.train, &c, &rng, perm);
+        train_step(m, a, train, c, &rng, perm);
         t[i] = now_sec() - t0;
-        for (int j = 0; j < c.B * c.L; j++) real += a.mask[j];
+        for (int j = 0; j < c->B * c->L; j++) *real += a->mask[j];
     }
+    *real /= (double)steps * c->B;
+    mark_rows(a->touched, a, c->B, m->L, c->M, 1); /* the last batch's touched rows, for Adam's bytes */
+    int rows = 0;
+    for (int j = 0; j < m->N; j++) rows += a->touched[j];
+    mark_rows(a->touched, a, c->B, m->L, c->M, 0);
+    *touched_rows = rows;
+    double p1[4] = { step_time.batch, step_time.forward, step_time.backward, step_time.adam };
+    for (int i = 0; i < 4; i++) phase[i] = (p1[i] - p0[i]) / steps * 1e3;
     qsort(t, steps, sizeof *t, cmp_double);
-    double step = t[steps / 2], B = c.B;
-    double flops = step_flops(&m, &c, real / steps / c.B);
-    double adam_bytes = m.enc == ENC_POP ? 0 : 32.0 * m.n_params; /* p, m, v, g read + written */
-    double floor_s = flops / (peak * 1e9) + adam_bytes / (bw * 1e9);
-    printf("train step: %.3f ms median of %d (%.0f sequences/s)  math %.2f GFLOP  Adam %.1f MB\n", step * 1e3, steps,
-           B / step, flops / 1e9, adam_bytes / 1e6);
-    if (floor_s > 0)
-        printf("            floor %.3f ms (math at peak + Adam bytes at bandwidth): step / floor = %.2f\n",
-               floor_s * 1e3, step / floor_s);
+    double med = t[steps / 2] * 1e3;
+    free(t); free(perm);
+    return med;
+}
 
+/* Median of 3 validation passes, in seconds. */
+static double bench_eval(const Model *m, Acts *a, const Split *valid, const Config *c) {
     int cut = 50;
     Metrics mv;
     double te[3];
     for (int i = 0; i < 3; i++) {
         double t0 = now_sec();
-        evaluate(&mv, &cut, 1, &m, &a, &ds.valid, eval_noise_key(c.mind_eval, c.seed, i + 1));
+        evaluate(&mv, &cut, 1, m, a, valid, eval_noise_key(c->mind_eval, c->seed, i + 1));
         te[i] = now_sec() - t0;
     }
     qsort(te, 3, sizeof *te, cmp_double);
-    double eflops = 2.0 * ds.valid.n_users * m.K * (double)ds.N * m.D;
-    printf("evaluation: %.3f s median of 3 for %d users x %d items: %.1f GFLOP/s scoring = %.0f%% of peak\n", te[1],
-           ds.valid.n_users, ds.N, eflops / te[1] / 1e9, 100.0 * eflops / te[1] / 1e9 / peak);
-    struct rusage ru;
-    getrusage(RUSAGE_SELF, &ru);
-    printf("peak RSS:   %.1f MB (parameters + Adam state %.1f MB)\n", ru.ru_maxrss / 1024.0,
-           4.0 * 4 * m.n_params / 1e6);
+    return te[1];
+}
+
+/* The benchmark of one dataset, on 1 thread and on all of them. */
+static void bench_dataset(const char *label, const Dataset *ds, Config c, int steps, const double *peak,
+                          const double *bw, int threads) {
+    Model m;
+    model_init(&m, ds->N, &c);
+    Acts a;
+    acts_init(&a, &m, c.B > c.eval_batch ? c.B : c.eval_batch, c.M);
+    printf("\n== %s: %d items, %d training users, %d validation users; model %s, D %d K %d L %d B %d M %d\n", label,
+           ds->N - 1, ds->train.n_users, ds->valid.n_users, c.model, m.D, m.K, c.L, c.B, c.M);
+    double step[2], phase[2][4], real = 0, ev[2];
+    int rows = 0;
+    int nt[2] = { 1, threads };
+    for (int i = 0; i < 2; i++) {
+        pool.n = nt[i];
+        step[i] = bench_steps(&m, &a, &ds->train, &c, steps, phase[i], &real, &rows);
+        ev[i] = bench_eval(&m, &a, &ds->valid, &c);
+    }
+    pool.n = threads;
+    /* Adam's bytes: parameter and both moments read and written, the gradient read and zeroed
+     * where it can be non-zero (every tensor but the item table, and its touched rows) */
+    double grads = (double)m.n_params - m.size[0] + (double)rows * m.D;
+    double flops = step_flops(&m, &c, real), adam_bytes = m.enc == ENC_POP ? 0 : 24.0 * m.n_params + 8.0 * grads;
+    double eflops = 2.0 * ds->valid.n_users * m.K * (double)ds->N * m.D;
+    printf("train step (median of %d): %.2f ms on 1 thread, %.2f ms on %d: scaling %.2fx; %.0f sequences/s\n", steps,
+           step[0], step[1], threads, step[0] / step[1], c.B / step[1] * 1e3);
+    for (int i = 0; i < 2; i++) {
+        double fl = flops / (peak[i] * 1e9) * 1e3, fa = adam_bytes / (bw[i] * 1e9) * 1e3;
+        printf("  %d thread(s): batch %.2f  forward + backward %.2f ms (%.1f GFLOP/s)  Adam %.2f ms (%.1f GB/s)\n", nt[i],
+               phase[i][0], phase[i][1] + phase[i][2], flops / ((phase[i][1] + phase[i][2]) * 1e-3) / 1e9, phase[i][3],
+               adam_bytes / (phase[i][3] * 1e-3) / 1e9);
+        if (flops > 0)
+            printf("    floor %.2f ms (%.2f GFLOP at %.0f GFLOP/s + %.0f MB of Adam at %.1f GB/s): step / floor = %.2f\n",
+                   fl + fa, flops / 1e9, peak[i], adam_bytes / 1e6, bw[i], step[i] / (fl + fa));
+    }
+    printf("evaluation: %.3f s on 1 thread, %.3f s on %d: scaling %.2fx; scoring %.1f GFLOP/s = %.0f%% of the %.0f GFLOP/s peak\n",
+           ev[0], ev[1], threads, ev[0] / ev[1], eflops / ev[1] / 1e9, 100.0 * eflops / ev[1] / 1e9 / peak[1], peak[1]);
+    size_t data_bytes = 0;
+    const Split *sp[3] = { &ds->train, &ds->valid, &ds->test };
+    for (int i = 0; i < 3; i++) data_bytes += (size_t)sp[i]->off[sp[i]->n_users] * 4 + (size_t)sp[i]->n_users * 12;
+    double need = (16.0 * m.n_params + data_bytes) / 1048576.0, rss = rss_mb();
+    printf("memory: %.0f MB resident; parameters + gradients + Adam moments + data = %.0f MB: ratio %.2f\n", rss, need,
+           rss / need);
+}
+
+int cmd_bench(int argc, char **argv) {
+    Config c = default_config();
+    int steps = 50, book = 367983;
+    Flag flags[] = { MODEL_FLAGS(c), STEP_FLAGS(c), { "--steps", F_INT, &steps, "timed training steps" },
+                     { "--synthetic-items", F_INT, &book, "items of the synthetic dataset (0 = skip it)" } };
+    parse_flags(argc, argv, "bench",
+                "Time training steps and evaluation passes on DATA/NAME and on a synthetic dataset of Amazon\n"
+                "Book's size, on 1 thread and on -t threads, against the FMA peak and the memory bandwidth\n"
+                "measured in the same run.", flags, sizeof flags / sizeof *flags);
+    check_config(&c);
+    check_range("--steps", steps, 1, 100000);
+    check_range("--synthetic-items", book, 0, 1e8);
+    pool_start(c.threads);
+    char cpu[256];
+    cpu_name(cpu, sizeof cpu);
+    printf("remi bench: %s, -t %d, flags: %s\n", cpu, c.threads, REMI_CFLAGS);
+    double peak[2], bw[2];
+    int nt[2] = { 1, c.threads };
+    for (int i = 0; i < 2; i++) {
+        pool.n = nt[i];
+        peak[i] = measure_peak();
+        bw[i] = measure_bandwidth();
+        printf("ceilings, %d thread(s): FMA peak %.1f GFLOP/s, streaming read %.1f GB/s\n", nt[i], peak[i], bw[i]);
+    }
+    pool.n = c.threads;
+    Dataset ds;
+    load_dataset(&ds, c.data, c.name);
+    char label[4200];
+    snprintf(label, sizeof label, "%s/%s", c.data, c.name);
+    bench_dataset(label, &ds, c, steps, peak, bw, c.threads);
+    if (book > 1) {
+        Dataset syn;
+        synthetic_dataset(&syn, book + 1, 20000, 2000, 99);
+        bench_dataset("synthetic, Amazon Book size", &syn, c, steps, peak, bw, c.threads);
+    }
     return 0;
 }
 
