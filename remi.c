@@ -1279,7 +1279,6 @@ void acts_init(Acts *a, const Model *m, int cap_b, int M) {
     a->rr_d = xcalloc(B * K, sizeof(float));
     a->w1t = xcalloc((size_t)D * H, sizeof(float));
     a->w2t = xcalloc((size_t)H * K, sizeof(float));
-    a->et = xcalloc((size_t)(m->N + NR - 1) / NR * NR * D, sizeof(float));
     a->touched = xcalloc((size_t)m->N, 1);
     if (m->enc == ENC_DR || m->enc == ENC_MIND) {
         size_t uw = m->enc == ENC_DR ? (size_t)K * D : (size_t)D;
@@ -2348,74 +2347,55 @@ static void user_metrics(double *out /* recall, ndcg, ndcg_ref, hit */, const in
     out[3] = hits > 0;
 }
 
-/* Offer scores row[0..n) (items j0..j0+n) to the heap. Eight scores at a time are first
- * compared with the heap's worst kept score, so most of the catalogue costs one vector
- * compare; the survivors are pushed in item order, as a plain scan would. */
-typedef int vi8 __attribute__((vector_size(32)));
-static int any_ge(vf8 v, float thr) {
-    vi8 c = v >= thr;
-    int64_t w[4];
-    memcpy(w, &c, sizeof w);
-    return (w[0] | w[1] | w[2] | w[3]) != 0;
-}
-static void topk_scan(Hit *h, int *hn, int cap, const float *row, int n, int j0) {
-    float thr = *hn == cap ? h[0].s : -INFINITY;
-    for (int j = 0; j < n; j += 8) {
-        int end = j + 8 < n ? j + 8 : n;
-        if (end - j == 8 && !any_ge(vload(row + j), thr)) continue;
-        for (int t = j; t < end; t++)
-            if (row[t] >= thr) {
-                heap_push(h, hn, cap, (Hit){ row[t], j0 + t });
-                if (*hn == cap) thr = h[0].s;
+/* Offer a block's scores St (nj, q), item-major, to the q heaps: an item is passed over at
+ * once when none of its q scores reaches its query's threshold thr[i] (the worst score its
+ * heap keeps, -inf until full); the rest are pushed in item order, as a plain scan would. */
+static void topk_block(Hit *heap, int *hn, int maxn, float *thr, const float *St, int nj, int q, int j0) {
+    for (int j = 0; j < nj; j++) {
+        const float *row = St + (size_t)j * q;
+        int any = 0;
+        for (int i = 0; i < q; i++) any |= row[i] >= thr[i];
+        if (!any) continue;
+        for (int i = 0; i < q; i++)
+            if (row[i] >= thr[i]) {
+                heap_push(heap + (size_t)i * maxn, &hn[i], maxn, (Hit){ row[i], j0 + j });
+                if (hn[i] == maxn) thr[i] = heap[(size_t)i * maxn].s;
             }
     }
 }
 
 #define EVAL_GROUP 4    /* users scored together: EVAL_GROUP * K queries share each item block */
 
-/* Item embeddings as panels of NR items: dst[(p * D + d) * NR + t] = E[p * NR + t][d], zero
- * past the last item, so the scoring kernel reads each panel (D, NR) contiguously. */
-static void pack_panels(float *dst, const float *E, int N, int D) {
-    for (int p = 0; p < (N + NR - 1) / NR; p++)
-        for (int d = 0; d < D; d++)
-            for (int t = 0; t < NR; t++) {
-                int item = p * NR + t;
-                dst[((size_t)p * D + d) * NR + t] = item < N ? E[(size_t)item * D + d] : 0.0f;
-            }
-}
-#define EVAL_BLOCK 512  /* items per block (a multiple of NR): their panels stay in L2 */
+#define EVAL_BLOCK 512  /* items per block: their rows of E stay in L2 while the group's queries use them */
 
 typedef struct {
     const Model *m;
     const Acts *a;
     const Split *s;
-    const float *et;      /* (N / NR, D, NR) item panels */
     int u0, nb;           /* chunk: users u0 .. u0+nb */
     const int *cuts; int n_cut, maxn;
     double *res;          /* (U, n_cut, 4) per-user metrics */
 } EvalCtx;
 
 /* Score users [lo, hi) groups of the chunk against every item, keep each interest's top
- * maxn, then merge and score at every cut-off. */
+ * maxn, then merge and score at every cut-off. A block of items is scored by one product
+ * with the items as rows, St (items, q) = E[block] Q^T, read straight from the item table. */
 static void eval_task(void *ctx, int lo, int hi) {
     const EvalCtx *e = ctx;
     int K = e->m->K, D = e->m->D, N = e->m->N, maxn = e->maxn;
-    float *S = xmalloc((size_t)EVAL_GROUP * K * EVAL_BLOCK * sizeof(float));
+    float *St = xmalloc((size_t)EVAL_GROUP * K * EVAL_BLOCK * sizeof(float)), *thr = xmalloc(EVAL_GROUP * K * sizeof(float));
+    float *Qt = xmalloc((size_t)EVAL_GROUP * K * D * sizeof(float));
     Hit *heap = xmalloc((size_t)EVAL_GROUP * K * maxn * sizeof(Hit));
     Hit *cand = xmalloc((size_t)K * maxn * sizeof(Hit));
     int *R = xmalloc((size_t)maxn * sizeof(int)), *hn = xmalloc((size_t)EVAL_GROUP * K * sizeof(int));
     for (int g = lo; g < hi; g++) {
         int b0 = g * EVAL_GROUP, gb = e->nb - b0 < EVAL_GROUP ? e->nb - b0 : EVAL_GROUP, q = gb * K;
-        const float *Q = e->a->v + (size_t)b0 * K * D; /* (q, D) */
-        for (int i = 0; i < q; i++) hn[i] = 0;
+        transpose(Qt, e->a->v + (size_t)b0 * K * D, q, D); /* (D, q) */
+        for (int i = 0; i < q; i++) { hn[i] = 0; thr[i] = -INFINITY; }
         for (int j0 = 0; j0 < N; j0 += EVAL_BLOCK) {
             int nj = N - j0 < EVAL_BLOCK ? N - j0 : EVAL_BLOCK;
-            for (int jp = 0; jp < nj; jp += NR) { /* one contiguous (D, NR) panel at a time */
-                const float *panel = e->et + (size_t)(j0 + jp) * D;
-                gemm_run((Gemm){ S + jp, EVAL_BLOCK, Q, D, 1, panel, NR, q, NR, D, 0 }, 0);
-            }
-            for (int i = 0; i < q; i++)
-                topk_scan(heap + (size_t)i * maxn, &hn[i], maxn, S + (size_t)i * EVAL_BLOCK, nj, j0);
+            gemm_run((Gemm){ St, q, e->m->p.item_emb + (size_t)j0 * D, D, 1, Qt, q, nj, q, D, 0 }, 0);
+            topk_block(heap, hn, maxn, thr, St, nj, q, j0);
         }
         for (int i = 0; i < q; i++) hits_sort(heap + (size_t)i * maxn, hn[i], 0);
         for (int b = 0; b < gb; b++) {
@@ -2429,7 +2409,7 @@ static void eval_task(void *ctx, int lo, int hi) {
             }
         }
     }
-    free(S); free(heap); free(cand); free(R); free(hn);
+    free(St); free(thr); free(Qt); free(heap); free(cand); free(R); free(hn);
 }
 
 /* Evaluate every user of split s at each cut-off (e.g. 20 and 50). noise_key: MIND's
@@ -2439,14 +2419,13 @@ void evaluate(Metrics *out, const int *cuts, int n_cut, const Model *m, Acts *a,
     for (int ci = 0; ci < n_cut; ci++) maxn = cuts[ci] > maxn ? cuts[ci] : maxn;
     if (maxn > m->N) maxn = m->N;
     if (maxn > 1000) die("--topn above 1000 is not supported");
-    pack_panels(a->et, m->p.item_emb, m->N, m->D);
     double *res = xcalloc((size_t)U * n_cut * 4, sizeof(double));
     for (int u0 = 0; u0 < U; u0 += a->cap_b) {
         int nb = U - u0 < a->cap_b ? U - u0 : a->cap_b;
         for (int b = 0; b < nb; b++) make_eval_row(a->hist + b * L, a->mask + b * L, s, u0 + b, L);
         encoder_eval_draws(m, a, u0, nb, noise_key);
         encode_forward(m, a, nb, 0);
-        EvalCtx e = { m, a, s, a->et, u0, nb, cuts, n_cut, maxn, res };
+        EvalCtx e = { m, a, s, u0, nb, cuts, n_cut, maxn, res };
         parallel_for((nb + EVAL_GROUP - 1) / EVAL_GROUP, eval_task, &e);
     }
     for (int ci = 0; ci < n_cut; ci++) {

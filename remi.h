@@ -123,7 +123,6 @@ typedef struct {
     float *dx;     /* (B, L, D) */
     float *w1t;    /* (D, H) W1 transposed */
     float *w2t;    /* (H, K) W2 transposed */
-    float *et;     /* (N / NR, D, NR) item panels, for evaluation */
     unsigned char *touched; /* (N) item rows with a gradient in this step (Adam) */
     /* capsule routing, DR and MIND (REMI-SPEC c.2, c.3) */
     float *uhat;   /* DR (B, L, K D) per-position predictions; MIND (B, L, D), shared by all k */
