@@ -4190,7 +4190,7 @@ static void bench_dataset(const char *label, const Dataset *ds, Config c, int st
     double step[2], phase[2][4], real = 0, ev[2];
     int rows = 0;
     int nt[2] = { 1, threads };
-    for (int i = 0; i < 2; i++) {
+    for (int i = 1; i >= 0; i--) { /* -t first: after a long single-thread phase the workers wake slowly */
         pool.n = nt[i];
         step[i] = bench_steps(&m, &a, &ds->train, &c, steps, phase[i], &real, &rows);
         ev[i] = bench_eval(&m, &a, &ds->valid, &c);
