@@ -3233,6 +3233,130 @@ int cmd_export(int argc, char **argv) {
     return 0;
 }
 
+/* ======================================================================== inspect
+ * The routing collapse the paper's RR addresses: for a multi-interest model, the K x L
+ * routing matrix of each user (SA's attention A, or the last routing iteration's c for DR
+ * and MIND) over the history its evaluation uses. Statistics over every user with at least
+ * two history items, and an SVG heatmap of chosen users. */
+typedef struct { double users, interests, collapsed, max_w, entropy; } RouteStats;
+
+/* Adds user b's K rows of a->att (only the n real positions carry weight). */
+static void route_stats_add(RouteStats *rs, const float *att, int K, int L, int n) {
+    rs->users++;
+    for (int k = 0; k < K; k++) {
+        const float *a = att + (size_t)k * L;
+        float mx = 0.0f;
+        double h = 0, sum = 0;
+        for (int l = 0; l < n; l++) sum += a[l];
+        for (int l = 0; l < n; l++) {
+            double p = a[l] / (sum > 0 ? sum : 1);
+            mx = a[l] > mx ? a[l] : mx;
+            if (p > 0) h -= p * log(p);
+        }
+        rs->interests++;
+        rs->collapsed += mx / (sum > 0 ? sum : 1) > 0.9;
+        rs->max_w += mx / (sum > 0 ? sum : 1);
+        rs->entropy += h / log((double)n);
+    }
+}
+
+/* Heatmap rows: one block of K rows x n columns per user, darker = more weight. */
+static void route_svg(FILE *f, int row0, const float *att, const int *hist, int K, int L, int n, long user) {
+    const int cw = 26, ch = 18, x0 = 90;
+    int y0 = row0;
+    fprintf(f, "<text x=\"4\" y=\"%d\" font-weight=\"bold\">user %ld</text>\n", y0 - 4, user);
+    for (int l = 0; l < n; l++)
+        fprintf(f, "<text x=\"%d\" y=\"%d\" font-size=\"9\" text-anchor=\"middle\">%d</text>\n", x0 + l * cw + cw / 2,
+                y0 - 4, hist[l]);
+    for (int k = 0; k < K; k++) {
+        fprintf(f, "<text x=\"%d\" y=\"%d\" text-anchor=\"end\">interest %d</text>\n", x0 - 6, y0 + k * ch + 13, k);
+        for (int l = 0; l < n; l++) {
+            float w = att[(size_t)k * L + l];
+            int shade = (int)lrintf(255.0f * (1.0f - (w < 0 ? 0 : w > 1 ? 1 : w)));
+            fprintf(f, "<rect x=\"%d\" y=\"%d\" width=\"%d\" height=\"%d\" fill=\"rgb(%d,%d,255)\" stroke=\"white\">"
+                       "<title>%.3f</title></rect>\n", x0 + l * cw, y0 + k * ch, cw, ch, shade, shade, w);
+        }
+    }
+}
+
+int cmd_inspect(int argc, char **argv) {
+    Config c = default_config();
+    const char *model_file = "out/model.bin", *split = "test", *users = NULL, *out = "out";
+    Flag flags[] = {
+        { "--model-file", F_STR, &model_file, "model written by remi train (sa, dr or mind)" },
+        { "--data", F_STR, &c.data, "folder holding NAME_{train,valid,test}.txt" },
+        { "--name", F_STR, &c.name, "dataset name (file prefix)" },
+        { "--split", F_STR, &split, "valid or test" },
+        { "--users", F_STR, &users, "rows of the split to draw, e.g. \"0 7 12\" (default: the first 4 with 8+ items)" },
+        { "--out", F_STR, &out, "folder for routing.svg" },
+        { "--mind-eval", F_STR, &c.mind_eval, "MIND's routing logits: fixed or fresh" },
+    };
+    c.mind_eval = "fixed";
+    parse_flags(argc, argv, "inspect",
+                "Routing collapse: statistics of every user's K x L routing matrix (the share of interests\n"
+                "whose largest weight exceeds 0.9, the mean largest weight, the mean entropy normalised by\n"
+                "log n) and OUT/routing.svg, a heatmap of chosen users.", flags, sizeof flags / sizeof *flags);
+    if (strcmp(split, "valid") && strcmp(split, "test")) die("--split must be valid or test, got '%s'", split);
+    if (strcmp(c.mind_eval, "fresh") && strcmp(c.mind_eval, "fixed")) die("--mind-eval %s: expected fresh or fixed", c.mind_eval);
+    Model m;
+    model_load(&m, &c, model_file);
+    if (!m.multi) die("inspect: --model %s has no routing matrix (it needs sa, dr or mind)", ENC_NAMES[m.enc]);
+    Dataset ds;
+    load_dataset(&ds, c.data, c.name);
+    if (ds.N != m.N) die("%s has %d items but the model was trained with %d", c.data, ds.N - 1, m.N - 1);
+    const Split *s = strcmp(split, "test") ? &ds.valid : &ds.test;
+    int U = s->n_users, K = m.K, L = m.L, n_draw = 0, draw[64];
+    if (users) {
+        for (const char *p = users; *p;) {
+            if (strchr(" ,\t", *p)) { p++; continue; }
+            char *end;
+            long u = strtol(p, &end, 10);
+            if (end == p || u < 0 || u >= U || (*end && !strchr(" ,\t", *end)))
+                die("--users: \"%.*s\" is not a user row in 0..%d", (int)strcspn(p, " ,\t"), p, U - 1);
+            if (n_draw == 64) die("--users: at most 64 users");
+            draw[n_draw++] = (int)u;
+            p = end;
+        }
+    } else
+        for (int u = 0; u < U && n_draw < 4; u++)
+            if (eval_split_point(s->off[u + 1] - s->off[u]) >= 8) draw[n_draw++] = u;
+    pool_start(1);
+    Acts a;
+    acts_init(&a, &m, 1, 1);
+    RouteStats rs = { 0 };
+    uint64_t key = eval_noise_key(c.mind_eval, c.seed, 1);
+    for (int u = 0; u < U; u++) {
+        int n = make_eval_row(a.hist, a.mask, s, u, L);
+        n = n < L ? n : L;
+        user_vectors(&m, &a, u, 1, key);
+        if (n >= 2) route_stats_add(&rs, a.att, K, L, n);
+    }
+    printf("%s model, %s users with 2+ history items: %.0f users, %.0f interests\n", ENC_NAMES[m.enc], split, rs.users,
+           rs.interests);
+    printf("collapsed interests (largest weight > 0.9): %.1f%%\n", 100.0 * rs.collapsed / rs.interests);
+    printf("mean largest weight: %.3f   mean entropy / log n: %.3f\n", rs.max_w / rs.interests, rs.entropy / rs.interests);
+    mkdir_p(out);
+    char path[4200];
+    snprintf(path, sizeof path, "%s/routing.svg", out);
+    FILE *f = atomic_open(path);
+    int height = 30;
+    for (int i = 0; i < n_draw; i++) height += K * 18 + 40;
+    fprintf(f, "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"%d\" height=\"%d\" font-family=\"sans-serif\" "
+               "font-size=\"12\">\n<rect width=\"100%%\" height=\"100%%\" fill=\"white\"/>\n", 100 + 26 * L, height);
+    int y = 40;
+    for (int i = 0; i < n_draw; i++) {
+        int n = make_eval_row(a.hist, a.mask, s, draw[i], L);
+        n = n < L ? n : L;
+        user_vectors(&m, &a, draw[i], 1, key);
+        route_svg(f, y, a.att, a.hist, K, L, n, (long)s->user_id[draw[i]]);
+        y += K * 18 + 40;
+    }
+    fprintf(f, "</svg>\n");
+    atomic_commit(f);
+    printf("wrote %s (%d users)\n", path, n_draw);
+    return 0;
+}
+
 /* ======================================================================== gradcheck
  * Central finite differences against every backward, on tiny shapes. Each check
  * perturbs one input element by +-eps, evaluates a scalar objective sum_i c_i y_i (or the
@@ -4275,6 +4399,7 @@ static void main_usage(void) {
            "  eval       evaluate a saved model on the valid or test users\n"
            "  recommend  the top-N items for a history, with the interest that retrieved each\n"
            "  export     item embeddings and user interest vectors as TSV\n"
+           "  inspect    routing collapse: statistics and a heatmap of the routing matrices\n"
            "  prep       turn a raw interaction file into split files\n"
            "  gradcheck  finite-difference check of every backward pass\n"
            "  selftest   fast kernels against scalar twins, evaluation checks\n"
@@ -4287,7 +4412,7 @@ int main(int argc, char **argv) {
     struct { const char *name; int (*fn)(int, char **); } cmds[] = {
         { "train", cmd_train }, { "eval", cmd_eval }, { "prep", cmd_prep }, { "gradcheck", cmd_gradcheck },
         { "selftest", cmd_selftest }, { "bench", cmd_bench }, { "fuzz", cmd_fuzz },
-        { "recommend", cmd_recommend }, { "export", cmd_export },
+        { "recommend", cmd_recommend }, { "export", cmd_export }, { "inspect", cmd_inspect },
     };
     for (size_t i = 0; i < sizeof cmds / sizeof *cmds; i++)
         if (!strcmp(argv[1], cmds[i].name)) return cmds[i].fn(argc - 1, argv + 1);

@@ -192,5 +192,6 @@ int cmd_selftest(int argc, char **argv);
 int cmd_fuzz(int argc, char **argv);
 int cmd_recommend(int argc, char **argv);
 int cmd_export(int argc, char **argv);
+int cmd_inspect(int argc, char **argv);
 
 #endif

@@ -256,6 +256,21 @@ for h in "3 x 9" "3 0 9" "3 401" ""; do
         pass "recommend refuses --history \"$h\""; else fail "recommend --history \"$h\"" "$(head -c 200 "$TMP/rec.log")"; fi
 done
 
+# ---------------------------------------------------------------- routing collapse
+# RR exists to stop interests collapsing onto one item: the tiny SA model trained with RR
+# (lambda 100) must have far fewer collapsed interests than the same run without it
+"$REMI" train "${TINY[@]}" --rbeta 1 --rlambda 0 -t 2 --out "$TMP/tiny-norr" >/dev/null 2>&1
+collapsed() { "$REMI" inspect --model-file "$1/model.bin" --data expected/tiny --name tiny --out "$2" | awk '/^collapsed/ { sub("%", "", $NF); print $NF }'; }
+with=$(collapsed "$TMP/tiny-sa-t2" "$TMP/insp-rr"); without=$(collapsed "$TMP/tiny-norr" "$TMP/insp-norr")
+if [ -n "$with" ] && [ -n "$without" ] && awk -v a="$with" -v b="$without" 'BEGIN { exit !(a < 10 && b > 30) }'; then
+    pass "inspect: collapsed interests ${with}% with RR, ${without}% without"
+else fail "inspect collapse" "with RR: '$with', without: '$without'"; fi
+rects=$(grep -c "<rect x=" "$TMP/insp-rr/routing.svg")
+if [ "$rects" -gt 16 ]; then pass "inspect: routing.svg heatmap ($rects cells)"; else fail "routing.svg" "$rects cells"; fi
+if ! "$REMI" inspect --model-file "$TMP/tiny-dnn-t2/model.bin" --data expected/tiny --name tiny --out "$TMP/insp-x" >"$TMP/insp.log" 2>&1 &&
+   grep -q "no routing matrix" "$TMP/insp.log"; then pass "inspect refuses a single-vector model"
+else fail "inspect dnn" "$(head -c 200 "$TMP/insp.log")"; fi
+
 # ---------------------------------------------------------------- terminal output
 # a live progress line on a terminal (util-linux script gives one), plain lines otherwise
 if command -v script >/dev/null; then
@@ -335,7 +350,7 @@ if [ "${REMI_TEST_ASAN:-1}" != 0 ] && command -v "${CC:-cc}" >/dev/null && make 
     else fail "fuzz under the sanitizers" "$(grep -v '^fuzz: [0-9]' "$TMP/fuzz-asan.log" | head -n 3)"; fi
 else echo "skip  fuzz under the sanitizers (no compiler, or REMI_TEST_ASAN=0)"; fi
 
-for cmd in train eval prep gradcheck selftest bench fuzz recommend export; do
+for cmd in train eval prep gradcheck selftest bench fuzz recommend export inspect; do
     "$REMI" $cmd --help >"$TMP/help.log" 2>&1 && grep -q "usage: remi $cmd" "$TMP/help.log" || fail "$cmd --help" "no usage"
 done
 pass "--help on every subcommand"
