@@ -3350,6 +3350,13 @@ int cmd_inspect(int argc, char **argv) {
         user_vectors(&m, &a, draw[i], 1, key);
         route_svg(f, y, a.att, a.hist, K, L, n, (long)s->user_id[draw[i]]);
         y += K * 18 + 40;
+        printf("user %lld, history:", (long long)s->user_id[draw[i]]);
+        for (int l = 0; l < n; l++) printf(" %5d", a.hist[l]);
+        for (int k = 0; k < K; k++) {
+            printf("\n  interest %d:   ", k);
+            for (int l = 0; l < n; l++) printf(" %5.2f", a.att[(size_t)k * L + l]);
+        }
+        printf("\n");
     }
     fprintf(f, "</svg>\n");
     atomic_commit(f);
