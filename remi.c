@@ -1272,7 +1272,7 @@ void acts_init(Acts *a, const Model *m, int cap_b, int M) {
     a->logit = xcalloc(B * M + 1, sizeof(float));
     a->dlogit = xcalloc(B * M + 1, sizeof(float));
     a->ssm_tmp = xcalloc(2 * B * M + 1, sizeof(float));
-    a->ssm_st = xcalloc(4 * B, sizeof(double));
+    a->ssm_st = xcalloc(5 * B, sizeof(double)); /* SsmStats */
     a->pos = xcalloc(B, sizeof(float));
     a->dpos = xcalloc(B, sizeof(float));
     a->loss = xcalloc(B, sizeof(float));
@@ -2009,9 +2009,11 @@ static void logits_backward(float *dr, float *dE, float *den, const float *dpos,
  * beta = 0 gives imp = 1, Ng = sum e^{x_j}: plain sampled softmax (d.3).
  * The forward pass keeps these statistics and leaves imp_j and e^{x_j} in tmp (2, M) for
  * the backward pass. */
-typedef struct { double x0, S, T, Z; } SsmStats;
+typedef struct { double x0, S, T, P, Z; } SsmStats;
 
-static SsmStats ssm_stats(float *tmp, float pos, const float *logit, int M, float beta) {
+/* with_pos: the target's own term e^{x0} is in the partition function (sampled softmax,
+ * REMI-SPEC d.3-d.4); 0 for full softmax, where the target is one of the M = N logits (d.6). */
+static SsmStats ssm_stats(float *tmp, float pos, const float *logit, int M, float beta, int with_pos) {
     float *imp = tmp, *ex = tmp + M;
     float mx = pos, bmax = -FLT_MAX;
     for (int j = 0; j < M; j++) mx = logit[j] > mx ? logit[j] : mx;
@@ -2025,8 +2027,9 @@ static SsmStats ssm_stats(float *tmp, float pos, const float *logit, int M, floa
     double S8[8] = { 0 }, T8[8] = { 0 }, S = 0, T = 0;
     for (int j = 0; j < M; j++) { S8[j % 8] += imp[j]; T8[j % 8] += (double)(imp[j] * ex[j]); }
     for (int l = 0; l < 8; l++) { S += S8[l]; T += T8[l]; }
-    SsmStats st = { pos - mx, S, T, 0 };
-    st.Z = exp(st.x0) + (double)M * T / S; /* e^{x0} + Ng */
+    SsmStats st = { pos - mx, S, T, 0, 0 };
+    st.P = with_pos ? exp(st.x0) : 0.0;
+    st.Z = st.P + (double)M * T / S; /* e^{x0} + Ng */
     return st;
 }
 
@@ -2034,29 +2037,30 @@ typedef struct {
     float *loss, *dpos, *dlogit, *tmp;
     SsmStats *st;
     const float *pos, *logit;
-    int M; float beta, scale;
+    int M, with_pos; float beta, scale;
 } SsmCtx;
 
 /* loss[b] = -x0 + log(e^{x0} + Ng) */
 static void ssm_forward_task(void *ctx, int lo, int hi) {
     const SsmCtx *c = ctx;
     for (int b = lo; b < hi; b++) {
-        c->st[b] = ssm_stats(c->tmp + (size_t)b * 2 * c->M, c->pos[b], c->logit + (size_t)b * c->M, c->M, c->beta);
+        c->st[b] = ssm_stats(c->tmp + (size_t)b * 2 * c->M, c->pos[b], c->logit + (size_t)b * c->M, c->M, c->beta,
+                             c->with_pos);
         c->loss[b] = (float)(-c->st[b].x0 + log(c->st[b].Z));
     }
 }
 /* Returns the batch mean of the per-sample losses (L_CE of d.4). st (nb), tmp (nb, 2M). */
 static double ssm_forward(float *loss, SsmStats *st, float *tmp, const float *pos, const float *logit, int nb, int M,
-                          float beta) {
-    SsmCtx c = { loss, NULL, NULL, tmp, st, pos, logit, M, beta, 0 };
+                          float beta, int with_pos) {
+    SsmCtx c = { loss, NULL, NULL, tmp, st, pos, logit, M, with_pos, beta, 0 };
     parallel_for(nb, ssm_forward_task, &c);
     double sum = 0;
     for (int b = 0; b < nb; b++) sum += loss[b];
     return sum / nb;
 }
 
-/* With G = T / S and Z = e^{x0} + M G (REMI-SPEC d.4, weights not detached):
- *   d loss / d s+  = -1 + e^{x0} / Z
+/* With G = T / S and Z = P + M G, P = e^{x0} or 0 (REMI-SPEC d.4, weights not detached):
+ *   d loss / d s+  = -1 + P / Z
  *   d loss / d s_j = (M / Z) w_j [ (beta + 1) e^{x_j} - beta G ],  w_j = imp_j / S
  * each scaled by `scale` (1/B for the batch mean), from what ssm_forward kept in st, tmp. */
 static void ssm_backward_task(void *ctx, int lo, int hi) {
@@ -2066,14 +2070,14 @@ static void ssm_backward_task(void *ctx, int lo, int hi) {
         float *tmp = c->tmp + (size_t)b * 2 * M, *dl = c->dlogit + (size_t)b * M;
         SsmStats st = c->st[b];
         double G = st.T / st.S;
-        c->dpos[b] = (float)(c->scale * (-1.0 + exp(st.x0) / st.Z));
+        c->dpos[b] = (float)(c->scale * (-1.0 + st.P / st.Z));
         float k = (float)(c->scale * M / (st.Z * st.S)), b1 = c->beta + 1.0f, bg = (float)(c->beta * G);
         for (int j = 0; j < M; j++) dl[j] = k * tmp[j] * (b1 * tmp[M + j] - bg);
     }
 }
 static void ssm_backward(float *dpos, float *dlogit, const SsmStats *st, float *tmp, int nb, int M, float beta,
                          float scale) {
-    SsmCtx c = { NULL, dpos, dlogit, tmp, (SsmStats *)st, NULL, NULL, M, beta, scale };
+    SsmCtx c = { NULL, dpos, dlogit, tmp, (SsmStats *)st, NULL, NULL, M, 0, beta, scale };
     parallel_for(nb, ssm_backward_task, &c);
 }
 
@@ -2175,7 +2179,8 @@ static double step_forward(Model *m, Acts *a, const Config *c) {
     encode_forward(m, a, B, 1);
     readout_forward(a->r, a->sel, a->v, m->p.item_emb, a->target, B, K, D);
     logits_forward(a->pos, a->logit, a->en, a->ent, a->r, m->p.item_emb, a->target, a->neg, B, M, D);
-    double loss = ssm_forward(a->loss, (SsmStats *)a->ssm_st, a->ssm_tmp, a->pos, a->logit, B, M, c->rbeta);
+    double loss = ssm_forward(a->loss, (SsmStats *)a->ssm_st, a->ssm_tmp, a->pos, a->logit, B, M, c->rbeta,
+                              !c->full_softmax);
     double rr = c->rlambda != 0.0f ? rr_forward(a->rr_d, a->att, B, K, L, D) : 0.0;
     return loss + c->rlambda * rr;
 }
@@ -2205,7 +2210,8 @@ float train_step(Model *m, Acts *a, const Split *train, const Config *c, uint64_
     double t0 = now_sec();
     make_train_batch(a, train, perm, c->B, m->L, rng);
     if (m->enc == ENC_POP) { pop_count(m, a, c->B); return 0.0f; }
-    for (int j = 0; j < c->M; j++) a->neg[j] = (int)rng_below(rng, (uint32_t)m->N); /* id 0 included */
+    for (int j = 0; j < c->M; j++) /* uniform, id 0 included; or every item (full softmax) */
+        a->neg[j] = c->full_softmax ? j : (int)rng_below(rng, (uint32_t)m->N);
     encoder_draws(m, a, c, c->B, rng);
     double t1 = now_sec();
     double loss = step_forward(m, a, c);
@@ -2542,6 +2548,11 @@ static Config default_config(void) {
 /* Validates the flags and resolves the per-model defaults: the multi-interest encoders
  * train REMI (beta 0.1, lambda 100; beta chosen on Beauty's validation split), the
  * single-vector ones their plain baseline. */
+/* --neg 0: full softmax, every item a "negative" (REMI-SPEC d.6), so M = N. */
+static void resolve_negatives(Config *c, int N) {
+    if (c->M == 0) { c->full_softmax = 1; c->M = N; }
+}
+
 static void check_config(Config *c) {
     c->enc = N_ENCODERS;
     for (int e = 0; e < N_ENCODERS; e++) if (!strcmp(c->model, ENC_NAMES[e])) c->enc = (Encoder)e;
@@ -2562,7 +2573,9 @@ static void check_config(Config *c) {
     check_range("--interests", c->K, 1, 64);
     check_range("--len", c->L, 1, 10000);
     check_range("--batch", c->B, 1, 1 << 20);
-    check_range("--neg", c->M, 1, 1 << 24);
+    check_range("--neg", c->M, 0, 1 << 24);
+    if (c->M == 0 && c->rbeta != 0.0f)
+        die("--neg 0 (full softmax) has no sampled negatives for IHN to reweight; use --rbeta 0");
     check_range("--lr", c->lr, 1e-12, 10);
     check_range("--rlambda", c->rlambda, 0, 1e9);
     check_range("--rbeta", c->rbeta, -1e4, 1e4);
@@ -2664,8 +2677,8 @@ static void get_str(Stream *s, char *x, size_t cap) {
 }
 
 /* The settings that define a run, in checkpoint order. */
-#define CKPT_INTS(c) &(c)->D, &(c)->K, &(c)->L, &(c)->B, &(c)->M, &(c)->add_pos, &(c)->relu, &(c)->eval_every, \
-                     &(c)->patience, &(c)->topn, &(c)->eval_batch
+#define CKPT_INTS(c) &(c)->D, &(c)->K, &(c)->L, &(c)->B, &(c)->M, &(c)->full_softmax, &(c)->add_pos, &(c)->relu, \
+                     &(c)->eval_every, &(c)->patience, &(c)->topn, &(c)->eval_batch
 #define CKPT_FLOATS(c) &(c)->lr, &(c)->rbeta, &(c)->rlambda, &(c)->dropout
 
 static void ckpt_write(const char *path, const Config *c, const Model *m, const TrainState *st, int n_users) {
@@ -2924,6 +2937,7 @@ int cmd_train(int argc, char **argv) {
         die("%s/%s_train.txt has %d users, fewer than --batch %d (batches hold distinct users); lower --batch",
             c.data, c.name, ds.train.n_users, c.B);
     int U = ds.train.n_users, cut = c.topn;
+    resolve_negatives(&c, ds.N);
     Model m;
     model_init(&m, ds.N, &c);
     Acts a;
@@ -2955,7 +2969,7 @@ int cmd_train(int argc, char **argv) {
         log_line(&st.log, "{\"config\":{\"data\":\"%s\",\"name\":\"%s\",\"model\":\"%s\",\"D\":%d,\"K\":%d,\"L\":%d,"
                  "\"B\":%d,\"M\":%d,\"lr\":%g,\"rbeta\":%g,\"rlambda\":%g,\"relu\":%d,\"dropout\":%g,"
                  "\"mind_eval\":\"%s\",\"seed\":%llu,\"N\":%d,\"train_users\":%d}}",
-                 jdata, jname, c.model, m.D, m.K, c.L, c.B, c.M, c.lr, c.rbeta, c.rlambda, m.relu, c.dropout,
+                 jdata, jname, c.model, m.D, m.K, c.L, c.B, c.full_softmax ? 0 : c.M, c.lr, c.rbeta, c.rlambda, m.relu, c.dropout,
                  c.mind_eval, (unsigned long long)c.seed, ds.N, U);
     }
     signal(SIGINT, on_stop_signal);
@@ -3377,6 +3391,7 @@ int cmd_inspect(int argc, char **argv) {
 typedef struct {
     int B, L, D, H, K, M, N;
     float beta, lambda;
+    int full;           /* sampled-softmax check: full softmax (no separate target term) */
     uint64_t rng;
     Config cfg;
     Model m;
@@ -3447,7 +3462,8 @@ static double gc_logits(GcState *g) { /* buf0 r (B,D); E = m.p.item_emb */
     return gc_dot(g->c, g->a.logit, (size_t)g->B * g->M) + gc_dot(g->c + (size_t)g->B * g->M, g->a.pos, g->B);
 }
 static double gc_ssm(GcState *g) { /* buf0 pos (B), buf1 logit (B,M), buf2 loss (B) */
-    return ssm_forward(g->buf[2], (SsmStats *)g->a.ssm_st, g->buf[5], g->buf[0], g->buf[1], g->B, g->M, g->beta);
+    return ssm_forward(g->buf[2], (SsmStats *)g->a.ssm_st, g->buf[5], g->buf[0], g->buf[1], g->B, g->M, g->beta,
+                       !g->full);
 }
 static double gc_rr(GcState *g) { /* buf0 att (B,K,L), buf1 rr_d (B,K); 1e3 RR, so its gradient is
                                    * well above the tolerance */
@@ -3616,19 +3632,21 @@ int cmd_gradcheck(int argc, char **argv) {
     ok &= gc_check("sampled logits: d/dr", gc_logits, &g, g.buf[0], an[0], (size_t)B * D);
     ok &= gc_check("sampled logits: d/dE", gc_logits, &g, g.m.p.item_emb, an[1], g.m.size[0]);
 
-    /* sampled softmax, beta = 0 and beta > 0 (IHN) */
-    float betas[3] = { 0.0f, 2.0f, 10.0f };
-    for (int i = 0; i < 3; i++) {
+    /* sampled softmax, beta = 0 and beta > 0 (IHN); then full softmax (--neg 0) */
+    float betas[4] = { 0.0f, 2.0f, 10.0f, 0.0f };
+    for (int i = 0; i < 4; i++) {
         char what[64];
         g.beta = betas[i];
+        g.full = i == 3;
         gc_fill(g.buf[0], B, 1.0, &g.rng); gc_fill(g.buf[1], (size_t)B * M, 1.0, &g.rng);
         gc_ssm(&g);
         ssm_backward(an[0], an[1], (SsmStats *)g.a.ssm_st, g.buf[5], B, M, g.beta, 1.0f / B);
-        snprintf(what, sizeof what, "sampled softmax beta %g: d/ds+", g.beta);
+        snprintf(what, sizeof what, "%s softmax beta %g: d/ds+", g.full ? "full" : "sampled", g.beta);
         ok &= gc_check(what, gc_ssm, &g, g.buf[0], an[0], B);
-        snprintf(what, sizeof what, "sampled softmax beta %g: d/ds_j", g.beta);
+        snprintf(what, sizeof what, "%s softmax beta %g: d/ds_j", g.full ? "full" : "sampled", g.beta);
         ok &= gc_check(what, gc_ssm, &g, g.buf[1], an[1], (size_t)B * M);
     }
+    g.full = 0;
 
     /* RR on a real attention matrix (rows sum to 1, padded entries 0) */
     gc_fill(g.buf[2], (size_t)B * L * K, 2.0, &g.rng);
@@ -4312,6 +4330,7 @@ static double bench_eval(const Model *m, Acts *a, const Split *valid, const Conf
 /* The benchmark of one dataset, on 1 thread and on all of them. */
 static void bench_dataset(const char *label, const Dataset *ds, Config c, int steps, const double *peak,
                           const double *bw, int threads) {
+    resolve_negatives(&c, ds->N);
     Model m;
     model_init(&m, ds->N, &c);
     Acts a;

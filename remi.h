@@ -26,6 +26,7 @@ typedef struct {
     const char *model;    /* encoder name: sa, dr, mind, dnn, gru4rec, pop */
     Encoder enc;          /* the same, resolved by check_config */
     int D, K, L, B, M;    /* hidden, interests, history length, batch, negatives */
+    int full_softmax;     /* --neg 0: softmax over all N items (M is then set to N) */
     int add_pos;          /* SA: 1 = add position embeddings (REMI-SPEC c.1 step 1) */
     int relu;             /* MIND: 1 = the ReLU layer the reference uses on Book (c.3) */
     float dropout;        /* GRU4Rec: embedding dropout (c.5) */
@@ -110,7 +111,7 @@ typedef struct {
     float *dlogit; /* (B, M) */
     float *dpos;   /* (B) */
     float *ssm_tmp;  /* (B, 2, M) importance weights and exponentials of the loss */
-    double *ssm_st;  /* (B, 4) per-sample loss statistics: x0, S, T, Z */
+    double *ssm_st;  /* (B, 5) per-sample loss statistics: x0, S, T, P, Z */
     float *loss;   /* (B) per-sample sampled-softmax loss */
     float *rr_d;   /* (B, K) diag of the RR covariance */
     float *dr;     /* (B, D) */

@@ -186,6 +186,16 @@ eval_matches "eval of a single-vector model (gru4rec) reproduces train's test me
     >"$TMP/tiny-mind-fixed.log" 2>&1
 eval_matches "MIND --mind-eval fixed: eval reproduces train's test metrics" "$TMP/tiny-mind-fixed" --mind-eval fixed
 
+# full softmax (--neg 0): an untrained model's first loss is log N (N = 401 ids), and training runs
+"$REMI" train "${TINY[@]}" --neg 0 --rbeta 0 --rlambda 0 --iters 1 --eval-every 1 -t 2 --out "$TMP/full1" >"$TMP/full1.log" 2>&1
+"$REMI" train "${TINY[@]}" --neg 0 --rbeta 0 --iters 200 -t 2 --out "$TMP/full" >"$TMP/full.log" 2>&1
+l1=$(awk '/^iter/ { print $4; exit }' "$TMP/full1.log")
+if [ -n "$l1" ] && awk -v l="$l1" 'BEGIN { d = l - log(401); exit !(d < 0.1 && d > -0.1) }' && grep -q '^test.*N=50' "$TMP/full.log"; then
+    pass "full softmax: first loss $l1 = log 401 (+-0.1), and it trains"
+else fail "full softmax" "first loss '$l1': $(tail -n 1 "$TMP/full.log")"; fi
+if ! "$REMI" train "${TINY[@]}" --neg 0 --rbeta 1 --out "$TMP/full-ihn" >"$TMP/f.log" 2>&1 && grep -q "rbeta 0" "$TMP/f.log"; then
+    pass "full softmax refuses IHN"; else fail "full softmax with IHN" "$(head -c 200 "$TMP/f.log")"; fi
+
 # ---------------------------------------------------------------- checkpoints, resuming, interrupts
 # A run stopped at any point and resumed must end with the bytes of the run left alone.
 resume_matches() { # TEST MODEL STOP-AFTER: stop, resume with -t 1, compare with the golden run
