@@ -3378,6 +3378,187 @@ int cmd_inspect(int argc, char **argv) {
     return 0;
 }
 
+/* ======================================================================== report
+ * Tables and the negatives figure from finished runs: each run folder's metrics.jsonl
+ * gives its settings and final metrics; runs that differ only in the seed are one row,
+ * with the mean and standard deviation over the seeds. */
+typedef struct {
+    char name[256], model[32];
+    double rbeta, rlambda, M, relu, seed, v[8]; /* v: test @20 recall ndcg ndcg_ref hitrate, then @50 */
+} RunResult;
+
+/* The value after "key": in a metrics.jsonl line (a number, or a string copied to str). */
+static int json_field(const char *line, const char *key, double *num, char *str, size_t cap) {
+    char pat[64];
+    snprintf(pat, sizeof pat, "\"%s\":", key);
+    const char *p = strstr(line, pat);
+    if (!p) return 0;
+    p += strlen(pat);
+    if (*p == '"') {
+        size_t n = strcspn(p + 1, "\"");
+        if (!str || n >= cap) return 0;
+        memcpy(str, p + 1, n);
+        str[n] = 0;
+        return 1;
+    }
+    char *end;
+    double x = strtod(p, &end);
+    if (end == p || !num) return 0;
+    *num = x;
+    return 1;
+}
+
+/* Reads DIR/metrics.jsonl; returns 0 for a run that has not finished. */
+static int read_run(RunResult *r, const char *dir) {
+    char path[4200];
+    snprintf(path, sizeof path, "%s/metrics.jsonl", dir);
+    FILE *f = xfopen(path, "rb", "each argument must be the --out folder of a remi train run");
+    char *line = NULL;
+    size_t cap = 0;
+    int lineno = 0, got_config = 0, finals = 0;
+    memset(r, 0, sizeof *r);
+    while (getline(&line, &cap, f) != -1) {
+        lineno++;
+        if (strstr(line, "\"config\":")) {
+            got_config = json_field(line, "name", NULL, r->name, sizeof r->name) &&
+                         json_field(line, "model", NULL, r->model, sizeof r->model) &&
+                         json_field(line, "rbeta", &r->rbeta, NULL, 0) && json_field(line, "rlambda", &r->rlambda, NULL, 0) &&
+                         json_field(line, "M", &r->M, NULL, 0) && json_field(line, "seed", &r->seed, NULL, 0);
+            json_field(line, "relu", &r->relu, NULL, 0);
+            if (!got_config) die("%s:%d: a config line without name, model, rbeta, rlambda, M or seed", path, lineno);
+        } else if (strstr(line, "\"final\":\"test\"")) {
+            double topn, *v = r->v + 4 * finals;
+            if (finals == 2 || !json_field(line, "topn", &topn, NULL, 0) || !json_field(line, "recall", &v[0], NULL, 0) ||
+                !json_field(line, "ndcg", &v[1], NULL, 0) || !json_field(line, "ndcg_ref", &v[2], NULL, 0) ||
+                !json_field(line, "hitrate", &v[3], NULL, 0))
+                die("%s:%d: unexpected final test line \"%s\"", path, lineno, excerpt(line));
+            finals++;
+        }
+    }
+    free(line);
+    fclose(f);
+    if (!got_config) die("%s: no config line; is it a remi metrics file?", path);
+    return finals == 2;
+}
+
+static int same_setting(const RunResult *a, const RunResult *b) {
+    return !strcmp(a->name, b->name) && !strcmp(a->model, b->model) && a->rbeta == b->rbeta &&
+           a->rlambda == b->rlambda && a->M == b->M && a->relu == b->relu;
+}
+
+/* Recall@50 against the number of negatives, one line per (model, beta); full softmax
+ * (M = 0) as a dashed level. */
+static void negatives_svg(const char *path, const RunResult *rows, const double *mean, int n_rows) {
+    static const char *colors[] = { "#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b" };
+    double lo = INFINITY, hi = -INFINITY, mmin = INFINITY, mmax = -INFINITY;
+    for (int i = 0; i < n_rows; i++) {
+        double y = mean[i * 8 + 4];
+        lo = y < lo ? y : lo; hi = y > hi ? y : hi;
+        if (rows[i].M > 0) { mmin = rows[i].M < mmin ? rows[i].M : mmin; mmax = rows[i].M > mmax ? rows[i].M : mmax; }
+    }
+    if (!(mmax > mmin)) { mmin = 1; mmax = 10; }
+    if (!(hi > lo)) hi = lo + 0.01;
+    const double x0 = 70, y0 = 30, w = 520, h = 300;
+    FILE *f = atomic_open(path);
+    fprintf(f, "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"800\" height=\"380\" font-family=\"sans-serif\" "
+               "font-size=\"12\">\n<rect width=\"800\" height=\"380\" fill=\"white\"/>\n");
+    fprintf(f, "<rect x=\"%.0f\" y=\"%.0f\" width=\"%.0f\" height=\"%.0f\" fill=\"none\" stroke=\"#888\"/>\n", x0, y0, w, h);
+    fprintf(f, "<text x=\"%.0f\" y=\"%.0f\" text-anchor=\"middle\">sampled negatives M (log scale)</text>\n", x0 + w / 2,
+            y0 + h + 34);
+    fprintf(f, "<text x=\"14\" y=\"%.0f\" transform=\"rotate(-90 14 %.0f)\" text-anchor=\"middle\">test Recall@50</text>\n",
+            y0 + h / 2, y0 + h / 2);
+    for (int t = 0; t <= 4; t++) {
+        double v = lo + (hi - lo) * t / 4, y = y0 + h - h * t / 4;
+        fprintf(f, "<text x=\"%.0f\" y=\"%.1f\" text-anchor=\"end\">%.4f</text>\n", x0 - 4, y + 4, v);
+    }
+#define NX(M) (x0 + w * (log(M) - log(mmin)) / (log(mmax) - log(mmin)))
+#define NY(v) (y0 + h - h * ((v) - lo) / (hi - lo))
+    int series = 0;
+    for (int i = 0; i < n_rows; i++) {
+        int first = 1; /* a new series: the first row of its (model, beta) */
+        for (int j = 0; j < i; j++)
+            first &= !(!strcmp(rows[j].model, rows[i].model) && rows[j].rbeta == rows[i].rbeta && (rows[j].M > 0) == (rows[i].M > 0));
+        if (!first) continue;
+        const char *col = colors[series++ % 6];
+        if (rows[i].M == 0) {
+            fprintf(f, "<line x1=\"%.0f\" x2=\"%.0f\" y1=\"%.1f\" y2=\"%.1f\" stroke=\"%s\" stroke-dasharray=\"6 4\"/>\n", x0,
+                    x0 + w, NY(mean[i * 8 + 4]), NY(mean[i * 8 + 4]), col);
+        } else {
+            fprintf(f, "<polyline fill=\"none\" stroke=\"%s\" stroke-width=\"1.5\" points=\"", col);
+            for (double last = 0;;) { /* this series' rows in increasing M */
+                int next = -1;
+                for (int j = i; j < n_rows; j++)
+                    if (rows[j].M > last && !strcmp(rows[j].model, rows[i].model) && rows[j].rbeta == rows[i].rbeta &&
+                        (next < 0 || rows[j].M < rows[next].M))
+                        next = j;
+                if (next < 0) break;
+                fprintf(f, "%.1f,%.1f ", NX(rows[next].M), NY(mean[next * 8 + 4]));
+                last = rows[next].M;
+            }
+            fprintf(f, "\"/>\n");
+            for (int j = i; j < n_rows; j++)
+                if (rows[j].M > 0 && !strcmp(rows[j].model, rows[i].model) && rows[j].rbeta == rows[i].rbeta)
+                    fprintf(f, "<circle cx=\"%.1f\" cy=\"%.1f\" r=\"3\" fill=\"%s\"/><text x=\"%.1f\" y=\"%.0f\" "
+                               "font-size=\"10\" text-anchor=\"middle\">%g</text>\n",
+                            NX(rows[j].M), NY(mean[j * 8 + 4]), col, NX(rows[j].M), y0 + h + 14, rows[j].M);
+        }
+        fprintf(f, "<text x=\"%.0f\" y=\"%.0f\" fill=\"%s\">%s, %s</text>\n", x0 + w + 12, y0 + 14 + 16 * (series - 1),
+                col, rows[i].model, rows[i].M == 0 ? "full softmax" : rows[i].rbeta == 0 ? "uniform sampled softmax" : "IHN");
+    }
+#undef NX
+#undef NY
+    fprintf(f, "</svg>\n");
+    atomic_commit(f);
+}
+
+int cmd_report(int argc, char **argv) {
+    const char *svg = NULL, **dirs = xmalloc(argc * sizeof *dirs);
+    int n = 0;
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
+            printf("usage: remi report [--negatives-svg FILE] RUN_DIR...\n"
+                   "One markdown row per setting (data, model, beta, lambda, M) over the finished runs given\n"
+                   "(their --out folders): test Recall/NDCG/ndcg_ref/HitRate@20,50 as mean +- standard deviation\n"
+                   "over the seeds. --negatives-svg FILE also draws test Recall@50 against M.\n");
+            return 0;
+        }
+        if (!strcmp(argv[i], "--negatives-svg")) {
+            if (i + 1 >= argc) die("report: --negatives-svg needs a file name");
+            svg = argv[++i];
+        } else if (argv[i][0] == '-') die("report: unknown flag '%s'; see `remi report --help`", argv[i]);
+        else dirs[n++] = argv[i];
+    }
+    if (n == 0) die("report: give the --out folders of finished runs; see `remi report --help`");
+    int n_rows = 0, *count = xcalloc(n, sizeof(int));
+    RunResult *runs = xmalloc(n * sizeof *runs), *rows = xmalloc(n * sizeof *rows);
+    double *sum = xcalloc((size_t)n * 8, sizeof(double)), *sq = xcalloc((size_t)n * 8, sizeof(double));
+    for (int i = 0; i < n; i++) {
+        if (!read_run(&runs[i], dirs[i])) { fprintf(stderr, "report: %s has not finished, left out\n", dirs[i]); continue; }
+        int r = 0;
+        while (r < n_rows && !same_setting(&rows[r], &runs[i])) r++;
+        if (r == n_rows) rows[n_rows++] = runs[i];
+        count[r]++;
+        for (int k = 0; k < 8; k++) { sum[r * 8 + k] += runs[i].v[k]; sq[r * 8 + k] += runs[i].v[k] * runs[i].v[k]; }
+    }
+    printf("| data | model | beta | lambda | M | seeds | R@20 | NDCG@20 | ndcg_ref@20 | HR@20 | R@50 | NDCG@50 | ndcg_ref@50 | HR@50 |\n");
+    printf("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    for (int r = 0; r < n_rows; r++) {
+        char mb[32] = "all (full softmax)";
+        if (rows[r].M != 0) snprintf(mb, sizeof mb, "%g", rows[r].M);
+        printf("| %s | %s%s | %g | %g | %s | %d |", rows[r].name, rows[r].model, rows[r].relu ? "+relu" : "", rows[r].rbeta,
+               rows[r].rlambda, mb, count[r]);
+        for (int k = 0; k < 8; k++) {
+            double c = count[r], mean = sum[r * 8 + k] / c, var = c > 1 ? (sq[r * 8 + k] - c * mean * mean) / (c - 1) : 0;
+            sum[r * 8 + k] = mean;
+            if (c > 1) printf(" %.4f ± %.4f |", mean, sqrt(var > 0 ? var : 0));
+            else printf(" %.4f |", mean);
+        }
+        printf("\n");
+    }
+    if (svg) negatives_svg(svg, rows, sum, n_rows);
+    return 0;
+}
+
 /* ======================================================================== gradcheck
  * Central finite differences against every backward, on tiny shapes. Each check
  * perturbs one input element by +-eps, evaluates a scalar objective sum_i c_i y_i (or the
@@ -4426,6 +4607,7 @@ static void main_usage(void) {
            "  recommend  the top-N items for a history, with the interest that retrieved each\n"
            "  export     item embeddings and user interest vectors as TSV\n"
            "  inspect    routing collapse: statistics and a heatmap of the routing matrices\n"
+           "  report     one table (mean +- std over seeds) and the negatives figure from finished runs\n"
            "  prep       turn a raw interaction file into split files\n"
            "  gradcheck  finite-difference check of every backward pass\n"
            "  selftest   fast kernels against scalar twins, evaluation checks\n"
@@ -4439,6 +4621,7 @@ int main(int argc, char **argv) {
         { "train", cmd_train }, { "eval", cmd_eval }, { "prep", cmd_prep }, { "gradcheck", cmd_gradcheck },
         { "selftest", cmd_selftest }, { "bench", cmd_bench }, { "fuzz", cmd_fuzz },
         { "recommend", cmd_recommend }, { "export", cmd_export }, { "inspect", cmd_inspect },
+        { "report", cmd_report },
     };
     for (size_t i = 0; i < sizeof cmds / sizeof *cmds; i++)
         if (!strcmp(argv[1], cmds[i].name)) return cmds[i].fn(argc - 1, argv + 1);

@@ -194,5 +194,6 @@ int cmd_fuzz(int argc, char **argv);
 int cmd_recommend(int argc, char **argv);
 int cmd_export(int argc, char **argv);
 int cmd_inspect(int argc, char **argv);
+int cmd_report(int argc, char **argv);
 
 #endif

@@ -281,6 +281,16 @@ if ! "$REMI" inspect --model-file "$TMP/tiny-dnn-t2/model.bin" --data expected/t
    grep -q "no routing matrix" "$TMP/insp.log"; then pass "inspect refuses a single-vector model"
 else fail "inspect dnn" "$(head -c 200 "$TMP/insp.log")"; fi
 
+# ---------------------------------------------------------------- report over runs
+# two seeds of one setting make one row whose Recall@50 is their mean; full softmax its own row
+"$REMI" report "$TMP/tiny-sa-t2" "$TMP/tiny-seed8" "$TMP/full" --negatives-svg "$TMP/neg.svg" >"$TMP/report.md" 2>&1
+want=$(awk -F'"recall":' '/"final":"test".*"topn":50/ { split($2, a, ","); s += a[1]; n++ } END { if (n == 2) printf "%.4f", s / n }' \
+       "$TMP/tiny-sa-t2/metrics.jsonl" "$TMP/tiny-seed8/metrics.jsonl")
+got=$(awk -F'|' '$3 ~ /^ sa $/ && $7 ~ /^ 2 $/ { split($12, a, " "); print a[1] }' "$TMP/report.md")
+if [ -n "$want" ] && [ "$got" = "$want" ] && grep -q "all (full softmax)" "$TMP/report.md" && grep -q "<polyline" "$TMP/neg.svg"; then
+    pass "report: 2 seeds in one row (Recall@50 mean $got), full softmax apart, negatives figure"
+else fail "report" "mean R@50 want '$want' got '$got': $(head -c 300 "$TMP/report.md")"; fi
+
 # ---------------------------------------------------------------- terminal output
 # a live progress line on a terminal (util-linux script gives one), plain lines otherwise
 if command -v script >/dev/null; then
@@ -360,7 +370,7 @@ if [ "${REMI_TEST_ASAN:-1}" != 0 ] && command -v "${CC:-cc}" >/dev/null && make 
     else fail "fuzz under the sanitizers" "$(grep -v '^fuzz: [0-9]' "$TMP/fuzz-asan.log" | head -n 3)"; fi
 else echo "skip  fuzz under the sanitizers (no compiler, or REMI_TEST_ASAN=0)"; fi
 
-for cmd in train eval prep gradcheck selftest bench fuzz recommend export inspect; do
+for cmd in train eval prep gradcheck selftest bench fuzz recommend export inspect report; do
     "$REMI" $cmd --help >"$TMP/help.log" 2>&1 && grep -q "usage: remi $cmd" "$TMP/help.log" || fail "$cmd --help" "no usage"
 done
 pass "--help on every subcommand"
