@@ -1151,7 +1151,8 @@ static inline float exp_v(float x) {
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
     float e = p * r * r + r + 1.0f;
-    float y = e * bits_to_float(((int32_t)n + 127) << 23);
+    n = n >= -127.0f && n <= 128.0f ? n : 0.0f; /* a NaN input: no undefined conversion, NaN out */
+    float y = e * bits_to_float((int32_t)((uint32_t)((int32_t)n + 127) << 23));
     return x < -87.3f ? 0.0f : y;
 }
 
