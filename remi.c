@@ -2856,9 +2856,10 @@ static const char *nonfinite_tensor(const Model *m, const float *mem, size_t *co
     return NULL;
 }
 
-/* Stops the run on a NaN or an infinity, naming the tensor (a parameter, else a gradient)
- * and the last checkpoint. */
-static void die_nonfinite(const Model *m, long it, double loss, const char *ckpt, long ckpt_it) {
+/* The message that stops a run on a NaN or an infinity: the step, the tensor (a parameter,
+ * else a gradient) and the last checkpoint. */
+static void nonfinite_message(char *buf, size_t cap, const Model *m, long it, double loss, const char *ckpt,
+                              long ckpt_it) {
     size_t n = 0;
     const char *t = nonfinite_tensor(m, m->mem, &n);
     char what[128] = "", last[4300] = "no checkpoint was written yet";
@@ -2866,7 +2867,12 @@ static void die_nonfinite(const Model *m, long it, double loss, const char *ckpt
     else if ((t = nonfinite_tensor(m, m->gmem, &n)))
         snprintf(what, sizeof what, "; the parameters are finite, %zu values of the gradient of %s are not", n, t);
     if (ckpt_it > 0) snprintf(last, sizeof last, "the last good checkpoint is %s (iteration %ld)", ckpt, ckpt_it);
-    die("iteration %ld: the loss is %g%s; %s; lower --lr or --rlambda", it, loss, what, last);
+    snprintf(buf, cap, "iteration %ld: the loss is %g%s; %s; lower --lr or --rlambda", it, loss, what, last);
+}
+static void die_nonfinite(const Model *m, long it, double loss, const char *ckpt, long ckpt_it) {
+    char msg[4600];
+    nonfinite_message(msg, sizeof msg, m, it, loss, ckpt, ckpt_it);
+    die("%s", msg);
 }
 
 /* The live status line on a terminal: step, speed, loss, best so far, time to go. */
@@ -4130,9 +4136,14 @@ static int st_nonfinite(uint64_t *rng) {
     float loss = train_step(&m, &a, &s, &c, &r, perm);
     size_t n = 0, ng = 0;
     const char *t = nonfinite_tensor(&m, m.mem, &n), *tg = nonfinite_tensor(&m, m.gmem, &ng);
-    int ok = !isfinite(loss) && t && !strcmp(t, "W1") && n == 1 && m.step == 0 && tg;
+    char msg[4600];
+    nonfinite_message(msg, sizeof msg, &m, 5, loss, "out/checkpoint.bin", 4);
+    int ok = !isfinite(loss) && t && !strcmp(t, "W1") && n == 1 && m.step == 0 && tg &&
+             strstr(msg, "iteration 5: the loss is nan; 1 non-finite values in the parameters W1;") &&
+             strstr(msg, "the last good checkpoint is out/checkpoint.bin (iteration 4)");
     char d[128];
     snprintf(d, sizeof d, "loss %g, parameters: %s (%zu), first gradient: %s", loss, t ? t : "none", n, tg ? tg : "none");
+    printf("  stop message: %s\n", msg);
     free_split(&s);
     return st_report("NaN in W1: no update, W1 named", ok, d);
 }

@@ -222,6 +222,13 @@ if [ $rc -eq 130 ] && grep -q "interrupted (SIGINT) after iteration" "$TMP/sig.l
     else fail "SIGINT resume" "resumed run differs"; fi
 else fail "SIGINT" "exit $rc: $(tail -n 1 "$TMP/sig.log")"; fi
 
+# SIGTERM: the same, with exit status 143
+"$REMI" train "${SIG[@]}" --out "$TMP/term" >"$TMP/term.log" 2>&1 &
+pid=$!; sleep 1; kill -TERM $pid; wait $pid; rc=$?
+if [ $rc -eq 143 ] && grep -q "terminated (SIGTERM) after iteration" "$TMP/term.log" &&
+   "$REMI" train --resume "$TMP/term" --stop-after 1 >/dev/null 2>&1; then pass "SIGTERM: checkpoint, exit 143, resumable"
+else fail "SIGTERM" "exit $rc: $(tail -n 1 "$TMP/term.log")"; fi
+
 # damaged, foreign and missing checkpoints are refused, and settings cannot change on resume
 ck=$TMP/resume-sa-150/checkpoint.bin
 bad_ckpt() { # TEST WANT: $TMP/ck/checkpoint.bin prepared by the caller
