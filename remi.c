@@ -841,7 +841,7 @@ typedef struct {
 
 /* What a kept member held: its type, the decoded string or the number's value. */
 typedef struct {
-    char type;      /* 0 missing, 's' string, 'n' number, else the first byte of the value */
+    char type;      /* 0 missing, 's' string, '#' number, else the value's first byte: { [ t f n */
     int lone;       /* string with a lone surrogate */
     char *s;
     size_t len;
@@ -1007,7 +1007,7 @@ static int prep_json_value(PrepJson *j, PrepJsonVal *out, int depth) {
         if ((size_t)(j->end - j->p) < n || memcmp(j->p, w, n)) return prep_json_fail(j, "invalid value");
         j->p += n;
     } else {
-        v.type = 'n';
+        v.type = '#';
         if (!prep_json_number(j, &v.num)) return 0;
     }
     if (out) *out = v; /* a repeated key: the last value wins, as in a Python dict */
@@ -1130,7 +1130,7 @@ static void prep_parse_sequence(PrepData *d, const PrepOpts *o, long lineno, con
 static const char *prep_json_type(char type) {
     switch (type) {
     case 's': return "a string";
-    case 'n': return "a number";
+    case '#': return "a number";
     case '{': return "an object";
     case '[': return "an array";
     case 't': case 'f': return "a boolean";
@@ -1174,11 +1174,11 @@ static void prep_parse_json(PrepData *d, const PrepOpts *o, long lineno, const c
         if (v[k].len == 0) prep_bad_line(o, lineno, line, "the %s id \"%s\" is empty", what, keys[k]);
     }
     double t = v[2].num;
-    int ok = v[2].type == 'n' ? isfinite(t) && fabs(t) < 9223372036854775808.0
+    int ok = v[2].type == '#' ? isfinite(t) && fabs(t) < 9223372036854775808.0
            : v[2].type == 's' && prep_parse_float(v[2].s, v[2].len, &t);
     if (!ok)
         prep_bad_line(o, lineno, line, "the time \"%s\" is %s, not a finite number below 2^63 or a "
-                      "string holding one", keys[2], v[2].type == 'n' || v[2].type == 's' ? "out of range or not numeric" : prep_json_type(v[2].type));
+                      "string holding one", keys[2], v[2].type == '#' || v[2].type == 's' ? "out of range or not numeric" : prep_json_type(v[2].type));
     int user = prep_intern(d, &d->users, o, v[0].s, v[0].len, lineno, line, "user");
     prep_add(d, user, prep_intern(d, &d->items, o, v[1].s, v[1].len, lineno, line, "item"), t);
 }
