@@ -4536,8 +4536,8 @@ static void mutate(Bytes *b, uint64_t *rng) {
     } }
 }
 
-typedef enum { FZ_SPLIT, FZ_PREP_PAIRS, FZ_PREP_SEQ, FZ_MODEL, FZ_CKPT, N_FZ } FuzzKind;
-static const char *FZ_NAMES[N_FZ] = { "split file", "prep pairs", "prep sequence", "model file", "checkpoint" };
+typedef enum { FZ_SPLIT, FZ_PREP_PAIRS, FZ_PREP_SEQ, FZ_PREP_JSON, FZ_MODEL, FZ_CKPT, N_FZ } FuzzKind;
+static const char *FZ_NAMES[N_FZ] = { "split file", "prep pairs", "prep sequence", "prep json", "model file", "checkpoint" };
 
 /* The reader of one kind on `path`, in the child. */
 static void fuzz_target(FuzzKind k, const char *path, const char *dir) {
@@ -4560,6 +4560,11 @@ static void fuzz_target(FuzzKind k, const char *path, const char *dir) {
         cmd_prep(sizeof argv / sizeof *argv, argv);
         break;
     }
+    case FZ_PREP_JSON: {
+        char *argv[] = { "prep", "--input", (char *)path, "--name", "f", "--out", out, "--preset", "book", "--min", "2" };
+        cmd_prep(sizeof argv / sizeof *argv, argv);
+        break;
+    }
     case FZ_MODEL: model_load(&m, &c, path); break;
     case FZ_CKPT: { Stream st = ckpt_open(path, &c); fclose(st.f); check_config(&c); break; }
     default: break;
@@ -4577,6 +4582,8 @@ static void fuzz_fixtures(Bytes *fx, const char *expected, const char *dir) {
     fx[FZ_PREP_PAIRS] = read_all(path);
     snprintf(path, sizeof path, "%s/prep/b_sequence.txt", expected);
     fx[FZ_PREP_SEQ] = read_all(path);
+    snprintf(path, sizeof path, "%s/prep/e_book.json", expected);
+    fx[FZ_PREP_JSON] = read_all(path);
     Config c = default_config();
     c.D = 4; c.K = 2; c.L = 3; c.enc = ENC_MIND; c.model = "mind"; c.relu = 1;
     Model m;
