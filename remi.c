@@ -627,25 +627,39 @@ static void prep_ids_free(PrepIds *t) {
 }
 
 /* ------------------------------------------------------------------ reading */
+enum { PREP_PAIRS, PREP_SEQUENCE, PREP_JSON };
+
 typedef struct {
     const char *input, *name, *out;
-    int sequence;      /* 0: pairs, 1: sequence lines */
+    int format;        /* PREP_PAIRS, PREP_SEQUENCE or PREP_JSON */
     int sep;           /* 0: runs of spaces/tabs, else this exact byte */
     int header;        /* skip the first line */
     int ucol, icol, tcol; /* 0-based columns (pairs); tcol -1 = no time column */
+    int keep_col;      /* pairs: keep only lines whose column keep_col is keep_value; -1 = all */
+    const char *keep_value;
+    int iso_time;      /* pairs: the time column is YYYY-MM-DDTHH:MM:SSZ, not a number */
+    int int_ids;       /* ids read as Python int() reads them, written back normalised */
+    const char *ukey, *ikey, *tkey; /* json: the member names of user, item and time */
     int min;           /* filter_size of data.py */
     uint64_t seed;     /* abs() of --seed, as random.seed() uses it */
 } PrepOpts;
 
+/* The time is a double because read_from_amazon keeps float(unixReviewTime) and sorts by
+ * it, writing only its truncation ('%d'); the other readers' int(float(x)), ISO times and
+ * line numbers are integers below 2^63 that the double holds exactly or to within the
+ * rounding float(x) already did. Output is always (long long)time. */
 typedef struct {
     int user, item; /* interned indices */
-    int64_t time;
+    double time;
 } PrepEvent;
 
 typedef struct {
     PrepIds users, items;
     PrepEvent *ev;     /* (n_ev) every interaction, in file order */
     size_t n_ev, cap_ev;
+    size_t n_skipped;  /* lines dropped by --keep-col */
+    char *json, *id;   /* scratch: a JSON line being decoded, an id being normalised */
+    size_t cap_json, cap_id;
 } PrepData;
 
 /* A parse error: name the file, the 1-based line number and the line itself, then die. */
@@ -697,10 +711,11 @@ static int prep_next_field(PrepFields *f, const char **s, size_t *len) {
     return 1;
 }
 
-/* Python's int(float(s)) for a decimal number: optional spaces, sign, digits with an
- * optional fraction and exponent. inf, nan, hex and underscores are refused (int() would
- * refuse the first two; the others are never meant as times). Returns 0 if not a number. */
-static int prep_parse_time(const char *s, size_t len, int64_t *out) {
+/* Python's float(s) for a decimal number: optional spaces, sign, digits with an optional
+ * fraction and exponent. inf, nan, hex and underscores are refused (int() or '%d' would
+ * refuse the first two; the others are never meant as times), and so is anything beyond
+ * +-2^63, which the output's %lld could not write. Returns 0 if not such a number. */
+static int prep_parse_float(const char *s, size_t len, double *out) {
     char buf[128];
     size_t a = 0, b = len;
     while (a < b && (s[a] == ' ' || s[a] == '\t')) a++;
@@ -724,11 +739,301 @@ static int prep_parse_time(const char *s, size_t len, int64_t *out) {
     if (*p) return 0;
     double d = strtod(buf, NULL); /* correctly rounded, like Python's float() */
     if (!(d > -9223372036854775808.0 && d < 9223372036854775808.0)) return 0; /* also inf */
-    *out = (int64_t)d; /* truncation toward zero, like int() */
+    *out = d;
     return 1;
 }
 
-static void prep_add(PrepData *d, int user, int item, int64_t time) {
+/* Python's int(float(s)): the float truncated toward zero, like int(). */
+static int prep_parse_time(const char *s, size_t len, double *out) {
+    if (!prep_parse_float(s, len, out)) return 0;
+    *out = trunc(*out);
+    return 1;
+}
+
+/* Days from 1970-01-01 to y-m-d in the proleptic Gregorian calendar (H. Hinnant's
+ * days_from_civil): eras of 400 years = 146097 days, years starting in March so that the
+ * leap day is the last day of the year. No libc time zone code involved. */
+static int64_t prep_days_from_civil(int64_t y, int m, int d) {
+    y -= m <= 2;
+    int64_t era = (y >= 0 ? y : y - 399) / 400;
+    int64_t yoe = y - era * 400;                                  /* [0, 399] */
+    int64_t doy = (153 * (m > 2 ? m - 3 : m + 9) + 2) / 5 + d - 1;  /* [0, 365] */
+    int64_t doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;          /* [0, 146096] */
+    return era * 146097 + doe - 719468;
+}
+
+/* "YYYY-MM-DDTHH:MM:SSZ" (SNAP's check-in time) -> Unix seconds, UTC: what
+ * calendar.timegm(time.strptime(t, "%Y-%m-%dT%H:%M:%SZ")) gives. Like strptime: T and Z
+ * in either case, the date must exist, seconds up to 61 (timegm counts them on). Unlike
+ * strptime, every field must have its full width (strptime also takes "2010-1-5T..."). */
+static int prep_parse_iso(const char *s, size_t len, double *out) {
+    static const char form[] = "dddd-dd-ddTdd:dd:ddZ";
+    if (len != sizeof form - 1) return 0;
+    int v[6] = {0}, f = 0;
+    for (size_t i = 0; i < len; i++) {
+        char c = s[i], want = form[i];
+        if (want == 'd') {
+            if (c < '0' || c > '9') return 0;
+            v[f] = 10 * v[f] + (c - '0');
+        } else {
+            if ((c | 0x20) != (want | 0x20)) return 0; /* T, Z case-blind; - and : exact */
+            f++;
+        }
+    }
+    int y = v[0], mo = v[1], d = v[2], h = v[3], mi = v[4], sec = v[5];
+    static const int mdays[12] = {31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31};
+    int leap = (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
+    if (y < 1 || mo < 1 || mo > 12 || d < 1 || d > mdays[mo - 1] || (mo == 2 && d == 29 && !leap) ||
+        h > 23 || mi > 59 || sec > 61)
+        return 0;
+    *out = (double)(prep_days_from_civil(y, mo, d) * 86400 + h * 3600 + mi * 60 + sec);
+    return 1;
+}
+
+static int prep_digit(char c) { return c >= '0' && c <= '9'; }
+
+/* The ASCII whitespace of Python's str.strip() and int(): \t \n \v \f \r, \x1c-\x1f, space. */
+static int prep_py_space(char c) { return c == ' ' || (c >= '\t' && c <= '\r') || (c >= 0x1c && c <= 0x1f); }
+
+/* Python's int(s) of an id, as the RecBole readers do (uid = int(conts[0])): surrounding
+ * whitespace, an optional sign, digits with single underscores between them. The value is
+ * written to t as Python prints it (no '+', no leading zeros, "-0" is 0), so "007" and "7"
+ * are one id; no size limit, as Python ints have none. Returns the length, 0 if not an
+ * integer. t needs len + 1 bytes. */
+static size_t prep_int_id(const char *s, size_t len, char *t) {
+    size_t a = 0, b = len;
+    while (a < b && prep_py_space(s[a])) a++;
+    while (b > a && prep_py_space(s[b - 1])) b--;
+    int neg = 0;
+    if (a < b && (s[a] == '+' || s[a] == '-')) neg = s[a++] == '-';
+    size_t digits = 0, k = (size_t)neg;
+    for (size_t i = a; i < b; i++) {
+        if (s[i] == '_') { /* only between two digits */
+            if (!(i > a && prep_digit(s[i - 1]) && i + 1 < b && prep_digit(s[i + 1]))) return 0;
+            continue;
+        }
+        if (!prep_digit(s[i])) return 0;
+        digits++;
+        if (k == (size_t)neg && s[i] == '0') continue; /* a leading zero */
+        t[k++] = s[i];
+    }
+    if (digits == 0) return 0;
+    if (k == (size_t)neg) return (t[0] = '0', 1); /* all zeros: 0, never -0 */
+    if (neg) t[0] = '-';
+    return k;
+}
+
+/* ------------------------------------------------------------------ JSON lines
+ * read_from_amazon (REMI-SPEC b.1) does r = json.loads(line.strip()) and reads
+ * r['reviewerID'], r['asin'] and float(r['unixReviewTime']). This is a strict parser
+ * of one such line: it walks the whole value (so malformed JSON anywhere is refused, as
+ * json.loads refuses it) and keeps only the three members asked for. Strings are decoded
+ * in place in a copy of the line: an escape is never shorter than its UTF-8, so the write
+ * position never passes the read position. Like json.loads it takes NaN, Infinity and
+ * -Infinity as numbers, lets a repeated key's last value win and takes lone surrogates
+ * (\ud800) in strings; an id holding one is refused, as Python could not write it out. */
+#define PREP_JSON_DEPTH 512 /* json.loads hits Python's recursion limit near 1000 */
+
+typedef struct {
+    char *p, *end;
+    const char *err; /* the first error, for the message */
+} PrepJson;
+
+/* What a kept member held: its type, the decoded string or the number's value. */
+typedef struct {
+    char type;      /* 0 missing, 's' string, '#' number, else the value's first byte: { [ t f n */
+    int lone;       /* string with a lone surrogate */
+    char *s;
+    size_t len;
+    double num;
+} PrepJsonVal;
+
+static int prep_json_fail(PrepJson *j, const char *msg) {
+    if (!j->err) j->err = msg;
+    return 0;
+}
+
+static void prep_json_ws(PrepJson *j) {
+    while (j->p < j->end && (*j->p == ' ' || *j->p == '\t' || *j->p == '\n' || *j->p == '\r')) j->p++;
+}
+
+static int prep_json_hex4(const char *p, const char *end, unsigned *v) {
+    if (end - p < 4) return 0;
+    *v = 0;
+    for (int i = 0; i < 4; i++) {
+        char c = p[i];
+        int h = prep_digit(c) ? c - '0' : (c | 0x20) >= 'a' && (c | 0x20) <= 'f' ? (c | 0x20) - 'a' + 10 : -1;
+        if (h < 0) return 0;
+        *v = *v << 4 | (unsigned)h;
+    }
+    return 1;
+}
+
+/* Code point cp as UTF-8 at w (surrogates as their 3 bytes, "WTF-8"); returns the length. */
+static int prep_utf8_put(char *w, unsigned cp) {
+    if (cp < 0x80) { w[0] = (char)cp; return 1; }
+    if (cp < 0x800) { w[0] = (char)(0xc0 | cp >> 6); w[1] = (char)(0x80 | (cp & 0x3f)); return 2; }
+    if (cp < 0x10000) {
+        w[0] = (char)(0xe0 | cp >> 12); w[1] = (char)(0x80 | (cp >> 6 & 0x3f)); w[2] = (char)(0x80 | (cp & 0x3f));
+        return 3;
+    }
+    w[0] = (char)(0xf0 | cp >> 18); w[1] = (char)(0x80 | (cp >> 12 & 0x3f));
+    w[2] = (char)(0x80 | (cp >> 6 & 0x3f)); w[3] = (char)(0x80 | (cp & 0x3f));
+    return 4;
+}
+
+/* One \uXXXX escape at r (after the backslash and u), a surrogate pair taken whole. */
+static int prep_json_u(PrepJson *j, char **r, char **w, int *lone) {
+    unsigned cp, lo;
+    if (!prep_json_hex4(*r, j->end, &cp)) return prep_json_fail(j, "\\u needs four hex digits");
+    *r += 4;
+    if (cp >= 0xd800 && cp < 0xdc00 && j->end - *r >= 6 && (*r)[0] == '\\' && (*r)[1] == 'u' &&
+        prep_json_hex4(*r + 2, j->end, &lo) && lo >= 0xdc00 && lo < 0xe000) {
+        cp = 0x10000 + ((cp - 0xd800) << 10) + (lo - 0xdc00);
+        *r += 6;
+    } else if (cp >= 0xd800 && cp < 0xe000) *lone = 1;
+    *w += prep_utf8_put(*w, cp);
+    return 1;
+}
+
+/* A string at j->p (its opening quote), decoded in place into *s, *len. */
+static int prep_json_string(PrepJson *j, char **s, size_t *len, int *lone) {
+    char *r = j->p + 1, *w = r;
+    *s = w;
+    *lone = 0;
+    for (;;) {
+        if (r == j->end) return prep_json_fail(j, "unterminated string");
+        unsigned char c = (unsigned char)*r++;
+        if (c == '"') break;
+        if (c < 0x20) return prep_json_fail(j, "control character in a string (JSON needs it escaped)");
+        if (c != '\\') { *w++ = (char)c; continue; }
+        if (r == j->end) return prep_json_fail(j, "unterminated string");
+        static const char esc[] = "\"\\/bfnrt", val[] = "\"\\/\b\f\n\r\t";
+        const char *e = *r ? strchr(esc, *r) : NULL;
+        if (e) { *w++ = val[e - esc]; r++; continue; }
+        if (*r++ != 'u') return prep_json_fail(j, "invalid escape in a string (\\\" \\\\ \\/ \\b \\f \\n \\r \\t \\uXXXX)");
+        if (!prep_json_u(j, &r, &w, lone)) return 0;
+    }
+    *len = (size_t)(w - *s);
+    j->p = r;
+    return 1;
+}
+
+/* A number (JSON grammar, or NaN/Infinity/-Infinity as json.loads allows) into *v. */
+static int prep_json_number(PrepJson *j, double *v) {
+    char *p = j->p, *end = j->end;
+    int neg = p < end && *p == '-';
+    p += neg;
+    static const char *word[2] = {"NaN", "Infinity"};
+    for (int k = 0; k < 2; k++) {
+        size_t n = strlen(word[k]);
+        if ((size_t)(end - p) >= n && !memcmp(p, word[k], n) && (k || !neg)) {
+            *v = k ? (neg ? -INFINITY : INFINITY) : NAN;
+            j->p = p + n;
+            return 1;
+        }
+    }
+    if (p == end || !prep_digit(*p)) return prep_json_fail(j, "invalid value");
+    if (*p == '0') p++; /* no leading zeros */
+    else while (p < end && prep_digit(*p)) p++;
+    if (p < end && *p == '.') {
+        if (++p == end || !prep_digit(*p)) return prep_json_fail(j, "invalid number");
+        while (p < end && prep_digit(*p)) p++;
+    }
+    if (p < end && (*p == 'e' || *p == 'E')) {
+        p++;
+        if (p < end && (*p == '+' || *p == '-')) p++;
+        if (p == end || !prep_digit(*p)) return prep_json_fail(j, "invalid number");
+        while (p < end && prep_digit(*p)) p++;
+    }
+    char keep = *p; /* strtod needs a terminator; the grammar above already bounds it */
+    *p = '\0';
+    *v = strtod(j->p, NULL); /* correctly rounded, like Python's float(); 1e999 is inf, as there */
+    *p = keep;
+    j->p = p;
+    return 1;
+}
+
+static int prep_json_value(PrepJson *j, PrepJsonVal *out, int depth);
+
+/* An object or array at j->p; with keys, an object whose members named keys[k] are kept
+ * in out[k] (keys may be NULL: keep nothing). */
+static int prep_json_container(PrepJson *j, const char *const *keys, PrepJsonVal *out, int depth) {
+    int obj = *j->p == '{';
+    char close = obj ? '}' : ']';
+    if (depth >= PREP_JSON_DEPTH) return prep_json_fail(j, "nested more than 512 levels deep");
+    j->p++;
+    prep_json_ws(j);
+    if (j->p < j->end && *j->p == close) { j->p++; return 1; }
+    for (;;) {
+        PrepJsonVal *slot = NULL;
+        if (obj) {
+            char *k;
+            size_t klen;
+            int lone;
+            if (j->p == j->end || *j->p != '"') return prep_json_fail(j, "expected a \"key\" in an object");
+            if (!prep_json_string(j, &k, &klen, &lone)) return 0;
+            for (int i = 0; keys && i < 3; i++)
+                if (strlen(keys[i]) == klen && !memcmp(keys[i], k, klen)) slot = &out[i];
+            prep_json_ws(j);
+            if (j->p == j->end || *j->p != ':') return prep_json_fail(j, "expected ':' after a key");
+            j->p++;
+            prep_json_ws(j);
+        }
+        if (!prep_json_value(j, slot, depth + 1)) return 0;
+        prep_json_ws(j);
+        if (j->p < j->end && *j->p == close) { j->p++; return 1; }
+        if (j->p == j->end || *j->p != ',')
+            return prep_json_fail(j, obj ? "expected ',' or '}' in an object" : "expected ',' or ']' in an array");
+        j->p++;
+        prep_json_ws(j);
+    }
+}
+
+/* Any value at j->p; out (if not NULL) gets its type and, for strings and numbers, its value. */
+static int prep_json_value(PrepJson *j, PrepJsonVal *out, int depth) {
+    PrepJsonVal v = {0};
+    if (j->p == j->end) return prep_json_fail(j, "a value is missing");
+    char c = *j->p;
+    v.type = c;
+    if (c == '"') {
+        v.type = 's';
+        if (!prep_json_string(j, &v.s, &v.len, &v.lone)) return 0;
+    } else if (c == '{' || c == '[') {
+        if (!prep_json_container(j, NULL, NULL, depth)) return 0;
+    } else if (c == 't' || c == 'f' || c == 'n') {
+        const char *w = c == 't' ? "true" : c == 'f' ? "false" : "null";
+        size_t n = strlen(w);
+        if ((size_t)(j->end - j->p) < n || memcmp(j->p, w, n)) return prep_json_fail(j, "invalid value");
+        j->p += n;
+    } else {
+        v.type = '#';
+        if (!prep_json_number(j, &v.num)) return 0;
+    }
+    if (out) *out = v; /* a repeated key: the last value wins, as in a Python dict */
+    return 1;
+}
+
+/* Bytes [s, s+n) are valid UTF-8, as Python's strict decoder of the file wants: no
+ * overlong forms, no encoded surrogates, nothing beyond U+10FFFF. */
+static int prep_utf8_valid(const unsigned char *s, size_t n) {
+    static const unsigned min_cp[4] = {0, 0x80, 0x800, 0x10000};
+    for (size_t i = 0; i < n;) {
+        unsigned c = s[i];
+        int k = c < 0x80 ? 0 : (c & 0xe0) == 0xc0 ? 1 : (c & 0xf0) == 0xe0 ? 2 : (c & 0xf8) == 0xf0 ? 3 : -1;
+        if (k < 0) return 0;
+        unsigned cp = c & (0x7fu >> k); /* the lead byte's payload bits */
+        for (int m = 1; m <= k; m++) {
+            if (i + (size_t)m >= n || (s[i + m] & 0xc0) != 0x80) return 0;
+            cp = cp << 6 | (s[i + m] & 0x3f);
+        }
+        if (cp < min_cp[k] || cp > 0x10ffff || (cp >= 0xd800 && cp < 0xe000)) return 0;
+        i += (size_t)k + 1;
+    }
+    return 1;
+}
+
+static void prep_add(PrepData *d, int user, int item, double time) {
     if (d->n_ev == d->cap_ev) {
         d->cap_ev = d->cap_ev ? 2 * d->cap_ev : 65536;
         d->ev = xrealloc(d->ev, d->cap_ev * sizeof *d->ev);
@@ -736,14 +1041,35 @@ static void prep_add(PrepData *d, int user, int item, int64_t time) {
     d->ev[d->n_ev++] = (PrepEvent){user, item, time};
 }
 
+/* Intern a user or item id; with --int-ids through Python's int() first, so the id kept
+ * (and written to the map) is the integer as Python prints it. */
+static int prep_intern(PrepData *d, PrepIds *t, const PrepOpts *o, const char *s, size_t len,
+                       long lineno, const char *line, const char *what) {
+    if (memchr(s, '\0', len)) /* only a JSON \u0000 gets here; the map's lines could not hold it */
+        prep_bad_line(o, lineno, line, "the %s id contains U+0000", what);
+    if (!o->int_ids) return prep_ids_intern(t, s, len);
+    if (len + 2 > d->cap_id) {
+        d->cap_id = 2 * len + 64;
+        d->id = xrealloc(d->id, d->cap_id);
+    }
+    size_t k = prep_int_id(s, len, d->id);
+    if (!k)
+        prep_bad_line(o, lineno, line, "the %s id \"%.*s\" is not an integer, which --int-ids "
+                      "(Python's int(), as the RecBole readers use) needs", what, (int)(len > 40 ? 40 : len), s);
+    return prep_ids_intern(t, d->id, k);
+}
+
 /* One "pairs" line: the user, item and (optional) time columns; extra columns are ignored.
- * Without a time column the time is the 1-based line number, header included. */
+ * Without a time column the time is the 1-based line number, header included. A line
+ * whose --keep-col is not --keep-value is skipped once it has the columns (Taobao's
+ * reader: if conts[3] != 'pv': continue). */
 static void prep_parse_pair(PrepData *d, const PrepOpts *o, long lineno, const char *line, size_t n) {
     int need = o->ucol > o->icol ? o->ucol : o->icol;
     if (o->tcol > need) need = o->tcol;
+    if (o->keep_col > need) need = o->keep_col;
     need++;
-    const char *fs[3] = {0}; /* user, item, time */
-    size_t fl[3] = {0};
+    const char *fs[4] = {0}; /* user, item, time, keep */
+    size_t fl[4] = {0};
     PrepFields f = {line, line + n, o->sep, 0};
     const char *s;
     size_t len;
@@ -752,42 +1078,109 @@ static void prep_parse_pair(PrepData *d, const PrepOpts *o, long lineno, const c
         if (col == o->ucol) fs[0] = s, fl[0] = len;
         if (col == o->icol) fs[1] = s, fl[1] = len;
         if (col == o->tcol) fs[2] = s, fl[2] = len;
+        if (col == o->keep_col) fs[3] = s, fl[3] = len;
     }
     if (col < need)
         prep_bad_line(o, lineno, line, "found %d column%s separated by %s, need at least %d "
-                      "(user column %d, item column %d%s)", col, col == 1 ? "" : "s",
+                      "(user column %d, item column %d%s%s)", col, col == 1 ? "" : "s",
                       prep_sep_name(o->sep), need, o->ucol, o->icol,
-                      o->tcol >= 0 ? ", time column given by --time-col" : "");
+                      o->tcol >= 0 ? ", time column given by --time-col" : "",
+                      o->keep_col >= 0 ? ", --keep-col" : "");
+    if (o->keep_col >= 0 && (fl[3] != strlen(o->keep_value) || memcmp(fs[3], o->keep_value, fl[3]))) {
+        d->n_skipped++;
+        return;
+    }
     if (fl[0] == 0) prep_bad_line(o, lineno, line, "empty user id (column %d)", o->ucol);
     if (fl[1] == 0) prep_bad_line(o, lineno, line, "empty item id (column %d)", o->icol);
-    int64_t t = lineno;
-    if (o->tcol >= 0 && !prep_parse_time(fs[2], fl[2], &t))
+    double t = (double)lineno;
+    if (o->tcol >= 0 && o->iso_time && !prep_parse_iso(fs[2], fl[2], &t))
+        prep_bad_line(o, lineno, line, "time column %d (\"%.*s\") is not a valid YYYY-MM-DDTHH:MM:SSZ time",
+                      o->tcol, (int)(fl[2] > 40 ? 40 : fl[2]), fs[2]);
+    if (o->tcol >= 0 && !o->iso_time && !prep_parse_time(fs[2], fl[2], &t))
         prep_bad_line(o, lineno, line, "time column %d (\"%.*s\") is not a number", o->tcol,
                       (int)(fl[2] > 40 ? 40 : fl[2]), fs[2]);
-    prep_add(d, prep_ids_intern(&d->users, fs[0], fl[0]), prep_ids_intern(&d->items, fs[1], fl[1]), t);
+    int user = prep_intern(d, &d->users, o, fs[0], fl[0], lineno, line, "user");
+    prep_add(d, user, prep_intern(d, &d->items, o, fs[1], fl[1], lineno, line, "item"), t);
 }
 
 /* One "sequence" line: user item item ...; the time of each interaction is a running
  * 1-based counter over the whole file, so file order is time order. */
 static void prep_parse_sequence(PrepData *d, const PrepOpts *o, long lineno, const char *line,
-                                size_t n, int64_t *counter) {
+                                size_t n, double *counter) {
     PrepFields f = {line, line + n, o->sep, 0};
     const char *s;
     size_t len;
     prep_next_field(&f, &s, &len); /* the line is not blank, so there is a first field */
     if (len == 0) prep_bad_line(o, lineno, line, "empty user id (first field)");
-    int user = prep_ids_intern(&d->users, s, len);
+    int user = prep_intern(d, &d->users, o, s, len, lineno, line, "user");
     int n_items = 0;
     while (prep_next_field(&f, &s, &len)) {
         if (len == 0)
             prep_bad_line(o, lineno, line, "empty item id (field %d, separator %s)", n_items + 2,
                           prep_sep_name(o->sep));
-        prep_add(d, user, prep_ids_intern(&d->items, s, len), ++*counter);
+        prep_add(d, user, prep_intern(d, &d->items, o, s, len, lineno, line, "item"), ++*counter);
         n_items++;
     }
     if (n_items == 0)
         prep_bad_line(o, lineno, line, "a user but no items; expected \"user item item ...\" "
                       "separated by %s", prep_sep_name(o->sep));
+}
+
+/* The type of a JSON value, for messages. */
+static const char *prep_json_type(char type) {
+    switch (type) {
+    case 's': return "a string";
+    case '#': return "a number";
+    case '{': return "an object";
+    case '[': return "an array";
+    case 't': case 'f': return "a boolean";
+    default: return "null";
+    }
+}
+
+/* One JSON line (read_from_amazon): the user and item members must be strings (a number
+ * would become a dict key of another type, printed with Python's repr rules: refused
+ * rather than imitated); the time a number or a string float() reads. The time is kept
+ * as float, unlike the other readers: REMI-SPEC b.1's ts = float(r['unixReviewTime']). */
+static void prep_parse_json(PrepData *d, const PrepOpts *o, long lineno, const char *line, size_t n) {
+    if (!prep_utf8_valid((const unsigned char *)line, n))
+        prep_bad_line(o, lineno, line, "not valid UTF-8 (Python's reader would stop here too)");
+    if (n + 1 > d->cap_json) {
+        d->cap_json = 2 * n + 64;
+        d->json = xrealloc(d->json, d->cap_json);
+    }
+    memcpy(d->json, line, n + 1); /* decoded in place; line stays intact for messages */
+    size_t a = 0, b = n; /* line.strip() */
+    while (a < b && prep_py_space(line[a])) a++;
+    while (b > a && prep_py_space(line[b - 1])) b--;
+    PrepJson j = {d->json + a, d->json + b, NULL};
+    const char *keys[3] = {o->ukey, o->ikey, o->tkey};
+    PrepJsonVal v[3] = {{0}};
+    prep_json_ws(&j);
+    if (j.p == j.end || *j.p != '{') prep_bad_line(o, lineno, line, "expected a JSON object {...}");
+    if (!prep_json_container(&j, keys, v, 0)) prep_bad_line(o, lineno, line, "malformed JSON: %s", j.err);
+    prep_json_ws(&j);
+    if (j.p != j.end) prep_bad_line(o, lineno, line, "malformed JSON: extra text after the object");
+    for (int k = 0; k < 3; k++)
+        if (!v[k].type) prep_bad_line(o, lineno, line, "no \"%s\" key (--%s-key)", keys[k], k == 0 ? "user" : k == 1 ? "item" : "time");
+    for (int k = 0; k < 2; k++) {
+        const char *what = k ? "item" : "user";
+        if (v[k].type != 's')
+            prep_bad_line(o, lineno, line, "the %s id \"%s\" is %s; remi takes string ids only", what, keys[k],
+                          prep_json_type(v[k].type));
+        if (v[k].lone)
+            prep_bad_line(o, lineno, line, "the %s id \"%s\" holds a lone UTF-16 surrogate, which "
+                          "Python cannot write as UTF-8", what, keys[k]);
+        if (v[k].len == 0) prep_bad_line(o, lineno, line, "the %s id \"%s\" is empty", what, keys[k]);
+    }
+    double t = v[2].num;
+    int ok = v[2].type == '#' ? isfinite(t) && fabs(t) < 9223372036854775808.0
+           : v[2].type == 's' && prep_parse_float(v[2].s, v[2].len, &t);
+    if (!ok)
+        prep_bad_line(o, lineno, line, "the time \"%s\" is %s, not a finite number below 2^63 or a "
+                      "string holding one", keys[2], v[2].type == '#' || v[2].type == 's' ? "out of range or not numeric" : prep_json_type(v[2].type));
+    int user = prep_intern(d, &d->users, o, v[0].s, v[0].len, lineno, line, "user");
+    prep_add(d, user, prep_intern(d, &d->items, o, v[1].s, v[1].len, lineno, line, "item"), t);
 }
 
 /* Read and validate the whole input. CRLF is accepted; a blank line is an error, except
@@ -798,7 +1191,7 @@ static void prep_read(PrepData *d, const PrepOpts *o) {
     size_t cap = 0;
     ssize_t got;
     long lineno = 0;
-    int64_t counter = 0;
+    double counter = 0;
     while ((got = getline(&line, &cap, f)) != -1) {
         size_t n = (size_t)got;
         lineno++;
@@ -808,12 +1201,18 @@ static void prep_read(PrepData *d, const PrepOpts *o) {
         if (n && line[n - 1] == '\r') line[--n] = '\0';
         if (strspn(line, " \t") == n)
             prep_bad_line(o, lineno, line, "blank line; remove it (only a single newline may end the file)");
-        if (o->sequence) prep_parse_sequence(d, o, lineno, line, n, &counter);
+        if (o->format == PREP_SEQUENCE) prep_parse_sequence(d, o, lineno, line, n, &counter);
+        else if (o->format == PREP_JSON) prep_parse_json(d, o, lineno, line, n);
         else prep_parse_pair(d, o, lineno, line, n);
     }
     if (ferror(f)) die("error reading %s: %s", o->input, strerror(errno));
     free(line);
     fclose(f);
+    free(d->json); free(d->id);
+    d->json = d->id = NULL;
+    if (d->n_ev == 0 && d->n_skipped)
+        die("%s: no interactions: none of the %zu lines has \"%s\" in column %d (--keep-col, --keep-value)",
+            o->input, d->n_skipped, o->keep_value, o->keep_col);
     if (d->n_ev == 0)
         die("%s: empty file: no interactions%s", o->input, o->header ? " after the header line" : "");
 }
@@ -830,12 +1229,37 @@ static int prep_cmp_item(const void *a, const void *b) {
 
 /* One user's kept interaction: time, position in file order (the tie-break that makes
  * qsort stable), new item id. */
-typedef struct { int64_t time; size_t pos; int item; } PrepKept;
+typedef struct { double time; size_t pos; int item; } PrepKept;
 static int prep_cmp_kept(const void *a, const void *b) {
     const PrepKept *x = a, *y = b;
     if (x->time != y->time) return x->time < y->time ? -1 : 1;
     return (x->pos > y->pos) - (x->pos < y->pos);
 }
+
+/* --preset: the options of each file the paper prepares (REMI-SPEC b.1). Explicit flags
+ * given beside --preset override it; a switch it turns on (--header, --int-ids) stays on. */
+typedef struct {
+    const char *name, *file;
+    const char *format, *sep, *time_format;
+    int header, ucol, icol, tcol, keep_col, int_ids, min;
+    const char *keep_value;
+} PrepPreset;
+
+static const PrepPreset PREP_PRESETS[] = {
+    /* read_from_amazon: r['reviewerID'], r['asin'], float(r['unixReviewTime']) */
+    { "book", "reviews_Books_5.json", "json", NULL, "number", 0, 0, 1, -1, -1, 0, 5, NULL },
+    /* read_from_gowalla: int(conts[0]), int(conts[1]), int(float(conts[2])); the reference
+     * reads no header, so RecBole's header line must be removed by hand there */
+    { "gowalla", "gowalla.inter", "pairs", "tab", "number", 1, 0, 1, 2, -1, 1, 5, NULL },
+    { "gowalla10", "gowalla.inter", "pairs", "tab", "number", 1, 0, 1, 2, -1, 1, 10, NULL },
+    /* read_from_rocket: int(conts[1]), int(conts[2]), int(float(conts[0])) */
+    { "rocket", "retailrocket-view.inter", "pairs", "tab", "number", 1, 1, 2, 0, -1, 1, 5, NULL },
+    /* Kaggle's events.csv: timestamp,visitorid,event,itemid,transactionid; views only */
+    { "rocket-events", "events.csv", "pairs", "comma", "number", 1, 1, 3, 0, 2, 1, 5, "view" },
+    /* SNAP: user, check-in time, latitude, longitude, location id */
+    { "gowalla-snap", "loc-gowalla_totalCheckins.txt", "pairs", "tab", "iso8601", 0, 0, 4, 1, -1, 1, 5, NULL },
+};
+#define PREP_N_PRESETS (int)(sizeof PREP_PRESETS / sizeof *PREP_PRESETS)
 
 static const char *PREP_WHAT =
     "Turn an interaction log into NAME_{train,valid,test}.txt, NAME_user_map.txt and\n"
@@ -844,49 +1268,130 @@ static const char *PREP_WHAT =
     "interactions on those items, users shuffled (Python random, --seed) and split 8:1:1.\n"
     "Without a time column the time is the 1-based line number, header included (pairs),\n"
     "or a running 1-based interaction counter (sequence); ties in time keep file order.\n"
-    "Output lines: user_id,item_id,index,timestamp; maps: raw_id,new_id.";
+    "Output lines: user_id,item_id,index,timestamp; maps: raw_id,new_id.\n"
+    "\n"
+    "Presets (--preset NAME; flags given beside it override it):\n"
+    "  book           reviews_Books_5.json: --format json (reviewerID, asin, unixReviewTime)\n"
+    "  gowalla        RecBole gowalla.inter: --header --user-col 0 --item-col 1 --time-col 2 --int-ids\n"
+    "  gowalla10      the same with --min 10\n"
+    "  rocket         RecBole retailrocket-view.inter: --header --user-col 1 --item-col 2 --time-col 0 --int-ids\n"
+    "  rocket-events  Kaggle events.csv: --sep comma --header --keep-col 2 --keep-value view\n"
+    "                 --user-col 1 --item-col 3 --time-col 0 --int-ids\n"
+    "  gowalla-snap   SNAP loc-gowalla_totalCheckins.txt: --user-col 0 --item-col 4 --time-col 1\n"
+    "                 --time-format iso8601 --int-ids";
+
+/* Apply --preset NAME to o and the string options, before parse_flags reads the rest. */
+static void prep_apply_preset(const char *name, PrepOpts *o, const char **format, const char **sep,
+                              const char **time_format) {
+    const PrepPreset *p = NULL;
+    for (int i = 0; i < PREP_N_PRESETS && !p; i++) if (!strcmp(name, PREP_PRESETS[i].name)) p = &PREP_PRESETS[i];
+    if (!p) die("prep: unknown --preset \"%s\"; expected book, gowalla, gowalla10, rocket, rocket-events "
+                "or gowalla-snap (see remi prep --help)", name);
+    *format = p->format;
+    *sep = p->sep;
+    *time_format = p->time_format;
+    o->header = p->header;
+    o->ucol = p->ucol, o->icol = p->icol, o->tcol = p->tcol;
+    o->keep_col = p->keep_col, o->keep_value = p->keep_value;
+    o->int_ids = p->int_ids;
+    o->min = p->min;
+}
+
+/* The value of --preset in argv, stepping over the values of the other flags. */
+static const char *prep_find_preset(int argc, char **argv, const Flag *flags, int nf) {
+    const char *preset = NULL;
+    for (int i = 1; i < argc; i++) {
+        const Flag *f = NULL;
+        for (int j = 0; j < nf && !f; j++) if (!strcmp(argv[i], flags[j].name)) f = &flags[j];
+        if (!f || f->type == F_BOOL) continue; /* parse_flags reports unknown flags */
+        if (!strcmp(argv[i], "--preset") && i + 1 < argc) preset = argv[i + 1];
+        i++;
+    }
+    return preset;
+}
+
+static int prep_parse_format(const char *format) {
+    if (!strcmp(format, "pairs")) return PREP_PAIRS;
+    if (!strcmp(format, "sequence")) return PREP_SEQUENCE;
+    if (!strcmp(format, "json")) return PREP_JSON;
+    die("prep: --format must be pairs, sequence or json, got \"%s\"", format);
+    return -1; /* not reached */
+}
+
+static int prep_parse_sep(const char *sep, int format) {
+    if (!sep) return format == PREP_SEQUENCE ? 0 : '\t';
+    if (!strcmp(sep, "tab")) return '\t';
+    if (!strcmp(sep, "comma")) return ',';
+    if (!strcmp(sep, "semicolon")) return ';';
+    if (!strcmp(sep, "space") || !strcmp(sep, "whitespace") || !strcmp(sep, " ")) return 0;
+    if (strlen(sep) == 1 && sep[0] != '\r' && sep[0] != '\n') return (unsigned char)sep[0];
+    die("prep: --sep must be tab, comma, semicolon, space or one character, got \"%s\"", sep);
+    return -1; /* not reached */
+}
+
+/* Checks that flags fit the format and each other. */
+static void prep_check_opts(const PrepOpts *o, const char *sep, const char *time_format) {
+    check_range("--user-col", o->ucol, 0, 1000000);
+    check_range("--item-col", o->icol, 0, 1000000);
+    check_range("--time-col", o->tcol, -1, 1000000);
+    check_range("--keep-col", o->keep_col, -1, 1000000);
+    check_range("--min", o->min, 1, INT32_MAX);
+    if (strcmp(time_format, "number") && strcmp(time_format, "iso8601"))
+        die("prep: --time-format must be number or iso8601, got \"%s\"", time_format);
+    if ((o->keep_col >= 0) != (o->keep_value != NULL))
+        die("prep: --keep-col and --keep-value go together");
+    if (o->format != PREP_PAIRS && (o->ucol != 0 || o->icol != 1 || o->tcol != -1 || o->keep_col != -1 || o->iso_time))
+        die("prep: --user-col, --item-col, --time-col, --keep-col and --time-format apply to --format pairs only");
+    if (o->format == PREP_PAIRS && (o->ucol == o->icol || o->ucol == o->tcol || o->icol == o->tcol))
+        die("prep: --user-col, --item-col and --time-col must be different columns");
+    if (o->iso_time && o->tcol < 0) die("prep: --time-format iso8601 needs a --time-col");
+    if (o->format == PREP_JSON && sep) die("prep: --sep does not apply to --format json");
+    if (o->format != PREP_JSON &&
+        (strcmp(o->ukey, "reviewerID") || strcmp(o->ikey, "asin") || strcmp(o->tkey, "unixReviewTime")))
+        die("prep: --user-key, --item-key and --time-key apply to --format json only");
+    if (!strcmp(o->ukey, o->ikey) || !strcmp(o->ukey, o->tkey) || !strcmp(o->ikey, o->tkey))
+        die("prep: --user-key, --item-key and --time-key must be different keys");
+}
 
 int cmd_prep(int argc, char **argv) {
-    PrepOpts o = { .out = "data", .ucol = 0, .icol = 1, .tcol = -1, .min = 5, .seed = 1230 };
-    const char *format = "pairs", *sep = NULL;
+    PrepOpts o = { .out = "data", .ucol = 0, .icol = 1, .tcol = -1, .keep_col = -1, .min = 5, .seed = 1230,
+                   .ukey = "reviewerID", .ikey = "asin", .tkey = "unixReviewTime" };
+    const char *format = "pairs", *sep = NULL, *time_format = "number", *preset = NULL;
     Flag flags[] = {
         { "--input", F_STR, &o.input, "interaction file (required)" },
         { "--name", F_STR, &o.name, "dataset name, prefix of the output files (required)" },
         { "--out", F_STR, &o.out, "output folder, created if missing" },
-        { "--format", F_STR, &format, "pairs (user, item[, time] columns) or sequence (user item item ...)" },
+        { "--preset", F_STR, &preset, "options of a paper file: book, gowalla, gowalla10, rocket, rocket-events, gowalla-snap" },
+        { "--format", F_STR, &format, "pairs (user, item[, time] columns), sequence (user item item ...) or json (one object a line)" },
         { "--sep", F_STR, &sep, "tab, comma, semicolon, space (runs of blanks) or one character;"
                                 " none: tab for pairs, space for sequence" },
         { "--header", F_BOOL, &o.header, "skip the first line" },
         { "--user-col", F_INT, &o.ucol, "0-based user column (pairs)" },
         { "--item-col", F_INT, &o.icol, "0-based item column (pairs)" },
         { "--time-col", F_INT, &o.tcol, "0-based time column (pairs), read as int(float(x)); -1 = none" },
+        { "--time-format", F_STR, &time_format, "number (int(float(x))) or iso8601 (YYYY-MM-DDTHH:MM:SSZ, UTC)" },
+        { "--keep-col", F_INT, &o.keep_col, "0-based column (pairs): keep only lines where it is --keep-value; -1 = all" },
+        { "--keep-value", F_STR, &o.keep_value, "the value --keep-col must have, exactly" },
+        { "--int-ids", F_BOOL, &o.int_ids, "read ids as Python int() does (\"007\" = \"7\", written 7)" },
+        { "--user-key", F_STR, &o.ukey, "json: member holding the user id (a string)" },
+        { "--item-key", F_STR, &o.ikey, "json: member holding the item id (a string)" },
+        { "--time-key", F_STR, &o.tkey, "json: member holding the time (number or numeric string, kept as float)" },
         { "--min", F_INT, &o.min, "filter size for items and users" },
         { "--seed", F_U64, &o.seed, "Python random.seed of the user shuffle" },
     };
-    parse_flags(argc, argv, "prep", PREP_WHAT, flags, sizeof flags / sizeof *flags);
+    int nf = (int)(sizeof flags / sizeof *flags);
+    const char *pre = prep_find_preset(argc, argv, flags, nf);
+    if (pre) prep_apply_preset(pre, &o, &format, &sep, &time_format);
+    parse_flags(argc, argv, "prep", PREP_WHAT, flags, nf);
     if (!o.input) die("prep: --input FILE is required; see remi prep --help");
     if (!o.name) die("prep: --name NAME is required; see remi prep --help");
     if (!o.name[0] || strchr(o.name, '/'))
         die("prep: --name must be non-empty and contain no '/', got \"%s\"", o.name);
     if (!o.out[0]) die("prep: --out must not be empty");
-    if (strcmp(format, "pairs") && strcmp(format, "sequence"))
-        die("prep: --format must be pairs or sequence, got \"%s\"", format);
-    o.sequence = !strcmp(format, "sequence");
-    check_range("--user-col", o.ucol, 0, 1000000);
-    check_range("--item-col", o.icol, 0, 1000000);
-    check_range("--time-col", o.tcol, -1, 1000000);
-    check_range("--min", o.min, 1, INT32_MAX);
-    if (o.sequence && (o.ucol != 0 || o.icol != 1 || o.tcol != -1))
-        die("prep: --user-col, --item-col and --time-col apply to --format pairs only");
-    if (!o.sequence && (o.ucol == o.icol || o.ucol == o.tcol || o.icol == o.tcol))
-        die("prep: --user-col, --item-col and --time-col must be different columns");
-    if (!sep) o.sep = o.sequence ? 0 : '\t';
-    else if (!strcmp(sep, "tab")) o.sep = '\t';
-    else if (!strcmp(sep, "comma")) o.sep = ',';
-    else if (!strcmp(sep, "semicolon")) o.sep = ';';
-    else if (!strcmp(sep, "space") || !strcmp(sep, "whitespace") || !strcmp(sep, " ")) o.sep = 0;
-    else if (strlen(sep) == 1 && sep[0] != '\r' && sep[0] != '\n') o.sep = (unsigned char)sep[0];
-    else die("prep: --sep must be tab, comma, semicolon, space or one character, got \"%s\"", sep);
+    o.format = prep_parse_format(format);
+    o.iso_time = !strcmp(time_format, "iso8601");
+    prep_check_opts(&o, sep, time_format);
+    o.sep = prep_parse_sep(sep, o.format);
 
     double t0 = now_sec();
     PrepData d = {0};
@@ -963,7 +1468,7 @@ int cmd_prep(int argc, char **argv) {
         }
         qsort(kept, (size_t)n, sizeof *kept, prep_cmp_kept);
         for (int i = 0; i < n; i++)
-            fprintf(out[k], "%d,%d,%d,%lld\n", p, kept[i].item, i, (long long)kept[i].time);
+            fprintf(out[k], "%d,%d,%d,%lld\n", p, kept[i].item, i, (long long)kept[i].time); /* '%d' truncates */
         n_split[k] += (size_t)n;
     }
     for (int k = 0; k < 5; k++)
@@ -971,8 +1476,9 @@ int cmd_prep(int argc, char **argv) {
             die("error writing %s/%s_%s.txt (disk full?)", o.out, o.name, suffix[k]);
     for (int k = 0; k < 5; k++) atomic_commit(out[k]);
 
-    printf("prep %s: read %zu interactions, %d users, %d items from %s\n",
-           o.name, d.n_ev, n_users, n_items, o.input);
+    printf("prep %s: read %zu interactions, %d users, %d items from %s", o.name, d.n_ev, n_users, n_items, o.input);
+    if (o.keep_col >= 0) printf(" (%zu lines without %s in column %d skipped)", d.n_skipped, o.keep_value, o.keep_col);
+    printf("\n");
     printf("prep %s: kept %d users (train %d, valid %d, test %d), %d items, %zu interactions "
            "(train %zu, valid %zu, test %zu), %.4f per user\n",
            o.name, U, split1, split2 - split1, U - split2, n_kept_items, total,
@@ -4223,8 +4729,8 @@ static void mutate(Bytes *b, uint64_t *rng) {
     } }
 }
 
-typedef enum { FZ_SPLIT, FZ_PREP_PAIRS, FZ_PREP_SEQ, FZ_MODEL, FZ_CKPT, N_FZ } FuzzKind;
-static const char *FZ_NAMES[N_FZ] = { "split file", "prep pairs", "prep sequence", "model file", "checkpoint" };
+typedef enum { FZ_SPLIT, FZ_PREP_PAIRS, FZ_PREP_SEQ, FZ_PREP_JSON, FZ_MODEL, FZ_CKPT, N_FZ } FuzzKind;
+static const char *FZ_NAMES[N_FZ] = { "split file", "prep pairs", "prep sequence", "prep json", "model file", "checkpoint" };
 
 /* The reader of one kind on `path`, in the child. */
 static void fuzz_target(FuzzKind k, const char *path, const char *dir) {
@@ -4247,6 +4753,11 @@ static void fuzz_target(FuzzKind k, const char *path, const char *dir) {
         cmd_prep(sizeof argv / sizeof *argv, argv);
         break;
     }
+    case FZ_PREP_JSON: {
+        char *argv[] = { "prep", "--input", (char *)path, "--name", "f", "--out", out, "--preset", "book", "--min", "2" };
+        cmd_prep(sizeof argv / sizeof *argv, argv);
+        break;
+    }
     case FZ_MODEL: model_load(&m, &c, path); break;
     case FZ_CKPT: { Stream st = ckpt_open(path, &c); fclose(st.f); check_config(&c); break; }
     default: break;
@@ -4264,6 +4775,8 @@ static void fuzz_fixtures(Bytes *fx, const char *expected, const char *dir) {
     fx[FZ_PREP_PAIRS] = read_all(path);
     snprintf(path, sizeof path, "%s/prep/b_sequence.txt", expected);
     fx[FZ_PREP_SEQ] = read_all(path);
+    snprintf(path, sizeof path, "%s/prep/e_book.json", expected);
+    fx[FZ_PREP_JSON] = read_all(path);
     Config c = default_config();
     c.D = 4; c.K = 2; c.L = 3; c.enc = ENC_MIND; c.model = "mind"; c.relu = 1;
     Model m;

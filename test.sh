@@ -75,8 +75,25 @@ test_prep() {
     # (d) fixture (a) with --min 4 and a seed wider than 32 bits (two-word random.seed key)
     prep_fixture d d "$tmp" --input "$exp/a_pairs_time.csv" --sep comma --header --time-col 3 \
         --min 4 --seed 12345678901
+    # (e-j) the presets of the paper's raw files, expected outputs from the reference's readers
+    # (e) Amazon JSON lines: escapes, \u and raw UTF-8 ids, keys in any order, nested fields,
+    #     a repeated key, string/float/exponent times sorted as floats, CRLF, whitespace
+    prep_fixture e e "$tmp" --input "$exp/e_book.json" --preset book
+    # (f, g) RecBole gowalla.inter: header, int ids with leading zeros, sign and blanks, CRLF
+    prep_fixture f f "$tmp" --input "$exp/f_gowalla.inter" --preset gowalla
+    prep_fixture g g "$tmp" --input "$exp/f_gowalla.inter" --preset gowalla10
+    # (h) RecBole retailrocket-view.inter: time in column 0, millisecond times
+    prep_fixture h h "$tmp" --input "$exp/h_rocket.inter" --preset rocket
+    # (i) Kaggle events.csv: views only (addtocart, transaction and "View" lines dropped)
+    prep_fixture i i "$tmp" --input "$exp/i_events.csv" --preset rocket-events
+    # (j) SNAP check-ins: ISO 8601 times (leap days, before 1970), location id in column 4
+    prep_fixture j j "$tmp" --input "$exp/j_gowalla_snap.txt" --preset gowalla-snap
+    # a preset's options give way to explicit flags: book's keys renamed
+    sed 's/"reviewerID"/"user"/g' "$exp/e_book.json" >"$tmp/e_renamed.json"
+    prep_fixture e e "$tmp" --input "$tmp/e_renamed.json" --preset book --user-key user
 
-    if "$REMI" prep --help >"$tmp/prep-help.log" 2>&1 && grep -q -- "--seed" "$tmp/prep-help.log"; then
+    if "$REMI" prep --help >"$tmp/prep-help.log" 2>&1 && grep -q -- "--seed" "$tmp/prep-help.log" &&
+       grep -q -- "--int-ids" "$tmp/prep-help.log" && grep -q "gowalla-snap" "$tmp/prep-help.log"; then
         pass "prep --help"
     else
         fail "prep --help" "no usage text with exit 0"
@@ -93,6 +110,26 @@ test_prep() {
     prep_bad empty-file "$tmp" '' ""
     prep_bad header-only "$tmp" 'user\titem\n' "" --header
     prep_bad no-user-left "$tmp" 'u1\ti1\nu1\ti2\nu2\ti1\n' ""
+    local j1='{"reviewerID": "u1", "asin": "i1", "unixReviewTime": 5}\n'
+    prep_bad json-trailing-comma "$tmp" "$j1"'{"reviewerID": "u2", "asin": "i2", "unixReviewTime": 6,}\n' 2 --preset book
+    prep_bad json-extra-text "$tmp" "$j1"'{"reviewerID": "u2", "asin": "i2", "unixReviewTime": 6} x\n' 2 --preset book
+    prep_bad json-unterminated "$tmp" "$j1"'{"reviewerID": "u2", "asin": "i2\n' 2 --preset book
+    prep_bad json-not-object "$tmp" "$j1"'["u2", "i2", 6]\n' 2 --preset book
+    prep_bad json-missing-key "$tmp" "$j1"'{"reviewerID": "u2", "unixReviewTime": 6}\n' 2 --preset book
+    prep_bad json-bad-u "$tmp" "$j1"'{"reviewerID": "u\\u12G4", "asin": "i2", "unixReviewTime": 6}\n' 2 --preset book
+    prep_bad json-bad-escape "$tmp" "$j1"'{"reviewerID": "u\\x41", "asin": "i2", "unixReviewTime": 6}\n' 2 --preset book
+    prep_bad json-lone-surrogate "$tmp" "$j1"'{"reviewerID": "u\\ud800", "asin": "i2", "unixReviewTime": 6}\n' 2 --preset book
+    prep_bad json-number-id "$tmp" "$j1"'{"reviewerID": "u2", "asin": 17, "unixReviewTime": 6}\n' 2 --preset book
+    prep_bad json-bad-time "$tmp" "$j1"'{"reviewerID": "u2", "asin": "i2", "unixReviewTime": "soon"}\n' 2 --preset book
+    prep_bad json-null-time "$tmp" "$j1"'{"reviewerID": "u2", "asin": "i2", "unixReviewTime": null}\n' 2 --preset book
+    prep_bad json-nan-time "$tmp" "$j1"'{"reviewerID": "u2", "asin": "i2", "unixReviewTime": NaN}\n' 2 --preset book
+    prep_bad json-bad-utf8 "$tmp" "$j1"'{"reviewerID": "u\xff", "asin": "i2", "unixReviewTime": 6}\n' 2 --preset book
+    prep_bad json-raw-tab "$tmp" "$j1"'{"reviewerID": "u\t2", "asin": "i2", "unixReviewTime": 6}\n' 2 --preset book
+    prep_bad int-id "$tmp" 'h\n1\t2\t3\n1\tx7\t4\n' 3 --preset gowalla
+    prep_bad int-id-underscore "$tmp" 'h\n1\t2_\t3\n' 2 --preset gowalla
+    prep_bad iso-no-day "$tmp" '1\t2010-02-30T00:00:00Z\t0\t0\t5\n' 1 --preset gowalla-snap
+    prep_bad iso-format "$tmp" '1\t2010-10-19T23:55:27Z\t0\t0\t5\n1\t2010-10-19 23:55:27\t0\t0\t5\n' 2 --preset gowalla-snap
+    prep_bad keep-none "$tmp" 'timestamp,visitorid,event,itemid,transactionid\n5,1,cart,2,\n' "" --preset rocket-events
 
     prep_badarg no-input "$tmp" "--input" --name x
     prep_badarg no-name "$tmp" "--name" --input "$exp/c_pairs_notime.tsv"
@@ -100,6 +137,11 @@ test_prep() {
     prep_badarg missing-value "$tmp" "--min" --input "$exp/c_pairs_notime.tsv" --name x --min
     prep_badarg bad-format "$tmp" "--format" --input "$exp/c_pairs_notime.tsv" --name x --format csv
     prep_badarg missing-file "$tmp" "$tmp/no-such-file" --input "$tmp/no-such-file" --name x
+    prep_badarg unknown-preset "$tmp" "--preset" --input "$exp/c_pairs_notime.tsv" --name x --preset books
+    prep_badarg keep-col-alone "$tmp" "--keep-value" --input "$exp/c_pairs_notime.tsv" --name x --keep-col 1
+    prep_badarg time-format "$tmp" "--time-format" --input "$exp/c_pairs_notime.tsv" --name x --time-format unix
+    prep_badarg iso-no-time-col "$tmp" "--time-col" --input "$exp/c_pairs_notime.tsv" --name x --time-format iso8601
+    prep_badarg json-cols "$tmp" "--format pairs only" --input "$exp/e_book.json" --name x --format json --user-col 2
 }
 test_prep "$TMP"
 
