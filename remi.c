@@ -3052,6 +3052,17 @@ static Config default_config(void) {
     { "--eval-batch", F_INT, &(c).eval_batch, "users per evaluation chunk" },                         \
     { "--mind-eval", F_STR, &(c).mind_eval, "MIND's routing logits at evaluation: fresh (new draws every pass, as the reference) or fixed" }
 
+static void check_mind_eval(const char *mode) {
+    if (strcmp(mode, "fresh") && strcmp(mode, "fixed")) die("--mind-eval %s: expected fresh or fixed", mode);
+}
+
+/* A saved model and the dataset it is evaluated on, which must have its number of items. */
+static void load_model_data(Model *m, Dataset *ds, Config *c, const char *model_file) {
+    model_load(m, c, model_file);
+    load_dataset(ds, c->data, c->name);
+    if (ds->N != m->N) die("%s has %d items but the model was trained with %d", c->data, ds->N - 1, m->N - 1);
+}
+
 /* Validates the flags and resolves the per-model defaults: the multi-interest encoders
  * train REMI (beta 0.1, lambda 100; beta chosen on Beauty's validation split), the
  * single-vector ones their plain baseline. */
@@ -3072,8 +3083,7 @@ static void check_config(Config *c) {
             c->rlambda, c->model);
     if (c->enc == ENC_POP && c->rbeta != 0.0f) die("--rbeta %g: Pop has no loss to reweight; use --rbeta 0", c->rbeta);
     if (c->relu && c->enc != ENC_MIND) die("--relu is MIND's layer; use it with --model mind");
-    if (strcmp(c->mind_eval, "fresh") && strcmp(c->mind_eval, "fixed"))
-        die("--mind-eval %s: expected fresh or fixed", c->mind_eval);
+    check_mind_eval(c->mind_eval);
     if (strcmp(c->adam, "dense") && strcmp(c->adam, "lazy")) die("--adam %s: expected dense or lazy", c->adam);
     check_range("--dropout", c->dropout, 0, 0.99);
     check_range("--hidden", c->D, 1, 4096);
@@ -3567,15 +3577,13 @@ int cmd_eval(int argc, char **argv) {
     };
     parse_flags(argc, argv, "eval", "Evaluate a saved model on the valid or test users.", flags, sizeof flags / sizeof *flags);
     if (strcmp(split, "valid") && strcmp(split, "test")) die("--split must be valid or test, got '%s'", split);
-    if (strcmp(c.mind_eval, "fresh") && strcmp(c.mind_eval, "fixed")) die("--mind-eval %s: expected fresh or fixed", c.mind_eval);
+    check_mind_eval(c.mind_eval);
     check_range("--topn", topn, 0, 1000);
     check_range("-t", c.threads, 1, 256);
     pool_start(c.threads);
     Model m;
-    model_load(&m, &c, model_file);
     Dataset ds;
-    load_dataset(&ds, c.data, c.name);
-    if (ds.N != m.N) die("%s has %d items but the model was trained with %d", c.data, ds.N - 1, m.N - 1);
+    load_model_data(&m, &ds, &c, model_file);
     Acts a;
     acts_init(&a, &m, c.eval_batch, 1);
     int cuts[2] = { 20, 50 }, n_cut = 2;
@@ -3659,7 +3667,7 @@ int cmd_recommend(int argc, char **argv) {
     parse_flags(argc, argv, "recommend", "The top-N items for a history, with the interest that retrieved each.",
                 flags, sizeof flags / sizeof *flags);
     if (!history) die("recommend: --history \"ITEM ITEM ...\" is required; see remi recommend --help");
-    if (strcmp(c.mind_eval, "fresh") && strcmp(c.mind_eval, "fixed")) die("--mind-eval %s: expected fresh or fixed", c.mind_eval);
+    check_mind_eval(c.mind_eval);
     Model m;
     model_load(&m, &c, model_file);
     check_range("--topn", topn, 1, m.N);
@@ -3708,14 +3716,12 @@ int cmd_export(int argc, char **argv) {
                 "vector): train users from their whole history, valid/test users from the history\n"
                 "their evaluation uses (the first 80%), each the last --len items.",
                 flags, sizeof flags / sizeof *flags);
-    if (strcmp(c.mind_eval, "fresh") && strcmp(c.mind_eval, "fixed")) die("--mind-eval %s: expected fresh or fixed", c.mind_eval);
+    check_mind_eval(c.mind_eval);
     check_range("-t", c.threads, 1, 256);
     pool_start(c.threads);
     Model m;
-    model_load(&m, &c, model_file);
     Dataset ds;
-    load_dataset(&ds, c.data, c.name);
-    if (ds.N != m.N) die("%s has %d items but the model was trained with %d", c.data, ds.N - 1, m.N - 1);
+    load_model_data(&m, &ds, &c, model_file);
     char **raw = load_item_names(c.data, c.name, m.N);
     mkdir_p(out);
     char path[4200];
@@ -3824,13 +3830,11 @@ int cmd_inspect(int argc, char **argv) {
                 "whose largest weight exceeds 0.9, the mean largest weight, the mean entropy normalised by\n"
                 "log n) and OUT/routing.svg, a heatmap of chosen users.", flags, sizeof flags / sizeof *flags);
     if (strcmp(split, "valid") && strcmp(split, "test")) die("--split must be valid or test, got '%s'", split);
-    if (strcmp(c.mind_eval, "fresh") && strcmp(c.mind_eval, "fixed")) die("--mind-eval %s: expected fresh or fixed", c.mind_eval);
+    check_mind_eval(c.mind_eval);
     Model m;
-    model_load(&m, &c, model_file);
-    if (!m.multi) die("inspect: --model %s has no routing matrix (it needs sa, dr or mind)", ENC_NAMES[m.enc]);
     Dataset ds;
-    load_dataset(&ds, c.data, c.name);
-    if (ds.N != m.N) die("%s has %d items but the model was trained with %d", c.data, ds.N - 1, m.N - 1);
+    load_model_data(&m, &ds, &c, model_file);
+    if (!m.multi) die("inspect: --model %s has no routing matrix (it needs sa, dr or mind)", ENC_NAMES[m.enc]);
     const Split *s = strcmp(split, "test") ? &ds.valid : &ds.test;
     int U = s->n_users, K = m.K, L = m.L, n_draw = 0, draw[64];
     if (users) {
