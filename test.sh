@@ -145,11 +145,17 @@ test_prep() {
 }
 test_prep "$TMP"
 
-# The shipped split is what the reference preprocessing makes from the raw file.
-if "$REMI" prep --input data/beauty_raw.txt --name beauty --sep space --out "$TMP/beauty" >/dev/null 2>&1 &&
-   for f in train valid test user_map item_map; do cmp -s "$TMP/beauty/beauty_$f.txt" "data/beauty_$f.txt" || exit 1; done; then
-    pass "prep regenerates data/beauty_* from data/beauty_raw.txt byte for byte"
-else fail "prep beauty" "output differs from data/"; fi
+# The shipped splits are what the reference preprocessing makes from the raw files.
+same_split() { # DIR NAME: DIR's five files equal data/'s
+    local f
+    for f in train valid test user_map item_map; do cmp -s "$1/${2}_$f.txt" "data/${2}_$f.txt" || return 1; done
+}
+for spec in "beauty --sep space" "cds --format sequence" "gowalla1k --time-col 2" "rr-sessions --format sequence"; do
+    set -- $spec; n=$1; shift
+    if "$REMI" prep --input "data/${n}_raw.txt" --name "$n" "$@" --out "$TMP/$n" >/dev/null 2>&1 && same_split "$TMP/$n" "$n"; then
+        pass "prep regenerates data/${n}_* from data/${n}_raw.txt byte for byte"
+    else fail "prep $n" "output differs from data/"; fi
+done
 
 # ---------------------------------------------------------------- golden training runs
 # A fixed slice of data/ (expected/tiny: the 400 most popular items; 600 train, 150 valid,
