@@ -31,7 +31,6 @@
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/resource.h>
 #include <ftw.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
