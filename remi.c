@@ -4377,7 +4377,8 @@ static int st_report(const char *what, int ok, const char *detail) {
 }
 
 static int st_gemm(uint64_t *rng) {
-    int sizes[][3] = { { 1, 1, 1 }, { 3, 17, 5 }, { 4, 16, 64 }, { 5, 33, 7 }, { 9, 40, 70 }, { 13, 3, 129 }, { 8, 64, 256 } };
+    int sizes[][3] = { { 1, 1, 1 }, { 3, 17, 5 }, { 4, 16, 64 }, { 5, 33, 7 }, { 9, 40, 70 }, { 13, 3, 129 }, { 8, 64, 256 },
+                      { 16, 32, 257 }, { 11, 20, 600 }, { 4, 64, 2560 } };
     int ok = 1;
     for (size_t s = 0; s < sizeof sizes / sizeof *sizes; s++)
         for (int ta = 0; ta < 2; ta++)
@@ -4401,7 +4402,7 @@ static int st_gemm(uint64_t *rng) {
                 }
                 free(A); free(B); free(C); free(R);
             }
-    return st_report("gemm (nn, tn, +=) vs scalar twin, 7 shapes", ok, "bit-identical, tol 1e-6 + 1e-6|ref|");
+    return st_report("gemm (nn, tn, +=) vs scalar twin, 10 shapes", ok, "bit-identical, tol 1e-6 + 1e-6|ref|");
 }
 
 static int st_math(void) {
