@@ -425,6 +425,13 @@ static void fill_history(int *hist, float *mask, const int *seq, int k, int L) {
     }
 }
 
+/* Real items in a history row (its mask, L positions). */
+static int history_len(const float *mask, int L) {
+    int n = 0;
+    for (int l = 0; l < L; l++) n += mask[l] != 0.0f;
+    return n;
+}
+
 /* Build one training batch (REMI-SPEC f.4): B distinct users uniformly at random; for
  * each a target position k uniform in {4..n-1} (for n < 5, where the reference would
  * fail, {n-1}); the history is what precedes k. */
@@ -2239,12 +2246,9 @@ static void dnn_mean_task(void *ctx, int lo, int hi) {
     const EncCtx *c = ctx;
     int L = c->m->L, D = c->m->D;
     for (int b = lo; b < hi; b++) {
-        float *mu = c->a->mean + (size_t)b * D, n = 0.0f;
+        float *mu = c->a->mean + (size_t)b * D, n = (float)history_len(c->a->mask + b * L, L);
         for (int d = 0; d < D; d++) mu[d] = 0.0f;
-        for (int l = 0; l < L; l++) {
-            axpyf(mu, 1.0f, c->m->p.item_emb + (size_t)c->a->hist[b * L + l] * D, D);
-            n += c->a->mask[b * L + l];
-        }
+        for (int l = 0; l < L; l++) axpyf(mu, 1.0f, c->m->p.item_emb + (size_t)c->a->hist[b * L + l] * D, D);
         for (int d = 0; d < D; d++) mu[d] /= n;
     }
 }
@@ -2259,8 +2263,7 @@ static void dnn_backward(Model *m, Acts *a, int nb) {
     memset(dmean, 0, (size_t)nb * D * sizeof(float));
     linear_backward(dmean, m->g.dnn_w, a->dv, a->mean, m->p.dnn_w, nb, D, D);
     for (int b = 0; b < nb; b++) {
-        float n = 0.0f;
-        for (int l = 0; l < L; l++) n += a->mask[b * L + l];
+        float n = (float)history_len(a->mask + b * L, L);
         for (int l = 0; l < L; l++) {
             int item = a->hist[b * L + l];
             float *de = m->g.item_emb + (size_t)item * D;
@@ -2287,8 +2290,7 @@ static float sigmoid_v(float x) { return 1.0f / (1.0f + exp_v(-x)); }
 static void gru_layout(const Model *m, Acts *a, int nb) {
     int L = m->L, T = 0, i = 0;
     for (int b = 0; b < nb; b++) {
-        int n = 0;
-        for (int l = 0; l < L; l++) n += a->mask[b * L + l] != 0.0f;
+        int n = history_len(a->mask + b * L, L);
         if (n == 0) die("internal: a history of length 0 reached GRU4Rec");
         a->glen[b] = n;
         T = n > T ? n : T;
@@ -2467,6 +2469,12 @@ static void encoder_eval_draws(const Model *m, Acts *a, int u0, int nb, uint64_t
         uint64_t s = rng_stream(key, (uint64_t)(u0 + b));
         for (size_t i = 0; i < KL; i++) a->noise[b * KL + i] = (float)rng_normal(&s);
     }
+}
+/* The user vectors (evaluation mode) of rows already in a->hist/mask: nb of them, rows
+ * u0.. of their split. */
+static void user_vectors(const Model *m, Acts *a, int u0, int nb, uint64_t key) {
+    encoder_eval_draws(m, a, u0, nb, key);
+    encode_forward(m, a, nb, 0);
 }
 /* The key of an evaluation pass: "fresh" draws anew every pass, as the reference does;
  * "fixed" uses the same draws for every pass, so a saved model always scores the same. */
@@ -2935,8 +2943,7 @@ void evaluate(Metrics *out, const int *cuts, int n_cut, const Model *m, Acts *a,
     for (int u0 = 0; u0 < U; u0 += a->cap_b) {
         int nb = U - u0 < a->cap_b ? U - u0 : a->cap_b;
         for (int b = 0; b < nb; b++) make_eval_row(a->hist + b * L, a->mask + b * L, s, u0 + b, L);
-        encoder_eval_draws(m, a, u0, nb, noise_key);
-        encode_forward(m, a, nb, 0);
+        user_vectors(m, a, u0, nb, noise_key);
         EvalCtx e = { m, a, s, u0, nb, cuts, n_cut, maxn, res };
         parallel_for((nb + EVAL_GROUP - 1) / EVAL_GROUP, eval_task, &e);
     }
@@ -3641,12 +3648,6 @@ static int parse_history(int **out, const char *text, int N) {
     if (n == 0) die("--history: give at least one item id, e.g. --history \"12 7 403\"");
     *out = h;
     return n;
-}
-
-/* The user vectors of rows already in a->hist/mask (nb of them, rows u0.. of their split). */
-static void user_vectors(const Model *m, Acts *a, int u0, int nb, uint64_t key) {
-    encoder_eval_draws(m, a, u0, nb, key);
-    encode_forward(m, a, nb, 0);
 }
 
 int cmd_recommend(int argc, char **argv) {
@@ -4482,8 +4483,7 @@ static void evaluate_ref(Metrics *out, int cut, const Model *m, Acts *a, const S
     int *R = xmalloc((size_t)cut * sizeof(int));
     for (int u = 0; u < s->n_users; u++) {
         int k = make_eval_row(a->hist, a->mask, s, u, L), n = s->off[u + 1] - s->off[u];
-        encoder_eval_draws(m, a, u, 1, key);
-        encode_forward(m, a, 1, 0);
+        user_vectors(m, a, u, 1, key);
         for (int q = 0; q < K; q++) {
             for (int j = 0; j < N; j++) lists[q * N + j] = (Hit){ dotf(a->v + q * D, m->p.item_emb + (size_t)j * D, D), j };
             hits_sort(lists + q * N, N, 0);
