@@ -3632,21 +3632,22 @@ static char **load_item_names(const char *dir, const char *name, int N) {
 }
 
 /* Item ids separated by blanks or commas, each in 1..N-1; returns how many. */
-static int parse_history(int **out, const char *text, int N) {
-    int n = 0, cap = 16, *h = xmalloc(cap * sizeof(int));
+/* Integers separated by blanks or commas, each in lo..hi (`what` names them in errors);
+ * returns how many. */
+static int parse_int_list(int **out, const char *text, long lo, long hi, const char *flag, const char *what) {
+    int n = 0, cap = 16, *x = xmalloc(cap * sizeof(int));
     for (const char *p = text; *p;) {
-        if (*p == ' ' || *p == ',' || *p == '\t' || *p == '\n') { p++; continue; }
+        if (strchr(" ,\t\n", *p)) { p++; continue; }
         char *end;
         errno = 0;
         long v = strtol(p, &end, 10);
-        if (end == p || errno || v < 1 || v >= N || (*end && !strchr(" ,\t\n", *end)))
-            die("--history: \"%.*s\" is not an item id in 1..%d", (int)strcspn(p, " ,\t\n"), p, N - 1);
-        if (n == cap) h = xrealloc(h, (cap *= 2) * sizeof(int));
-        h[n++] = (int)v;
+        if (end == p || errno || v < lo || v > hi || (*end && !strchr(" ,\t\n", *end)))
+            die("%s: \"%.*s\" is not %s in %ld..%ld", flag, (int)strcspn(p, " ,\t\n"), p, what, lo, hi);
+        if (n == cap) x = xrealloc(x, (cap *= 2) * sizeof(int));
+        x[n++] = (int)v;
         p = end;
     }
-    if (n == 0) die("--history: give at least one item id, e.g. --history \"12 7 403\"");
-    *out = h;
+    *out = x;
     return n;
 }
 
@@ -3671,7 +3672,8 @@ int cmd_recommend(int argc, char **argv) {
     Model m;
     model_load(&m, &c, model_file);
     check_range("--topn", topn, 1, m.N);
-    int *h, n = parse_history(&h, history, m.N), K = m.K, D = m.D, N = m.N;
+    int *h, n = parse_int_list(&h, history, 1, m.N - 1, "--history", "an item id"), K = m.K, D = m.D, N = m.N;
+    if (n == 0) die("--history: give at least one item id, e.g. --history \"12 7 403\"");
     char **raw = load_item_names(c.data, c.name, N);
     pool_start(1);
     Acts a;
@@ -3836,21 +3838,13 @@ int cmd_inspect(int argc, char **argv) {
     load_model_data(&m, &ds, &c, model_file);
     if (!m.multi) die("inspect: --model %s has no routing matrix (it needs sa, dr or mind)", ENC_NAMES[m.enc]);
     const Split *s = strcmp(split, "test") ? &ds.valid : &ds.test;
-    int U = s->n_users, K = m.K, L = m.L, n_draw = 0, draw[64];
-    if (users) {
-        for (const char *p = users; *p;) {
-            if (strchr(" ,\t", *p)) { p++; continue; }
-            char *end;
-            long u = strtol(p, &end, 10);
-            if (end == p || u < 0 || u >= U || (*end && !strchr(" ,\t", *end)))
-                die("--users: \"%.*s\" is not a user row in 0..%d", (int)strcspn(p, " ,\t"), p, U - 1);
-            if (n_draw == 64) die("--users: at most 64 users");
-            draw[n_draw++] = (int)u;
-            p = end;
-        }
-    } else
+    int U = s->n_users, K = m.K, L = m.L, n_draw = 0, *draw;
+    if (users) n_draw = parse_int_list(&draw, users, 0, U - 1, "--users", "a user row");
+    else {
+        draw = xmalloc(4 * sizeof(int));
         for (int u = 0; u < U && n_draw < 4; u++)
             if (eval_split_point(s->off[u + 1] - s->off[u]) >= 8) draw[n_draw++] = u;
+    }
     pool_start(1);
     Acts a;
     acts_init(&a, &m, 1, 1);
