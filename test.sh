@@ -351,6 +351,37 @@ if [ -n "$want" ] && [ "$got" = "$want" ] && grep -q "all (full softmax)" "$TMP/
     pass "report: 2 seeds in one row (Recall@50 mean $got), full softmax apart, negatives figure"
 else fail "report" "mean R@50 want '$want' got '$got': $(head -c 300 "$TMP/report.md")"; fi
 
+# ---------------------------------------------------------------- make reproduce
+# The study's make target on the tiny slice: each run gets its config's flags (beta of the
+# dataset for IHN, lambda 100 for RR), an interrupted run resumes from its checkpoint, the
+# table has one row per config over both seeds, and a second make has nothing to do.
+if command -v make >/dev/null; then
+    ST=$TMP/study; SARGS=(STUDY="$ST" STUDY_DATA=tiny SEEDS="1 2" CONFIGS="sa-base sa-ihn sa-remi dnn" BUDGET="--iters 100")
+    # seed 2's sa-remi was stopped at step 60, as by Ctrl-C: make must resume it
+    "$REMI" train --data expected/tiny --name tiny --len 8 --eval-every 50 --batch 16 --neg 64 --hidden 8 --model sa \
+        --rbeta 1 --rlambda 100 --seed 2 --iters 100 -t 1 --stop-after 60 --out "$ST/tiny/sa-remi/2" >/dev/null 2>&1
+    "$REMI" train --data expected/tiny --name tiny --len 8 --eval-every 50 --batch 16 --neg 64 --hidden 8 --model sa \
+        --rbeta 1 --rlambda 100 --seed 2 --iters 100 -t 1 --out "$TMP/study-straight" >/dev/null 2>&1
+    make -s reproduce "${SARGS[@]}" >"$TMP/reproduce.log" 2>&1; rc=$?
+    why=""
+    [ $rc -eq 0 ] || why="make exit status $rc: $(tail -n 2 "$TMP/reproduce.log")"
+    for want in "sa-base 0 0 sa" "sa-ihn 1 0 sa" "sa-remi 1 100 sa" "dnn 0 0 dnn"; do
+        set -- $want
+        for seed in 1 2; do
+            grep -q "\"model\":\"$4\".*\"rbeta\":$2,\"rlambda\":$3,.*\"seed\":$seed," "$ST/tiny/$1/$seed/metrics.jsonl" 2>/dev/null ||
+                why="$why; $1/$seed has other settings"
+        done
+    done
+    grep -q "resumed from .*sa-remi/2/checkpoint.bin at iteration 60" "$ST/tiny/sa-remi/2/train.log" 2>/dev/null || why="$why; sa-remi/2 not resumed"
+    cmp -s <(grep final "$ST/tiny/sa-remi/2/metrics.jsonl") <(grep final "$TMP/study-straight/metrics.jsonl") ||
+        why="$why; the resumed run's metrics differ from a straight run's"
+    rows=$(grep -c "^| tiny | .* | 2 | " "$ST/tiny.md" 2>/dev/null)
+    [ "$rows" = 4 ] || why="$why; table has $rows rows over 2 seeds, not 4"
+    make -q "${SARGS[@]}" "$ST/tiny.md" || why="$why; a second make would run again"
+    if [ -z "$why" ]; then pass "make reproduce: flags per config, resume after an interrupt, 4 rows over 2 seeds, up to date"
+    else fail "make reproduce" "${why#; }"; fi
+else echo "skip  make reproduce (no make)"; fi
+
 # ---------------------------------------------------------------- terminal output
 # a live progress line on a terminal (util-linux script gives one), plain lines otherwise
 if command -v script >/dev/null; then
