@@ -39,16 +39,27 @@ clean:
 	rm -f remi remi-asan
 
 # ---------------------------------------------------------------- reproduce
-# `make -j2 reproduce`: the study on the stand-ins (README "Results on the stand-ins").
-# One run = one folder $(STUDY)/DATA/CONFIG/SEED, finished once its train.log exists; an
-# interrupted run resumes from its checkpoint. Per-dataset settings: REMI-SPEC f.2.
-STUDY      ?= out/study
+# `make -j2 reproduce`: every run behind the README's result tables, then the tables.
+# One run = one folder under $(RESULTS), finished once its train.log exists; an interrupted
+# run resumes from its checkpoint. `expected/results/` holds the metrics.jsonl of the runs
+# the README quotes; `remi report` over them gives its tables.
+RESULTS    ?= out/results
+RUN_T      ?= 1
+
+define train_run
+	@mkdir -p $(@D)
+	@echo "remi train $1"
+	@if [ -f $(@D)/checkpoint.bin ]; then ./remi train --resume $(@D) -t $(RUN_T); \
+	 else ./remi train $1 -t $(RUN_T) --out $(@D); fi >> $@.tmp && mv $@.tmp $@
+endef
+
+# The study on the stand-ins: every encoder with and without IHN and RR, 3 seeds, a
+# budget of 20,000 steps and patience 10; per-dataset settings from REMI-SPEC f.2.
 STUDY_DATA ?= cds gowalla1k rr-sessions
 SEEDS      ?= 2021 2022 2023
 CONFIGS    ?= sa-base sa-ihn sa-rr sa-remi dr-base dr-ihn dr-rr dr-remi \
               mind-base mind-ihn mind-rr mind-remi dnn gru4rec pop
 BUDGET     ?= --iters 20000 --patience 10
-RUN_T      ?= 1
 
 set_cds         := --len 20 --eval-every 1000
 set_gowalla1k   := --len 40 --eval-every 1000
@@ -66,25 +77,59 @@ flags_rr   = --rbeta 0 --rlambda 100
 flags_remi = --rbeta $(beta_$1) --rlambda 100
 part       = $(word $1,$(subst /, ,$*))
 data_dir   = $(if $(filter tiny,$1),expected/tiny,data)
-run_flags  = --data $(call data_dir,$1) --name $1 $(set_$1) --model $(firstword $(subst -, ,$2)) \
-             $(if $(word 2,$(subst -, ,$2)),$(call flags_$(word 2,$(subst -, ,$2)),$1)) --seed $3 $(BUDGET)
+study_flags = --data $(call data_dir,$1) --name $1 $(set_$1) --model $(firstword $(subst -, ,$2)) \
+              $(if $(word 2,$(subst -, ,$2)),$(call flags_$(word 2,$(subst -, ,$2)),$1)) --seed $3 $(BUDGET)
 
-$(STUDY)/%/train.log: | remi
-	@mkdir -p $(@D)
-	@echo "remi train $(call run_flags,$(call part,1),$(call part,2),$(call part,3))"
-	@if [ -f $(@D)/checkpoint.bin ]; then ./remi train --resume $(@D) -t $(RUN_T); \
-	 else ./remi train $(call run_flags,$(call part,1),$(call part,2),$(call part,3)) -t $(RUN_T) --out $(@D); \
-	 fi >> $@.tmp && mv $@.tmp $@
+$(RESULTS)/study/%/train.log: | remi
+	$(call train_run,$(call study_flags,$(call part,1),$(call part,2),$(call part,3)))
 
-runs_by_seed   = $(foreach s,$(SEEDS),$(foreach c,$(CONFIGS),$(STUDY)/$1/$c/$s/train.log))
-runs_by_config = $(foreach c,$(CONFIGS),$(foreach s,$(SEEDS),$(STUDY)/$1/$c/$s))
+runs_by_seed   = $(foreach s,$(SEEDS),$(foreach c,$(CONFIGS),$(RESULTS)/study/$1/$c/$s/train.log))
+runs_by_config = $(foreach c,$(CONFIGS),$(foreach s,$(SEEDS),$(RESULTS)/study/$1/$c/$s))
 define study_table
-$(STUDY)/$1.md: $(call runs_by_seed,$1)
+$(RESULTS)/$1.md: $(call runs_by_seed,$1)
 	./remi report $(call runs_by_config,$1) > $$@.tmp && mv $$@.tmp $$@
 endef
 $(foreach d,$(STUDY_DATA),$(eval $(call study_table,$d)))
 
-reproduce: $(foreach d,$(STUDY_DATA),$(STUDY)/$d.md)
+# Amazon Beauty with the reference's protocol (patience 50, no step cap), one run each;
+# the negatives sweep with patience 10.
+beauty_sa-base      := --model sa --rbeta 0 --rlambda 0
+beauty_sa-base-2022 := --model sa --rbeta 0 --rlambda 0 --seed 2022
+beauty_sa-ihn       := --model sa --rbeta 0.1 --rlambda 0
+beauty_sa-ihn-b1    := --model sa --rbeta 1 --rlambda 0
+beauty_sa-rr        := --model sa --rbeta 0 --rlambda 100
+beauty_sa-remi      := --model sa
+beauty_sa-remi-2022 := --model sa --seed 2022
+beauty_sa-remi-b1   := --model sa --rbeta 1
+beauty_sa-remi-b10  := --model sa --rbeta 10
+beauty_dr-base      := --model dr --rbeta 0 --rlambda 0
+beauty_dr-ihn       := --model dr --rlambda 0
+beauty_dr-rr        := --model dr --rbeta 0
+beauty_dr-remi      := --model dr
+beauty_mind-base    := --model mind --rbeta 0 --rlambda 0
+beauty_mind-ihn     := --model mind --rlambda 0
+beauty_mind-rr      := --model mind --rbeta 0
+beauty_mind-remi    := --model mind
+beauty_dnn          := --model dnn
+beauty_gru4rec      := --model gru4rec
+beauty_pop          := --model pop
+BEAUTY     := sa-base sa-base-2022 sa-ihn sa-ihn-b1 sa-rr sa-remi sa-remi-2022 sa-remi-b1 sa-remi-b10 \
+              dr-base dr-ihn dr-rr dr-remi mind-base mind-ihn mind-rr mind-remi dnn gru4rec pop
+NEGATIVES  := u10 u100 u1280 u5000 i10 i100 i1280 i5000 full
+negatives   = --model sa --rlambda 100 --patience 10 $(if $(filter full,$1),--rbeta 0 --neg 0,\
+              --rbeta $(if $(filter u%,$1),0,0.1) --neg $(patsubst u%,%,$(patsubst i%,%,$1)))
+
+$(RESULTS)/beauty/%/train.log: | remi
+	$(call train_run,$(beauty_$*))
+$(RESULTS)/beauty-negatives/%/train.log: | remi
+	$(call train_run,$(call negatives,$*))
+
+$(RESULTS)/beauty.md: $(foreach r,$(BEAUTY),$(RESULTS)/beauty/$r/train.log)
+	./remi report $(dir $^) > $@.tmp && mv $@.tmp $@
+$(RESULTS)/beauty-negatives.md: $(foreach r,$(NEGATIVES),$(RESULTS)/beauty-negatives/$r/train.log)
+	./remi report --negatives-svg $(@:.md=.svg) $(dir $^) > $@.tmp && mv $@.tmp $@
+
+reproduce: $(foreach d,$(STUDY_DATA),$(RESULTS)/$d.md) $(RESULTS)/beauty.md $(RESULTS)/beauty-negatives.md
 	@cat $^
 
 .PHONY: all debug asan portable test bench fuzz clean reproduce

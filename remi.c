@@ -3896,6 +3896,7 @@ int cmd_inspect(int argc, char **argv) {
 typedef struct {
     char name[256], model[32];
     double rbeta, rlambda, M, relu, seed, v[8]; /* v: test @20 recall ndcg ndcg_ref hitrate, then @50 */
+    double best_iter, last_iter;                /* the best model's step, the last validation's */
 } RunResult;
 
 /* The value after "key": in a metrics.jsonl line (a number, or a string copied to str). */
@@ -3939,11 +3940,14 @@ static int read_run(RunResult *r, const char *dir) {
             if (!got_config) die("%s:%d: a config line without name, model, rbeta, rlambda, M or seed", path, lineno);
         } else if (strstr(line, "\"final\":\"test\"")) {
             double topn, *v = r->v + 4 * finals;
-            if (finals == 2 || !json_field(line, "topn", &topn, NULL, 0) || !json_field(line, "recall", &v[0], NULL, 0) ||
+            if (finals == 2 || !json_field(line, "topn", &topn, NULL, 0) || !json_field(line, "best_iter", &r->best_iter, NULL, 0) ||
+                !json_field(line, "recall", &v[0], NULL, 0) ||
                 !json_field(line, "ndcg", &v[1], NULL, 0) || !json_field(line, "ndcg_ref", &v[2], NULL, 0) ||
                 !json_field(line, "hitrate", &v[3], NULL, 0))
                 die("%s:%d: unexpected final test line \"%s\"", path, lineno, excerpt(line));
             finals++;
+        } else if (!strncmp(line, "{\"iter\":", 8)) {
+            json_field(line, "iter", &r->last_iter, NULL, 0);
         }
     }
     free(line);
@@ -4043,6 +4047,7 @@ int cmd_report(int argc, char **argv) {
     int n_rows = 0, *count = xcalloc(n, sizeof(int));
     RunResult *runs = xmalloc(n * sizeof *runs), *rows = xmalloc(n * sizeof *rows);
     double *sum = xcalloc((size_t)n * 8, sizeof(double)), *sq = xcalloc((size_t)n * 8, sizeof(double));
+    double *steps = xcalloc((size_t)n * 2, sizeof(double)); /* summed best and last steps per row */
     for (int i = 0; i < n; i++) {
         if (!read_run(&runs[i], dirs[i])) { fprintf(stderr, "report: %s has not finished, left out\n", dirs[i]); continue; }
         int r = 0;
@@ -4050,9 +4055,11 @@ int cmd_report(int argc, char **argv) {
         if (r == n_rows) rows[n_rows++] = runs[i];
         count[r]++;
         for (int k = 0; k < 8; k++) { sum[r * 8 + k] += runs[i].v[k]; sq[r * 8 + k] += runs[i].v[k] * runs[i].v[k]; }
+        steps[2 * r] += runs[i].best_iter;
+        steps[2 * r + 1] += runs[i].last_iter;
     }
-    printf("| data | model | beta | lambda | M | seeds | R@20 | NDCG@20 | ndcg_ref@20 | HR@20 | R@50 | NDCG@50 | ndcg_ref@50 | HR@50 |\n");
-    printf("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    printf("| data | model | beta | lambda | M | seeds | R@20 | NDCG@20 | ndcg_ref@20 | HR@20 | R@50 | NDCG@50 | ndcg_ref@50 | HR@50 | steps: best / last |\n");
+    printf("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     for (int r = 0; r < n_rows; r++) {
         char mb[32] = "all (full softmax)";
         if (rows[r].M != 0) snprintf(mb, sizeof mb, "%g", rows[r].M);
@@ -4064,7 +4071,7 @@ int cmd_report(int argc, char **argv) {
             if (c > 1) printf(" %.4f ± %.4f |", mean, sqrt(var > 0 ? var : 0));
             else printf(" %.4f |", mean);
         }
-        printf("\n");
+        printf(" %.0f / %.0f |\n", steps[2 * r] / count[r], steps[2 * r + 1] / count[r]);
     }
     if (svg) negatives_svg(svg, rows, sum, n_rows);
     return 0;

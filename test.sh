@@ -356,24 +356,24 @@ else fail "report" "mean R@50 want '$want' got '$got': $(head -c 300 "$TMP/repor
 # dataset for IHN, lambda 100 for RR), an interrupted run resumes from its checkpoint, the
 # table has one row per config over both seeds, and a second make has nothing to do.
 if command -v make >/dev/null; then
-    ST=$TMP/study; SARGS=(STUDY="$ST" STUDY_DATA=tiny SEEDS="1 2" CONFIGS="sa-base sa-ihn sa-remi dnn" BUDGET="--iters 100")
+    ST=$TMP/study; SARGS=(RESULTS="$ST" STUDY_DATA=tiny SEEDS="1 2" CONFIGS="sa-base sa-ihn sa-remi dnn" BUDGET="--iters 100")
     # seed 2's sa-remi was stopped at step 60, as by Ctrl-C: make must resume it
     "$REMI" train --data expected/tiny --name tiny --len 8 --eval-every 50 --batch 16 --neg 64 --hidden 8 --model sa \
-        --rbeta 1 --rlambda 100 --seed 2 --iters 100 -t 1 --stop-after 60 --out "$ST/tiny/sa-remi/2" >/dev/null 2>&1
+        --rbeta 1 --rlambda 100 --seed 2 --iters 100 -t 1 --stop-after 60 --out "$ST/study/tiny/sa-remi/2" >/dev/null 2>&1
     "$REMI" train --data expected/tiny --name tiny --len 8 --eval-every 50 --batch 16 --neg 64 --hidden 8 --model sa \
         --rbeta 1 --rlambda 100 --seed 2 --iters 100 -t 1 --out "$TMP/study-straight" >/dev/null 2>&1
-    make -s reproduce "${SARGS[@]}" >"$TMP/reproduce.log" 2>&1; rc=$?
+    make -s "${SARGS[@]}" "$ST/tiny.md" >"$TMP/reproduce.log" 2>&1; rc=$?
     why=""
     [ $rc -eq 0 ] || why="make exit status $rc: $(tail -n 2 "$TMP/reproduce.log")"
     for want in "sa-base 0 0 sa" "sa-ihn 1 0 sa" "sa-remi 1 100 sa" "dnn 0 0 dnn"; do
         set -- $want
         for seed in 1 2; do
-            grep -q "\"model\":\"$4\".*\"rbeta\":$2,\"rlambda\":$3,.*\"seed\":$seed," "$ST/tiny/$1/$seed/metrics.jsonl" 2>/dev/null ||
+            grep -q "\"model\":\"$4\".*\"rbeta\":$2,\"rlambda\":$3,.*\"seed\":$seed," "$ST/study/tiny/$1/$seed/metrics.jsonl" 2>/dev/null ||
                 why="$why; $1/$seed has other settings"
         done
     done
-    grep -q "resumed from .*sa-remi/2/checkpoint.bin at iteration 60" "$ST/tiny/sa-remi/2/train.log" 2>/dev/null || why="$why; sa-remi/2 not resumed"
-    cmp -s <(grep final "$ST/tiny/sa-remi/2/metrics.jsonl") <(grep final "$TMP/study-straight/metrics.jsonl") ||
+    grep -q "resumed from .*sa-remi/2/checkpoint.bin at iteration 60" "$ST/study/tiny/sa-remi/2/train.log" 2>/dev/null || why="$why; sa-remi/2 not resumed"
+    cmp -s <(grep final "$ST/study/tiny/sa-remi/2/metrics.jsonl") <(grep final "$TMP/study-straight/metrics.jsonl") ||
         why="$why; the resumed run's metrics differ from a straight run's"
     rows=$(grep -c "^| tiny | .* | 2 | " "$ST/tiny.md" 2>/dev/null)
     [ "$rows" = 4 ] || why="$why; table has $rows rows over 2 seeds, not 4"
@@ -381,6 +381,28 @@ if command -v make >/dev/null; then
     if [ -z "$why" ]; then pass "make reproduce: flags per config, resume after an interrupt, 4 rows over 2 seeds, up to date"
     else fail "make reproduce" "${why#; }"; fi
 else echo "skip  make reproduce (no make)"; fi
+
+# ---------------------------------------------------------------- recorded results
+# expected/results holds the metrics.jsonl of every run the README's result tables quote and
+# the tables themselves: make's table rules (remi report) must give them back byte for byte
+# from the runs, and the README must quote every line of them.
+if command -v make >/dev/null; then
+    cp -r expected/results "$TMP/results"
+    tables=$(cd expected/results && ls *.md)
+    for run in $(find "$TMP/results" -name metrics.jsonl); do touch "$(dirname "$run")/train.log"; done # recorded = finished
+    rm -f "$TMP"/results/*.md "$TMP"/results/*.svg
+    make -s RESULTS="$TMP/results" $(for t in $tables; do echo "$TMP/results/$t"; done) >"$TMP/tables.log" 2>&1
+    why=""
+    for f in $(cd expected/results && ls *.md *.svg); do
+        cmp -s "expected/results/$f" "$TMP/results/$f" || why="$why $f differs;"
+    done
+    for t in $tables; do
+        missing=$(grep '^| [a-z]' "expected/results/$t" | while IFS= read -r line; do grep -qxF -- "$line" README.md || echo x; done | wc -l)
+        [ "$missing" = 0 ] || why="$why README lacks $missing rows of $t;"
+    done
+    if [ -z "$why" ]; then pass "recorded results: $(echo $tables | wc -w) tables regenerate from their runs; the README quotes them"
+    else fail "recorded results" "$why $(tail -n 2 "$TMP/tables.log")"; fi
+else echo "skip  recorded results (no make)"; fi
 
 # ---------------------------------------------------------------- terminal output
 # a live progress line on a terminal (util-linux script gives one), plain lines otherwise
