@@ -129,7 +129,26 @@ $(RESULTS)/beauty.md: $(foreach r,$(BEAUTY),$(RESULTS)/beauty/$r/train.log)
 $(RESULTS)/beauty-negatives.md: $(foreach r,$(NEGATIVES),$(RESULTS)/beauty-negatives/$r/train.log)
 	./remi report --negatives-svg $(@:.md=.svg) $(dir $^) > $@.tmp && mv $@.tmp $@
 
-reproduce: $(foreach d,$(STUDY_DATA),$(RESULTS)/$d.md) $(RESULTS)/beauty.md $(RESULTS)/beauty-negatives.md
-	@cat $^
+# Routing collapse (remi inspect): two ComiRec-SA runs of 6,000 steps on Beauty, without and
+# with RR, drawn for the first two test users; on the stand-ins, the seed-2021 models.
+beauty_routing-norr := --model sa --rlambda 0 --iters 6000
+beauty_routing-rr   := --model sa --iters 6000
+$(RESULTS)/routing-%.svg: $(RESULTS)/beauty/routing-%/train.log
+	./remi inspect --model-file $(<D)/model.bin --users "0 1" --out $(<D) > $(<D)/inspect.txt && cp $(<D)/routing.svg $@
+
+COLLAPSE   := sa-base sa-remi dr-base dr-remi mind-base mind-remi
+$(RESULTS)/%-collapse.md: $(foreach c,$(COLLAPSE),$(RESULTS)/study/%/$c/2021/train.log)
+	@{ echo "| data | run | interests with a largest weight > 0.9 | mean largest weight | mean entropy / log n |"; \
+	   echo "|---|---|---:|---:|---:|"; \
+	   for c in $(COLLAPSE); do run=$(RESULTS)/study/$*/$$c/2021; \
+	     ./remi inspect --model-file $$run/model.bin --data $(call data_dir,$*) --name $* --out $$run > $$run/inspect.txt || exit 1; \
+	     awk -v d=$* -v c=$$c '/^collapsed/ { p = $$NF } /^mean largest/ { printf "| %s | %s | %s | %s | %s |\n", d, c, p, $$4, $$NF }' \
+	       $$run/inspect.txt; done; } > $@.tmp && mv $@.tmp $@
+
+.PRECIOUS: %/train.log
+
+reproduce: $(foreach d,$(STUDY_DATA),$(RESULTS)/$d.md $(RESULTS)/$d-collapse.md) $(RESULTS)/beauty.md \
+           $(RESULTS)/beauty-negatives.md $(RESULTS)/routing-norr.svg $(RESULTS)/routing-rr.svg
+	@cat $(filter %.md,$^)
 
 .PHONY: all debug asan portable test bench fuzz clean reproduce

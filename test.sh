@@ -356,13 +356,14 @@ else fail "report" "mean R@50 want '$want' got '$got': $(head -c 300 "$TMP/repor
 # dataset for IHN, lambda 100 for RR), an interrupted run resumes from its checkpoint, the
 # table has one row per config over both seeds, and a second make has nothing to do.
 if command -v make >/dev/null; then
-    ST=$TMP/study; SARGS=(RESULTS="$ST" STUDY_DATA=tiny SEEDS="1 2" CONFIGS="sa-base sa-ihn sa-remi dnn" BUDGET="--iters 100")
+    ST=$TMP/study; SARGS=(RESULTS="$ST" STUDY_DATA=tiny SEEDS="1 2" CONFIGS="sa-base sa-ihn sa-remi dnn" BUDGET="--iters 100"
+           COLLAPSE="sa-base sa-remi")
     # seed 2's sa-remi was stopped at step 60, as by Ctrl-C: make must resume it
     "$REMI" train --data expected/tiny --name tiny --len 8 --eval-every 50 --batch 16 --neg 64 --hidden 8 --model sa \
         --rbeta 1 --rlambda 100 --seed 2 --iters 100 -t 1 --stop-after 60 --out "$ST/study/tiny/sa-remi/2" >/dev/null 2>&1
     "$REMI" train --data expected/tiny --name tiny --len 8 --eval-every 50 --batch 16 --neg 64 --hidden 8 --model sa \
         --rbeta 1 --rlambda 100 --seed 2 --iters 100 -t 1 --out "$TMP/study-straight" >/dev/null 2>&1
-    make -s "${SARGS[@]}" "$ST/tiny.md" >"$TMP/reproduce.log" 2>&1; rc=$?
+    make -s "${SARGS[@]}" "$ST/tiny.md" "$ST/tiny-collapse.md" >"$TMP/reproduce.log" 2>&1; rc=$?
     why=""
     [ $rc -eq 0 ] || why="make exit status $rc: $(tail -n 2 "$TMP/reproduce.log")"
     for want in "sa-base 0 0 sa" "sa-ihn 1 0 sa" "sa-remi 1 100 sa" "dnn 0 0 dnn"; do
@@ -377,8 +378,10 @@ if command -v make >/dev/null; then
         why="$why; the resumed run's metrics differ from a straight run's"
     rows=$(grep -c "^| tiny | .* | 2 | " "$ST/tiny.md" 2>/dev/null)
     [ "$rows" = 4 ] || why="$why; table has $rows rows over 2 seeds, not 4"
-    make -q "${SARGS[@]}" "$ST/tiny.md" || why="$why; a second make would run again"
-    if [ -z "$why" ]; then pass "make reproduce: flags per config, resume after an interrupt, 4 rows over 2 seeds, up to date"
+    rows=$(grep -c "^| tiny | sa-[a-z]* | [0-9.]*% | 0\.[0-9]* | [01]\.[0-9]* |$" "$ST/tiny-collapse.md" 2>/dev/null)
+    [ "$rows" = 2 ] || why="$why; collapse table has $rows rows, not 2"
+    make -q "${SARGS[@]}" "$ST/tiny.md" "$ST/tiny-collapse.md" || why="$why; a second make would run again"
+    if [ -z "$why" ]; then pass "make reproduce: flags per config, resume after an interrupt, 4 rows over 2 seeds, collapse table, up to date"
     else fail "make reproduce" "${why#; }"; fi
 else echo "skip  make reproduce (no make)"; fi
 
@@ -388,12 +391,12 @@ else echo "skip  make reproduce (no make)"; fi
 # from the runs, and the README must quote every line of them.
 if command -v make >/dev/null; then
     cp -r expected/results "$TMP/results"
-    tables=$(cd expected/results && ls *.md)
+    tables=$(cd expected/results && ls *.md | grep -v collapse) # collapse tables and routing figures need the models
     for run in $(find "$TMP/results" -name metrics.jsonl); do touch "$(dirname "$run")/train.log"; done # recorded = finished
     rm -f "$TMP"/results/*.md "$TMP"/results/*.svg
     make -s RESULTS="$TMP/results" $(for t in $tables; do echo "$TMP/results/$t"; done) >"$TMP/tables.log" 2>&1
     why=""
-    for f in $(cd expected/results && ls *.md *.svg); do
+    for f in $tables beauty-negatives.svg; do
         cmp -s "expected/results/$f" "$TMP/results/$f" || why="$why $f differs;"
     done
     for t in $tables; do
