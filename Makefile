@@ -22,6 +22,13 @@ asan:
 remi-asan: remi.c remi.h
 	$(CC) $(ASAN) $(WARN) -DREMI_CFLAGS='"$(ASAN)"' -o $@ remi.c $(LDLIBS)
 
+# remi-sse, remi-avx: the kernels' other register tiles (see gemm_tile_full) beside ./remi;
+# test.sh checks that they give the native build's bits (x86 only for remi-avx)
+remi-sse: remi.c remi.h
+	$(CC) -O3 $(BASE) $(WARN) -DREMI_CFLAGS='"-O3 $(BASE)"' -o $@ remi.c $(LDLIBS)
+remi-avx: remi.c remi.h
+	$(CC) -O3 -mavx $(BASE) $(WARN) -DREMI_CFLAGS='"-O3 -mavx $(BASE)"' -o $@ remi.c $(LDLIBS)
+
 # a longer fuzz run of every reader under the sanitizers
 fuzz: remi-asan
 	./remi-asan fuzz --iters 20000
@@ -36,7 +43,7 @@ bench: remi
 	./remi bench
 
 clean:
-	rm -f remi remi-asan
+	rm -f remi remi-asan remi-sse remi-avx
 
 # ---------------------------------------------------------------- reproduce
 # `make -j2 reproduce`: every run behind the README's result tables, then the tables.

@@ -1534,9 +1534,9 @@ typedef struct {
     int m, n, k, acc;
 } Gemm;
 
-/* Full MR x NR tile: MR x NV vector accumulators; each step loads the NV vectors of B's
- * row p and broadcasts one element of A per row. */
-static void gemm_tile_full(const Gemm *g, int i, int j) {
+/* A ROWS x NR tile (ROWS <= MR, a constant once inlined): ROWS x NV vector accumulators;
+ * each step loads the NV vectors of B's row p and broadcasts one element of A per row. */
+static inline __attribute__((always_inline)) void gemm_tile_rows(const Gemm *g, int i, int j, const int ROWS) {
     vfw c[MR][NV] = { 0 };
     const float *a0 = g->A + (size_t)i * g->sa, *b = g->B + j;
     const size_t sa = g->sa, sp = g->sp, ldb = g->ldb;
@@ -1544,18 +1544,37 @@ static void gemm_tile_full(const Gemm *g, int i, int j) {
         const float *ap = a0 + p * sp;
         vfw bv[NV];
         for (int v = 0; v < NV; v++) bv[v] = *(const vfw *)(b + VW * v);
-        for (int r = 0; r < MR; r++) {
+        for (int r = 0; r < ROWS; r++) {
             float x = ap[r * sa];
             for (int v = 0; v < NV; v++) c[r][v] = c[r][v] + x * bv[v];
         }
     }
-    for (int r = 0; r < MR; r++) {
+    for (int r = 0; r < ROWS; r++) {
         vfw *cr = (vfw *)(g->C + (size_t)(i + r) * g->ldc + j);
         for (int v = 0; v < NV; v++) {
             if (g->acc) c[r][v] = cr[v] + c[r][v];
             cr[v] = c[r][v];
         }
     }
+}
+static void gemm_tile_full(const Gemm *g, int i, int j) { gemm_tile_rows(g, i, j, MR); }
+static void gemm_tile_4(const Gemm *g, int i, int j) { gemm_tile_rows(g, i, j, 4); }
+#if MR > 8
+static void gemm_tile_8(const Gemm *g, int i, int j) { gemm_tile_rows(g, i, j, 8); }
+#endif
+/* The smallest tile height that covers mr rows. */
+static int tile_rows(int mr) {
+#if MR > 8
+    if (mr > 4 && mr <= 8) return 8;
+#endif
+    return mr <= 4 ? 4 : MR;
+}
+static void gemm_tile(const Gemm *g, int i, int j, int rows) {
+#if MR > 8
+    if (rows == 8) { gemm_tile_8(g, i, j); return; }
+#endif
+    if (rows == 4) gemm_tile_4(g, i, j);
+    else gemm_tile_full(g, i, j);
 }
 
 /* Growable per-thread scratch buffers, one per slot: the gemm's edge tiles, and the
@@ -1569,17 +1588,18 @@ static float *thread_scratch(int slot, size_t n) {
     return scratch_buf[slot];
 }
 
-/* Edge tiles (fewer than MR rows or NR columns) are copied, zero-padded, into a full
- * tile and computed by the same kernel, so a narrow product (the K attention logits) runs
- * at full speed; the real elements get the same sums. The padded B columns are packed
- * once per task, the padded A rows once per row tile.
- * gemm_tile_via: the full-tile kernel on A (MR rows at a, strides sa/sp) and B (NR columns
- * at b, ldb) into a local tile, then the mr x nr real part stored (or added) at c. */
+/* Edge tiles (fewer than MR rows or NR columns) are copied, zero-padded, into a tile of
+ * the next height (4, 8 or MR rows) and NR columns and computed by the same kernel, so a
+ * narrow product (the K attention logits, their weight gradient) runs at full speed; the
+ * real elements get the same sums. The padded B columns are packed once per task, the
+ * padded A rows once per row tile.
+ * gemm_tile_via: the kernel on A (`rows` rows at a, strides sa/sp) and B (NR columns at
+ * b, ldb) into a local tile, then the mr x nr real part stored (or added) at c. */
 static void gemm_tile_via(const Gemm *g, const float *a, int sa, int sp, const float *b, int ldb, float *c,
-                          int mr, int nr) {
+                          int mr, int nr, int rows) {
     float tile[MR * NR];
-    Gemm t = { tile, NR, a, sa, sp, b, ldb, MR, NR, g->k, 0 };
-    gemm_tile_full(&t, 0, 0);
+    Gemm t = { tile, NR, a, sa, sp, b, ldb, rows, NR, g->k, 0 };
+    gemm_tile(&t, 0, 0, rows);
     for (int r = 0; r < mr; r++)
         for (int q = 0; q < nr; q++) {
             float *cc = c + (size_t)r * g->ldc + q;
@@ -1587,12 +1607,14 @@ static void gemm_tile_via(const Gemm *g, const float *a, int sa, int sp, const f
         }
 }
 
-/* Row tiles [lo, hi) of one product. */
+/* Tiles [lo, hi) of one product, numbered row tile by row tile (t = row tile * column
+ * tiles + column tile), so a product with few rows (a weight gradient of K rows) still
+ * splits over threads. Each tile is written by one thread, with the same sums. */
 static void gemm_task(void *ctx, int lo, int hi) {
     const Gemm *g = ctx;
-    int k = g->k, nfull = g->n / NR * NR, nr = g->n - nfull;
+    int k = g->k, nfull = g->n / NR * NR, nr = g->n - nfull, nct = (g->n + NR - 1) / NR, padded = -1;
     float *bp = NULL, *ap = NULL;
-    if (nr > 0 || (hi - 1) * MR + MR > g->m) {
+    if (nr > 0 || g->m % MR) {
         float *buf = thread_scratch(SCRATCH_GEMM, (size_t)k * NR + (size_t)MR * k);
         bp = buf; ap = buf + (size_t)k * NR;
     }
@@ -1600,25 +1622,26 @@ static void gemm_task(void *ctx, int lo, int hi) {
         for (int p = 0; p < k; p++)
             for (int q = 0; q < NR; q++) bp[(size_t)p * NR + q] = q < nr ? g->B[(size_t)p * g->ldb + nfull + q] : 0.0f;
     for (int t = lo; t < hi; t++) {
-        int i = t * MR, mr = g->m - i < MR ? g->m - i : MR;
+        int rt = t / nct, j = t % nct * NR;
+        int i = rt * MR, mr = g->m - i < MR ? g->m - i : MR, rows = tile_rows(mr);
         const float *a = g->A + (size_t)i * g->sa;
         int sa = g->sa, sp = g->sp;
-        if (mr < MR) { /* the last, short row tile of A, zero-padded to MR rows */
-            for (int r = 0; r < MR; r++)
-                for (int p = 0; p < k; p++) ap[(size_t)r * k + p] = r < mr ? a[(size_t)r * sa + (size_t)p * sp] : 0.0f;
+        if (mr < rows) { /* the last, short row tile of A, zero-padded to `rows` rows */
+            if (padded != rt)
+                for (int r = 0; r < rows; r++)
+                    for (int p = 0; p < k; p++) ap[(size_t)r * k + p] = r < mr ? a[(size_t)r * sa + (size_t)p * sp] : 0.0f;
+            padded = rt;
             a = ap; sa = k; sp = 1;
         }
         float *c = g->C + (size_t)i * g->ldc;
-        for (int j = 0; j < nfull; j += NR) {
-            if (mr == MR) gemm_tile_full(g, i, j);
-            else gemm_tile_via(g, a, sa, sp, g->B + j, g->ldb, c + j, mr, NR);
-        }
-        if (nr > 0) gemm_tile_via(g, a, sa, sp, bp, NR, c + nfull, mr, nr);
+        if (j == nfull) gemm_tile_via(g, a, sa, sp, bp, NR, c + nfull, mr, nr, rows);
+        else if (mr == rows) gemm_tile(g, i, j, rows);
+        else gemm_tile_via(g, a, sa, sp, g->B + j, g->ldb, c + j, mr, NR, rows);
     }
 }
 
 static void gemm_run(Gemm g, int parallel) {
-    int tiles = (g.m + MR - 1) / MR;
+    int tiles = (g.m + MR - 1) / MR * ((g.n + NR - 1) / NR);
     if (parallel) parallel_for(tiles, gemm_task, &g);
     else gemm_task(&g, 0, tiles);
 }

@@ -219,6 +219,21 @@ else fail "same seed twice" "outputs differ"; fi
 if ! cmp -s "$TMP/tiny-sa-t2/model.bin" "$TMP/tiny-seed8/model.bin"; then pass "another seed gives another model"
 else fail "seed" "--seed 8 gave the same model as --seed 7"; fi
 
+# The register tiles of other vector widths (SSE, AVX; ./remi has the machine's) must give
+# the same bits: every sum runs in the same order whatever the tile.
+for isa in sse avx; do
+    if ! command -v "${CC:-cc}" >/dev/null || ! make -s remi-$isa >"$TMP/build-$isa.log" 2>&1; then
+        echo "skip  remi-$isa (no compiler, or not this architecture)"; continue
+    fi
+    why=""
+    for mdl in sa dr mind gru4rec; do
+        ./remi-$isa train "${TINY[@]}" --model "$mdl" ${MODEL_ARGS[$mdl]} -t 2 --out "$TMP/tiny-$mdl-$isa" >/dev/null 2>&1
+        same_run "$TMP/tiny-$mdl-t2" "$TMP/tiny-$mdl-$isa" || why="$why $mdl"
+    done
+    if [ -z "$why" ]; then pass "remi-$isa (other register tile) gives the native build's models and metrics: sa dr mind gru4rec"
+    else fail "remi-$isa" "differs from the native build:$why"; fi
+done
+
 # eval of a saved model reproduces the test metrics printed by train
 eval_matches() { # TEST TRAIN-OUT-DIR [EVAL FLAGS...]
     local test=$1 dir=$2; shift 2
