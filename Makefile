@@ -1,7 +1,7 @@
 # remi: one C file, libc + libm + pthreads.
 CC      ?= cc
 WARN    := -Wall -Wextra -Wno-psabi -std=gnu11
-BASE    := -ffp-contract=off -fno-math-errno
+BASE    := -ffp-contract=off -fno-math-errno -fno-trapping-math
 CFLAGS  ?= -O3 -march=native $(BASE)
 LDLIBS  := -lm -lpthread
 

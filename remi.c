@@ -1702,7 +1702,7 @@ static inline float exp_v(float x) {
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
     float e = p * r * r + r + 1.0f;
-    n = n >= -127.0f && n <= 128.0f ? n : 0.0f; /* a NaN input: no undefined conversion, NaN out */
+    n = fabsf(n) <= 128.0f ? n : 0.0f; /* n is in [-126, 128]; a NaN input: no undefined conversion, NaN out */
     float y = e * bits_to_float((int32_t)((uint32_t)((int32_t)n + 127) << 23));
     return x < -87.3f ? 0.0f : y;
 }
@@ -1711,7 +1711,7 @@ static inline float tanh_v(float x) {
     float ax = fabsf(x);
     float s = exp_v(2.0f * (ax < 9.0f ? ax : 9.0f));
     float big = 1.0f - 2.0f / (s + 1.0f);
-    big = x < 0 ? -big : big;
+    big = copysignf(big, x);
     float z = x * x;
     float small = ((((-5.70498872745e-3f * z + 2.06390887954e-2f) * z - 5.37397155531e-2f) * z
                     + 1.33314422036e-1f) * z - 3.33332819422e-1f) * z * x + x;
