@@ -2923,7 +2923,7 @@ static void topk_block(Hit *heap, int *hn, int maxn, float *thr, const float *St
     }
 }
 
-#define EVAL_GROUP 4    /* users scored together: EVAL_GROUP * K queries share each item block */
+#define EVAL_GROUP 8    /* users scored together: EVAL_GROUP * K queries share each item block */
 
 #define EVAL_BLOCK 512  /* items per block: their rows of E stay in L2 while the group's queries use them */
 
