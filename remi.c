@@ -1824,7 +1824,7 @@ void acts_init(Acts *a, const Model *m, int cap_b, int M) {
     a->logit = xcalloc(B * M + 1, sizeof(float));
     a->dlogit = xcalloc(B * M + 1, sizeof(float));
     a->ssm_tmp = xcalloc(2 * B * M + 1, sizeof(float));
-    a->ssm_st = xcalloc(5 * B, sizeof(double)); /* SsmStats */
+    a->ssm_st = xcalloc(6 * B, sizeof(double)); /* SsmStats */
     a->pos = xcalloc(B, sizeof(float));
     a->dpos = xcalloc(B, sizeof(float));
     a->loss = xcalloc(B, sizeof(float));
@@ -2537,7 +2537,8 @@ static void pop_count(Model *m, const Acts *a, int nb) {
 
 /* ======================================================================== loss: sampled softmax + IHN
  * REMI-SPEC d.1-d.4. Scores: pos[b] = <r_b, E[t_b]>, logit[b,j] = <r_b, E[n_j]> over one
- * set of M uniform negatives shared by the batch (no accidental-hit removal). */
+ * set of M uniform negatives shared by the batch (no accidental-hit removal, as the
+ * reference; --remove-hits drops a row's hits from its negatives). */
 static void logits_forward(float *pos, float *logit, float *en, float *ent, const float *r, const float *E,
                            const int *target, const int *neg, int nb, int M, int D) {
     for (int j = 0; j < M; j++) memcpy(en + (size_t)j * D, E + (size_t)neg[j] * D, D * sizeof(float));
@@ -2561,29 +2562,50 @@ static void logits_backward(float *dr, float *dE, float *den, const float *dpos,
  *   T = sum imp_j e^{x_j}, Ng = M T / S = M sum_j w_j e^{x_j} with w = softmax(beta s).
  * beta = 0 gives imp = 1, Ng = sum e^{x_j}: plain sampled softmax (d.3).
  * The forward pass keeps these statistics and leaves imp_j and e^{x_j} in tmp (2, M) for
- * the backward pass. */
-typedef struct { double x0, S, T, P, Z; } SsmStats;
+ * the backward pass. Mb is M, or with --remove-hits the number of negatives kept. */
+typedef struct { double x0, S, T, P, Z, Mb; } SsmStats;
 
 /* with_pos: the target's own term e^{x0} is in the partition function (sampled softmax,
- * REMI-SPEC d.3-d.4); 0 for full softmax, where the target is one of the M = N logits (d.6). */
-static SsmStats ssm_stats(float *tmp, float pos, const float *logit, int M, float beta, int with_pos) {
+ * REMI-SPEC d.3-d.4); 0 for full softmax, where the target is one of the M = N logits (d.6).
+ * keep (M): NULL, or 1 for the negatives that count and 0 for the removed hits, which then
+ * take no part in m, w, Ng or the gradient (M becomes their number, Mb). */
+static SsmStats ssm_stats(float *tmp, float pos, const float *logit, const float *keep, int M, float beta,
+                          int with_pos) {
     float *imp = tmp, *ex = tmp + M;
     float mx = pos, bmax = -FLT_MAX;
-    for (int j = 0; j < M; j++) mx = logit[j] > mx ? logit[j] : mx;
-    for (int j = 0; j < M; j++) { float bx = beta * (logit[j] - mx); bmax = bx > bmax ? bx : bmax; }
+    for (int j = 0; j < M; j++) mx = logit[j] > mx && (!keep || keep[j] != 0.0f) ? logit[j] : mx;
+    for (int j = 0; j < M; j++) {
+        float bx = beta * (logit[j] - mx);
+        bmax = bx > bmax && (!keep || keep[j] != 0.0f) ? bx : bmax;
+    }
     for (int j = 0; j < M; j++) { /* flat, branch-free: vectorised */
         float x = logit[j] - mx;
         imp[j] = exp_v(beta * x - bmax);
         ex[j] = exp_v(x);
     }
+    double Mb = M;
+    if (keep) {
+        Mb = 0;
+        for (int j = 0; j < M; j++) { imp[j] *= keep[j]; ex[j] *= keep[j]; Mb += keep[j]; }
+    }
     /* 8 partial sums (lane j % 8) reduced in a fixed order: the same on every machine */
     double S8[8] = { 0 }, T8[8] = { 0 }, S = 0, T = 0;
     for (int j = 0; j < M; j++) { S8[j % 8] += imp[j]; T8[j % 8] += (double)(imp[j] * ex[j]); }
     for (int l = 0; l < 8; l++) { S += S8[l]; T += T8[l]; }
-    SsmStats st = { pos - mx, S, T, 0, 0 };
+    SsmStats st = { pos - mx, S, T, 0, 0, Mb };
     st.P = with_pos ? exp(st.x0) : 0.0;
-    st.Z = st.P + (double)M * T / S; /* e^{x0} + Ng */
+    st.Z = st.P + (Mb > 0 ? Mb * T / S : 0.0); /* e^{x0} + Ng */
     return st;
+}
+
+/* --remove-hits: keep[j] = 0 where negative j is the row's target (target) or also one of
+ * its history items (history); hist (L) holds the row's window, 0 = padding. */
+static void hits_keep(float *keep, const int *neg, int M, int target, const int *hist, int L, int mode) {
+    for (int j = 0; j < M; j++) {
+        int hit = neg[j] == target;
+        for (int l = 0; l < L && mode == HITS_HISTORY; l++) hit |= hist[l] != 0 && neg[j] == hist[l];
+        keep[j] = hit ? 0.0f : 1.0f;
+    }
 }
 
 typedef struct {
@@ -2591,21 +2613,26 @@ typedef struct {
     SsmStats *st;
     const float *pos, *logit;
     int M, with_pos; float beta, scale;
+    const int *neg, *target, *hist; int L, hits; /* --remove-hits (forward only) */
 } SsmCtx;
 
 /* loss[b] = -x0 + log(e^{x0} + Ng) */
 static void ssm_forward_task(void *ctx, int lo, int hi) {
     const SsmCtx *c = ctx;
+    float *keep = c->hits ? thread_scratch(SCRATCH_LAYER, c->M) : NULL;
     for (int b = lo; b < hi; b++) {
-        c->st[b] = ssm_stats(c->tmp + (size_t)b * 2 * c->M, c->pos[b], c->logit + (size_t)b * c->M, c->M, c->beta,
-                             c->with_pos);
+        if (keep) hits_keep(keep, c->neg, c->M, c->target[b], c->hist + (size_t)b * c->L, c->L, c->hits);
+        c->st[b] = ssm_stats(c->tmp + (size_t)b * 2 * c->M, c->pos[b], c->logit + (size_t)b * c->M, keep, c->M,
+                             c->beta, c->with_pos);
         c->loss[b] = (float)(-c->st[b].x0 + log(c->st[b].Z));
     }
 }
-/* Returns the batch mean of the per-sample losses (L_CE of d.4). st (nb), tmp (nb, 2M). */
+/* Returns the batch mean of the per-sample losses (L_CE of d.4). st (nb), tmp (nb, 2M).
+ * hits: HITS_NONE (the reference), or remove each row's hits among neg (M) as hits_keep
+ * says, from target (nb) and hist (nb, L). */
 static double ssm_forward(float *loss, SsmStats *st, float *tmp, const float *pos, const float *logit, int nb, int M,
-                          float beta, int with_pos) {
-    SsmCtx c = { loss, NULL, NULL, tmp, st, pos, logit, M, with_pos, beta, 0 };
+                          float beta, int with_pos, int hits, const int *neg, const int *target, const int *hist, int L) {
+    SsmCtx c = { loss, NULL, NULL, tmp, st, pos, logit, M, with_pos, beta, 0, neg, target, hist, L, hits };
     parallel_for(nb, ssm_forward_task, &c);
     double sum = 0;
     for (int b = 0; b < nb; b++) sum += loss[b];
@@ -2622,15 +2649,16 @@ static void ssm_backward_task(void *ctx, int lo, int hi) {
     for (int b = lo; b < hi; b++) {
         float *tmp = c->tmp + (size_t)b * 2 * M, *dl = c->dlogit + (size_t)b * M;
         SsmStats st = c->st[b];
-        double G = st.T / st.S;
+        double G = st.S > 0 ? st.T / st.S : 0.0;
         c->dpos[b] = (float)(c->scale * (-1.0 + st.P / st.Z));
-        float k = (float)(c->scale * M / (st.Z * st.S)), b1 = c->beta + 1.0f, bg = (float)(c->beta * G);
+        float k = st.S > 0 ? (float)(c->scale * (float)st.Mb / (st.Z * st.S)) : 0.0f;
+        float b1 = c->beta + 1.0f, bg = (float)(c->beta * G);
         for (int j = 0; j < M; j++) dl[j] = k * tmp[j] * (b1 * tmp[M + j] - bg);
     }
 }
 static void ssm_backward(float *dpos, float *dlogit, const SsmStats *st, float *tmp, int nb, int M, float beta,
                          float scale) {
-    SsmCtx c = { NULL, dpos, dlogit, tmp, (SsmStats *)st, NULL, NULL, M, 0, beta, scale };
+    SsmCtx c = { NULL, dpos, dlogit, tmp, (SsmStats *)st, NULL, NULL, M, 0, beta, scale, NULL, NULL, NULL, 0, 0 };
     parallel_for(nb, ssm_backward_task, &c);
 }
 
@@ -2733,7 +2761,7 @@ static double step_forward(Model *m, Acts *a, const Config *c) {
     readout_forward(a->r, a->sel, a->v, m->p.item_emb, a->target, B, K, D);
     logits_forward(a->pos, a->logit, a->en, a->ent, a->r, m->p.item_emb, a->target, a->neg, B, M, D);
     double loss = ssm_forward(a->loss, (SsmStats *)a->ssm_st, a->ssm_tmp, a->pos, a->logit, B, M, c->rbeta,
-                              !c->full_softmax);
+                              !c->full_softmax, c->hits, a->neg, a->target, a->hist, L);
     double rr = c->rlambda != 0.0f ? rr_forward(a->rr_d, a->att, B, K, L, D) : 0.0;
     return loss + c->rlambda * rr;
 }
@@ -3059,7 +3087,7 @@ static Config default_config(void) {
     Config c = { 0 };
     c.data = "data"; c.name = "beauty"; c.out = "out"; c.model = "sa"; c.enc = ENC_SA;
     c.D = 64; c.K = 4; c.L = 20; c.B = 128; c.M = 1280; c.add_pos = 1;
-    c.dropout = 0.2f; c.mind_eval = "fresh"; c.adam = "dense";
+    c.dropout = 0.2f; c.mind_eval = "fresh"; c.adam = "dense"; c.remove_hits = "none";
     c.lr = 1e-3f;
     c.rbeta = NAN; c.rlambda = NAN; /* per model, set by check_config */
     c.iters = 1000000; c.eval_every = 1000; c.patience = 50; c.topn = 50;
@@ -3086,6 +3114,7 @@ static Config default_config(void) {
     { "--neg", F_INT, &(c).M, "sampled negatives M, shared by the batch" },                           \
     { "--lr", F_FLOAT, &(c).lr, "Adam learning rate" },                                               \
     { "--adam", F_STR, &(c).adam, "dense (every row moves every step, as the reference) or lazy (touched rows only)" }, \
+    { "--remove-hits", F_STR, &(c).remove_hits, "none (as the reference), target (a row drops its target from the negatives) or history (also its history items)" }, \
     { "--seed", F_U64, &(c).seed, "random seed" }
 
 #define LOOP_FLAGS(c)                                                                                 \
@@ -3130,6 +3159,11 @@ static void check_config(Config *c) {
     if (c->relu && c->enc != ENC_MIND) die("--relu is MIND's layer; use it with --model mind");
     check_mind_eval(c->mind_eval);
     if (strcmp(c->adam, "dense") && strcmp(c->adam, "lazy")) die("--adam %s: expected dense or lazy", c->adam);
+    const char *hits[] = { "none", "target", "history" };
+    c->hits = (Hits)3;
+    for (int h = 0; h < 3; h++) if (!strcmp(c->remove_hits, hits[h])) c->hits = (Hits)h;
+    if (c->hits == 3) die("--remove-hits %s: expected none, target or history", c->remove_hits);
+    if (c->hits && c->enc == ENC_POP) die("--remove-hits: Pop samples no negatives; use --remove-hits none");
     check_range("--dropout", c->dropout, 0, 0.99);
     check_range("--hidden", c->D, 1, 4096);
     check_range("--interests", c->K, 1, 64);
@@ -3138,6 +3172,7 @@ static void check_config(Config *c) {
     check_range("--neg", c->M, 0, 1 << 24);
     if (c->M == 0 && c->rbeta != 0.0f)
         die("--neg 0 (full softmax) has no sampled negatives for IHN to reweight; use --rbeta 0");
+    if (c->M == 0 && c->hits) die("--neg 0 (full softmax) has no sampled negatives to remove hits from; use --remove-hits none");
     check_range("--lr", c->lr, 1e-12, 10);
     check_range("--rlambda", c->rlambda, 0, 1e9);
     check_range("--rbeta", c->rbeta, -1e4, 1e4);
@@ -3198,7 +3233,7 @@ static void log_line(Log *lg, const char *fmt, ...) {
  * below, parameters, Adam's moments and step, the best parameters, the metrics log; then
  * the FNV-1a 64 checksum of every byte before it. */
 #define REMI_CKPT_MAGIC 0x504b4352u /* "RCKP" */
-#define REMI_CKPT_VERSION 1
+#define REMI_CKPT_VERSION 2
 
 typedef struct { long iter; double loss, recall, ndcg; } CurvePoint;
 
@@ -3248,6 +3283,7 @@ static void ckpt_write(const char *path, const Config *c, const Model *m, const 
     uint32_t hdr[2] = { REMI_CKPT_MAGIC, REMI_CKPT_VERSION };
     put(&s, hdr, sizeof hdr);
     put_str(&s, c->data); put_str(&s, c->name); put_str(&s, c->model); put_str(&s, c->mind_eval);
+    put_str(&s, c->adam); put_str(&s, c->remove_hits);
     const int *ints[] = { CKPT_INTS(c) };
     for (size_t i = 0; i < sizeof ints / sizeof *ints; i++) put(&s, ints[i], sizeof(int));
     const float *floats[] = { CKPT_FLOATS(c) };
@@ -3274,7 +3310,7 @@ static void ckpt_write(const char *path, const Config *c, const Model *m, const 
 /* Opens a checkpoint, checks its checksum, magic and version, and reads its settings into
  * c (the strings live in static storage). The stream is left at the dataset's size. */
 static Stream ckpt_open(const char *path, Config *c) {
-    static char data[4096], name[256], model[32], mind_eval[32];
+    static char data[4096], name[256], model[32], mind_eval[32], adam[32], remove_hits[32];
     FILE *f = xfopen(path, "rb", "the folder holds no checkpoint: `remi train --out DIR` writes DIR/checkpoint.bin");
     struct stat sb;
     if (fstat(fileno(f), &sb) != 0 || sb.st_size < 16) die("%s: not a remi checkpoint (too short)", path);
@@ -3296,7 +3332,9 @@ static Stream ckpt_open(const char *path, Config *c) {
     Stream s = { f, fnv1a_update(0xcbf29ce484222325ull, hdr, sizeof hdr), path };
     get_str(&s, data, sizeof data); get_str(&s, name, sizeof name);
     get_str(&s, model, sizeof model); get_str(&s, mind_eval, sizeof mind_eval);
+    get_str(&s, adam, sizeof adam); get_str(&s, remove_hits, sizeof remove_hits);
     c->data = data; c->name = name; c->model = model; c->mind_eval = mind_eval;
+    c->adam = adam; c->remove_hits = remove_hits;
     int *ints[] = { CKPT_INTS(c) };
     for (size_t i = 0; i < sizeof ints / sizeof *ints; i++) get(&s, ints[i], sizeof(int));
     float *floats[] = { CKPT_FLOATS(c) };
@@ -3522,9 +3560,11 @@ int cmd_train(int argc, char **argv) {
     snprintf(out_dir.curves, sizeof out_dir.curves, "%s/curves.svg", c.out);
 
     printf("remi train: %s/%s  users %d/%d/%d  items %d  |  model %s%s  D %d K %d L %d B %d M %d lr %g  beta %g"
-           "  lambda %g  seed %llu  threads %d\n",
+           "  lambda %g%s%s%s%s  seed %llu  threads %d\n",
            c.data, c.name, U, ds.valid.n_users, ds.test.n_users, ds.N - 1, c.model, m.relu ? "+relu" : "", m.D,
-           m.K, c.L, c.B, c.M, c.lr, c.rbeta, c.rlambda, (unsigned long long)c.seed, c.threads);
+           m.K, c.L, c.B, c.M, c.lr, c.rbeta, c.rlambda, c.hits ? "  remove-hits " : "", c.hits ? c.remove_hits : "",
+           strcmp(c.adam, "dense") ? "  adam " : "", strcmp(c.adam, "dense") ? c.adam : "",
+           (unsigned long long)c.seed, c.threads);
     if (resume) {
         ckpt_read_state(&ck, &m, &st, U);
         printf("resumed from %s at iteration %ld\n", ckpt_path, st.it);
@@ -3536,9 +3576,9 @@ int cmd_train(int argc, char **argv) {
         json_escape(jname, sizeof jname, c.name);
         log_line(&st.log, "{\"config\":{\"data\":\"%s\",\"name\":\"%s\",\"model\":\"%s\",\"D\":%d,\"K\":%d,\"L\":%d,"
                  "\"B\":%d,\"M\":%d,\"lr\":%g,\"rbeta\":%g,\"rlambda\":%g,\"relu\":%d,\"dropout\":%g,"
-                 "\"mind_eval\":\"%s\",\"seed\":%llu,\"N\":%d,\"train_users\":%d}}",
+                 "\"mind_eval\":\"%s\",\"adam\":\"%s\",\"remove_hits\":\"%s\",\"seed\":%llu,\"N\":%d,\"train_users\":%d}}",
                  jdata, jname, c.model, m.D, m.K, c.L, c.B, c.full_softmax ? 0 : c.M, c.lr, c.rbeta, c.rlambda, m.relu, c.dropout,
-                 c.mind_eval, (unsigned long long)c.seed, ds.N, U);
+                 c.mind_eval, c.adam, c.remove_hits, (unsigned long long)c.seed, ds.N, U);
     }
     signal(SIGINT, on_stop_signal);
     signal(SIGTERM, on_stop_signal);
@@ -3933,7 +3973,7 @@ int cmd_inspect(int argc, char **argv) {
  * gives its settings and final metrics; runs that differ only in the seed are one row,
  * with the mean and standard deviation over the seeds. */
 typedef struct {
-    char name[256], model[32];
+    char name[256], model[32], adam[16], hits[16]; /* adam, hits: "dense", "none" when the file predates them */
     double rbeta, rlambda, M, relu, seed, v[8]; /* v: test @20 recall ndcg ndcg_ref hitrate, then @50 */
     double best_iter, last_iter;                /* the best model's step, the last validation's */
 } RunResult;
@@ -3976,6 +4016,8 @@ static int read_run(RunResult *r, const char *dir) {
                          json_field(line, "rbeta", &r->rbeta, NULL, 0) && json_field(line, "rlambda", &r->rlambda, NULL, 0) &&
                          json_field(line, "M", &r->M, NULL, 0) && json_field(line, "seed", &r->seed, NULL, 0);
             json_field(line, "relu", &r->relu, NULL, 0);
+            if (!json_field(line, "adam", NULL, r->adam, sizeof r->adam)) strcpy(r->adam, "dense");
+            if (!json_field(line, "remove_hits", NULL, r->hits, sizeof r->hits)) strcpy(r->hits, "none");
             if (!got_config) die("%s:%d: a config line without name, model, rbeta, rlambda, M or seed", path, lineno);
         } else if (strstr(line, "\"final\":\"test\"")) {
             double topn, *v = r->v + 4 * finals;
@@ -3997,7 +4039,8 @@ static int read_run(RunResult *r, const char *dir) {
 
 static int same_setting(const RunResult *a, const RunResult *b) {
     return !strcmp(a->name, b->name) && !strcmp(a->model, b->model) && a->rbeta == b->rbeta &&
-           a->rlambda == b->rlambda && a->M == b->M && a->relu == b->relu;
+           a->rlambda == b->rlambda && a->M == b->M && a->relu == b->relu && !strcmp(a->adam, b->adam) &&
+           !strcmp(a->hits, b->hits);
 }
 
 /* Recall@50 against the number of negatives, one line per (model, beta); full softmax
@@ -4100,10 +4143,12 @@ int cmd_report(int argc, char **argv) {
     printf("| data | model | beta | lambda | M | seeds | R@20 | NDCG@20 | ndcg_ref@20 | HR@20 | R@50 | NDCG@50 | ndcg_ref@50 | HR@50 | steps: best / last |\n");
     printf("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     for (int r = 0; r < n_rows; r++) {
-        char mb[32] = "all (full softmax)";
-        if (rows[r].M != 0) snprintf(mb, sizeof mb, "%g", rows[r].M);
-        printf("| %s | %s%s | %g | %g | %s | %d |", rows[r].name, rows[r].model, rows[r].relu ? "+relu" : "", rows[r].rbeta,
-               rows[r].rlambda, mb, count[r]);
+        char mb[64] = "all (full softmax)";
+        if (rows[r].M != 0)
+            snprintf(mb, sizeof mb, "%g%s%s%s", rows[r].M, strcmp(rows[r].hits, "none") ? ", " : "",
+                     strcmp(rows[r].hits, "none") ? rows[r].hits : "", strcmp(rows[r].hits, "none") ? " hits removed" : "");
+        printf("| %s | %s%s%s | %g | %g | %s | %d |", rows[r].name, rows[r].model, rows[r].relu ? "+relu" : "",
+               strcmp(rows[r].adam, "dense") ? ", lazy Adam" : "", rows[r].rbeta, rows[r].rlambda, mb, count[r]);
         for (int k = 0; k < 8; k++) {
             double c = count[r], mean = sum[r * 8 + k] / c, var = c > 1 ? (sq[r * 8 + k] - c * mean * mean) / (c - 1) : 0;
             sum[r * 8 + k] = mean;
@@ -4130,6 +4175,7 @@ typedef struct {
     int B, L, D, H, K, M, N;
     float beta, lambda;
     int full;           /* sampled-softmax check: full softmax (no separate target term) */
+    int hits;           /* sampled-softmax check: --remove-hits mode (a.neg, a.target, a.hist) */
     uint64_t rng;
     Config cfg;
     Model m;
@@ -4201,7 +4247,7 @@ static double gc_logits(GcState *g) { /* buf0 r (B,D); E = m.p.item_emb */
 }
 static double gc_ssm(GcState *g) { /* buf0 pos (B), buf1 logit (B,M), buf2 loss (B) */
     return ssm_forward(g->buf[2], (SsmStats *)g->a.ssm_st, g->buf[5], g->buf[0], g->buf[1], g->B, g->M, g->beta,
-                       !g->full);
+                       !g->full, g->hits, g->a.neg, g->a.target, g->a.hist, g->L);
 }
 static double gc_rr(GcState *g) { /* buf0 att (B,K,L), buf1 rr_d (B,K); 1e3 RR, so its gradient is
                                    * well above the tolerance */
@@ -4370,21 +4416,55 @@ int cmd_gradcheck(int argc, char **argv) {
     ok &= gc_check("sampled logits: d/dr", gc_logits, &g, g.buf[0], an[0], (size_t)B * D);
     ok &= gc_check("sampled logits: d/dE", gc_logits, &g, g.m.p.item_emb, an[1], g.m.size[0]);
 
-    /* sampled softmax, beta = 0 and beta > 0 (IHN); then full softmax (--neg 0) */
-    float betas[4] = { 0.0f, 2.0f, 10.0f, 0.0f };
-    for (int i = 0; i < 4; i++) {
-        char what[64];
+    /* sampled softmax, beta = 0 and beta > 0 (IHN); full softmax (--neg 0); then with hits
+     * removed (negatives drawn from 7 ids, so that targets and history items recur) */
+    float betas[6] = { 0.0f, 2.0f, 10.0f, 0.0f, 0.0f, 2.0f };
+    for (int i = 0; i < 6; i++) {
+        char what[96];
         g.beta = betas[i];
         g.full = i == 3;
+        g.hits = i == 4 ? HITS_TARGET : i == 5 ? HITS_HISTORY : HITS_NONE;
+        if (g.hits) {
+            for (int j = 0; j < M; j++) g.a.neg[j] = 1 + j % 7;
+            for (int b = 0; b < B; b++) {
+                g.a.target[b] = 1 + b % 7;
+                for (int l = 0; l < L; l++) g.a.hist[b * L + l] = l < 2 ? 1 + (b + 3 + l) % 7 : 0;
+            }
+        }
         gc_fill(g.buf[0], B, 1.0, &g.rng); gc_fill(g.buf[1], (size_t)B * M, 1.0, &g.rng);
         gc_ssm(&g);
         ssm_backward(an[0], an[1], (SsmStats *)g.a.ssm_st, g.buf[5], B, M, g.beta, 1.0f / B);
-        snprintf(what, sizeof what, "%s softmax beta %g: d/ds+", g.full ? "full" : "sampled", g.beta);
+        const char *kind = g.full ? "full" : g.hits == HITS_TARGET ? "sampled, target hits removed,"
+                                           : g.hits == HITS_HISTORY ? "sampled, history hits removed," : "sampled";
+        snprintf(what, sizeof what, "%s softmax beta %g: d/ds+", kind, g.beta);
         ok &= gc_check(what, gc_ssm, &g, g.buf[0], an[0], B);
-        snprintf(what, sizeof what, "%s softmax beta %g: d/ds_j", g.full ? "full" : "sampled", g.beta);
+        snprintf(what, sizeof what, "%s softmax beta %g: d/ds_j", kind, g.beta);
         ok &= gc_check(what, gc_ssm, &g, g.buf[1], an[1], (size_t)B * M);
     }
     g.full = 0;
+    { /* removing hits is the sampled softmax over the kept negatives alone (history mode, beta 2) */
+        float keep[64], kept[64], tmp1[128], loss1;
+        SsmStats st1;
+        double worst = 0;
+        int removed = 0;
+        uint64_t rng = 99; /* its own draws: the later checks see the same points as without it */
+        gc_fill(g.buf[0], B, 1.0, &rng); gc_fill(g.buf[1], (size_t)B * M, 1.0, &rng);
+        gc_ssm(&g);
+        for (int b = 0; b < B; b++) {
+            int n = 0;
+            hits_keep(keep, g.a.neg, M, g.a.target[b], g.a.hist + b * L, L, HITS_HISTORY);
+            for (int j = 0; j < M; j++)
+                if (keep[j] != 0.0f) kept[n++] = g.buf[1][b * M + j];
+            removed += M - n;
+            ssm_forward(&loss1, &st1, tmp1, g.buf[0] + b, kept, 1, n, g.beta, 1, HITS_NONE, NULL, NULL, NULL, 0);
+            double r = fabs(loss1 - g.buf[2][b]) / (1e-6 + 1e-6 * fabs(g.buf[2][b]));
+            worst = r > worst ? r : worst;
+        }
+        ok &= worst <= 1.0 && removed > 0;
+        printf("  %-38s %5d removed   worst err/tol %.3f  %s\n", "removed hits = kept negatives alone", removed, worst,
+               worst <= 1.0 && removed > 0 ? "ok" : "FAIL");
+    }
+    g.hits = HITS_NONE;
 
     /* RR on a real attention matrix (rows sum to 1, padded entries 0) */
     gc_fill(g.buf[2], (size_t)B * L * K, 2.0, &g.rng);

@@ -19,6 +19,9 @@
  * (K vectors per user); the others produce one vector. */
 typedef enum { ENC_SA, ENC_DR, ENC_MIND, ENC_DNN, ENC_GRU4REC, ENC_POP, N_ENCODERS } Encoder;
 
+/* --remove-hits: which sampled negatives a training row drops (the reference drops none) */
+typedef enum { HITS_NONE, HITS_TARGET, HITS_HISTORY } Hits;
+
 typedef struct {
     const char *data;     /* folder of <name>_{train,valid,test}.txt */
     const char *name;     /* dataset prefix, e.g. "beauty" */
@@ -32,6 +35,8 @@ typedef struct {
     float dropout;        /* GRU4Rec: embedding dropout (c.5) */
     const char *mind_eval;/* MIND evaluation routing logits: "fresh" or "fixed" */
     const char *adam;     /* "dense" (the reference) or "lazy" (touched item rows only) */
+    const char *remove_hits; /* "none" (the reference), "target" or "history" */
+    Hits hits;            /* the same, resolved by check_config */
     float lr, rbeta, rlambda;
     long iters;           /* stop after this many steps */
     int eval_every, patience, topn;

@@ -259,6 +259,18 @@ else fail "full softmax" "first loss '$l1': $(tail -n 1 "$TMP/full.log")"; fi
 if ! "$REMI" train "${TINY[@]}" --neg 0 --rbeta 1 --out "$TMP/full-ihn" >"$TMP/f.log" 2>&1 && grep -q "rbeta 0" "$TMP/f.log"; then
     pass "full softmax refuses IHN"; else fail "full softmax with IHN" "$(head -c 200 "$TMP/f.log")"; fi
 
+# --remove-hits: with negatives drawn from 401 ids, targets and history items are often among
+# them, so dropping them changes the model; target and history differ from each other too
+for h in target history; do
+    "$REMI" train "${TINY[@]}" --iters 100 --remove-hits $h -t 2 --out "$TMP/hits-$h" >"$TMP/hits-$h.log" 2>&1
+done
+"$REMI" train "${TINY[@]}" --iters 100 -t 2 --out "$TMP/hits-none" >/dev/null 2>&1
+if grep -q '"remove_hits":"history"' "$TMP/hits-history/metrics.jsonl" 2>/dev/null &&
+   ! cmp -s "$TMP/hits-none/model.bin" "$TMP/hits-target/model.bin" &&
+   ! cmp -s "$TMP/hits-target/model.bin" "$TMP/hits-history/model.bin"; then
+    pass "--remove-hits target / history train other models than the reference's sampling, and say so in metrics.jsonl"
+else fail "--remove-hits" "$(tail -n 1 "$TMP/hits-history.log")"; fi
+
 # ---------------------------------------------------------------- checkpoints, resuming, interrupts
 # A run stopped at any point and resumed must end with the bytes of the run left alone.
 resume_matches() { # TEST MODEL STOP-AFTER: stop, resume with -t 1, compare with the golden run
@@ -273,6 +285,15 @@ resume_matches() { # TEST MODEL STOP-AFTER: stop, resume with -t 1, compare with
 resume_matches "resume: SA stopped at step 150 (between evaluations) = the run left alone" sa 150
 resume_matches "resume: GRU4Rec stopped at step 200 (at an evaluation) = the run left alone" gru4rec 200
 resume_matches "resume: MIND stopped at step 77 = the run left alone" mind 77
+
+# Adam's mode and --remove-hits are settings of the run: they travel in the checkpoint
+LH=("${TINY[@]}" --model sa --adam lazy --remove-hits history)
+"$REMI" train "${LH[@]}" -t 2 --out "$TMP/lh" >/dev/null 2>&1
+"$REMI" train "${LH[@]}" -t 2 --stop-after 130 --out "$TMP/lh-r" >/dev/null 2>&1
+"$REMI" train --resume "$TMP/lh-r" -t 1 >"$TMP/lh-r2.log" 2>&1
+if same_run "$TMP/lh" "$TMP/lh-r" && grep -q "remove-hits history  adam lazy" "$TMP/lh-r2.log"; then
+    pass "resume: a run with --adam lazy --remove-hits history stopped at step 130 = the run left alone"
+else fail "resume with lazy Adam and removed hits" "$(head -n 1 "$TMP/lh-r2.log")"; fi
 
 # SIGINT in the middle of a run: a checkpoint and exit 130; resumed up to a later step K, the run
 # must match a run left alone up to K (K follows wherever the signal landed: the test does not
@@ -479,7 +500,8 @@ if ! "$REMI" train --data "$d" --name tiny --out "$d/out" >"$d/log" 2>&1 && grep
     pass "bad input: item id beyond the item map"
 else fail "bad input: item map range" "$(head -c 200 "$d/log")"; fi
 for flag in "--interests 0" "--hidden 0" "--lr -1" "--batch x" "--bogus 1" "--model bert" "--model dnn --rlambda 5" \
-            "--model pop --rbeta 1" "--model sa --relu" "--model gru4rec --dropout 1" "--mind-eval sometimes"; do
+            "--model pop --rbeta 1" "--model sa --relu" "--model gru4rec --dropout 1" "--mind-eval sometimes" \
+            "--remove-hits all" "--neg 0 --rbeta 0 --remove-hits target" "--model pop --remove-hits target"; do
     if ! "$REMI" train $flag --out "$TMP/flag-out" >"$TMP/flag.log" 2>&1 && [ ! -e "$TMP/flag-out" ]; then
         pass "bad flag: $flag ($(head -c 70 "$TMP/flag.log"))"
     else fail "bad flag: $flag" "accepted"; fi
