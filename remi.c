@@ -2565,6 +2565,25 @@ static void logits_backward(float *dr, float *dE, float *den, const float *dpos,
  * the backward pass. Mb is M, or with --remove-hits the number of negatives kept. */
 typedef struct { double x0, S, T, P, Z, Mb; } SsmStats;
 
+/* max(init, max over the kept j of a (x_j - shift)); keep NULL keeps every j. Eight lanes,
+ * then their maximum: the same value as a plain scan, and vectorised. */
+static float fmax_kept(const float *x, const float *keep, int M, float a, float shift, float init) {
+    float lane[8] = { init, init, init, init, init, init, init, init };
+    int j = 0;
+    for (; j + 8 <= M; j += 8)
+        for (int l = 0; l < 8; l++) {
+            float v = a * (x[j + l] - shift);
+            lane[l] = v > lane[l] && (!keep || keep[j + l] != 0.0f) ? v : lane[l];
+        }
+    for (; j < M; j++) {
+        float v = a * (x[j] - shift);
+        lane[0] = v > lane[0] && (!keep || keep[j] != 0.0f) ? v : lane[0];
+    }
+    float m = lane[0];
+    for (int l = 1; l < 8; l++) m = lane[l] > m ? lane[l] : m;
+    return m;
+}
+
 /* with_pos: the target's own term e^{x0} is in the partition function (sampled softmax,
  * REMI-SPEC d.3-d.4); 0 for full softmax, where the target is one of the M = N logits (d.6).
  * keep (M): NULL, or 1 for the negatives that count and 0 for the removed hits, which then
@@ -2572,12 +2591,8 @@ typedef struct { double x0, S, T, P, Z, Mb; } SsmStats;
 static SsmStats ssm_stats(float *tmp, float pos, const float *logit, const float *keep, int M, float beta,
                           int with_pos) {
     float *imp = tmp, *ex = tmp + M;
-    float mx = pos, bmax = -FLT_MAX;
-    for (int j = 0; j < M; j++) mx = logit[j] > mx && (!keep || keep[j] != 0.0f) ? logit[j] : mx;
-    for (int j = 0; j < M; j++) {
-        float bx = beta * (logit[j] - mx);
-        bmax = bx > bmax && (!keep || keep[j] != 0.0f) ? bx : bmax;
-    }
+    float mx = fmax_kept(logit, keep, M, 1.0f, 0.0f, pos);
+    float bmax = fmax_kept(logit, keep, M, beta, mx, -FLT_MAX);
     for (int j = 0; j < M; j++) { /* flat, branch-free: vectorised */
         float x = logit[j] - mx;
         imp[j] = exp_v(beta * x - bmax);
