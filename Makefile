@@ -136,6 +136,18 @@ $(RESULTS)/beauty.md: $(foreach r,$(BEAUTY),$(RESULTS)/beauty/$r/train.log)
 $(RESULTS)/beauty-negatives.md: $(foreach r,$(NEGATIVES),$(RESULTS)/beauty-negatives/$r/train.log)
 	./remi report --negatives-svg $(@:.md=.svg) $(dir $^) > $@.tmp && mv $@.tmp $@
 
+# False negatives: REMI with a row's hits removed from its negatives (--remove-hits), beside
+# the same runs without (Beauty at beta 1; CDs at its beta 10 with the study's budget).
+hits_beauty-b1-history := --model sa --rbeta 1 --remove-hits history
+hits_cds-target        = $(call study_flags,cds,sa-remi,2021) --remove-hits target
+hits_cds-history       = $(call study_flags,cds,sa-remi,2021) --remove-hits history
+$(RESULTS)/hits/%/train.log: | remi
+	$(call train_run,$(hits_$*))
+HITS_RUNS  := beauty/sa-remi beauty/sa-remi-b1 hits/beauty-b1-history \
+              study/cds/sa-rr/2021 study/cds/sa-remi/2021 hits/cds-target hits/cds-history
+$(RESULTS)/hits.md: $(foreach r,$(HITS_RUNS),$(RESULTS)/$r/train.log)
+	./remi report $(dir $^) > $@.tmp && mv $@.tmp $@
+
 # Routing collapse (remi inspect): two ComiRec-SA runs of 6,000 steps on Beauty, without and
 # with RR, drawn for the first two test users; on the stand-ins, the seed-2021 models.
 beauty_routing-norr := --model sa --rlambda 0 --iters 6000
@@ -155,7 +167,7 @@ $(RESULTS)/%-collapse.md: $(foreach c,$(COLLAPSE),$(RESULTS)/study/%/$c/2021/tra
 .PRECIOUS: %/train.log
 
 reproduce: $(foreach d,$(STUDY_DATA),$(RESULTS)/$d.md $(RESULTS)/$d-collapse.md) $(RESULTS)/beauty.md \
-           $(RESULTS)/beauty-negatives.md $(RESULTS)/routing-norr.svg $(RESULTS)/routing-rr.svg
+           $(RESULTS)/beauty-negatives.md $(RESULTS)/hits.md $(RESULTS)/routing-norr.svg $(RESULTS)/routing-rr.svg
 	@cat $(filter %.md,$^)
 
 .PHONY: all debug asan portable test bench fuzz clean reproduce
