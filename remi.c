@@ -2564,6 +2564,7 @@ static void logits_backward(float *dr, float *dE, float *den, const float *dpos,
  * The forward pass keeps these statistics and leaves imp_j and e^{x_j} in tmp (2, M) for
  * the backward pass. Mb is M, or with --remove-hits the number of negatives kept. */
 typedef struct { double x0, S, T, P, Z, Mb; } SsmStats;
+_Static_assert(sizeof(SsmStats) == 6 * sizeof(double), "acts_init allocates ssm_st as 6 doubles per row");
 
 /* max(init, max over the kept j of a (x_j - shift)); keep NULL keeps every j. Eight lanes,
  * then their maximum: the same value as a plain scan, and vectorised. */
