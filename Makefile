@@ -77,15 +77,16 @@ beta_gowalla1k   := 1
 beta_rr-sessions := 0.1
 beta_tiny        := 1
 
-# CONFIG = MODEL[-VARIANT]; the variant sets IHN (beta of the dataset) and RR (lambda 100)
+# CONFIG = MODEL[-VARIANT]: config_flags,CONFIG,BETA; the variant sets IHN (beta BETA) and
+# RR (lambda 100); a single-vector model alone keeps its defaults
 flags_base = --rbeta 0 --rlambda 0
-flags_ihn  = --rbeta $(beta_$1) --rlambda 0
+flags_ihn  = --rbeta $1 --rlambda 0
 flags_rr   = --rbeta 0 --rlambda 100
-flags_remi = --rbeta $(beta_$1) --rlambda 100
+flags_remi = --rbeta $1 --rlambda 100
+config_flags = --model $(firstword $(subst -, ,$1)) $(if $(word 2,$(subst -, ,$1)),$(call flags_$(word 2,$(subst -, ,$1)),$2))
 part       = $(word $1,$(subst /, ,$*))
 data_dir   = $(if $(filter tiny,$1),expected/tiny,data)
-study_flags = --data $(call data_dir,$1) --name $1 $(set_$1) --model $(firstword $(subst -, ,$2)) \
-              $(if $(word 2,$(subst -, ,$2)),$(call flags_$(word 2,$(subst -, ,$2)),$1)) --seed $3 $(BUDGET)
+study_flags = --data $(call data_dir,$1) --name $1 $(set_$1) $(call config_flags,$2,$(beta_$1)) --seed $3 $(BUDGET)
 
 $(RESULTS)/study/%/train.log: | remi
 	$(call train_run,$(call study_flags,$(call part,1),$(call part,2),$(call part,3)))
@@ -98,28 +99,14 @@ $(RESULTS)/$1.md: $(call runs_by_seed,$1)
 endef
 $(foreach d,$(STUDY_DATA),$(eval $(call study_table,$d)))
 
-# Amazon Beauty with the reference's protocol (patience 50, no step cap), one run each;
-# the negatives sweep with patience 10.
-beauty_sa-base      := --model sa --rbeta 0 --rlambda 0
-beauty_sa-base-2022 := --model sa --rbeta 0 --rlambda 0 --seed 2022
-beauty_sa-ihn       := --model sa --rbeta 0.1 --rlambda 0
-beauty_sa-ihn-b1    := --model sa --rbeta 1 --rlambda 0
-beauty_sa-rr        := --model sa --rbeta 0 --rlambda 100
-beauty_sa-remi      := --model sa
-beauty_sa-remi-2022 := --model sa --seed 2022
-beauty_sa-remi-b1   := --model sa --rbeta 1
-beauty_sa-remi-b10  := --model sa --rbeta 10
-beauty_dr-base      := --model dr --rbeta 0 --rlambda 0
-beauty_dr-ihn       := --model dr --rlambda 0
-beauty_dr-rr        := --model dr --rbeta 0
-beauty_dr-remi      := --model dr
-beauty_mind-base    := --model mind --rbeta 0 --rlambda 0
-beauty_mind-ihn     := --model mind --rlambda 0
-beauty_mind-rr      := --model mind --rbeta 0
-beauty_mind-remi    := --model mind
-beauty_dnn          := --model dnn
-beauty_gru4rec      := --model gru4rec
-beauty_pop          := --model pop
+# Amazon Beauty with the reference's protocol (patience 50, no step cap), one run each: the
+# CONFIGS at Beauty's beta 0.1, and the extra runs below; the negatives sweep with patience 10.
+beauty_sa-base-2022 = $(call config_flags,sa-base) --seed 2022
+beauty_sa-ihn-b1    = $(call config_flags,sa-ihn,1)
+beauty_sa-remi-2022 = $(call config_flags,sa-remi,0.1) --seed 2022
+beauty_sa-remi-b1   = $(call config_flags,sa-remi,1)
+beauty_sa-remi-b10  = $(call config_flags,sa-remi,10)
+beauty_flags = $(if $(beauty_$1),$(beauty_$1),$(call config_flags,$1,0.1))
 BEAUTY     := sa-base sa-base-2022 sa-ihn sa-ihn-b1 sa-rr sa-remi sa-remi-2022 sa-remi-b1 sa-remi-b10 \
               dr-base dr-ihn dr-rr dr-remi mind-base mind-ihn mind-rr mind-remi dnn gru4rec pop
 NEGATIVES  := u10 u100 u1280 u5000 i10 i100 i1280 i5000 full
@@ -127,7 +114,7 @@ negatives   = --model sa --rlambda 100 --patience 10 $(if $(filter full,$1),--rb
               --rbeta $(if $(filter u%,$1),0,0.1) --neg $(patsubst u%,%,$(patsubst i%,%,$1)))
 
 $(RESULTS)/beauty/%/train.log: | remi
-	$(call train_run,$(beauty_$*))
+	$(call train_run,$(call beauty_flags,$*))
 $(RESULTS)/beauty-negatives/%/train.log: | remi
 	$(call train_run,$(call negatives,$*))
 
@@ -138,7 +125,7 @@ $(RESULTS)/beauty-negatives.md: $(foreach r,$(NEGATIVES),$(RESULTS)/beauty-negat
 
 # False negatives: REMI with a row's hits removed from its negatives (--remove-hits), beside
 # the same runs without (Beauty at beta 1; CDs at its beta 10 with the study's budget).
-hits_beauty-b1-history := --model sa --rbeta 1 --remove-hits history
+hits_beauty-b1-history = $(call config_flags,sa-remi,1) --remove-hits history
 hits_cds-target        = $(call study_flags,cds,sa-remi,2021) --remove-hits target
 hits_cds-history       = $(call study_flags,cds,sa-remi,2021) --remove-hits history
 $(RESULTS)/hits/%/train.log: | remi
@@ -150,8 +137,8 @@ $(RESULTS)/hits.md: $(foreach r,$(HITS_RUNS),$(RESULTS)/$r/train.log)
 
 # Routing collapse (remi inspect): two ComiRec-SA runs of 6,000 steps on Beauty, without and
 # with RR, drawn for the first two test users; on the stand-ins, the seed-2021 models.
-beauty_routing-norr := --model sa --rlambda 0 --iters 6000
-beauty_routing-rr   := --model sa --iters 6000
+beauty_routing-norr = $(call config_flags,sa-ihn,0.1) --iters 6000
+beauty_routing-rr   = $(call config_flags,sa-remi,0.1) --iters 6000
 $(RESULTS)/routing-%.svg: $(RESULTS)/beauty/routing-%/train.log
 	./remi inspect --model-file $(<D)/model.bin --users "0 1" --out $(<D) > $(<D)/inspect.txt && cp $(<D)/routing.svg $@
 
