@@ -3180,10 +3180,11 @@ static void check_config(Config *c) {
     if (c->relu && c->enc != ENC_MIND) die("--relu is MIND's layer; use it with --model mind");
     check_mind_eval(c->mind_eval);
     if (strcmp(c->adam, "dense") && strcmp(c->adam, "lazy")) die("--adam %s: expected dense or lazy", c->adam);
-    const char *hits[] = { "none", "target", "history" };
-    c->hits = (Hits)3;
-    for (int h = 0; h < 3; h++) if (!strcmp(c->remove_hits, hits[h])) c->hits = (Hits)h;
-    if (c->hits == 3) die("--remove-hits %s: expected none, target or history", c->remove_hits);
+    static const char *hits_names[] = { "none", "target", "history" }; /* in Hits order */
+    int h = 0;
+    while (h < 3 && strcmp(c->remove_hits, hits_names[h])) h++;
+    if (h == 3) die("--remove-hits %s: expected none, target or history", c->remove_hits);
+    c->hits = (Hits)h;
     if (c->hits && c->enc == ENC_POP) die("--remove-hits: Pop samples no negatives; use --remove-hits none");
     check_range("--dropout", c->dropout, 0, 0.99);
     check_range("--hidden", c->D, 1, 4096);
@@ -3584,7 +3585,7 @@ int cmd_train(int argc, char **argv) {
            "  lambda %g%s%s%s%s  seed %llu  threads %d\n",
            c.data, c.name, U, ds.valid.n_users, ds.test.n_users, ds.N - 1, c.model, m.relu ? "+relu" : "", m.D,
            m.K, c.L, c.B, c.M, c.lr, c.rbeta, c.rlambda, c.hits ? "  remove-hits " : "", c.hits ? c.remove_hits : "",
-           strcmp(c.adam, "dense") ? "  adam " : "", strcmp(c.adam, "dense") ? c.adam : "",
+           strcmp(c.adam, "dense") ? "  adam " : "", strcmp(c.adam, "dense") ? c.adam : "", /* when not the default */
            (unsigned long long)c.seed, c.threads);
     if (resume) {
         ckpt_read_state(&ck, &m, &st, U);
@@ -4165,9 +4166,8 @@ int cmd_report(int argc, char **argv) {
     printf("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     for (int r = 0; r < n_rows; r++) {
         char mb[64] = "all (full softmax)";
-        if (rows[r].M != 0)
-            snprintf(mb, sizeof mb, "%g%s%s%s", rows[r].M, strcmp(rows[r].hits, "none") ? ", " : "",
-                     strcmp(rows[r].hits, "none") ? rows[r].hits : "", strcmp(rows[r].hits, "none") ? " hits removed" : "");
+        if (rows[r].M != 0 && !strcmp(rows[r].hits, "none")) snprintf(mb, sizeof mb, "%g", rows[r].M);
+        else if (rows[r].M != 0) snprintf(mb, sizeof mb, "%g, %s hits removed", rows[r].M, rows[r].hits);
         printf("| %s | %s%s%s | %g | %g | %s | %d |", rows[r].name, rows[r].model, rows[r].relu ? "+relu" : "",
                strcmp(rows[r].adam, "dense") ? ", lazy Adam" : "", rows[r].rbeta, rows[r].rlambda, mb, count[r]);
         for (int k = 0; k < 8; k++) {
