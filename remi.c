@@ -1906,10 +1906,10 @@ static void linear_forward(float *y, const float *x, const float *W, float *wt, 
     transpose(wt, W, out, in);
     gemm_nn(y, x, wt, rows, out, in, 0);
 }
-/* dx += dy W;  dW += dy^T x */
+/* dx = dy W (written, not added: every caller's dx is fresh);  dW += dy^T x */
 static void linear_backward(float *dx, float *dW, const float *dy, const float *x, const float *W,
                             int rows, int in, int out) {
-    if (dx) gemm_nn(dx, dy, W, rows, in, out, 1);
+    if (dx) gemm_nn(dx, dy, W, rows, in, out, 0);
     gemm_tn(dW, dy, x, out, in, rows, 1);
 }
 
@@ -2061,9 +2061,7 @@ static void sa_backward(Model *m, Acts *a, int nb) {
     size_t bl = (size_t)nb * L;
     EncCtx c = { m, a, nb, 0 };
     memset(a->dx, 0, bl * D * sizeof(float));
-    memset(a->dxt, 0, bl * D * sizeof(float));
     memset(a->dz, 0, bl * K * sizeof(float));
-    memset(a->dh, 0, bl * H * sizeof(float));
     parallel_for(nb, sa_attend_back_task, &c);                                   /* datt -> dz, dx */
     linear_backward(a->dh, m->g.w2, a->dz, a->h, m->p.w2, nb * L, H, K);
     parallel_for(nb, sa_tanh_back_task, &c);
@@ -2267,11 +2265,9 @@ static void caps_backward(Model *m, Acts *a, int nb, int rr) {
     EncCtx c = { m, a, nb, rr };
     if (m->relu) {
         for (size_t i = 0; i < KD; i++) a->dv[i] = a->v[i] > 0.0f ? a->dv[i] : 0.0f;
-        memset(a->dcaps, 0, KD * sizeof(float));
         linear_backward(a->dcaps, m->g.relu_w, a->dv, a->caps, m->p.relu_w, nb * K, D, D);
     } else memcpy(a->dcaps, a->dv, KD * sizeof(float));
     memset(a->duhat, 0, (size_t)nb * L * uw * sizeof(float));
-    memset(a->dx, 0, (size_t)nb * L * D * sizeof(float));
     parallel_for(nb, caps_route_back_task, &c);
     if (m->enc == ENC_DR) dr_bilinear_backward(m, a, nb);
     else linear_backward(a->dx, m->g.caps, a->duhat, a->x, m->p.caps, nb * L, D, D);
@@ -2300,7 +2296,6 @@ static void dnn_forward(const Model *m, Acts *a, int nb) {
 static void dnn_backward(Model *m, Acts *a, int nb) {
     int L = m->L, D = m->D;
     float *dmean = a->dx; /* (nb, D) */
-    memset(dmean, 0, (size_t)nb * D * sizeof(float));
     linear_backward(dmean, m->g.dnn_w, a->dv, a->mean, m->p.dnn_w, nb, D, D);
     for (int b = 0; b < nb; b++) {
         float n = (float)history_len(a->mask + b * L, L);
@@ -2423,7 +2418,6 @@ static void gru_gate_back_task(void *ctx, int lo, int hi) {
 /* From a->dv (nb, 1, D) to the parameter gradients. */
 static void gru_backward(Model *m, Acts *a, int nb) {
     int L = m->L, D = m->D, G = m->G, T = a->gsteps;
-    memset(a->dglast, 0, (size_t)nb * G * sizeof(float));
     linear_backward(a->dglast, m->g.dense_w, a->dv, a->glast, m->p.dense_w, nb, G, D);
     for (int b = 0; b < nb; b++) axpyf(m->g.dense_b, 1.0f, a->dv + (size_t)b * D, D);
     memset(a->gdh, 0, (size_t)nb * G * sizeof(float));
