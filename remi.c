@@ -1675,6 +1675,19 @@ static float dotf(const float *a, const float *b, int n) {
     for (int i = 0; i < n; i++) s = s + a[i] * b[i];
     return s;
 }
+/* y[r] = <A[r], x> (or y[r] += it, with acc) for the n rows of A at stride sa: each sum is
+ * dotf's, in ascending order, but eight of them advance together so that their additions
+ * overlap instead of waiting on one another. */
+static void dots(float *y, const float *A, size_t sa, const float *x, int n, int D, int acc) {
+    int r = 0;
+    for (; r + 8 <= n; r += 8) {
+        float s[8] = { 0 };
+        for (int d = 0; d < D; d++)
+            for (int i = 0; i < 8; i++) s[i] = s[i] + A[(r + i) * sa + d] * x[d];
+        for (int i = 0; i < 8; i++) y[r + i] = acc ? y[r + i] + s[i] : s[i];
+    }
+    for (; r < n; r++) y[r] = acc ? y[r] + dotf(A + r * sa, x, D) : dotf(A + r * sa, x, D);
+}
 /* y += a * x */
 static void axpyf(float *y, float a, const float *x, int n) {
     for (int i = 0; i < n; i++) y[i] = y[i] + a * x[i];
@@ -1963,16 +1976,13 @@ static void interest_forward(float *v, const float *att, const float *x, int nb,
 /* datt[b,k,l] += <dv[b,k], x[b,l]>;  dx[b,l] += sum_k att[b,k,l] dv[b,k] */
 static void interest_backward(float *datt, float *dx, const float *dv, const float *att, const float *x,
                               int nb, int K, int L, int D) {
-    for (int b = 0; b < nb; b++)
-        for (int l = 0; l < L; l++) {
-            const float *xl = x + ((size_t)b * L + l) * D;
-            float *dxl = dx + ((size_t)b * L + l) * D;
-            for (int k = 0; k < K; k++) {
-                const float *dvk = dv + ((size_t)b * K + k) * D;
-                datt[((size_t)b * K + k) * L + l] += dotf(dvk, xl, D);
-                axpyf(dxl, att[((size_t)b * K + k) * L + l], dvk, D);
-            }
-        }
+    for (int b = 0; b < nb; b++) {
+        for (int k = 0; k < K; k++)
+            dots(datt + ((size_t)b * K + k) * L, x + (size_t)b * L * D, D, dv + ((size_t)b * K + k) * D, L, D, 1);
+        for (int l = 0; l < L; l++)
+            for (int k = 0; k < K; k++)
+                axpyf(dx + ((size_t)b * L + l) * D, att[((size_t)b * K + k) * L + l], dv + ((size_t)b * K + k) * D, D);
+    }
 }
 
 /* REMI-SPEC c.4, label-aware hard readout: k* = argmax_k <v[b,k], E[t_b]> (first on ties),
@@ -1980,13 +1990,11 @@ static void interest_backward(float *datt, float *dx, const float *dv, const flo
 static void readout_forward(float *r, int *sel, const float *v, const float *E, const int *target,
                             int nb, int K, int D) {
     for (int b = 0; b < nb; b++) {
-        const float *et = E + (size_t)target[b] * D;
+        float s[64]; /* K <= 64 (check_config) */
+        dots(s, v + (size_t)b * K * D, D, E + (size_t)target[b] * D, K, D, 0);
         int best = 0;
-        float best_s = dotf(v + (size_t)b * K * D, et, D);
-        for (int k = 1; k < K; k++) {
-            float s = dotf(v + ((size_t)b * K + k) * D, et, D);
-            if (s > best_s) { best_s = s; best = k; }
-        }
+        for (int k = 1; k < K; k++)
+            if (s[k] > s[best]) best = k;
         sel[b] = best;
         memcpy(r + (size_t)b * D, v + ((size_t)b * K + best) * D, D * sizeof(float));
     }
@@ -2147,8 +2155,7 @@ static void routing_forward(float *out, float *att, float *p, float *s, float *v
         float *v = it < 2 ? v01 + it * KD : out;
         route_capsules(v, s + it * KD, pi, mask, it == 2 ? frozen : NULL, u, K, L, D);
         if (it < 2)
-            for (int k = 0; k < K; k++)
-                for (int l = 0; l < L; l++) next[k * L + l] += dotf(uhat_at(u, k, l), v + (size_t)k * D, D);
+            for (int k = 0; k < K; k++) dots(next + k * L, uhat_at(u, k, 0), u.sl, v + (size_t)k * D, L, D, 1);
     }
     for (size_t i = 0; i < KL; i++) att[i] = mask[i % L] * p[2 * KL + i];
 }
@@ -2181,10 +2188,8 @@ static void routing_backward(Uhat du, const float *dout, const float *datt, cons
             }
             for (int d = 0; d < D; d++) ds[d] = 0.0f;
             squash_backward(ds, gv, sp + (size_t)k * D, D);
-            for (int l = 0; l < L; l++) {
-                axpyf(uhat_at(du, k, l), mask[l] * pp[k * L + l], ds, D);
-                gc[k * L + l] = dotf(ds, uhat_at(u, k, l), D);
-            }
+            for (int l = 0; l < L; l++) axpyf(uhat_at(du, k, l), mask[l] * pp[k * L + l], ds, D);
+            dots(gc + k * L, uhat_at(u, k, 0), u.sl, ds, L, D, 0);
         }
     }
 }
