@@ -2982,7 +2982,13 @@ typedef struct {
     int u0, nb;           /* chunk: users u0 .. u0+nb */
     const int *cuts; int n_cut, maxn;
     double *res;          /* (U, n_cut, 4) per-user metrics */
+    double *sec;          /* (groups, 3) seconds in products, top-k, merge + metrics */
 } EvalCtx;
+
+/* Seconds spent in each phase of evaluate since the program started (for bench): the
+ * interest vectors (wall clock), then the threads' summed time in the item products, the
+ * top-k selection, and the merge and metrics. */
+static struct { double vectors, products, topk, metrics; } eval_time;
 
 /* Score users [lo, hi) groups of the chunk against every item, keep each interest's top
  * maxn, then merge and score at every cut-off. A block of items is scored by one product
@@ -2999,10 +3005,13 @@ static void eval_task(void *ctx, int lo, int hi) {
         int b0 = g * EVAL_GROUP, gb = e->nb - b0 < EVAL_GROUP ? e->nb - b0 : EVAL_GROUP, q = gb * K;
         transpose(Qt, e->a->v + (size_t)b0 * K * D, q, D); /* (D, q) */
         for (int i = 0; i < q; i++) { hn[i] = 0; thr[i] = -INFINITY; }
+        double *sec = e->sec + (size_t)g * 3, t0 = now_sec(), t1;
         for (int j0 = 0; j0 < N; j0 += EVAL_BLOCK) {
             int nj = N - j0 < EVAL_BLOCK ? N - j0 : EVAL_BLOCK;
             gemm_run((Gemm){ St, q, e->m->p.item_emb + (size_t)j0 * D, D, 1, Qt, q, nj, q, D, 0 }, 0);
+            t1 = now_sec(); sec[0] += t1 - t0;
             topk_block(heap, hn, maxn, thr, St, nj, q, j0);
+            t0 = now_sec(); sec[1] += t0 - t1;
         }
         for (int i = 0; i < q; i++) hits_sort(heap + (size_t)i * maxn, hn[i], 0);
         for (int b = 0; b < gb; b++) {
@@ -3015,6 +3024,7 @@ static void eval_task(void *ctx, int lo, int hi) {
                 user_metrics(e->res + ((size_t)u * e->n_cut + ci) * 4, R, nr, seq + k, n - k, e->m->enc == ENC_POP);
             }
         }
+        sec[2] += now_sec() - t0;
     }
     free(St); free(thr); free(Qt); free(heap); free(cand); free(R); free(hn);
 }
@@ -3027,13 +3037,22 @@ void evaluate(Metrics *out, const int *cuts, int n_cut, const Model *m, Acts *a,
     if (maxn > m->N) maxn = m->N;
     if (maxn > 1000) die("--topn above 1000 is not supported");
     double *res = xcalloc((size_t)U * n_cut * 4, sizeof(double));
+    int groups = (a->cap_b + EVAL_GROUP - 1) / EVAL_GROUP;
+    double *sec = xmalloc((size_t)groups * 3 * sizeof(double));
     for (int u0 = 0; u0 < U; u0 += a->cap_b) {
         int nb = U - u0 < a->cap_b ? U - u0 : a->cap_b;
+        double t0 = now_sec();
         for (int b = 0; b < nb; b++) make_eval_row(a->hist + b * L, a->mask + b * L, s, u0 + b, L);
         user_vectors(m, a, u0, nb, noise_key);
-        EvalCtx e = { m, a, s, u0, nb, cuts, n_cut, maxn, res };
+        eval_time.vectors += now_sec() - t0;
+        for (int i = 0; i < groups * 3; i++) sec[i] = 0.0;
+        EvalCtx e = { m, a, s, u0, nb, cuts, n_cut, maxn, res, sec };
         parallel_for((nb + EVAL_GROUP - 1) / EVAL_GROUP, eval_task, &e);
+        for (int g = 0; g < groups; g++) {
+            eval_time.products += sec[g * 3]; eval_time.topk += sec[g * 3 + 1]; eval_time.metrics += sec[g * 3 + 2];
+        }
     }
+    free(sec);
     for (int ci = 0; ci < n_cut; ci++) {
         double sum[4] = { 0, 0, 0, 0 };
         for (int u = 0; u < U; u++)
@@ -5166,16 +5185,19 @@ static double bench_steps(Model *m, Acts *a, const Split *train, const Config *c
     return med;
 }
 
-/* Median of 3 validation passes, in seconds. */
-static double bench_eval(const Model *m, Acts *a, const Split *valid, const Config *c) {
+/* Median of 3 validation passes, in seconds; the mean seconds per pass of each phase
+ * (eval_time: vectors, then the threads' summed products, top-k, merge + metrics). */
+static double bench_eval(const Model *m, Acts *a, const Split *valid, const Config *c, double *phase) {
     int cut = 50;
     Metrics mv;
-    double te[3];
+    double te[3], p0[4] = { eval_time.vectors, eval_time.products, eval_time.topk, eval_time.metrics };
     for (int i = 0; i < 3; i++) {
         double t0 = now_sec();
         evaluate(&mv, &cut, 1, m, a, valid, eval_noise_key(c->mind_eval, c->seed, i + 1));
         te[i] = now_sec() - t0;
     }
+    double p1[4] = { eval_time.vectors, eval_time.products, eval_time.topk, eval_time.metrics };
+    for (int i = 0; i < 4; i++) phase[i] = (p1[i] - p0[i]) / 3;
     qsort(te, 3, sizeof *te, cmp_double);
     return te[1];
 }
@@ -5190,13 +5212,13 @@ static void bench_dataset(const char *label, const Dataset *ds, Config c, int st
     acts_init(&a, &m, c.B > c.eval_batch ? c.B : c.eval_batch, c.M);
     printf("\n== %s: %d items, %d training users, %d validation users; model %s, D %d K %d L %d B %d M %d\n", label,
            ds->N - 1, ds->train.n_users, ds->valid.n_users, c.model, m.D, m.K, c.L, c.B, c.M);
-    double step[2], phase[2][4], real = 0, ev[2];
+    double step[2], phase[2][4], real = 0, ev[2], evp[2][4];
     int rows = 0;
     int nt[2] = { 1, threads };
     for (int i = 1; i >= 0; i--) { /* -t first: after a long single-thread phase the workers wake slowly */
         pool.n = nt[i];
         step[i] = bench_steps(&m, &a, &ds->train, &c, steps, phase[i], &real, &rows);
-        ev[i] = bench_eval(&m, &a, &ds->valid, &c);
+        ev[i] = bench_eval(&m, &a, &ds->valid, &c, evp[i]);
     }
     pool.n = threads;
     /* Adam's bytes: parameter and both moments read and written, the gradient read and zeroed
@@ -5217,6 +5239,12 @@ static void bench_dataset(const char *label, const Dataset *ds, Config c, int st
     }
     printf("evaluation: %.3f s on 1 thread, %.3f s on %d: scaling %.2fx; scoring %.1f GFLOP/s = %.0f%% of the %.0f GFLOP/s peak\n",
            ev[0], ev[1], threads, ev[0] / ev[1], eflops / ev[1] / 1e9, 100.0 * eflops / ev[1] / 1e9 / peak[1], peak[1]);
+    for (int i = 0; i < 2; i++) { /* the threads' time by phase; the products' own speed against the per-thread peak */
+        double *p = evp[i], busy = p[1] + p[2] + p[3], rate = eflops / p[1] * nt[i] / 1e9;
+        printf("  %d thread(s): interest vectors %.3f s; threads' time: products %.0f%% (%.1f GFLOP/s = %.0f%% of peak), "
+               "top-k %.0f%%, merge + metrics %.0f%%\n", nt[i], p[0], 100 * p[1] / busy, rate, 100 * rate / peak[i],
+               100 * p[2] / busy, 100 * p[3] / busy);
+    }
     size_t data_bytes = 0;
     const Split *sp[3] = { &ds->train, &ds->valid, &ds->test };
     for (int i = 0; i < 3; i++) data_bytes += (size_t)sp[i]->off[sp[i]->n_users] * 4 + (size_t)sp[i]->n_users * 12;
