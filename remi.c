@@ -1641,10 +1641,30 @@ static void gemm_task(void *ctx, int lo, int hi) {
     }
 }
 
+static int gemm_tiles(const Gemm *g) { return (g->m + MR - 1) / MR * ((g->n + NR - 1) / NR); }
+
 static void gemm_run(Gemm g, int parallel) {
-    int tiles = (g.m + MR - 1) / MR * ((g.n + NR - 1) / NR);
-    if (parallel) parallel_for(tiles, gemm_task, &g);
-    else gemm_task(&g, 0, tiles);
+    if (parallel) parallel_for(gemm_tiles(&g), gemm_task, &g);
+    else gemm_task(&g, 0, gemm_tiles(&g));
+}
+
+/* Independent products in one parallel region (one hand-off instead of one each): their
+ * tiles numbered product after product, first[p] the first tile of product p. */
+typedef struct { const Gemm *g; const int *first; int count; } GemmMany;
+static void gemm_many_task(void *ctx, int lo, int hi) {
+    const GemmMany *b = ctx;
+    for (int p = 0; p < b->count; p++) {
+        int t0 = lo > b->first[p] ? lo : b->first[p], t1 = hi < b->first[p + 1] ? hi : b->first[p + 1];
+        if (t0 < t1) gemm_task((void *)&b->g[p], t0 - b->first[p], t1 - b->first[p]);
+    }
+}
+static void gemm_many(const Gemm *g, int count) {
+    int *first = xmalloc((size_t)(count + 1) * sizeof(int));
+    first[0] = 0;
+    for (int p = 0; p < count; p++) first[p + 1] = first[p] + gemm_tiles(&g[p]);
+    GemmMany b = { g, first, count };
+    parallel_for(first[count], gemm_many_task, &b);
+    free(first);
 }
 
 /* C = A B       with A (m, k), B (k, n). */
@@ -2220,22 +2240,33 @@ static void caps_route_task(void *ctx, int lo, int hi) {
 }
 
 /* DR's bilinear step, position by position: uhat[:, l, :] (nb, K D) = x[:, l, :] W[l]^T */
+static void dr_transpose_task(void *ctx, int lo, int hi) { /* positions [lo, hi): W[l]^T into capt */
+    const EncCtx *c = ctx;
+    size_t D = c->m->D, KD = (size_t)c->m->K * D;
+    for (int l = lo; l < hi; l++) transpose(c->a->capt + l * D * KD, c->m->p.caps + l * KD * D, (int)KD, (int)D);
+}
 static void dr_bilinear_forward(const Model *m, Acts *a, int nb) {
     int L = m->L, D = m->D, KD = m->K * m->D;
-    for (int l = 0; l < L; l++) {
-        float *wt = a->capt + (size_t)l * D * KD;
-        transpose(wt, m->p.caps + (size_t)l * KD * D, KD, D);
-        gemm_run((Gemm){ a->uhat + (size_t)l * KD, L * KD, a->x + (size_t)l * D, L * D, 1, wt, KD, nb, KD, D, 0 }, 1);
-    }
+    EncCtx c = { (Model *)m, a, nb, 0 };
+    parallel_for(L, dr_transpose_task, &c);
+    Gemm *g = xmalloc((size_t)L * sizeof(Gemm));
+    for (int l = 0; l < L; l++)
+        g[l] = (Gemm){ a->uhat + (size_t)l * KD, L * KD, a->x + (size_t)l * D, L * D, 1, a->capt + (size_t)l * D * KD, KD,
+                       nb, KD, D, 0 };
+    gemm_many(g, L);
+    free(g);
 }
 /* dW[l] += duhat[:, l, :]^T x[:, l, :];  dx[:, l, :] = duhat[:, l, :] W[l] */
 static void dr_bilinear_backward(Model *m, Acts *a, int nb) {
     int L = m->L, D = m->D, KD = m->K * m->D;
+    Gemm *g = xmalloc((size_t)2 * L * sizeof(Gemm));
     for (int l = 0; l < L; l++) {
         const float *du = a->duhat + (size_t)l * KD;
-        gemm_run((Gemm){ m->g.caps + (size_t)l * KD * D, D, du, 1, L * KD, a->x + (size_t)l * D, L * D, KD, D, nb, 1 }, 1);
-        gemm_run((Gemm){ a->dx + (size_t)l * D, L * D, du, L * KD, 1, m->p.caps + (size_t)l * KD * D, D, nb, D, KD, 0 }, 1);
+        g[2 * l] = (Gemm){ m->g.caps + (size_t)l * KD * D, D, du, 1, L * KD, a->x + (size_t)l * D, L * D, KD, D, nb, 1 };
+        g[2 * l + 1] = (Gemm){ a->dx + (size_t)l * D, L * D, du, L * KD, 1, m->p.caps + (size_t)l * KD * D, D, nb, D, KD, 0 };
     }
+    gemm_many(g, 2 * L);
+    free(g);
 }
 
 /* Writes the interests a->v (nb, K, D) and the routing matrices a->att (nb, K, L). */
