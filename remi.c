@@ -3021,43 +3021,60 @@ typedef struct {
  * top-k selection, and the merge and metrics. */
 static struct { double vectors, products, topk, metrics; } eval_time;
 
-/* Score users [lo, hi) groups of the chunk against every item, keep each interest's top
- * maxn, then merge and score at every cut-off. A block of items is scored by one product
- * with the items as rows, St (items, q) = E[block] Q^T, read straight from the item table. */
-static void eval_task(void *ctx, int lo, int hi) {
-    const EvalCtx *e = ctx;
-    int K = e->m->K, D = e->m->D, N = e->m->N, maxn = e->maxn;
-    float *St = xmalloc((size_t)EVAL_GROUP * K * EVAL_BLOCK * sizeof(float)), *thr = xmalloc(EVAL_GROUP * K * sizeof(float));
-    float *Qt = xmalloc((size_t)EVAL_GROUP * K * D * sizeof(float));
-    Hit *heap = xmalloc((size_t)EVAL_GROUP * K * maxn * sizeof(Hit));
-    Hit *cand = xmalloc((size_t)K * maxn * sizeof(Hit));
-    int *R = xmalloc((size_t)maxn * sizeof(int)), *hn = xmalloc((size_t)EVAL_GROUP * K * sizeof(int));
-    for (int g = lo; g < hi; g++) {
-        int b0 = g * EVAL_GROUP, gb = e->nb - b0 < EVAL_GROUP ? e->nb - b0 : EVAL_GROUP, q = gb * K;
-        transpose(Qt, e->a->v + (size_t)b0 * K * D, q, D); /* (D, q) */
-        for (int i = 0; i < q; i++) { hn[i] = 0; thr[i] = -INFINITY; }
-        double *sec = e->sec + (size_t)g * 3, t0 = now_sec(), t1;
-        for (int j0 = 0; j0 < N; j0 += EVAL_BLOCK) {
-            int nj = N - j0 < EVAL_BLOCK ? N - j0 : EVAL_BLOCK;
-            gemm_run((Gemm){ St, q, e->m->p.item_emb + (size_t)j0 * D, D, 1, Qt, q, nj, q, D, 0 }, 0);
+/* Score groups [g0, g1) of the chunk against every item, keep each interest's top maxn,
+ * then merge and score at every cut-off. A block of items is scored by one product per
+ * group with the items as rows, St (items, q) = E[block] Q^T, read straight from the item
+ * table; the groups take turns on each block, so it comes from memory once for all of
+ * them (at Amazon Book's size the table does not fit in any cache). */
+static void eval_groups(const EvalCtx *e, int g0, int g1) {
+    int K = e->m->K, D = e->m->D, N = e->m->N, maxn = e->maxn, Q = EVAL_GROUP * K, ng = g1 - g0;
+    float *St = xmalloc((size_t)Q * EVAL_BLOCK * sizeof(float)), *thr = xmalloc((size_t)ng * Q * sizeof(float));
+    float *Qt = xmalloc((size_t)ng * Q * D * sizeof(float));
+    Hit *heap = xmalloc((size_t)ng * Q * maxn * sizeof(Hit)), *cand = xmalloc((size_t)K * maxn * sizeof(Hit));
+    int *R = xmalloc((size_t)maxn * sizeof(int)), *hn = xmalloc((size_t)ng * Q * sizeof(int));
+    double *sec = e->sec + (size_t)g0 * 3, t0, t1;
+    for (int g = g0; g < g1; g++) { /* group g's queries at (g - g0) Q: Qt (D, q), heaps, thresholds */
+        int b0 = g * EVAL_GROUP, q = (e->nb - b0 < EVAL_GROUP ? e->nb - b0 : EVAL_GROUP) * K;
+        transpose(Qt + (size_t)(g - g0) * Q * D, e->a->v + (size_t)b0 * K * D, q, D);
+        for (int i = 0; i < q; i++) { hn[(g - g0) * Q + i] = 0; thr[(g - g0) * Q + i] = -INFINITY; }
+    }
+    for (int j0 = 0; j0 < N; j0 += EVAL_BLOCK) {
+        int nj = N - j0 < EVAL_BLOCK ? N - j0 : EVAL_BLOCK;
+        for (int g = g0; g < g1; g++) {
+            int b0 = g * EVAL_GROUP, q = (e->nb - b0 < EVAL_GROUP ? e->nb - b0 : EVAL_GROUP) * K;
+            size_t o = (size_t)(g - g0) * Q;
+            t0 = now_sec();
+            gemm_run((Gemm){ St, q, e->m->p.item_emb + (size_t)j0 * D, D, 1, Qt + o * D, q, nj, q, D, 0 }, 0);
             t1 = now_sec(); sec[0] += t1 - t0;
-            topk_block(heap, hn, maxn, thr, St, nj, q, j0);
-            t0 = now_sec(); sec[1] += t0 - t1;
+            topk_block(heap + o * maxn, hn + o, maxn, thr + o, St, nj, q, j0);
+            sec[1] += now_sec() - t1;
         }
-        for (int i = 0; i < q; i++) hits_sort(heap + (size_t)i * maxn, hn[i], 0);
+    }
+    t0 = now_sec();
+    for (int g = g0; g < g1; g++) {
+        int b0 = g * EVAL_GROUP, gb = e->nb - b0 < EVAL_GROUP ? e->nb - b0 : EVAL_GROUP;
+        Hit *gh = heap + (size_t)(g - g0) * Q * maxn;
+        int *gn = hn + (g - g0) * Q;
+        for (int i = 0; i < gb * K; i++) hits_sort(gh + (size_t)i * maxn, gn[i], 0);
         for (int b = 0; b < gb; b++) {
             int u = e->u0 + b0 + b;
             const int *seq = e->s->items + e->s->off[u];
             int n = e->s->off[u + 1] - e->s->off[u], k = eval_split_point(n);
             for (int ci = 0; ci < e->n_cut; ci++) {
-                int cut = e->cuts[ci] < hn[b * K] ? e->cuts[ci] : hn[b * K];
-                int nr = merge_interests(R, cand, heap + (size_t)b * K * maxn, K, maxn, cut, e->m->multi);
+                int cut = e->cuts[ci] < gn[b * K] ? e->cuts[ci] : gn[b * K];
+                int nr = merge_interests(R, cand, gh + (size_t)b * K * maxn, K, maxn, cut, e->m->multi);
                 user_metrics(e->res + ((size_t)u * e->n_cut + ci) * 4, R, nr, seq + k, n - k, e->m->enc == ENC_POP);
             }
         }
-        sec[2] += now_sec() - t0;
     }
+    sec[2] += now_sec() - t0;
     free(St); free(thr); free(Qt); free(heap); free(cand); free(R); free(hn);
+}
+
+#define EVAL_SHARE 8    /* groups that take turns on each block of items (their heaps stay in L2) */
+
+static void eval_task(void *ctx, int lo, int hi) { /* groups [lo, hi) of the chunk */
+    for (int g = lo; g < hi; g += EVAL_SHARE) eval_groups(ctx, g, hi - g < EVAL_SHARE ? hi : g + EVAL_SHARE);
 }
 
 /* Evaluate every user of split s at each cut-off (e.g. 20 and 50). noise_key: MIND's
