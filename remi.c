@@ -5151,6 +5151,20 @@ static double measure_bandwidth(void) {
     return best;
 }
 
+/* Microseconds per parallel region of empty tasks: the pool's hand-off there and back
+ * (the best of five rounds of 2,000). */
+static void empty_task(void *ctx, int lo, int hi) { (void)ctx; (void)lo; (void)hi; }
+static double measure_handoff(void) {
+    double best = 1e9;
+    for (int rep = 0; rep < 5; rep++) {
+        double t = now_sec();
+        for (int i = 0; i < 2000; i++) parallel_for(pool.n, empty_task, NULL);
+        t = (now_sec() - t) / 2000 * 1e6;
+        best = t < best ? t : best;
+    }
+    return best;
+}
+
 static int cmp_double(const void *a, const void *b) {
     double x = *(const double *)a, y = *(const double *)b;
     return x < y ? -1 : x > y;
@@ -5341,7 +5355,9 @@ int cmd_bench(int argc, char **argv) {
         pool.n = nt[i];
         peak[i] = measure_peak();
         bw[i] = measure_bandwidth();
-        printf("ceilings, %d thread(s): FMA peak %.1f GFLOP/s, streaming read %.1f GB/s\n", nt[i], peak[i], bw[i]);
+        printf("ceilings, %d thread(s): FMA peak %.1f GFLOP/s, streaming read %.1f GB/s", nt[i], peak[i], bw[i]);
+        if (nt[i] > 1) printf(", hand-off %.2f us per parallel region", measure_handoff());
+        printf("\n");
     }
     pool.n = c.threads;
     Dataset ds;
