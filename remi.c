@@ -3026,6 +3026,9 @@ static struct { double vectors, products, topk, metrics; } eval_time;
  * group with the items as rows, St (items, q) = E[block] Q^T, read straight from the item
  * table; the groups take turns on each block, so it comes from memory once for all of
  * them (at Amazon Book's size the table does not fit in any cache). */
+static int group_users(const EvalCtx *e, int g) { /* users in group g: EVAL_GROUP, fewer in the last */
+    return e->nb - g * EVAL_GROUP < EVAL_GROUP ? e->nb - g * EVAL_GROUP : EVAL_GROUP;
+}
 static void eval_groups(const EvalCtx *e, int g0, int g1) {
     int K = e->m->K, D = e->m->D, N = e->m->N, maxn = e->maxn, Q = EVAL_GROUP * K, ng = g1 - g0;
     float *St = xmalloc((size_t)Q * EVAL_BLOCK * sizeof(float)), *thr = xmalloc((size_t)ng * Q * sizeof(float));
@@ -3034,14 +3037,14 @@ static void eval_groups(const EvalCtx *e, int g0, int g1) {
     int *R = xmalloc((size_t)maxn * sizeof(int)), *hn = xmalloc((size_t)ng * Q * sizeof(int));
     double *sec = e->sec + (size_t)g0 * 3, t0, t1;
     for (int g = g0; g < g1; g++) { /* group g's queries at (g - g0) Q: Qt (D, q), heaps, thresholds */
-        int b0 = g * EVAL_GROUP, q = (e->nb - b0 < EVAL_GROUP ? e->nb - b0 : EVAL_GROUP) * K;
+        int b0 = g * EVAL_GROUP, q = group_users(e, g) * K;
         transpose(Qt + (size_t)(g - g0) * Q * D, e->a->v + (size_t)b0 * K * D, q, D);
         for (int i = 0; i < q; i++) { hn[(g - g0) * Q + i] = 0; thr[(g - g0) * Q + i] = -INFINITY; }
     }
     for (int j0 = 0; j0 < N; j0 += EVAL_BLOCK) {
         int nj = N - j0 < EVAL_BLOCK ? N - j0 : EVAL_BLOCK;
         for (int g = g0; g < g1; g++) {
-            int b0 = g * EVAL_GROUP, q = (e->nb - b0 < EVAL_GROUP ? e->nb - b0 : EVAL_GROUP) * K;
+            int q = group_users(e, g) * K;
             size_t o = (size_t)(g - g0) * Q;
             t0 = now_sec();
             gemm_run((Gemm){ St, q, e->m->p.item_emb + (size_t)j0 * D, D, 1, Qt + o * D, q, nj, q, D, 0 }, 0);
@@ -3052,7 +3055,7 @@ static void eval_groups(const EvalCtx *e, int g0, int g1) {
     }
     t0 = now_sec();
     for (int g = g0; g < g1; g++) {
-        int b0 = g * EVAL_GROUP, gb = e->nb - b0 < EVAL_GROUP ? e->nb - b0 : EVAL_GROUP;
+        int b0 = g * EVAL_GROUP, gb = group_users(e, g);
         Hit *gh = heap + (size_t)(g - g0) * Q * maxn;
         int *gn = hn + (g - g0) * Q;
         for (int i = 0; i < gb * K; i++) hits_sort(gh + (size_t)i * maxn, gn[i], 0);
