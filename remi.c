@@ -1706,7 +1706,10 @@ static void dots(float *y, const float *A, size_t sa, const float *x, int n, int
             for (int i = 0; i < 8; i++) s[i] = s[i] + A[(r + i) * sa + d] * x[d];
         for (int i = 0; i < 8; i++) y[r + i] = acc ? y[r + i] + s[i] : s[i];
     }
-    for (; r < n; r++) y[r] = acc ? y[r] + dotf(A + r * sa, x, D) : dotf(A + r * sa, x, D);
+    for (; r < n; r++) {
+        float s = dotf(A + r * sa, x, D);
+        y[r] = acc ? y[r] + s : s;
+    }
 }
 /* y += a * x */
 static void axpyf(float *y, float a, const float *x, int n) {
@@ -3021,14 +3024,15 @@ typedef struct {
  * top-k selection, and the merge and metrics. */
 static struct { double vectors, products, topk, metrics; } eval_time;
 
+static int group_users(const EvalCtx *e, int g) { /* users in group g: EVAL_GROUP, fewer in the last */
+    return e->nb - g * EVAL_GROUP < EVAL_GROUP ? e->nb - g * EVAL_GROUP : EVAL_GROUP;
+}
+
 /* Score groups [g0, g1) of the chunk against every item, keep each interest's top maxn,
  * then merge and score at every cut-off. A block of items is scored by one product per
  * group with the items as rows, St (items, q) = E[block] Q^T, read straight from the item
  * table; the groups take turns on each block, so it comes from memory once for all of
  * them (at Amazon Book's size the table does not fit in any cache). */
-static int group_users(const EvalCtx *e, int g) { /* users in group g: EVAL_GROUP, fewer in the last */
-    return e->nb - g * EVAL_GROUP < EVAL_GROUP ? e->nb - g * EVAL_GROUP : EVAL_GROUP;
-}
 static void eval_groups(const EvalCtx *e, int g0, int g1) {
     int K = e->m->K, D = e->m->D, N = e->m->N, maxn = e->maxn, Q = EVAL_GROUP * K, ng = g1 - g0;
     float *St = xmalloc((size_t)Q * EVAL_BLOCK * sizeof(float)), *thr = xmalloc((size_t)ng * Q * sizeof(float));
