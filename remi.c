@@ -1824,6 +1824,8 @@ void model_init(Model *m, int N, const Config *c) {
     float **pp = (float **)&m->p, **gp = (float **)&m->g;
     size_t off = 0;
     for (int i = 0; i < N_PARAM_TENSORS; i++) { pp[i] = m->mem + off; gp[i] = m->gmem + off; off += m->size[i]; }
+    m->ge = (ItemGrad){ m->g.item_emb, xmalloc((size_t)N * sizeof(int)), xmalloc((size_t)N * sizeof(int)), 0 };
+    for (int j = 0; j < N; j++) m->ge.row[j] = -1;
     uint64_t rng = c->seed ^ 0x5eedf00dull;
     for (int i = 0; i < N_PARAM_TENSORS; i++)
         for (size_t j = 0; j < m->size[i]; j++)
@@ -1833,74 +1835,89 @@ void model_init(Model *m, int N, const Config *c) {
     if (c->enc == ENC_SA && !c->add_pos) memset(m->p.pos_emb, 0, m->size[1] * sizeof(float));
 }
 
+/* An array of the activations, zeroed, recorded for acts_free. */
+static void *acts_calloc(Acts *a, size_t n, size_t size) {
+    if (a->n_owned == (int)(sizeof a->owned / sizeof *a->owned)) die("acts_calloc: more arrays than Acts records");
+    return a->owned[a->n_owned++] = xcalloc(n, size);
+}
+
 void acts_init(Acts *a, const Model *m, int cap_b, int M) {
     int L = m->L, D = m->D, H = m->H, K = m->K;
     size_t B = (size_t)cap_b;
     memset(a, 0, sizeof *a);
     a->cap_b = cap_b; a->M = M;
-    a->hist = xcalloc(B * L, sizeof(int));
-    a->mask = xcalloc(B * L, sizeof(float));
-    a->target = xcalloc(B, sizeof(int));
-    a->neg = xcalloc(M ? M : 1, sizeof(int));
-    a->sel = xcalloc(B, sizeof(int));
+    a->hist = acts_calloc(a, B * L, sizeof(int));
+    a->mask = acts_calloc(a, B * L, sizeof(float));
+    a->target = acts_calloc(a, B, sizeof(int));
+    a->neg = acts_calloc(a, M ? M : 1, sizeof(int));
+    a->sel = acts_calloc(a, B, sizeof(int));
     float **f[] = { &a->x, &a->xt, &a->dxt, &a->dx };
-    for (size_t i = 0; i < sizeof f / sizeof *f; i++) *f[i] = xcalloc(B * L * D, sizeof(float));
-    a->h = xcalloc(B * L * H, sizeof(float));
-    a->dh = xcalloc(B * L * H, sizeof(float));
-    a->z = xcalloc(B * L * K, sizeof(float));
-    a->dz = xcalloc(B * L * K, sizeof(float));
-    a->att = xcalloc(B * K * L, sizeof(float));
-    a->datt = xcalloc(B * K * L, sizeof(float));
-    a->v = xcalloc(B * K * D, sizeof(float));
-    a->dv = xcalloc(B * K * D, sizeof(float));
-    a->r = xcalloc(B * D, sizeof(float));
-    a->dr = xcalloc(B * D, sizeof(float));
-    a->en = xcalloc((size_t)M * D + 1, sizeof(float));
-    a->ent = xcalloc((size_t)M * D + 1, sizeof(float));
-    a->den = xcalloc((size_t)M * D + 1, sizeof(float));
-    a->logit = xcalloc(B * M + 1, sizeof(float));
-    a->dlogit = xcalloc(B * M + 1, sizeof(float));
-    a->ssm_tmp = xcalloc(2 * B * M + 1, sizeof(float));
-    a->ssm_st = xcalloc(6 * B, sizeof(double)); /* SsmStats */
-    a->pos = xcalloc(B, sizeof(float));
-    a->dpos = xcalloc(B, sizeof(float));
-    a->loss = xcalloc(B, sizeof(float));
-    a->rr_d = xcalloc(B * K, sizeof(float));
-    a->w1t = xcalloc((size_t)D * H, sizeof(float));
-    a->w2t = xcalloc((size_t)H * K, sizeof(float));
-    a->touched = xcalloc((size_t)m->N, 1);
+    for (size_t i = 0; i < sizeof f / sizeof *f; i++) *f[i] = acts_calloc(a, B * L * D, sizeof(float));
+    a->h = acts_calloc(a, B * L * H, sizeof(float));
+    a->dh = acts_calloc(a, B * L * H, sizeof(float));
+    a->z = acts_calloc(a, B * L * K, sizeof(float));
+    a->dz = acts_calloc(a, B * L * K, sizeof(float));
+    a->att = acts_calloc(a, B * K * L, sizeof(float));
+    a->datt = acts_calloc(a, B * K * L, sizeof(float));
+    a->v = acts_calloc(a, B * K * D, sizeof(float));
+    a->dv = acts_calloc(a, B * K * D, sizeof(float));
+    a->r = acts_calloc(a, B * D, sizeof(float));
+    a->dr = acts_calloc(a, B * D, sizeof(float));
+    a->en = acts_calloc(a, (size_t)M * D + 1, sizeof(float));
+    a->ent = acts_calloc(a, (size_t)M * D + 1, sizeof(float));
+    a->den = acts_calloc(a, (size_t)M * D + 1, sizeof(float));
+    a->logit = acts_calloc(a, B * M + 1, sizeof(float));
+    a->dlogit = acts_calloc(a, B * M + 1, sizeof(float));
+    a->ssm_tmp = acts_calloc(a, 2 * B * M + 1, sizeof(float));
+    a->ssm_st = acts_calloc(a, 6 * B, sizeof(double)); /* SsmStats */
+    a->pos = acts_calloc(a, B, sizeof(float));
+    a->dpos = acts_calloc(a, B, sizeof(float));
+    a->loss = acts_calloc(a, B, sizeof(float));
+    a->rr_d = acts_calloc(a, B * K, sizeof(float));
+    a->w1t = acts_calloc(a, (size_t)D * H, sizeof(float));
+    a->w2t = acts_calloc(a, (size_t)H * K, sizeof(float));
     if (m->enc == ENC_DR || m->enc == ENC_MIND) {
         size_t uw = m->enc == ENC_DR ? (size_t)K * D : (size_t)D;
-        a->uhat = xcalloc(B * L * uw, sizeof(float));
-        a->duhat = xcalloc(B * L * uw, sizeof(float));
-        a->capt = xcalloc(m->enc == ENC_DR ? (size_t)L * D * K * D : 2 * (size_t)D * D, sizeof(float)); /* MIND: S^T, R^T */
-        a->noise = xcalloc(B * K * L, sizeof(float));
-        a->rp = xcalloc(B * 3 * K * L, sizeof(float));
-        a->rs = xcalloc(B * 3 * K * D, sizeof(float));
-        a->rv = xcalloc(B * 2 * K * D, sizeof(float));
-        a->caps = xcalloc(B * K * D, sizeof(float));
-        a->dcaps = xcalloc(B * K * D, sizeof(float));
+        a->uhat = acts_calloc(a, B * L * uw, sizeof(float));
+        a->duhat = acts_calloc(a, B * L * uw, sizeof(float));
+        a->capt = acts_calloc(a, m->enc == ENC_DR ? (size_t)L * D * K * D : 2 * (size_t)D * D, sizeof(float)); /* MIND: S^T, R^T */
+        a->noise = acts_calloc(a, B * K * L, sizeof(float));
+        a->rp = acts_calloc(a, B * 3 * K * L, sizeof(float));
+        a->rs = acts_calloc(a, B * 3 * K * D, sizeof(float));
+        a->rv = acts_calloc(a, B * 2 * K * D, sizeof(float));
+        a->caps = acts_calloc(a, B * K * D, sizeof(float));
+        a->dcaps = acts_calloc(a, B * K * D, sizeof(float));
     }
-    if (m->enc == ENC_DNN) a->mean = xcalloc(B * D, sizeof(float));
+    if (m->enc == ENC_DNN) a->mean = acts_calloc(a, B * D, sizeof(float));
     if (m->enc == ENC_GRU4REC) {
         size_t G = m->G, R = B * L;
-        a->glen = xcalloc(B, sizeof(int));
-        a->gorder = xcalloc(B, sizeof(int));
-        a->grow = xcalloc(B, sizeof(int));
-        a->gact = xcalloc(L, sizeof(int));
-        a->goff = xcalloc(L + 1, sizeof(int));
-        a->drop = xcalloc(B * L * D, sizeof(float));
-        a->gx = xcalloc(R * D, sizeof(float));
-        a->ggi = xcalloc(R * 3 * G, sizeof(float));
-        a->ggate = xcalloc(R * 3 * G, sizeof(float));
-        a->gghn = xcalloc(R * G, sizeof(float));
-        a->gh = xcalloc(R * G, sizeof(float));
-        a->ggh = xcalloc(B * 3 * G, sizeof(float));
-        a->gdh = xcalloc(B * G, sizeof(float));
-        a->glast = xcalloc(B * G, sizeof(float));
-        a->dglast = xcalloc(B * G, sizeof(float));
-        a->gwt = xcalloc(3 * G * G, sizeof(float));
+        a->glen = acts_calloc(a, B, sizeof(int));
+        a->gorder = acts_calloc(a, B, sizeof(int));
+        a->grow = acts_calloc(a, B, sizeof(int));
+        a->gact = acts_calloc(a, L, sizeof(int));
+        a->goff = acts_calloc(a, L + 1, sizeof(int));
+        a->drop = acts_calloc(a, B * L * D, sizeof(float));
+        a->gx = acts_calloc(a, R * D, sizeof(float));
+        a->ggi = acts_calloc(a, R * 3 * G, sizeof(float));
+        a->ggate = acts_calloc(a, R * 3 * G, sizeof(float));
+        a->gghn = acts_calloc(a, R * G, sizeof(float));
+        a->gh = acts_calloc(a, R * G, sizeof(float));
+        a->ggh = acts_calloc(a, B * 3 * G, sizeof(float));
+        a->gdh = acts_calloc(a, B * G, sizeof(float));
+        a->glast = acts_calloc(a, B * G, sizeof(float));
+        a->dglast = acts_calloc(a, B * G, sizeof(float));
+        a->gwt = acts_calloc(a, 3 * G * G, sizeof(float));
     }
+}
+
+void acts_free(Acts *a) {
+    for (int i = 0; i < a->n_owned; i++) free(a->owned[i]);
+    memset(a, 0, sizeof *a);
+}
+
+void model_free(Model *m) {
+    free(m->mem); free(m->gmem); free(m->mmem); free(m->vmem); free(m->ge.row); free(m->ge.items);
+    memset(m, 0, sizeof *m);
 }
 
 /* ======================================================================== layers
@@ -1915,9 +1932,22 @@ static void embed_forward(float *x, const int *hist, const float *mask, const fl
     }
 }
 /* dE[hist[b,l]] += dx[b,l] on real positions (padding_idx 0 receives nothing). */
-static void embed_backward(float *dE, const float *dx, const int *hist, const float *mask, int bl, int D) {
+/* The gradient row of an item (ItemGrad), taken on its first write in a step. Serial callers only. */
+static float *item_grad(ItemGrad *ge, int item, int D) {
+    if (!ge->row) return ge->g + (size_t)item * D;
+    if (ge->row[item] < 0) { ge->row[item] = ge->n; ge->items[ge->n++] = item; }
+    return ge->g + (size_t)ge->row[item] * D;
+}
+
+/* The dense (N, D) gradient of a row-kept one (tests). */
+static void item_grad_dense(float *out, const ItemGrad *ge, int N, int D) {
+    memset(out, 0, (size_t)N * D * sizeof(float));
+    for (int r = 0; r < ge->n; r++) memcpy(out + (size_t)ge->items[r] * D, ge->g + (size_t)r * D, D * sizeof(float));
+}
+
+static void embed_backward(ItemGrad *dE, const float *dx, const int *hist, const float *mask, int bl, int D) {
     for (int i = 0; i < bl; i++)
-        if (mask[i] != 0.0f) axpyf(dE + (size_t)hist[i] * D, 1.0f, dx + (size_t)i * D, D);
+        if (mask[i] != 0.0f) axpyf(item_grad(dE, hist[i], D), 1.0f, dx + (size_t)i * D, D);
 }
 
 /* REMI-SPEC c.1 step 1: xt[b,l] = x[b,l] + P[l], padded positions included.  (B, L, D) */
@@ -2098,7 +2128,7 @@ static void sa_backward(Model *m, Acts *a, int nb) {
     parallel_for(nb, sa_tanh_back_task, &c);
     linear_backward(a->dxt, m->g.w1, a->dh, a->xt, m->p.w1, nb * L, D, H);
     parallel_for(L * D, sa_pos_back_task, &c);                                   /* dx, dP */
-    embed_backward(m->g.item_emb, a->dx, a->hist, a->mask, nb * L, D);
+    embed_backward(&m->ge, a->dx, a->hist, a->mask, nb * L, D);
 }
 
 /* ======================================================================== encoder: capsule routing (ComiRec-DR, MIND)
@@ -2310,7 +2340,7 @@ static void caps_backward(Model *m, Acts *a, int nb, int rr) {
     parallel_for(nb, caps_route_back_task, &c);
     if (m->enc == ENC_DR) dr_bilinear_backward(m, a, nb);
     else linear_backward(a->dx, m->g.caps, a->duhat, a->x, m->p.caps, nb * L, D, D);
-    embed_backward(m->g.item_emb, a->dx, a->hist, a->mask, nb * L, D);
+    embed_backward(&m->ge, a->dx, a->hist, a->mask, nb * L, D);
 }
 
 /* ======================================================================== encoder: DNN
@@ -2340,9 +2370,9 @@ static void dnn_backward(Model *m, Acts *a, int nb) {
         float n = (float)history_len(a->mask + b * L, L);
         for (int l = 0; l < L; l++) {
             int item = a->hist[b * L + l];
-            float *de = m->g.item_emb + (size_t)item * D;
-            if (item != 0)
-                for (int d = 0; d < D; d++) de[d] += dmean[(size_t)b * D + d] / n;
+            if (item == 0) continue;
+            float *de = item_grad(&m->ge, item, D);
+            for (int d = 0; d < D; d++) de[d] += dmean[(size_t)b * D + d] / n;
         }
     }
 }
@@ -2479,7 +2509,7 @@ static void gru_backward(Model *m, Acts *a, int nb) {
     for (int b = 0; b < nb; b++) /* dE[hist] += dx * dropout multiplier; row 0 gets nothing */
         for (int t = 0; t < a->glen[b]; t++) {
             const float *g = dx + ((size_t)a->goff[t] + a->grow[b]) * D, *dm = a->drop + ((size_t)b * L + t) * D;
-            float *de = m->g.item_emb + (size_t)a->hist[b * L + t] * D;
+            float *de = item_grad(&m->ge, a->hist[b * L + t], D);
             for (int d = 0; d < D; d++) de[d] += g[d] * dm[d];
         }
 }
@@ -2581,14 +2611,14 @@ static void logits_forward(float *pos, float *logit, float *en, float *ent, cons
     gemm_nn(logit, r, ent, nb, M, D, 0); /* (nb, D) x (D, M) */
 }
 /* dr += dlogit en + dpos E[t];  dE[n_j] += sum_b dlogit[b,j] r_b;  dE[t_b] += dpos_b r_b */
-static void logits_backward(float *dr, float *dE, float *den, const float *dpos, const float *dlogit,
+static void logits_backward(float *dr, ItemGrad *dE, float *den, const float *dpos, const float *dlogit,
                             const float *r, const float *en, const float *E, const int *target, const int *neg,
                             int nb, int M, int D) {
     gemm_nn(dr, dlogit, en, nb, D, M, 1);     /* (nb, M) x (M, D) */
     gemm_tn(den, dlogit, r, M, D, nb, 0);     /* (M, nb) x (nb, D) */
     for (int b = 0; b < nb; b++) axpyf(dr + (size_t)b * D, dpos[b], E + (size_t)target[b] * D, D);
-    for (int j = 0; j < M; j++) axpyf(dE + (size_t)neg[j] * D, 1.0f, den + (size_t)j * D, D);
-    for (int b = 0; b < nb; b++) axpyf(dE + (size_t)target[b] * D, dpos[b], r + (size_t)b * D, D);
+    for (int j = 0; j < M; j++) axpyf(item_grad(dE, neg[j], D), 1.0f, den + (size_t)j * D, D);
+    for (int b = 0; b < nb; b++) axpyf(item_grad(dE, target[b], D), dpos[b], r + (size_t)b * D, D);
 }
 
 /* Per-sample quantities of d.4, shifted by m = max(s+, s_1..s_M):
@@ -2747,24 +2777,26 @@ static void rr_backward(float *datt, const float *att, const float *rr_d, float 
 /* ======================================================================== Adam
  * REMI-SPEC f.3, PyTorch semantics, dense: every parameter moves every step, rows with a
  * zero gradient included (their moments are non-zero). The gradient is zeroed in the same
- * pass, so the next backward can accumulate into it. The item table's gradient is sparse:
- * only the rows a step touched (history items, targets, negatives) are read and zeroed;
- * the others are updated with the constant 0 in the same expressions, which gives the
- * same bits. --adam lazy (not the reference) updates the touched rows only. */
-typedef struct { Model *m; const unsigned char *touched; float step_size, sqrt_bc2; int lazy; } AdamCtx;
+ * pass, so the next backward can accumulate into it. The item table's gradient is sparse
+ * (ItemGrad): only the rows a step touched (history items, targets, negatives) are read
+ * and zeroed; the others are updated with the constant 0 in the same expressions, which
+ * gives the same bits. --adam lazy (not the reference) updates the touched rows only. */
+typedef struct { Model *m; float step_size, sqrt_bc2; int lazy; } AdamCtx;
 #define ADAM_CHUNK 8192
 
-/* Elements [i0, i1): with the gradient g, or with a zero gradient when g is NULL. */
+/* Elements [i0, i1): with the gradient g (g[0] is element i0's), or with a zero gradient
+ * when g is NULL. */
 static void adam_range(const AdamCtx *c, size_t i0, size_t i1, float *g) {
     Model *m = c->m;
     float *p = m->mem, *mo = m->mmem, *v = m->vmem;
     const float b1 = 0.9f, b2 = 0.999f, eps = 1e-8f, ss = c->step_size, sb = c->sqrt_bc2, zero = 0.0f;
     if (g)
         for (size_t i = i0; i < i1; i++) {
-            mo[i] = mo[i] * b1 + g[i] * (1.0f - b1);
-            v[i] = v[i] * b2 + g[i] * g[i] * (1.0f - b2);
+            float gi = g[i - i0];
+            mo[i] = mo[i] * b1 + gi * (1.0f - b1);
+            v[i] = v[i] * b2 + gi * gi * (1.0f - b2);
             p[i] = p[i] - ss * (mo[i] / (sqrtf(v[i]) / sb + eps));
-            g[i] = 0.0f;
+            g[i - i0] = 0.0f;
         }
     else
         for (size_t i = i0; i < i1; i++) {
@@ -2777,27 +2809,31 @@ static void adam_range(const AdamCtx *c, size_t i0, size_t i1, float *g) {
 static void adam_task(void *ctx, int lo, int hi) {
     const AdamCtx *c = ctx;
     Model *m = c->m;
+    const int *grow = m->ge.row;
     size_t i0 = (size_t)lo * ADAM_CHUNK, i1 = (size_t)hi * ADAM_CHUNK, D = m->D, table = m->size[0];
     if (i1 > m->n_params) i1 = m->n_params;
-    if (!c->touched) table = 0; /* Pop, or a caller without row bookkeeping: all dense */
+    if (!grow) table = 0; /* a dense item gradient (tests): one flat pass */
     for (size_t i = i0; i < i1 && i < table;) { /* item table, row by row */
         size_t row = i / D, end = (row + 1) * D < i1 ? (row + 1) * D : i1;
-        if (c->touched[row]) adam_range(c, i, end, m->gmem);
+        if (grow[row] >= 0) adam_range(c, i, end, m->ge.g + (size_t)grow[row] * D + (i - row * D));
         else if (!c->lazy) adam_range(c, i, end, NULL);
         i = end;
     }
-    if (i1 > table) adam_range(c, i0 > table ? i0 : table, i1, m->gmem);
+    if (i1 > table) adam_range(c, i0 > table ? i0 : table, i1, m->gmem + (i0 > table ? i0 : table));
 }
 
-/* touched (N): rows of the item table with a gradient this step, or NULL. */
-static void adam_step(Model *m, const unsigned char *touched, float lr, int lazy) {
+static void adam_step(Model *m, float lr, int lazy) {
     m->step++;
-    AdamCtx c = { m, touched, (float)(lr / (1.0 - pow(0.9, (double)m->step))),
-                  (float)sqrt(1.0 - pow(0.999, (double)m->step)), lazy };
+    AdamCtx c = { m, (float)(lr / (1.0 - pow(0.9, (double)m->step))), (float)sqrt(1.0 - pow(0.999, (double)m->step)),
+                  lazy };
     parallel_for((int)((m->n_params + ADAM_CHUNK - 1) / ADAM_CHUNK), adam_task, &c);
+    if (m->ge.row)
+        for (int r = 0; r < m->ge.n; r++) m->ge.row[m->ge.items[r]] = -1;
+    m->ge.n = 0;
 }
 
-/* Flags the item rows a batch touches (real history positions, targets, negatives) with v. */
+/* Flags the item rows a batch touches (real history positions, targets, negatives) with v:
+ * the rows its backward writes (tests and bench count them). */
 static void mark_rows(unsigned char *touched, const Acts *a, int B, int L, int M, unsigned char v) {
     for (int i = 0; i < B * L; i++) if (a->mask[i] != 0.0f) touched[a->hist[i]] = v;
     for (int b = 0; b < B; b++) touched[a->target[b]] = v;
@@ -2827,7 +2863,7 @@ static void step_backward(Model *m, Acts *a, const Config *c) {
     memset(a->dv, 0, (size_t)B * K * D * sizeof(float));
     memset(a->datt, 0, (size_t)B * K * L * sizeof(float));
     ssm_backward(a->dpos, a->dlogit, (SsmStats *)a->ssm_st, a->ssm_tmp, B, M, c->rbeta, 1.0f / B);
-    logits_backward(a->dr, m->g.item_emb, a->den, a->dpos, a->dlogit, a->r, a->en, m->p.item_emb,
+    logits_backward(a->dr, &m->ge, a->den, a->dpos, a->dlogit, a->r, a->en, m->p.item_emb,
                     a->target, a->neg, B, M, D);
     readout_backward(a->dv, a->dr, a->sel, B, K, D);
     if (c->rlambda != 0.0f) rr_backward(a->datt, a->att, a->rr_d, c->rlambda, B, K, L, D);
@@ -2853,11 +2889,7 @@ float train_step(Model *m, Acts *a, const Split *train, const Config *c, uint64_
     double t2 = now_sec();
     step_backward(m, a, c);
     double t3 = now_sec();
-    if (isfinite(loss)) {
-        mark_rows(a->touched, a, c->B, m->L, c->M, 1);
-        adam_step(m, a->touched, c->lr, !strcmp(c->adam, "lazy"));
-        mark_rows(a->touched, a, c->B, m->L, c->M, 0);
-    }
+    if (isfinite(loss)) adam_step(m, c->lr, !strcmp(c->adam, "lazy"));
     double t4 = now_sec();
     step_time.batch += t1 - t0; step_time.forward += t2 - t1; step_time.backward += t3 - t2; step_time.adam += t4 - t3;
     return (float)loss;
@@ -2909,9 +2941,18 @@ void set_order(int *order, const int *keys, int n) {
 
 /* A scored item; lists are kept best first: higher score, then lower id. */
 typedef struct { float s; int id; } Hit;
-static int hit_better(Hit a, Hit b) { return a.s > b.s || (a.s == b.s && a.id < b.id); }
+static int hit_better(Hit a, Hit b) { return (a.s > b.s) | ((a.s == b.s) & (a.id < b.id)); } /* no branches */
 
 /* Min-heap of the best `cap` hits: h[0] is the worst kept. */
+static void heap_sift(Hit *h, int n, int i, Hit x) { /* put x in the hole at i, moving it down */
+    for (int c = 2 * i + 1; c < n; i = c, c = 2 * i + 1) {
+        c += c + 1 < n && hit_better(h[c], h[c + 1]); /* the worse child */
+        if (!hit_better(x, h[c])) break;
+        h[i] = h[c];
+    }
+    h[i] = x;
+}
+
 static void heap_push(Hit *h, int *n, int cap, Hit x) {
     if (*n < cap) {
         int i = (*n)++;
@@ -2919,18 +2960,16 @@ static void heap_push(Hit *h, int *n, int cap, Hit x) {
         h[i] = x;
         return;
     }
-    if (!hit_better(x, h[0])) return;
-    int i = 0;
-    for (;;) {
-        int l = 2 * i + 1, r = l + 1, w = i;
-        Hit hw = x;
-        if (l < cap && hit_better(hw, h[l])) { w = l; hw = h[l]; }
-        if (r < cap && hit_better(hw, h[r])) { w = r; }
-        if (w == i) break;
-        h[i] = h[w];
-        i = w;
+    if (hit_better(x, h[0])) heap_sift(h, cap, 0, x);
+}
+
+/* Turn a heap of n hits into a list best first: the worst goes to the end, n times. */
+static void heap_finish(Hit *h, int n) {
+    for (int m = n - 1; m > 0; m--) {
+        Hit x = h[m];
+        h[m] = h[0];
+        heap_sift(h, m, 0, x);
     }
-    h[i] = x;
 }
 
 /* Sort best first (insertion sort: stable, lists are short). */
@@ -2944,20 +2983,24 @@ static void hits_sort(Hit *h, int n, int by_score_only) {
 }
 
 /* REMI-SPEC g.2 step 3: concatenate the first n hits of each interest (interest-major),
- * stable-sort by score, keep unique non-zero ids until n are taken. Returns |R|.
- * A single-vector model's list is taken as it is, id 0 included (REMI-SPEC i.12). */
-static int merge_interests(int *R, Hit *cand, const Hit *lists, int K, int stride, int n, int multi) {
+ * stable-sort by score, keep unique non-zero ids until n are taken. Returns |R|. The
+ * lists are best first, so the sort is a merge of the K lists taking the lowest interest
+ * on equal scores (merge_interests_ref in the tests sorts). A single-vector model's list
+ * is taken as it is, id 0 included (REMI-SPEC i.12). */
+static int merge_interests(int *R, const Hit *lists, int K, int stride, int n, int multi) {
     if (!multi) {
         for (int i = 0; i < n; i++) R[i] = lists[i].id;
         return n;
     }
-    int c = 0, taken = 0;
-    for (int k = 0; k < K; k++)
-        for (int i = 0; i < n; i++) cand[c++] = lists[k * stride + i];
-    hits_sort(cand, c, 1);
-    for (int i = 0; i < c && taken < n; i++) {
-        int id = cand[i].id, dup = (id == 0);
-        for (int j = 0; j < taken && !dup; j++) dup = (R[j] == id);
+    int head[64] = { 0 }, taken = 0; /* K <= 64 */
+    while (taken < n) {
+        int best = -1;
+        for (int k = 0; k < K; k++)
+            if (head[k] < n && (best < 0 || lists[k * stride + head[k]].s > lists[best * stride + head[best]].s))
+                best = k;
+        if (best < 0) break;
+        int id = lists[best * stride + head[best]++].id, dup = (id == 0);
+        for (int j = 0; j < taken; j++) dup |= (R[j] == id);
         if (!dup) R[taken++] = id;
     }
     return taken;
@@ -3037,7 +3080,7 @@ static void eval_groups(const EvalCtx *e, int g0, int g1) {
     int K = e->m->K, D = e->m->D, N = e->m->N, maxn = e->maxn, Q = EVAL_GROUP * K, ng = g1 - g0;
     float *St = xmalloc((size_t)Q * EVAL_BLOCK * sizeof(float)), *thr = xmalloc((size_t)ng * Q * sizeof(float));
     float *Qt = xmalloc((size_t)ng * Q * D * sizeof(float));
-    Hit *heap = xmalloc((size_t)ng * Q * maxn * sizeof(Hit)), *cand = xmalloc((size_t)K * maxn * sizeof(Hit));
+    Hit *heap = xmalloc((size_t)ng * Q * maxn * sizeof(Hit));
     int *R = xmalloc((size_t)maxn * sizeof(int)), *hn = xmalloc((size_t)ng * Q * sizeof(int));
     double *sec = e->sec + (size_t)g0 * 3, t0, t1;
     for (int g = g0; g < g1; g++) { /* group g's queries at (g - g0) Q: Qt (D, q), heaps, thresholds */
@@ -3062,20 +3105,20 @@ static void eval_groups(const EvalCtx *e, int g0, int g1) {
         int b0 = g * EVAL_GROUP, gb = group_users(e, g);
         Hit *gh = heap + (size_t)(g - g0) * Q * maxn;
         int *gn = hn + (g - g0) * Q;
-        for (int i = 0; i < gb * K; i++) hits_sort(gh + (size_t)i * maxn, gn[i], 0);
+        for (int i = 0; i < gb * K; i++) heap_finish(gh + (size_t)i * maxn, gn[i]);
         for (int b = 0; b < gb; b++) {
             int u = e->u0 + b0 + b;
             const int *seq = e->s->items + e->s->off[u];
             int n = e->s->off[u + 1] - e->s->off[u], k = eval_split_point(n);
             for (int ci = 0; ci < e->n_cut; ci++) {
                 int cut = e->cuts[ci] < gn[b * K] ? e->cuts[ci] : gn[b * K];
-                int nr = merge_interests(R, cand, gh + (size_t)b * K * maxn, K, maxn, cut, e->m->multi);
+                int nr = merge_interests(R, gh + (size_t)b * K * maxn, K, maxn, cut, e->m->multi);
                 user_metrics(e->res + ((size_t)u * e->n_cut + ci) * 4, R, nr, seq + k, n - k, e->m->enc == ENC_POP);
             }
         }
     }
     sec[2] += now_sec() - t0;
-    free(St); free(thr); free(Qt); free(heap); free(cand); free(R); free(hn);
+    free(St); free(thr); free(Qt); free(heap); free(R); free(hn);
 }
 
 #define EVAL_SHARE 8    /* groups that take turns on each block of items (their heaps stay in L2) */
@@ -3854,14 +3897,14 @@ int cmd_recommend(int argc, char **argv) {
     acts_init(&a, &m, 1, 1);
     fill_history(a.hist, a.mask, h, n, m.L);
     user_vectors(&m, &a, 0, 1, eval_noise_key(c.mind_eval, c.seed, 1));
-    Hit *lists = xmalloc((size_t)K * topn * sizeof(Hit)), *cand = xmalloc((size_t)K * topn * sizeof(Hit));
+    Hit *lists = xmalloc((size_t)K * topn * sizeof(Hit));
     for (int k = 0; k < K; k++) { /* each interest's exact top-N, best first */
         Hit *hk = lists + (size_t)k * topn;
         int hn = 0;
         for (int j = 0; j < N; j++) heap_push(hk, &hn, topn, (Hit){ dotf(a.v + (size_t)k * D, m.p.item_emb + (size_t)j * D, D), j });
-        hits_sort(hk, hn, 0);
+        heap_finish(hk, hn);
     }
-    int *R = xmalloc(topn * sizeof(int)), nr = merge_interests(R, cand, lists, K, topn, topn, m.multi);
+    int *R = xmalloc(topn * sizeof(int)), nr = merge_interests(R, lists, K, topn, topn, m.multi);
     printf("%s model, history of %d item(s) (the last %d used)\n", ENC_NAMES[m.enc], n, n < m.L ? n : m.L);
     printf("rank\titem\traw\tscore\tinterest\n");
     for (int r = 0; r < nr; r++) { /* the interest whose list scored the item highest */
@@ -4432,7 +4475,9 @@ static int gc_model_check(GcState *g, Encoder e) {
     memcpy(frozen, h.a.att, (size_t)g->B * h.m.K * g->L * sizeof(float));
     if (e == ENC_DR || e == ENC_MIND) h.a.route_frozen = frozen;
     step_backward(&h.m, &h.a, &h.cfg);
-    float **pp = (float **)&h.m.p, **gp = (float **)&h.m.g;
+    float **pp = (float **)&h.m.p, **gp = (float **)&h.m.g, *dE = xmalloc(h.m.size[0] * sizeof(float));
+    item_grad_dense(dE, &h.m.ge, h.m.N, h.m.D);
+    gp[0] = dE;
     for (int i = 0; i < N_PARAM_TENSORS; i++) {
         if (!h.m.size[i]) continue;
         char what[80];
@@ -4442,7 +4487,7 @@ static int gc_model_check(GcState *g, Encoder e) {
         size_t skip = e == ENC_DNN && i == 0 ? (size_t)h.m.D : 0;
         ok &= gc_check(what, gc_model, &h, pp[i] + skip, gp[i] + skip, h.m.size[i] - skip);
     }
-    free(frozen);
+    free(frozen); free(dE);
     return ok;
 }
 
@@ -4522,9 +4567,10 @@ int cmd_gradcheck(int argc, char **argv) {
     /* sampled logits: r and E */
     gc_fill(g.buf[0], (size_t)B * D, 1.0, &g.rng);
     gc_logits(&g);
-    ZERO(an[0], (size_t)B * D); ZERO(an[1], g.m.size[0]);
-    logits_backward(an[0], an[1], g.a.den, g.c + (size_t)B * M, g.c, g.buf[0], g.a.en, g.m.p.item_emb, g.a.target,
+    ZERO(an[0], (size_t)B * D); ZERO(g.m.gmem, g.m.size[0]);
+    logits_backward(an[0], &g.m.ge, g.a.den, g.c + (size_t)B * M, g.c, g.buf[0], g.a.en, g.m.p.item_emb, g.a.target,
                     g.a.neg, B, M, D);
+    item_grad_dense(an[1], &g.m.ge, g.N, D);
     ok &= gc_check("sampled logits: d/dr", gc_logits, &g, g.buf[0], an[0], (size_t)B * D);
     ok &= gc_check("sampled logits: d/dE", gc_logits, &g, g.m.p.item_emb, an[1], g.m.size[0]);
 
@@ -4664,7 +4710,7 @@ static int st_topk(uint64_t *rng) {
         Hit all[300], heap[60];
         for (int i = 0; i < n; i++) all[i] = (Hit){ (float)(int)rng_below(rng, 20), i }; /* many ties */
         for (int i = 0; i < n; i++) heap_push(heap, &hn, cap, all[i]);
-        hits_sort(heap, hn, 0);
+        heap_finish(heap, hn);
         hits_sort(all, n, 0);
         ok &= hn == (n < cap ? n : cap);
         for (int i = 0; i < hn; i++) ok &= heap[i].id == all[i].id;
@@ -4672,15 +4718,51 @@ static int st_topk(uint64_t *rng) {
     return st_report("heap top-k vs full sort (ties by id)", ok, "200 random lists");
 }
 
+/* REMI-SPEC g.2 step 3 as written: concatenate, stable-sort by score, keep unique non-zero ids. */
+static int merge_interests_ref(int *R, Hit *cand, const Hit *lists, int K, int stride, int n, int multi) {
+    if (!multi) {
+        for (int i = 0; i < n; i++) R[i] = lists[i].id;
+        return n;
+    }
+    int c = 0, taken = 0;
+    for (int k = 0; k < K; k++)
+        for (int i = 0; i < n; i++) cand[c++] = lists[k * stride + i];
+    hits_sort(cand, c, 1);
+    for (int i = 0; i < c && taken < n; i++) {
+        int id = cand[i].id, dup = (id == 0);
+        for (int j = 0; j < taken && !dup; j++) dup = (R[j] == id);
+        if (!dup) R[taken++] = id;
+    }
+    return taken;
+}
+
 static int st_merge(void) {
     /* interest 0: 5(0.9) 0(0.8) 7(0.5); interest 1: 7(0.9) 5(0.7) 3(0.1). Sorted by score
      * with ties in interest-major order: 5 7 0 5 7 3 -> skip 0 and repeats -> 5 7 3. */
     Hit lists[6] = { { 0.9f, 5 }, { 0.8f, 0 }, { 0.5f, 7 }, { 0.9f, 7 }, { 0.7f, 5 }, { 0.1f, 3 } };
     Hit cand[6];
-    int R[3], nr = merge_interests(R, cand, lists, 2, 3, 3, 1);
-    int R2[2], nr2 = merge_interests(R2, cand, lists, 2, 3, 2, 1);
+    int R[3], nr = merge_interests(R, lists, 2, 3, 3, 1);
+    int R2[2], nr2 = merge_interests(R2, lists, 2, 3, 2, 1);
+    int Rr[3], nrr = merge_interests_ref(Rr, cand, lists, 2, 3, 3, 1);
     int ok = nr == 3 && R[0] == 5 && R[1] == 7 && R[2] == 3 && nr2 == 2 && R2[0] == 5 && R2[1] == 7;
+    ok &= nrr == 3 && Rr[0] == 5 && Rr[1] == 7 && Rr[2] == 3;
     return st_report("merge of interests (hand-checked)", ok, "");
+}
+
+static int st_merge_random(uint64_t *rng) { /* the merge against concatenate + stable sort */
+    int ok = 1;
+    for (int trial = 0; trial < 300; trial++) {
+        int K = 1 + (int)rng_below(rng, 8), stride = 1 + (int)rng_below(rng, 30), n = 1 + (int)rng_below(rng, stride);
+        Hit lists[8 * 30], cand[8 * 30];
+        for (int k = 0; k < K; k++) { /* few distinct scores and ids: ties and repeats */
+            for (int i = 0; i < stride; i++) lists[k * stride + i] = (Hit){ (float)(int)rng_below(rng, 6), (int)rng_below(rng, 12) };
+            hits_sort(lists + k * stride, stride, 1);
+        }
+        int R[30], Rr[30], nr = merge_interests(R, lists, K, stride, n, 1), nrr = merge_interests_ref(Rr, cand, lists, K, stride, n, 1);
+        ok &= nr == nrr;
+        for (int i = 0; i < nr && i < nrr; i++) ok &= R[i] == Rr[i];
+    }
+    return st_report("merge of interests vs stable sort", ok, "300 random lists with ties");
 }
 
 static int st_set_order(const char *path) {
@@ -4723,7 +4805,7 @@ static void evaluate_ref(Metrics *out, int cut, const Model *m, Acts *a, const S
             for (int j = 0; j < N; j++) lists[q * N + j] = (Hit){ dotf(a->v + q * D, m->p.item_emb + (size_t)j * D, D), j };
             hits_sort(lists + q * N, N, 0);
         }
-        int c = cut < N ? cut : N, nr = merge_interests(R, cand, lists, K, N, c, m->multi);
+        int c = cut < N ? cut : N, nr = merge_interests_ref(R, cand, lists, K, N, c, m->multi);
         double r[4];
         user_metrics(r, R, nr, s->items + s->off[u] + k, n - k, m->enc == ENC_POP);
         for (int j = 0; j < 4; j++) sum[j] += r[j];
@@ -4811,17 +4893,19 @@ static int st_threads(uint64_t *rng, int threads) {
     return st_report("training bits independent of -t, every model", ok, d);
 }
 
-/* Adam with the sparse item gradient against Adam over every element (the same bits), and
- * --adam lazy: rows without a gradient do not move, the others do. */
+/* Adam with the item gradient kept by rows (ItemGrad) against a dense item gradient and
+ * Adam over every element (the same bits), and --adam lazy: the rows the batch touches
+ * move (mark_rows: so the rows the backward wrote are exactly those), the others do not. */
 static int st_adam(uint64_t *rng) {
     Config c = default_config();
     c.D = 16; c.K = 3; c.L = 9; c.B = 12; c.M = 40; c.rbeta = 1; c.rlambda = 100;
     Model m[2];
     Split s;
     uint64_t start = *rng;
-    for (int run = 0; run < 2; run++) { /* run 0: touched rows; run 1: all dense (touched = NULL) */
+    for (int run = 0; run < 2; run++) { /* run 0: by rows; run 1: all dense */
         uint64_t r = start, step_rng = 11;
         st_random_data(&m[run], &s, &c, 300, 40, &r);
+        if (run == 1) { free(m[run].ge.row); m[run].ge.row = NULL; }
         Acts a;
         acts_init(&a, &m[run], c.B, c.M);
         int perm[40];
@@ -4832,7 +4916,7 @@ static int st_adam(uint64_t *rng) {
             for (int j = 0; j < c.M; j++) a.neg[j] = (int)rng_below(&step_rng, (uint32_t)m[run].N);
             step_forward(&m[run], &a, &c);
             step_backward(&m[run], &a, &c);
-            adam_step(&m[run], NULL, c.lr, 0);
+            adam_step(&m[run], c.lr, 0);
         }
         free_split(&s);
     }
@@ -4851,12 +4935,13 @@ static int st_adam(uint64_t *rng) {
     int perm[40];
     for (int u = 0; u < 40; u++) perm[u] = u;
     train_step(&lz, &a, &s, &c, &step_rng, perm);
-    mark_rows(a.touched, &a, c.B, lz.L, c.M, 1);
-    int lazy_ok = 1, moved = 0, kept = 0;
+    unsigned char touched[300] = { 0 };
+    mark_rows(touched, &a, c.B, lz.L, c.M, 1);
+    int lazy_ok = lz.ge.n == 0, moved = 0, kept = 0; /* and Adam cleared the row map */
     for (int j = 0; j < lz.N; j++) {
         int diff = memcmp(lz.p.item_emb + (size_t)j * lz.D, m[0].p.item_emb + (size_t)j * lz.D, lz.D * sizeof(float));
-        lazy_ok &= a.touched[j] ? diff != 0 : diff == 0;
-        moved += a.touched[j] != 0; kept += !a.touched[j];
+        lazy_ok &= (touched[j] ? diff != 0 : diff == 0) && lz.ge.row[j] == -1;
+        moved += touched[j] != 0; kept += !touched[j];
     }
     free_split(&s);
     char d[128];
@@ -4916,6 +5001,7 @@ int cmd_selftest(int argc, char **argv) {
     ok &= st_threads(&rng, threads);
     ok &= st_adam(&rng);
     ok &= st_nonfinite(&rng);
+    ok &= st_merge_random(&rng);
     printf("selftest: %s\n", ok ? "all passed" : "FAILED");
     return ok ? 0 : 1;
 }
@@ -5207,13 +5293,21 @@ static double step_flops(const Model *m, const Config *c, double real) {
     return 2.0 * 3 * (enc + B * M * D);
 }
 
-/* Resident memory now, in MB (VmRSS), or 0 if unknown. */
-static double rss_mb(void) {
+/* Starts a new peak for VmHWM (Linux: "5" in clear_refs); 0 if that is not possible. */
+static int rss_peak_reset(void) {
+    FILE *f = fopen("/proc/self/clear_refs", "w");
+    int ok = f && fputs("5", f) >= 0;
+    if (f) ok &= fclose(f) == 0;
+    return ok;
+}
+
+/* Resident memory in MB: now (VmRSS) or the peak since rss_peak_reset (VmHWM); 0 if unknown. */
+static double rss_mb(const char *field) {
     FILE *f = fopen("/proc/self/status", "r");
     char line[256];
     double kb = 0;
     while (f && fgets(line, sizeof line, f))
-        if (!strncmp(line, "VmRSS:", 6)) kb = atof(line + 6);
+        if (!strncmp(line, field, strlen(field))) kb = atof(line + strlen(field));
     if (f) fclose(f);
     return kb / 1024.0;
 }
@@ -5259,10 +5353,11 @@ static double bench_steps(Model *m, Acts *a, const Split *train, const Config *c
         for (int j = 0; j < c->B * c->L; j++) *real += a->mask[j];
     }
     *real /= (double)steps * c->B;
-    mark_rows(a->touched, a, c->B, m->L, c->M, 1); /* the last batch's touched rows, for Adam's bytes */
+    unsigned char *touched = xcalloc((size_t)m->N, 1); /* the last batch's touched rows, for Adam's bytes */
+    mark_rows(touched, a, c->B, m->L, c->M, 1);
     int rows = 0;
-    for (int j = 0; j < m->N; j++) rows += a->touched[j];
-    mark_rows(a->touched, a, c->B, m->L, c->M, 0);
+    for (int j = 0; j < m->N; j++) rows += touched[j];
+    free(touched);
     *touched_rows = rows;
     double p1[4] = { step_time.batch, step_time.forward, step_time.backward, step_time.adam };
     for (int i = 0; i < 4; i++) phase[i] = (p1[i] - p0[i]) / steps * 1e3;
@@ -5293,6 +5388,7 @@ static double bench_eval(const Model *m, Acts *a, const Split *valid, const Conf
 static void bench_dataset(const char *label, const Dataset *ds, Config c, int steps, const double *peak,
                           const double *bw, int threads) {
     resolve_negatives(&c, ds->N);
+    int peak_known = rss_peak_reset();
     Model m;
     model_init(&m, ds->N, &c);
     Acts a;
@@ -5335,9 +5431,11 @@ static void bench_dataset(const char *label, const Dataset *ds, Config c, int st
     size_t data_bytes = 0;
     const Split *sp[3] = { &ds->train, &ds->valid, &ds->test };
     for (int i = 0; i < 3; i++) data_bytes += (size_t)sp[i]->off[sp[i]->n_users] * 4 + (size_t)sp[i]->n_users * 12;
-    double need = (16.0 * m.n_params + data_bytes) / 1048576.0, rss = rss_mb();
-    printf("memory: %.0f MB resident; parameters + gradients + Adam moments + data = %.0f MB: ratio %.2f\n", rss, need,
-           rss / need);
+    double need = (12.0 * m.n_params + data_bytes) / 1048576.0, rss = rss_mb(peak_known ? "VmHWM:" : "VmRSS:");
+    printf("memory: %.0f MB resident (%s); parameters + Adam moments + data = %.0f MB: ratio %.2f\n", rss,
+           peak_known ? "peak" : "at the end", need, rss / need);
+    acts_free(&a);
+    model_free(&m);
 }
 
 int cmd_bench(int argc, char **argv) {

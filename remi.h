@@ -79,6 +79,13 @@ typedef struct {
 } Params;
 #define N_PARAM_TENSORS 11
 
+/* The item table's gradient, kept by rows: a step's first write to an item's row takes the
+ * next free row of g, so only the rows a step touches (history items, targets, negatives)
+ * are ever written, and memory holds that many rows, not N. row[item] is its row, -1 when
+ * the step gave it none; items[0..n) are the rows' items in order. row == NULL: dense, the
+ * item's row is its id (tests). Adam reads and zeroes the rows, then clears the map. */
+typedef struct { float *g; int *row, *items; int n; } ItemGrad;
+
 typedef struct {
     Encoder enc;
     int multi;       /* 1: K interests per user (sa, dr, mind); 0: one vector (K = 1) */
@@ -87,7 +94,8 @@ typedef struct {
     size_t size[N_PARAM_TENSORS]; /* floats per tensor */
     size_t n_params;
     float *mem;   Params p;  /* parameters */
-    float *gmem;  Params g;  /* gradients */
+    float *gmem;  Params g;  /* gradients; the item table's (g.item_emb) by rows, in ge */
+    ItemGrad ge;
     float *mmem, *vmem;      /* Adam moments */
     long step;               /* Adam t */
     int add_pos;             /* position embeddings in use */
@@ -129,7 +137,6 @@ typedef struct {
     float *dx;     /* (B, L, D) */
     float *w1t;    /* (D, H) W1 transposed */
     float *w2t;    /* (H, K) W2 transposed */
-    unsigned char *touched; /* (N) item rows with a gradient in this step (Adam) */
     /* capsule routing, DR and MIND (REMI-SPEC c.2, c.3) */
     float *uhat;   /* DR (B, L, K D) per-position predictions; MIND (B, L, D), shared by all k */
     float *duhat;  /* the same shape */
@@ -163,6 +170,7 @@ typedef struct {
     float *glast;  /* (B, G) hidden state at each sample's last position */
     float *dglast; /* (B, G) */
     float *gwt;    /* scratch for transposed weights: max(3G D, 3G G, G D) */
+    void *owned[64]; int n_owned; /* every array above, for acts_free */
 } Acts;
 
 /* Metrics of one evaluation at one cut-off N (REMI-SPEC g.3). */
@@ -185,6 +193,8 @@ void load_dataset(Dataset *ds, const char *dir, const char *name);
 
 void model_init(Model *m, int N, const Config *c);
 void acts_init(Acts *a, const Model *m, int cap_b, int M);
+void acts_free(Acts *a);
+void model_free(Model *m);
 float train_step(Model *m, Acts *a, const Split *train, const Config *c, uint64_t *rng, int *perm);
 void evaluate(Metrics *out, const int *cuts, int n_cut, const Model *m, Acts *a, const Split *s, uint64_t noise_key);
 void set_order(int *order, const int *keys, int n);
