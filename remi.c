@@ -1545,11 +1545,14 @@ static inline __attribute__((always_inline)) void gemm_tile_rows(const Gemm *g, 
         const float *ap = a0 + p * sp;
         vfw bv[NV];
         for (int v = 0; v < NV; v++) bv[v] = *(const vfw *)(b + VW * v);
+        #pragma GCC unroll 16 /* both row loops unrolled (MR <= 16): the accumulators stay in
+                                 * registers, with no zeroed array on the stack */
         for (int r = 0; r < ROWS; r++) {
             float x = ap[r * sa];
             for (int v = 0; v < NV; v++) c[r][v] = c[r][v] + x * bv[v];
         }
     }
+    #pragma GCC unroll 16
     for (int r = 0; r < ROWS; r++) {
         vfw *cr = (vfw *)(g->C + (size_t)(i + r) * g->ldc + j);
         for (int v = 0; v < NV; v++) {
