@@ -2946,33 +2946,55 @@ void set_order(int *order, const int *keys, int n) {
 typedef struct { float s; int id; } Hit;
 static int hit_better(Hit a, Hit b) { return (a.s > b.s) | ((a.s == b.s) & (a.id < b.id)); } /* no branches */
 
-/* Min-heap of the best `cap` hits: h[0] is the worst kept. */
-static void heap_sift(Hit *h, int n, int i, Hit x) { /* put x in the hole at i, moving it down */
+/* A hit as one integer that orders as hit_better: the score's bits made monotone (the two
+ * zeros made one: -0 comes back as +0), then the complement of the id (the lower id is the
+ * better). The heaps compare these: one integer comparison instead of two float and id ones. */
+static inline uint64_t hit_key(float s, int id) {
+    uint32_t u;
+    float z = s + 0.0f;
+    memcpy(&u, &z, 4);
+    u = u & 0x80000000u ? ~u : u | 0x80000000u;
+    return (uint64_t)u << 32 | (uint32_t)~(uint32_t)id;
+}
+static inline float key_score(uint64_t k) {
+    uint32_t u = (uint32_t)(k >> 32);
+    u = u & 0x80000000u ? u & 0x7fffffffu : ~u;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+static inline Hit key_hit(uint64_t k) { return (Hit){ key_score(k), (int)~(uint32_t)k }; }
+
+/* Min-heap of the best keys (hit_key): h[0] is the worst kept. */
+static void heap_sift(uint64_t *h, int n, int i, uint64_t x) { /* put x in the hole at i, moving it down */
     for (int c = 2 * i + 1; c < n; i = c, c = 2 * i + 1) {
-        c += c + 1 < n && hit_better(h[c], h[c + 1]); /* the worse child */
-        if (!hit_better(x, h[c])) break;
-        h[i] = h[c];
+        uint64_t a = h[c], b = c + 1 < n ? h[c + 1] : UINT64_MAX;
+        c += b < a; /* the worse child */
+        a = b < a ? b : a;
+        if (x < a) break;
+        h[i] = a;
     }
     h[i] = x;
 }
 
-static void heap_push(Hit *h, int *n, int cap, Hit x) {
+static void heap_push(uint64_t *h, int *n, int cap, uint64_t x) {
     if (*n < cap) {
         int i = (*n)++;
-        while (i > 0 && hit_better(h[(i - 1) / 2], x)) { h[i] = h[(i - 1) / 2]; i = (i - 1) / 2; }
+        for (; i > 0 && h[(i - 1) / 2] > x; i = (i - 1) / 2) h[i] = h[(i - 1) / 2];
         h[i] = x;
         return;
     }
-    if (hit_better(x, h[0])) heap_sift(h, cap, 0, x);
+    if (x > h[0]) heap_sift(h, cap, 0, x);
 }
 
-/* Turn a heap of n hits into a list best first: the worst goes to the end, n times. */
-static void heap_finish(Hit *h, int n) {
+/* A heap of n keys (consumed) as a list of hits, best first: the worst goes to the end, n times. */
+static void heap_finish(Hit *out, uint64_t *h, int n) {
     for (int m = n - 1; m > 0; m--) {
-        Hit x = h[m];
+        uint64_t x = h[m];
         h[m] = h[0];
         heap_sift(h, m, 0, x);
     }
+    for (int i = 0; i < n; i++) out[i] = key_hit(h[i]);
 }
 
 /* Sort best first (insertion sort: stable, lists are short). */
@@ -3036,18 +3058,24 @@ static void user_metrics(double *out /* recall, ndcg, ndcg_ref, hit */, const in
 
 /* Offer a block's scores St (nj, q), item-major, to the q heaps: an item is passed over at
  * once when none of its q scores reaches its query's threshold thr[i] (the worst score its
- * heap keeps, -inf until full); the rest are pushed in item order, as a plain scan would. */
-static void topk_block(Hit *heap, int *hn, int maxn, float *thr, const float *St, int nj, int q, int j0) {
+ * heap keeps, -inf until full); else it goes to the heaps of the queries it reaches (a bit
+ * mask of them, 32 at a time), in item order, as a plain scan would. */
+static void topk_block(uint64_t *heap, int *hn, int maxn, float *thr, const float *St, int nj, int q, int j0) {
     for (int j = 0; j < nj; j++) {
         const float *row = St + (size_t)j * q;
         int any = 0;
         for (int i = 0; i < q; i++) any |= row[i] >= thr[i];
         if (!any) continue;
-        for (int i = 0; i < q; i++)
-            if (row[i] >= thr[i]) {
-                heap_push(heap + (size_t)i * maxn, &hn[i], maxn, (Hit){ row[i], j0 + j });
-                if (hn[i] == maxn) thr[i] = heap[(size_t)i * maxn].s;
+        for (int i0 = 0; i0 < q; i0 += 32) {
+            int n = q - i0 < 32 ? q - i0 : 32;
+            uint32_t reach = 0;
+            for (int i = 0; i < n; i++) reach |= (uint32_t)(row[i0 + i] >= thr[i0 + i]) << i;
+            for (; reach; reach &= reach - 1) {
+                int i = i0 + __builtin_ctz(reach);
+                heap_push(heap + (size_t)i * maxn, &hn[i], maxn, hit_key(row[i], j0 + j));
+                if (hn[i] == maxn) thr[i] = key_score(heap[(size_t)i * maxn]);
             }
+        }
     }
 }
 
@@ -3083,7 +3111,8 @@ static void eval_groups(const EvalCtx *e, int g0, int g1) {
     int K = e->m->K, D = e->m->D, N = e->m->N, maxn = e->maxn, Q = EVAL_GROUP * K, ng = g1 - g0;
     float *St = xmalloc((size_t)Q * EVAL_BLOCK * sizeof(float)), *thr = xmalloc((size_t)ng * Q * sizeof(float));
     float *Qt = xmalloc((size_t)ng * Q * D * sizeof(float));
-    Hit *heap = xmalloc((size_t)ng * Q * maxn * sizeof(Hit));
+    uint64_t *heap = xmalloc((size_t)ng * Q * maxn * sizeof(uint64_t));
+    Hit *lists = xmalloc((size_t)Q * maxn * sizeof(Hit));
     int *R = xmalloc((size_t)maxn * sizeof(int)), *hn = xmalloc((size_t)ng * Q * sizeof(int));
     double *sec = e->sec + (size_t)g0 * 3, t0, t1;
     for (int g = g0; g < g1; g++) { /* group g's queries at (g - g0) Q: Qt (D, q), heaps, thresholds */
@@ -3106,22 +3135,22 @@ static void eval_groups(const EvalCtx *e, int g0, int g1) {
     t0 = now_sec();
     for (int g = g0; g < g1; g++) {
         int b0 = g * EVAL_GROUP, gb = group_users(e, g);
-        Hit *gh = heap + (size_t)(g - g0) * Q * maxn;
+        uint64_t *gh = heap + (size_t)(g - g0) * Q * maxn;
         int *gn = hn + (g - g0) * Q;
-        for (int i = 0; i < gb * K; i++) heap_finish(gh + (size_t)i * maxn, gn[i]);
+        for (int i = 0; i < gb * K; i++) heap_finish(lists + (size_t)i * maxn, gh + (size_t)i * maxn, gn[i]);
         for (int b = 0; b < gb; b++) {
             int u = e->u0 + b0 + b;
             const int *seq = e->s->items + e->s->off[u];
             int n = e->s->off[u + 1] - e->s->off[u], k = eval_split_point(n);
             for (int ci = 0; ci < e->n_cut; ci++) {
                 int cut = e->cuts[ci] < gn[b * K] ? e->cuts[ci] : gn[b * K];
-                int nr = merge_interests(R, gh + (size_t)b * K * maxn, K, maxn, cut, e->m->multi);
+                int nr = merge_interests(R, lists + (size_t)b * K * maxn, K, maxn, cut, e->m->multi);
                 user_metrics(e->res + ((size_t)u * e->n_cut + ci) * 4, R, nr, seq + k, n - k, e->m->enc == ENC_POP);
             }
         }
     }
     sec[2] += now_sec() - t0;
-    free(St); free(thr); free(Qt); free(heap); free(R); free(hn);
+    free(St); free(thr); free(Qt); free(heap); free(lists); free(R); free(hn);
 }
 
 #define EVAL_SHARE 8    /* groups that take turns on each block of items (their heaps stay in L2) */
@@ -3901,12 +3930,13 @@ int cmd_recommend(int argc, char **argv) {
     fill_history(a.hist, a.mask, h, n, m.L);
     user_vectors(&m, &a, 0, 1, eval_noise_key(c.mind_eval, c.seed, 1));
     Hit *lists = xmalloc((size_t)K * topn * sizeof(Hit));
+    uint64_t *hk = xmalloc((size_t)topn * sizeof(uint64_t));
     for (int k = 0; k < K; k++) { /* each interest's exact top-N, best first */
-        Hit *hk = lists + (size_t)k * topn;
         int hn = 0;
-        for (int j = 0; j < N; j++) heap_push(hk, &hn, topn, (Hit){ dotf(a.v + (size_t)k * D, m.p.item_emb + (size_t)j * D, D), j });
-        heap_finish(hk, hn);
+        for (int j = 0; j < N; j++) heap_push(hk, &hn, topn, hit_key(dotf(a.v + (size_t)k * D, m.p.item_emb + (size_t)j * D, D), j));
+        heap_finish(lists + (size_t)k * topn, hk, hn);
     }
+    free(hk);
     int *R = xmalloc(topn * sizeof(int)), nr = merge_interests(R, lists, K, topn, topn, m.multi);
     printf("%s model, history of %d item(s) (the last %d used)\n", ENC_NAMES[m.enc], n, n < m.L ? n : m.L);
     printf("rank\titem\traw\tscore\tinterest\n");
@@ -4710,15 +4740,24 @@ static int st_topk(uint64_t *rng) {
     int ok = 1;
     for (int trial = 0; trial < 200; trial++) {
         int n = 1 + (int)rng_below(rng, 300), cap = 1 + (int)rng_below(rng, 60), hn = 0;
-        Hit all[300], heap[60];
-        for (int i = 0; i < n; i++) all[i] = (Hit){ (float)(int)rng_below(rng, 20), i }; /* many ties */
-        for (int i = 0; i < n; i++) heap_push(heap, &hn, cap, all[i]);
-        heap_finish(heap, hn);
+        Hit all[300], top[60];
+        uint64_t heap[60];
+        for (int i = 0; i < n; i++) all[i] = (Hit){ (float)(int)rng_below(rng, 20) - 10.0f, i }; /* many ties, both signs */
+        for (int i = 0; i < n; i++) heap_push(heap, &hn, cap, hit_key(all[i].s, all[i].id));
+        heap_finish(top, heap, hn);
         hits_sort(all, n, 0);
         ok &= hn == (n < cap ? n : cap);
-        for (int i = 0; i < hn; i++) ok &= heap[i].id == all[i].id;
+        for (int i = 0; i < hn; i++) ok &= top[i].id == all[i].id && top[i].s == all[i].s;
     }
-    return st_report("heap top-k vs full sort (ties by id)", ok, "200 random lists");
+    /* the keys order as hit_better, and give their scores back, over signs, zeros, denormals, infinities */
+    float v[10] = { -INFINITY, -1e30f, -1.0f, -1e-40f, -0.0f, 0.0f, 1e-40f, 1.0f, 1e30f, INFINITY };
+    for (int a = 0; a < 30; a++)
+        for (int b = 0; b < 30; b++) {
+            Hit x = { v[a % 10], a / 10 * 7 }, y = { v[b % 10], b / 10 * 7 };
+            ok &= (hit_key(x.s, x.id) > hit_key(y.s, y.id)) == hit_better(x, y);
+            ok &= key_hit(hit_key(x.s, x.id)).s == x.s && key_hit(hit_key(x.s, x.id)).id == x.id;
+        }
+    return st_report("heap top-k vs full sort (ties by id)", ok, "200 random lists; key order");
 }
 
 /* REMI-SPEC g.2 step 3 as written: concatenate, stable-sort by score, keep unique non-zero ids. */
