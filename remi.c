@@ -1934,7 +1934,6 @@ static void embed_forward(float *x, const int *hist, const float *mask, const fl
         for (int d = 0; d < D; d++) x[(size_t)i * D + d] = mask[i] != 0.0f ? e[d] : 0.0f;
     }
 }
-/* dE[hist[b,l]] += dx[b,l] on real positions (padding_idx 0 receives nothing). */
 /* The gradient row of an item (ItemGrad), taken on its first write in a step. Serial callers only. */
 static float *item_grad(ItemGrad *ge, int item, int D) {
     if (!ge->row) return ge->g + (size_t)item * D;
@@ -1948,6 +1947,7 @@ static void item_grad_dense(float *out, const ItemGrad *ge, int N, int D) {
     for (int r = 0; r < ge->n; r++) memcpy(out + (size_t)ge->items[r] * D, ge->g + (size_t)r * D, D * sizeof(float));
 }
 
+/* dE[hist[b,l]] += dx[b,l] on real positions (padding_idx 0 receives nothing). */
 static void embed_backward(ItemGrad *dE, const float *dx, const int *hist, const float *mask, int bl, int D) {
     for (int i = 0; i < bl; i++)
         if (mask[i] != 0.0f) axpyf(item_grad(dE, hist[i], D), 1.0f, dx + (size_t)i * D, D);
@@ -2944,7 +2944,7 @@ void set_order(int *order, const int *keys, int n) {
 
 /* A scored item; lists are kept best first: higher score, then lower id. */
 typedef struct { float s; int id; } Hit;
-static int hit_better(Hit a, Hit b) { return (a.s > b.s) | ((a.s == b.s) & (a.id < b.id)); } /* no branches */
+static int hit_better(Hit a, Hit b) { return a.s > b.s || (a.s == b.s && a.id < b.id); }
 
 /* A hit as one integer that orders as hit_better: the score's bits made monotone (the two
  * zeros made one: -0 comes back as +0), then the complement of the id (the lower id is the
