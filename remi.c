@@ -4988,7 +4988,7 @@ static int st_adam(uint64_t *rng) {
     free_split(&s);
     char d[128];
     snprintf(d, sizeof d, "4 steps identical; lazy: %d rows moved, %d untouched rows kept", moved, kept);
-    return st_report("Adam: sparse item gradient = dense; lazy", same && lazy_ok && moved > 0 && kept > 0, d);
+    return st_report("Adam: item gradient by rows = dense; lazy", same && lazy_ok && moved > 0 && kept > 0, d);
 }
 
 /* A NaN planted in W1: the step reports a non-finite loss, skips Adam, and the check that
