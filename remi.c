@@ -2606,10 +2606,18 @@ static void pop_count(Model *m, const Acts *a, int nb) {
  * REMI-SPEC d.1-d.4. Scores: pos[b] = <r_b, E[t_b]>, logit[b,j] = <r_b, E[n_j]> over one
  * set of M uniform negatives shared by the batch (no accidental-hit removal, as the
  * reference; --remove-hits drops a row's hits from its negatives). */
+typedef struct { float *en, *ent; const float *E; const int *neg; int M, D; } GatherCtx;
+static void gather_task(void *ctx, int lo, int hi) { /* negatives [lo, hi): their rows of en and columns of ent */
+    const GatherCtx *c = ctx;
+    size_t D = c->D, M = c->M;
+    for (int j = lo; j < hi; j++) memcpy(c->en + j * D, c->E + (size_t)c->neg[j] * D, D * sizeof(float));
+    for (size_t d = 0; d < D; d++)
+        for (int j = lo; j < hi; j++) c->ent[d * M + j] = c->en[j * D + d];
+}
 static void logits_forward(float *pos, float *logit, float *en, float *ent, const float *r, const float *E,
                            const int *target, const int *neg, int nb, int M, int D) {
-    for (int j = 0; j < M; j++) memcpy(en + (size_t)j * D, E + (size_t)neg[j] * D, D * sizeof(float));
-    transpose(ent, en, M, D);
+    GatherCtx g = { en, ent, E, neg, M, D };
+    parallel_for(M, gather_task, &g); /* en (M, D) = E[neg], ent its transpose */
     for (int b = 0; b < nb; b++) pos[b] = dotf(r + (size_t)b * D, E + (size_t)target[b] * D, D);
     gemm_nn(logit, r, ent, nb, M, D, 0); /* (nb, D) x (D, M) */
 }
