@@ -1975,9 +1975,41 @@ static void linear_forward(float *y, const float *x, const float *W, float *wt, 
     transpose(wt, W, out, in);
     gemm_nn(y, x, wt, rows, out, in, 0);
 }
+/* A layer with few outputs (SA's K attention logits): the products of its backward pass
+ * have a 4-long sum (dx) or 4 output rows (dW), which the register tiles serve badly (a tile
+ * per 4 steps of work; 16 tiles, each walking a column strip of x). Here they stream the rows
+ * instead: dx[r] = sum_k dy[r,k] W[k] and dW[k] += sum_r dy[r,k] x[r], each sum in the order
+ * of the tiles' (k, resp. r ascending, from 0, then added to dW), so the same bits. */
+#define NARROW_OUT 8
+typedef struct { float *dx, *dW; const float *dy, *x, *W; int rows, in, out; } NarrowCtx;
+static void narrow_dx_task(void *ctx, int lo, int hi) { /* rows [lo, hi) of dx */
+    const NarrowCtx *c = ctx;
+    size_t in = c->in, out = c->out;
+    for (size_t r = lo; r < (size_t)hi; r++) {
+        float *d = c->dx + r * in;
+        for (size_t j = 0; j < in; j++) d[j] = 0.0f;
+        for (size_t k = 0; k < out; k++) axpyf(d, c->dy[r * out + k], c->W + k * in, (int)in);
+    }
+}
+static void narrow_dw_task(void *ctx, int lo, int hi) { /* columns [16 lo, 16 hi) of dW */
+    const NarrowCtx *c = ctx;
+    size_t in = c->in, out = c->out, j0 = (size_t)lo * 16, j1 = (size_t)hi * 16 < in ? (size_t)hi * 16 : in, w = j1 - j0;
+    float *t = thread_scratch(SCRATCH_LAYER, out * w); /* (out, w) the sums over rows */
+    for (size_t i = 0; i < out * w; i++) t[i] = 0.0f;
+    for (size_t r = 0; r < (size_t)c->rows; r++)
+        for (size_t k = 0; k < out; k++) axpyf(t + k * w, c->dy[r * out + k], c->x + r * in + j0, (int)w);
+    for (size_t k = 0; k < out; k++) axpyf(c->dW + k * in + j0, 1.0f, t + k * w, (int)w);
+}
+
 /* dx = dy W (written, not added: every caller's dx is fresh);  dW += dy^T x */
 static void linear_backward(float *dx, float *dW, const float *dy, const float *x, const float *W,
                             int rows, int in, int out) {
+    if (out <= NARROW_OUT) {
+        NarrowCtx c = { dx, dW, dy, x, W, rows, in, out };
+        if (dx) parallel_for(rows, narrow_dx_task, &c);
+        parallel_for((in + 15) / 16, narrow_dw_task, &c);
+        return;
+    }
     if (dx) gemm_nn(dx, dy, W, rows, in, out, 0);
     gemm_tn(dW, dy, x, out, in, rows, 1);
 }
@@ -4728,6 +4760,27 @@ static int st_gemm(uint64_t *rng) {
     return st_report("gemm (nn, tn, +=) vs scalar twin, 12 shapes", ok, "bit-identical, tol 1e-6 + 1e-6|ref|");
 }
 
+/* The narrow layer's backward (NARROW_OUT) against the products' twin, bit for bit. */
+static int st_narrow(uint64_t *rng) {
+    int shapes[][3] = { { 1, 1, 1 }, { 17, 15, 3 }, { 100, 33, 4 }, { 64, 256, 8 }, { 5, 40, 1 }, { 2560, 256, 4 } };
+    int ok = 1;
+    for (size_t s = 0; s < sizeof shapes / sizeof *shapes; s++) {
+        int rows = shapes[s][0], in = shapes[s][1], out = shapes[s][2];
+        float *dy = xmalloc((size_t)rows * out * 4), *x = xmalloc((size_t)rows * in * 4), *W = xmalloc((size_t)out * in * 4);
+        float *dx = xmalloc((size_t)rows * in * 4), *dW = xmalloc((size_t)out * in * 4);
+        float *rx = xmalloc((size_t)rows * in * 4), *rW = xmalloc((size_t)out * in * 4);
+        gc_fill(dy, (size_t)rows * out, 1, rng); gc_fill(x, (size_t)rows * in, 1, rng); gc_fill(W, (size_t)out * in, 1, rng);
+        gc_fill(dW, (size_t)out * in, 1, rng);
+        memcpy(rW, dW, (size_t)out * in * 4);
+        linear_backward(dx, dW, dy, x, W, rows, in, out);
+        gemm_ref(rx, dy, W, rows, in, out, 0, 0);
+        gemm_ref(rW, dy, x, out, in, rows, 1, 1);
+        ok &= !memcmp(dx, rx, (size_t)rows * in * 4) && !memcmp(dW, rW, (size_t)out * in * 4);
+        free(dy); free(x); free(W); free(dx); free(dW); free(rx); free(rW);
+    }
+    return st_report("narrow layer backward vs product twin", ok, "6 shapes, bit-identical");
+}
+
 static int st_math(void) {
     double we = 0, wt = 0;
     for (double x = -87.0; x <= 88.0; x += 0.000731) {
@@ -5052,6 +5105,7 @@ int cmd_selftest(int argc, char **argv) {
     ok &= st_adam(&rng);
     ok &= st_nonfinite(&rng);
     ok &= st_merge_random(&rng);
+    ok &= st_narrow(&rng);
     printf("selftest: %s\n", ok ? "all passed" : "FAILED");
     return ok ? 0 : 1;
 }
