@@ -276,7 +276,7 @@ static void pool_start(int n) {
             die("cannot start thread %d of %d; lower -t", t + 1, n);
 }
 
-static void parallel_for(int total, task_fn fn, void *ctx) {
+static void parallel_run(int total, task_fn fn, void *ctx) {
     if (pool.n == 1 || total < 2) { if (total > 0) fn(ctx, 0, total); return; }
     pool.fn = fn; pool.ctx = ctx; pool.total = total;
     atomic_store(&pool.busy, pool.n - 1);
@@ -291,6 +291,24 @@ static void parallel_for(int total, task_fn fn, void *ctx) {
     pthread_mutex_lock(&pool.mu);
     while (atomic_load(&pool.busy) > 0) pthread_cond_wait(&pool.done, &pool.mu);
     pthread_mutex_unlock(&pool.mu);
+}
+
+/* Seconds spent in parallel regions, by task function, while `on` (remi bench --regions). */
+#define MAX_REGIONS 48
+static struct { int on, n; const char *name[MAX_REGIONS]; double sec[MAX_REGIONS]; } region_time;
+
+/* fn over [0, total), split among the pool's threads in fixed ranges; the caller runs the
+ * first. Named after the task function, for region timing. */
+#define parallel_for(total, fn, ctx) parallel_for_named(total, fn, ctx, #fn)
+static void parallel_for_named(int total, task_fn fn, void *ctx, const char *name) {
+    if (!region_time.on) { parallel_run(total, fn, ctx); return; }
+    double t0 = now_sec();
+    parallel_run(total, fn, ctx);
+    int i = 0;
+    while (i < region_time.n && strcmp(region_time.name[i], name)) i++;
+    if (i == MAX_REGIONS) return;
+    if (i == region_time.n) { region_time.name[i] = name; region_time.sec[i] = 0; region_time.n++; }
+    region_time.sec[i] += now_sec() - t0;
 }
 
 /* ======================================================================== data
@@ -5441,8 +5459,26 @@ static void synthetic_dataset(Dataset *ds, int N, int U, int U_eval, uint64_t se
 
 /* Median step time (ms) over `steps` steps; the mean phase times (ms) of those steps, the
  * mean real history length and the item rows one batch touches. */
+/* One line of the parallel regions' mean milliseconds per step, longest first, and the time
+ * outside them (serial code), from region_time over `steps` steps of `total` seconds. */
+static void region_report(char *out, size_t cap, int steps, double total) {
+    int order[MAX_REGIONS], n = region_time.n;
+    double inside = 0;
+    for (int i = 0; i < n; i++) { order[i] = i; inside += region_time.sec[i]; }
+    for (int i = 1; i < n; i++) /* insertion sort by time, longest first */
+        for (int j = i; j > 0 && region_time.sec[order[j]] > region_time.sec[order[j - 1]]; j--) {
+            int x = order[j]; order[j] = order[j - 1]; order[j - 1] = x;
+        }
+    size_t len = snprintf(out, cap, "mean %.2f ms:", total / steps * 1e3);
+    for (int i = 0; i < n && len < cap; i++)
+        len += snprintf(out + len, cap - len, " %s %.2f,", region_time.name[order[i]], region_time.sec[order[i]] / steps * 1e3);
+    if (len < cap) snprintf(out + len, cap - len, " outside regions %.2f", (total - inside) / steps * 1e3);
+}
+
+/* Median milliseconds of `steps` training steps; phase: mean ms per step of batch, forward,
+ * backward and Adam; regions (when not NULL): region_report's line. */
 static double bench_steps(Model *m, Acts *a, const Split *train, const Config *c, int steps, double *phase,
-                          double *real, int *touched_rows) {
+                          double *real, int *touched_rows, char *regions, size_t cap) {
     int *perm = xmalloc(train->n_users * sizeof(int));
     for (int u = 0; u < train->n_users; u++) perm[u] = u;
     uint64_t rng = c->seed;
@@ -5450,12 +5486,18 @@ static double bench_steps(Model *m, Acts *a, const Split *train, const Config *c
     double *t = xmalloc(steps * sizeof(double)), p0[4] = { step_time.batch, step_time.forward, step_time.backward,
                                                           step_time.adam };
     *real = 0;
+    region_time.n = 0;
+    region_time.on = regions != NULL;
+    double total = 0;
     for (int i = 0; i < steps; i++) {
         double t0 = now_sec();
         train_step(m, a, train, c, &rng, perm);
         t[i] = now_sec() - t0;
+        total += t[i];
         for (int j = 0; j < c->B * c->L; j++) *real += a->mask[j];
     }
+    region_time.on = 0;
+    if (regions) region_report(regions, cap, steps, total);
     *real /= (double)steps * c->B;
     unsigned char *touched = xcalloc((size_t)m->N, 1); /* the last batch's touched rows, for Adam's bytes */
     mark_rows(touched, a, c->B, m->L, c->M, 1);
@@ -5490,7 +5532,7 @@ static double bench_eval(const Model *m, Acts *a, const Split *valid, const Conf
 
 /* The benchmark of one dataset, on 1 thread and on all of them. */
 static void bench_dataset(const char *label, const Dataset *ds, Config c, int steps, const double *peak,
-                          const double *bw, int threads) {
+                          const double *bw, int threads, int regions) {
     resolve_negatives(&c, ds->N);
     int peak_known = rss_peak_reset();
     Model m;
@@ -5502,9 +5544,10 @@ static void bench_dataset(const char *label, const Dataset *ds, Config c, int st
     double step[2], phase[2][4], real = 0, ev[2], evp[2][4];
     int rows = 0;
     int nt[2] = { 1, threads };
+    char reg[2][2048];
     for (int i = 1; i >= 0; i--) { /* -t first: after a long single-thread phase the workers wake slowly */
         pool.n = nt[i];
-        step[i] = bench_steps(&m, &a, &ds->train, &c, steps, phase[i], &real, &rows);
+        step[i] = bench_steps(&m, &a, &ds->train, &c, steps, phase[i], &real, &rows, regions ? reg[i] : NULL, sizeof reg[i]);
         ev[i] = bench_eval(&m, &a, &ds->valid, &c, evp[i]);
     }
     pool.n = threads;
@@ -5523,6 +5566,7 @@ static void bench_dataset(const char *label, const Dataset *ds, Config c, int st
         if (flops > 0)
             printf("    floor %.2f ms (%.2f GFLOP at %.0f GFLOP/s + %.0f MB of Adam at %.1f GB/s): step / floor = %.2f\n",
                    fl + fa, flops / 1e9, peak[i], adam_bytes / 1e6, bw[i], step[i] / (fl + fa));
+        if (regions) printf("    parallel regions, ms per step (%s)\n", reg[i]);
     }
     printf("evaluation: %.3f s on 1 thread, %.3f s on %d: scaling %.2fx; scoring %.1f GFLOP/s = %.0f%% of the %.0f GFLOP/s peak\n",
            ev[0], ev[1], threads, ev[0] / ev[1], eflops / ev[1] / 1e9, 100.0 * eflops / ev[1] / 1e9 / peak[1], peak[1]);
@@ -5544,9 +5588,10 @@ static void bench_dataset(const char *label, const Dataset *ds, Config c, int st
 
 int cmd_bench(int argc, char **argv) {
     Config c = default_config();
-    int steps = 50, book = 367983;
+    int steps = 50, book = 367983, regions = 0;
     Flag flags[] = { MODEL_FLAGS(c), STEP_FLAGS(c), { "--steps", F_INT, &steps, "timed training steps" },
-                     { "--synthetic-items", F_INT, &book, "items of the synthetic dataset (0 = skip it)" } };
+                     { "--synthetic-items", F_INT, &book, "items of the synthetic dataset (0 = skip it)" },
+                     { "--regions", F_BOOL, &regions, "also time each parallel region of the step (by task function)" } };
     parse_flags(argc, argv, "bench",
                 "Time training steps and evaluation passes on DATA/NAME and on a synthetic dataset of Amazon\n"
                 "Book's size, on 1 thread and on -t threads, against the FMA peak and the memory bandwidth\n"
@@ -5573,11 +5618,11 @@ int cmd_bench(int argc, char **argv) {
     load_dataset(&ds, c.data, c.name);
     char label[4200];
     snprintf(label, sizeof label, "%s/%s", c.data, c.name);
-    bench_dataset(label, &ds, c, steps, peak, bw, c.threads);
+    bench_dataset(label, &ds, c, steps, peak, bw, c.threads, regions);
     if (book > 1) {
         Dataset syn;
         synthetic_dataset(&syn, book + 1, 20000, 2000, 99);
-        bench_dataset("synthetic, Amazon Book size", &syn, c, steps, peak, bw, c.threads);
+        bench_dataset("synthetic, Amazon Book size", &syn, c, steps, peak, bw, c.threads, regions);
     }
     return 0;
 }

@@ -523,6 +523,23 @@ if [ "${REMI_TEST_ASAN:-1}" != 0 ] && command -v "${CC:-cc}" >/dev/null && make 
     else fail "fuzz under the sanitizers" "$(grep -v '^fuzz: [0-9]' "$TMP/fuzz-asan.log" | head -n 3)"; fi
 else echo "skip  fuzz under the sanitizers (no compiler, or REMI_TEST_ASAN=0)"; fi
 
+# ---------------------------------------------------------------- bench --regions
+# each step's parallel regions, named by task function, and the time outside them add up to
+# the mean step (to the rounding of the printed values); the SA step's regions are all named
+"$REMI" bench --data expected/tiny --name tiny --synthetic-items 0 --steps 5 --regions --batch 32 --neg 256 -t 2 \
+    >"$TMP/bench.log" 2>&1
+if [ "$(grep -c 'parallel regions, ms per step (mean' "$TMP/bench.log")" = 2 ] &&
+   grep 'parallel regions, ms per step' "$TMP/bench.log" | awk '
+       { line = $0; sub(/.*\(mean /, "", line); sub(/\)$/, "", line)
+         mean = line + 0; sub(/^[0-9.]+ ms: /, "", line)
+         n = split(line, parts, ", "); sum = 0; names = ""
+         for (i = 1; i <= n; i++) { k = split(parts[i], w, " "); v = w[k] + 0; if (v < -0.011) bad = 1; sum += v; names = names " " w[1] }
+         if (sum - mean > 0.006 * (n + 1) || mean - sum > 0.006 * (n + 1)) bad = 1
+         if (names !~ / gemm_task/ || names !~ / adam_task/ || names !~ / sa_tanh_task/ || names !~ / ssm_forward_task/ || names !~ / outside/) bad = 1 }
+       END { exit bad }'; then
+    pass "bench --regions: $(grep -m1 'parallel regions' "$TMP/bench.log" | cut -c1-90)..."
+else fail "bench --regions" "$(grep 'parallel regions' "$TMP/bench.log" | head -c 300)"; fi
+
 for cmd in train eval prep gradcheck selftest bench fuzz recommend export inspect report; do
     "$REMI" $cmd --help >"$TMP/help.log" 2>&1 && grep -q "usage: remi $cmd" "$TMP/help.log" || fail "$cmd --help" "no usage"
 done
