@@ -2465,6 +2465,18 @@ static void gru_layout(const Model *m, Acts *a, int nb) {
     a->gsteps = T;
 }
 
+/* One row's gates r, z, n and new state h from gi (x W_ih^T) and gh (h_prev W_hh^T); hp is
+ * h_prev, NULL at the first step (a zero state). Separate arrays (restrict): vectorised. */
+static inline void gru_gates(float *restrict gate, float *restrict ghn, float *restrict h, const float *restrict gi,
+                             const float *restrict gh, const float *restrict hp, int G) {
+    for (int j = 0; j < G; j++) {
+        float r = sigmoid_v(gi[j] + gh[j]), z = sigmoid_v(gi[G + j] + gh[G + j]);
+        float n = tanh_v(gi[2 * G + j] + r * gh[2 * G + j]), prev = hp ? hp[j] : 0.0f;
+        gate[j] = r; gate[G + j] = z; gate[2 * G + j] = n; ghn[j] = gh[2 * G + j];
+        h[j] = (1.0f - z) * n + z * prev;
+    }
+}
+
 /* Gates of step t for its rows [lo, hi), given gi (x W_ih^T) and gh (h W_hh^T). */
 typedef struct { const Model *m; Acts *a; int t; } GruCtx;
 static void gru_gate_task(void *ctx, int lo, int hi) {
@@ -2476,12 +2488,7 @@ static void gru_gate_task(void *ctx, int lo, int hi) {
         const float *gi = a->ggi + row * 3 * G, *gh = a->ggh + (size_t)i * 3 * G;
         const float *hp = t > 0 ? a->gh + ((size_t)a->goff[t - 1] + i) * G : NULL;
         float *gate = a->ggate + row * 3 * G, *ghn = a->gghn + row * G, *h = a->gh + row * G;
-        for (int j = 0; j < G; j++) {
-            float r = sigmoid_v(gi[j] + gh[j]), z = sigmoid_v(gi[G + j] + gh[G + j]);
-            float n = tanh_v(gi[2 * G + j] + r * gh[2 * G + j]), prev = hp ? hp[j] : 0.0f;
-            gate[j] = r; gate[G + j] = z; gate[2 * G + j] = n; ghn[j] = gh[2 * G + j];
-            h[j] = (1.0f - z) * n + z * prev;
-        }
+        gru_gates(gate, ghn, h, gi, gh, hp, G);
     }
 }
 
@@ -2515,6 +2522,22 @@ static void gru_forward(const Model *m, Acts *a, int nb, int drop) {
     for (int b = 0; b < nb; b++) axpyf(a->v + (size_t)b * D, 1.0f, m->p.dense_b, D);
 }
 
+/* gru_gates' backward for one row: from dh (d/dh_t) to the gate-input gradients dgi (x side)
+ * and dgh (h side); dh becomes the direct part of d/dh_{t-1}. noipa: inlined or specialised
+ * for its one caller, gcc 12 no longer vectorises the loop. */
+static __attribute__((noipa)) void gru_gates_backward(float *restrict dgi, float *restrict dgh, float *restrict dh,
+                                      const float *restrict gate, const float *restrict ghn,
+                                      const float *restrict hp, int G) {
+    for (int j = 0; j < G; j++) {
+        float r = gate[j], z = gate[G + j], n = gate[2 * G + j], prev = hp ? hp[j] : 0.0f;
+        float dhj = dh[j], dn = dhj * (1.0f - z), dz = dhj * (prev - n);
+        float dan = dn * (1.0f - n * n), dar = dan * ghn[j] * r * (1.0f - r), daz = dz * z * (1.0f - z);
+        dgi[j] = dar; dgi[G + j] = daz; dgi[2 * G + j] = dan;
+        dgh[j] = dar; dgh[G + j] = daz; dgh[2 * G + j] = dan * r;
+        dh[j] = dhj * z;
+    }
+}
+
 /* Step t backward for rows [lo, hi): from gdh (d/dh_t) to the gate-input gradients, in
  * ggi (x side) and ggh (h side), and gdh = the direct part of d/dh_{t-1}. */
 static void gru_gate_back_task(void *ctx, int lo, int hi) {
@@ -2526,14 +2549,7 @@ static void gru_gate_back_task(void *ctx, int lo, int hi) {
         const float *gate = a->ggate + row * 3 * G, *ghn = a->gghn + row * G;
         const float *hp = t > 0 ? a->gh + ((size_t)a->goff[t - 1] + i) * G : NULL;
         float *dgi = a->ggi + row * 3 * G, *dgh = a->ggh + (size_t)i * 3 * G, *dh = a->gdh + (size_t)i * G;
-        for (int j = 0; j < G; j++) {
-            float r = gate[j], z = gate[G + j], n = gate[2 * G + j], prev = hp ? hp[j] : 0.0f;
-            float dn = dh[j] * (1.0f - z), dz = dh[j] * (prev - n);
-            float dan = dn * (1.0f - n * n), dar = dan * ghn[j] * r * (1.0f - r), daz = dz * z * (1.0f - z);
-            dgi[j] = dar; dgi[G + j] = daz; dgi[2 * G + j] = dan;
-            dgh[j] = dar; dgh[G + j] = daz; dgh[2 * G + j] = dan * r;
-            dh[j] = dh[j] * z;
-        }
+        gru_gates_backward(dgi, dgh, dh, gate, ghn, hp, G);
     }
 }
 
