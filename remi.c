@@ -5473,8 +5473,6 @@ static void synthetic_dataset(Dataset *ds, int N, int U, int U_eval, uint64_t se
     ds->N = N;
 }
 
-/* Median step time (ms) over `steps` steps; the mean phase times (ms) of those steps, the
- * mean real history length and the item rows one batch touches. */
 /* One line of the parallel regions' mean milliseconds per step, longest first, and the time
  * outside them (serial code), from region_time over `steps` steps of `total` seconds. */
 static void region_report(char *out, size_t cap, int steps, double total) {
@@ -5491,8 +5489,9 @@ static void region_report(char *out, size_t cap, int steps, double total) {
     if (len < cap) snprintf(out + len, cap - len, " outside regions %.2f", (total - inside) / steps * 1e3);
 }
 
-/* Median milliseconds of `steps` training steps; phase: mean ms per step of batch, forward,
- * backward and Adam; regions (when not NULL): region_report's line. */
+/* Median milliseconds of `steps` training steps; phase: the mean ms per step of batch,
+ * forward, backward and Adam; real: the mean real history length; touched_rows: the item
+ * rows one batch touches; regions (when not NULL): region_report's line. */
 static double bench_steps(Model *m, Acts *a, const Split *train, const Config *c, int steps, double *phase,
                           double *real, int *touched_rows, char *regions, size_t cap) {
     int *perm = xmalloc(train->n_users * sizeof(int));
