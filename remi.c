@@ -2675,13 +2675,19 @@ static void encoder_draws(const Model *m, Acts *a, const Config *c, int nb, uint
 
 /* MIND draws its routing logits at evaluation too (REMI-SPEC c.3): user u of a pass gets
  * substream u of `key`, so the draws depend on neither -t nor --eval-batch. */
+typedef struct { const Model *m; Acts *a; int u0; uint64_t key; } EvalDrawCtx;
+static void eval_draws_task(void *ctx, int lo, int hi) { /* rows [lo, hi), each from its user's substream */
+    const EvalDrawCtx *c = ctx;
+    size_t KL = (size_t)c->m->K * c->m->L;
+    for (int b = lo; b < hi; b++) {
+        uint64_t s = rng_stream(c->key, (uint64_t)(c->u0 + b));
+        for (size_t i = 0; i < KL; i++) c->a->noise[b * KL + i] = (float)rng_normal(&s);
+    }
+}
 static void encoder_eval_draws(const Model *m, Acts *a, int u0, int nb, uint64_t key) {
     if (m->enc != ENC_MIND) return;
-    size_t KL = (size_t)m->K * m->L;
-    for (int b = 0; b < nb; b++) {
-        uint64_t s = rng_stream(key, (uint64_t)(u0 + b));
-        for (size_t i = 0; i < KL; i++) a->noise[b * KL + i] = (float)rng_normal(&s);
-    }
+    EvalDrawCtx c = { m, a, u0, key };
+    parallel_for(nb, eval_draws_task, &c);
 }
 /* The user vectors (evaluation mode) of rows already in a->hist/mask: nb of them, rows
  * u0.. of their split. */
