@@ -3068,13 +3068,14 @@ typedef struct { float s; int id; } Hit;
 static int hit_better(Hit a, Hit b) { return a.s > b.s || (a.s == b.s && a.id < b.id); }
 
 /* A hit as one integer that orders as hit_better: the score's bits made monotone (the two
- * zeros made one: -0 comes back as +0), then the complement of the id (the lower id is the
- * better). The heaps compare these: one integer comparison instead of two float and id ones. */
+ * zeros made one: -0 comes back as +0; a NaN below everything), then the complement of the id
+ * (the lower id is the better). The heaps compare these: one integer comparison instead of
+ * two float and id ones. */
 static inline uint64_t hit_key(float s, int id) {
     uint32_t u;
     float z = s + 0.0f;
     memcpy(&u, &z, 4);
-    u = u & 0x80000000u ? ~u : u | 0x80000000u;
+    u = s != s ? 0 : u & 0x80000000u ? ~u : u | 0x80000000u;
     return (uint64_t)u << 32 | (uint32_t)~(uint32_t)id;
 }
 static inline float key_score(uint64_t k) {
@@ -4904,6 +4905,7 @@ static int st_topk(uint64_t *rng) {
         ok &= hn == (n < cap ? n : cap);
         for (int i = 0; i < hn; i++) ok &= top[i].id == all[i].id && top[i].s == all[i].s;
     }
+    ok &= hit_key(NAN, 0) < hit_key(-INFINITY, 1 << 30); /* a NaN below everything */
     /* the keys order as hit_better, and give their scores back, over signs, zeros, denormals, infinities */
     float v[10] = { -INFINITY, -1e30f, -1.0f, -1e-40f, -0.0f, 0.0f, 1e-40f, 1.0f, 1e30f, INFINITY };
     for (int a = 0; a < 30; a++)
