@@ -2629,13 +2629,13 @@ static uint64_t rng_stream(uint64_t key, uint64_t i) {
 /* The encoder's randomness for a training batch, drawn in order from the step's stream:
  * MIND's initial routing logits N(0, 1) (REMI-SPEC c.3), GRU4Rec's dropout multipliers
  * (0 with probability p, else 1 / (1 - p), as torch's dropout) on the real positions. */
-typedef struct { const Model *m; Acts *a; uint64_t s; float dropout; int nb; } DrawCtx;
+typedef struct { const Model *m; Acts *a; uint64_t s; float dropout; } DrawCtx;
 static void mind_noise_task(void *ctx, int lo, int hi) { /* samples [lo, hi): normal i from draws 2i, 2i + 1 */
     const DrawCtx *c = ctx;
     size_t KL = (size_t)c->m->K * c->m->L;
     for (size_t i = lo * KL; i < hi * KL; i++) c->a->noise[i] = (float)normal_of(rng_at(c->s, 2 * i), rng_at(c->s, 2 * i + 1));
 }
-static void gru_drop_task(void *ctx, int lo, int hi) { /* samples [lo, hi): one draw per real position and d */
+static void gru_drop_task(void *ctx, int lo, int hi) { /* samples [lo, hi): one draw per real position and d, if p > 0 */
     const DrawCtx *c = ctx;
     int L = c->m->L, D = c->m->D;
     float keep = 1.0f / (1.0f - c->dropout);
@@ -2644,7 +2644,7 @@ static void gru_drop_task(void *ctx, int lo, int hi) { /* samples [lo, hi): one 
     for (int b = lo; b < hi; b++) /* histories are left-aligned: the real positions come first */
         for (int l = 0, n = history_len(c->a->mask + (size_t)b * L, L); l < n; l++, k += D) {
             float *dm = c->a->drop + ((size_t)b * L + l) * D;
-            for (int d = 0; d < D; d++) dm[d] = rng_unit(rng_at(c->s, k + d)) < c->dropout ? 0.0f : keep;
+            for (int d = 0; d < D; d++) dm[d] = c->dropout > 0.0f && rng_unit(rng_at(c->s, k + d)) < c->dropout ? 0.0f : keep;
         }
 }
 
@@ -2653,23 +2653,15 @@ static void gru_drop_task(void *ctx, int lo, int hi) { /* samples [lo, hi): one 
  * loop over samples, positions and dimensions; made in parallel from the counter state. */
 static void encoder_draws(const Model *m, Acts *a, const Config *c, int nb, uint64_t *rng) {
     int L = m->L, D = m->D;
-    DrawCtx ctx = { m, a, *rng, c->dropout, nb };
+    DrawCtx ctx = { m, a, *rng, c->dropout };
     if (m->enc == ENC_MIND) {
         parallel_for(nb, mind_noise_task, &ctx);
         rng_skip(rng, 2 * (uint64_t)nb * m->K * L);
     }
     if (m->enc == ENC_GRU4REC) {
-        float keep = 1.0f / (1.0f - c->dropout);
-        if (c->dropout > 0.0f) {
-            parallel_for(nb, gru_drop_task, &ctx);
-            uint64_t n = 0;
-            for (int b = 0; b < nb; b++) n += (uint64_t)history_len(a->mask + (size_t)b * L, L) * D;
-            rng_skip(rng, n);
-        } else
-            for (int b = 0; b < nb; b++) {
-                int n = history_len(a->mask + (size_t)b * L, L) * D;
-                for (int i = 0; i < n; i++) a->drop[(size_t)b * L * D + i] = keep;
-            }
+        parallel_for(nb, gru_drop_task, &ctx);
+        if (c->dropout > 0.0f)
+            for (int b = 0; b < nb; b++) rng_skip(rng, (uint64_t)history_len(a->mask + (size_t)b * L, L) * D);
     }
 }
 
@@ -2943,7 +2935,8 @@ static void adam_task(void *ctx, int lo, int hi) {
         else if (!c->lazy) adam_range(c, i, end, NULL);
         i = end;
     }
-    if (i1 > table) adam_range(c, i0 > table ? i0 : table, i1, m->gmem + (i0 > table ? i0 : table));
+    size_t f = i0 > table ? i0 : table; /* the other tensors, flat */
+    if (i1 > f) adam_range(c, f, i1, m->gmem + f);
 }
 
 static void adam_step(Model *m, float lr, int lazy) {
