@@ -2764,6 +2764,7 @@ _Static_assert(sizeof(SsmStats) == 6 * sizeof(double), "acts_init allocates ssm_
  * (GCC does not vectorise the loop over an array of eight lanes). */
 typedef float f8 __attribute__((vector_size(32), aligned(4), may_alias));
 typedef int32_t i8 __attribute__((vector_size(32)));
+typedef double d8 __attribute__((vector_size(64)));
 static float fmax_kept(const float *x, const float *keep, int M, float a, float shift, float init) {
     f8 lane = (f8){ 0 } + init;
     int j = 0;
@@ -2806,8 +2807,15 @@ static SsmStats ssm_stats(float *tmp, float pos, const float *logit, const float
         }
     }
     /* 8 partial sums (lane j % 8) reduced in a fixed order: the same on every machine */
-    double S8[8] = { 0 }, T8[8] = { 0 }, S = 0, T = 0;
-    for (int j = 0; j < M; j++) { S8[j % 8] += imp[j]; T8[j % 8] += (double)(imp[j] * ex[j]); }
+    d8 S8 = { 0 }, T8 = { 0 };
+    double S = 0, T = 0;
+    int j = 0;
+    for (; j + 8 <= M; j += 8) {
+        f8 w = *(const f8 *)(imp + j), e = *(const f8 *)(ex + j);
+        S8 += __builtin_convertvector(w, d8);
+        T8 += __builtin_convertvector(w * e, d8);
+    }
+    for (; j < M; j++) { S8[j % 8] += imp[j]; T8[j % 8] += (double)(imp[j] * ex[j]); }
     for (int l = 0; l < 8; l++) { S += S8[l]; T += T8[l]; }
     SsmStats st = { pos - mx, S, T, 0, 0, Mb };
     st.P = with_pos ? exp(st.x0) : 0.0;
