@@ -2101,12 +2101,20 @@ static void interest_forward(float *v, const float *att, const float *x, int nb,
                 axpyf(vk, att[((size_t)b * K + k) * L + l], x + ((size_t)b * L + l) * D, D);
         }
 }
-/* datt[b,k,l] += <dv[b,k], x[b,l]>;  dx[b,l] += sum_k att[b,k,l] dv[b,k] */
+/* datt[b,k,l] += <dv[b,k], x[b,l]>;  dx[b,l] += sum_k att[b,k,l] dv[b,k]
+ * The K x L dot products of a sample are one product, t (L, K) = x[b] dv[b]^T, by the
+ * matrix kernel: each summed over d ascending, as dotf would. */
 static void interest_backward(float *datt, float *dx, const float *dv, const float *att, const float *x,
                               int nb, int K, int L, int D) {
+    float *dvt = thread_scratch(SCRATCH_LAYER, (size_t)D * K + (size_t)L * K), *t = dvt + (size_t)D * K;
     for (int b = 0; b < nb; b++) {
+        transpose(dvt, dv + (size_t)b * K * D, K, D);
+        gemm_run((Gemm){ t, K, x + (size_t)b * L * D, D, 1, dvt, K, L, K, D, 0 }, 0);
         for (int k = 0; k < K; k++)
-            dots(datt + ((size_t)b * K + k) * L, x + (size_t)b * L * D, D, dv + ((size_t)b * K + k) * D, L, D, 1);
+            for (int l = 0; l < L; l++) {
+                float *y = datt + ((size_t)b * K + k) * L + l;
+                *y = *y + t[l * K + k];
+            }
         for (int l = 0; l < L; l++)
             for (int k = 0; k < K; k++)
                 axpyf(dx + ((size_t)b * L + l) * D, att[((size_t)b * K + k) * L + l], dv + ((size_t)b * K + k) * D, D);
