@@ -2185,9 +2185,11 @@ static void sa_attend_back_task(void *ctx, int lo, int hi) {
     const Model *m = c->m;
     Acts *a = c->a;
     int L = m->L, D = m->D, K = m->K;
-    size_t kl = (size_t)lo * K * L, ld = (size_t)lo * L * D;
+    size_t kl = (size_t)lo * K * L, ld = (size_t)lo * L * D, n = (size_t)(hi - lo) * L;
+    memset(a->dx + ld, 0, n * D * sizeof(float));
+    memset(a->dz + kl, 0, n * K * sizeof(float));
     interest_backward(a->datt + kl, a->dx + ld, a->dv + (size_t)lo * K * D, a->att + kl, a->x + ld, hi - lo, K, L, D);
-    masked_softmax_backward(a->dz + (size_t)lo * L * K, a->datt + kl, a->att + kl, hi - lo, K, L);
+    masked_softmax_backward(a->dz + kl, a->datt + kl, a->att + kl, hi - lo, K, L);
 }
 static void sa_tanh_back_task(void *ctx, int lo, int hi) {
     const EncCtx *c = ctx;
@@ -2202,10 +2204,7 @@ static void sa_pos_back_task(void *ctx, int lo, int hi) { /* flat positions [lo,
 /* From dv and datt (which may already hold the RR gradient) to the parameter gradients. */
 static void sa_backward(Model *m, Acts *a, int nb) {
     int L = m->L, D = m->D, H = m->H, K = m->K;
-    size_t bl = (size_t)nb * L;
     EncCtx c = { m, a, nb, 0 };
-    memset(a->dx, 0, bl * D * sizeof(float));
-    memset(a->dz, 0, bl * K * sizeof(float));
     parallel_for(nb, sa_attend_back_task, &c);                                   /* datt -> dz, dx */
     linear_backward(a->dh, m->g.w2, a->dz, a->h, m->p.w2, nb * L, H, K);
     parallel_for(nb, sa_tanh_back_task, &c);
