@@ -2961,8 +2961,12 @@ static void adam_task(void *ctx, int lo, int hi) {
     size_t i0 = (size_t)lo * ADAM_CHUNK, i1 = (size_t)hi * ADAM_CHUNK, D = m->D, table = m->size[0];
     if (i1 > m->n_params) i1 = m->n_params;
     if (!grow) table = 0; /* a dense item gradient (tests): one flat pass */
-    for (size_t i = i0; i < i1 && i < table;) { /* item table, row by row */
-        size_t row = i / D, end = (row + 1) * D < i1 ? (row + 1) * D : i1;
+    size_t t1 = i1 < table ? i1 : table;
+    for (size_t i = i0; i < t1;) { /* item table: a touched row, or a run of untouched ones */
+        size_t row = i / D, next = row + 1;
+        if (grow[row] < 0)
+            while (next * D < t1 && grow[next] < 0) next++;
+        size_t end = next * D < t1 ? next * D : t1;
         if (grow[row] >= 0) adam_range(c, i, end, m->ge.g + (size_t)grow[row] * D + (i - row * D));
         else if (!c->lazy) adam_range(c, i, end, NULL);
         i = end;
