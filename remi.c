@@ -1611,7 +1611,7 @@ static void gemm_tile(const Gemm *g, int i, int j, int rows) {
 
 /* Growable per-thread scratch buffers, one per slot: the gemm's edge tiles, and the
  * per-sample layers (capsule routing) that need a few rows of their own. */
-enum { SCRATCH_GEMM, SCRATCH_LAYER, N_SCRATCH };
+enum { SCRATCH_GEMM, SCRATCH_LAYER, SCRATCH_DOTS, N_SCRATCH };
 static __thread float *scratch_buf[N_SCRATCH];
 static __thread size_t scratch_cap[N_SCRATCH];
 
@@ -1750,6 +1750,17 @@ static void axpyf(float *y, float a, const float *x, int n) {
 static void transpose(float *dst, const float *src, int rows, int cols) {
     for (int i = 0; i < rows; i++)
         for (int j = 0; j < cols; j++) dst[(size_t)j * rows + i] = src[(size_t)i * cols + j];
+}
+
+/* y[k L + l] = <A[l], B[k]> (or y += it, with acc) for the L rows of A at stride sa and the
+ * K rows of B, each D long: K x L dot products, each summed over d ascending as dotf, done
+ * as one product of the matrix kernel, t (L, K) = A B^T (dots would walk each sum alone). */
+static void dots_kl(float *y, const float *A, int sa, const float *B, int K, int L, int D, int acc) {
+    float *bt = thread_scratch(SCRATCH_DOTS, (size_t)D * K + (size_t)L * K), *t = bt + (size_t)D * K;
+    transpose(bt, B, K, D);
+    gemm_run((Gemm){ t, K, A, sa, 1, bt, K, L, K, D, 0 }, 0);
+    for (int k = 0; k < K; k++)
+        for (int l = 0; l < L; l++) y[k * L + l] = acc ? y[k * L + l] + t[l * K + k] : t[l * K + k];
 }
 
 /* Vectorisable exp and tanh (Cephes polynomials, about 1-2 ulp). They replace libm in
@@ -2101,20 +2112,11 @@ static void interest_forward(float *v, const float *att, const float *x, int nb,
                 axpyf(vk, att[((size_t)b * K + k) * L + l], x + ((size_t)b * L + l) * D, D);
         }
 }
-/* datt[b,k,l] += <dv[b,k], x[b,l]>;  dx[b,l] += sum_k att[b,k,l] dv[b,k]
- * The K x L dot products of a sample are one product, t (L, K) = x[b] dv[b]^T, by the
- * matrix kernel: each summed over d ascending, as dotf would. */
+/* datt[b,k,l] += <dv[b,k], x[b,l]>;  dx[b,l] += sum_k att[b,k,l] dv[b,k] */
 static void interest_backward(float *datt, float *dx, const float *dv, const float *att, const float *x,
                               int nb, int K, int L, int D) {
-    float *dvt = thread_scratch(SCRATCH_LAYER, (size_t)D * K + (size_t)L * K), *t = dvt + (size_t)D * K;
     for (int b = 0; b < nb; b++) {
-        transpose(dvt, dv + (size_t)b * K * D, K, D);
-        gemm_run((Gemm){ t, K, x + (size_t)b * L * D, D, 1, dvt, K, L, K, D, 0 }, 0);
-        for (int k = 0; k < K; k++)
-            for (int l = 0; l < L; l++) {
-                float *y = datt + ((size_t)b * K + k) * L + l;
-                *y = *y + t[l * K + k];
-            }
+        dots_kl(datt + (size_t)b * K * L, x + (size_t)b * L * D, D, dv + (size_t)b * K * D, K, L, D, 1);
         for (int l = 0; l < L; l++)
             for (int k = 0; k < K; k++)
                 axpyf(dx + ((size_t)b * L + l) * D, att[((size_t)b * K + k) * L + l], dv + ((size_t)b * K + k) * D, D);
@@ -2289,7 +2291,8 @@ static void routing_forward(float *out, float *att, float *p, float *s, float *v
         for (int k = 0; k < K; k++) softmax_row(pi + k * L, L);
         float *v = it < 2 ? v01 + it * KD : out;
         route_capsules(v, s + it * KD, pi, mask, it == 2 ? frozen : NULL, u, K, L, D);
-        if (it < 2)
+        if (it < 2 && u.sk == 0) dots_kl(next, u.u, u.sl, v, K, L, D, 1); /* MIND: one u_hat row per position */
+        else if (it < 2)
             for (int k = 0; k < K; k++) dots(next + k * L, uhat_at(u, k, 0), u.sl, v + (size_t)k * D, L, D, 1);
     }
     for (size_t i = 0; i < KL; i++) att[i] = mask[i % L] * p[2 * KL + i];
@@ -2300,7 +2303,7 @@ static void routing_forward(float *out, float *att, float *p, float *s, float *v
 static void routing_backward(Uhat du, const float *dout, const float *datt, const float *p, const float *s,
                              const float *v01, Uhat u, const float *mask, int K, int L, int D) {
     size_t KL = (size_t)K * L, KD = (size_t)K * D;
-    float *ds = thread_scratch(SCRATCH_LAYER, 2 * KL + 2 * (size_t)D), *gb = ds + D, *gc = gb + KL, *gv = gc + KL;
+    float *ds = thread_scratch(SCRATCH_LAYER, 2 * KL + KD + (size_t)D), *gb = ds + KD, *gc = gb + KL, *gv = gc + KL;
     /* the interests, c of the last iteration constant */
     for (int k = 0; k < K; k++) {
         for (int d = 0; d < D; d++) ds[d] = 0.0f;
@@ -2321,11 +2324,13 @@ static void routing_backward(Uhat du, const float *dout, const float *datt, cons
                 axpyf(gv, gb[k * L + l], uhat_at(u, k, l), D);
                 axpyf(uhat_at(du, k, l), gb[k * L + l], vp + (size_t)k * D, D);
             }
-            for (int d = 0; d < D; d++) ds[d] = 0.0f;
-            squash_backward(ds, gv, sp + (size_t)k * D, D);
-            for (int l = 0; l < L; l++) axpyf(uhat_at(du, k, l), mask[l] * pp[k * L + l], ds, D);
-            dots(gc + k * L, uhat_at(u, k, 0), u.sl, ds, L, D, 0);
+            float *dsk = ds + (size_t)k * D; /* (K, D): d/ds of iteration it - 1 */
+            for (int d = 0; d < D; d++) dsk[d] = 0.0f;
+            squash_backward(dsk, gv, sp + (size_t)k * D, D);
+            for (int l = 0; l < L; l++) axpyf(uhat_at(du, k, l), mask[l] * pp[k * L + l], dsk, D);
+            if (u.sk) dots(gc + k * L, uhat_at(u, k, 0), u.sl, dsk, L, D, 0);
         }
+        if (!u.sk) dots_kl(gc, u.u, u.sl, ds, K, L, D, 0); /* MIND: one u_hat row per position */
     }
 }
 
