@@ -4964,6 +4964,28 @@ static int st_fmax(uint64_t *rng) {
     return st_report("sampled softmax maxima vs plain scan", ok, d);
 }
 
+/* dots_kl (the matrix kernel) against dots, one interest at a time, bit for bit: odd sizes,
+ * a row stride above D, written and accumulated. */
+static int st_dots_kl(uint64_t *rng) {
+    int shapes[][4] = { { 1, 1, 1, 1 }, { 4, 20, 64, 64 }, { 7, 9, 33, 40 }, { 3, 17, 5, 8 }, { 9, 33, 64, 256 } };
+    int ok = 1;
+    for (size_t s = 0; s < sizeof shapes / sizeof *shapes; s++) {
+        int K = shapes[s][0], L = shapes[s][1], D = shapes[s][2], sa = shapes[s][3];
+        float *A = xmalloc((size_t)L * sa * 4), *B = xmalloc((size_t)K * D * 4), *y = xmalloc((size_t)K * L * 4 * 2);
+        float *r = y + K * L;
+        gc_fill(A, (size_t)L * sa, 1, rng); gc_fill(B, (size_t)K * D, 1, rng);
+        for (int acc = 0; acc < 2; acc++) {
+            gc_fill(y, (size_t)K * L, 1, rng);
+            memcpy(r, y, (size_t)K * L * 4);
+            dots_kl(y, A, sa, B, K, L, D, acc);
+            for (int k = 0; k < K; k++) dots(r + k * L, A, (size_t)sa, B + (size_t)k * D, L, D, acc);
+            ok &= !memcmp(y, r, (size_t)K * L * 4);
+        }
+        free(A); free(B); free(y);
+    }
+    return st_report("K x L dot products vs dots", ok, "5 shapes, written and accumulated, bit-identical");
+}
+
 static int st_topk(uint64_t *rng) {
     int ok = 1;
     for (int trial = 0; trial < 200; trial++) {
@@ -5266,6 +5288,7 @@ int cmd_selftest(int argc, char **argv) {
     ok &= st_gemm(&rng);
     ok &= st_math();
     ok &= st_fmax(&rng);
+    ok &= st_dots_kl(&rng);
     ok &= st_topk(&rng);
     ok &= st_merge();
     ok &= st_set_order(path);
