@@ -1895,6 +1895,14 @@ static void *acts_calloc(Acts *a, size_t n, size_t size) {
     return a->owned[a->n_owned++] = xcalloc(n, size);
 }
 
+/* Floats from one sample's u_hat to the next (capsule encoders). DR's (L, K D) block is
+ * padded by one cache line: at L K D a multiple of 1024 (the defaults: 20 x 4 x 64), rows
+ * 4 KB apart would share one set of the L1 cache, and a tile of 16 such rows thrashes it
+ * (DR's dx product ran at half speed). MIND's u_hat stays one (nb L, D) matrix. */
+static size_t caps_stride(const Model *m) {
+    return m->enc == ENC_DR ? (size_t)m->L * m->K * m->D + 16 : (size_t)m->L * m->D;
+}
+
 void acts_init(Acts *a, const Model *m, int cap_b, int M) {
     int L = m->L, D = m->D, H = m->H, K = m->K;
     size_t B = (size_t)cap_b;
@@ -1931,9 +1939,8 @@ void acts_init(Acts *a, const Model *m, int cap_b, int M) {
     a->w1t = acts_calloc(a, (size_t)D * H, sizeof(float));
     a->w2t = acts_calloc(a, (size_t)H * K, sizeof(float));
     if (m->enc == ENC_DR || m->enc == ENC_MIND) {
-        size_t uw = m->enc == ENC_DR ? (size_t)K * D : (size_t)D;
-        a->uhat = acts_calloc(a, B * L * uw, sizeof(float));
-        a->duhat = acts_calloc(a, B * L * uw, sizeof(float));
+        a->uhat = acts_calloc(a, B * caps_stride(m), sizeof(float));
+        a->duhat = acts_calloc(a, B * caps_stride(m), sizeof(float));
         a->capt = acts_calloc(a, m->enc == ENC_DR ? (size_t)L * D * K * D : 2 * (size_t)D * D, sizeof(float)); /* MIND: S^T, R^T */
         a->noise = acts_calloc(a, B * K * L, sizeof(float));
         a->rp = acts_calloc(a, B * 3 * K * L, sizeof(float));
@@ -2336,9 +2343,9 @@ static void routing_backward(Uhat du, const float *dout, const float *datt, cons
 
 /* u_hat of sample b (DR: (L, K D) rows, k-major inside; MIND: (L, D), stride 0 over k) */
 static Uhat caps_uhat(const Model *m, float *base, int b) {
-    size_t D = m->D, L = m->L, K = m->K;
-    if (m->enc == ENC_DR) return (Uhat){ base + (size_t)b * L * K * D, D, K * D };
-    return (Uhat){ base + (size_t)b * L * D, 0, D };
+    size_t D = m->D, K = m->K;
+    if (m->enc == ENC_DR) return (Uhat){ base + (size_t)b * caps_stride(m), D, K * D };
+    return (Uhat){ base + (size_t)b * caps_stride(m), 0, D };
 }
 
 static void caps_embed_task(void *ctx, int lo, int hi) {
@@ -2371,7 +2378,7 @@ static void dr_bilinear_forward(const Model *m, Acts *a, int nb) {
     parallel_for(L, dr_transpose_task, &c);
     Gemm *g = xmalloc((size_t)L * sizeof(Gemm));
     for (int l = 0; l < L; l++)
-        g[l] = (Gemm){ a->uhat + (size_t)l * KD, L * KD, a->x + (size_t)l * D, L * D, 1, a->capt + (size_t)l * D * KD, KD,
+        g[l] = (Gemm){ a->uhat + (size_t)l * KD, (int)caps_stride(m), a->x + (size_t)l * D, L * D, 1, a->capt + (size_t)l * D * KD, KD,
                        nb, KD, D, 0 };
     gemm_many(g, L);
     free(g);
@@ -2382,8 +2389,9 @@ static void dr_bilinear_backward(Model *m, Acts *a, int nb) {
     Gemm *g = xmalloc((size_t)2 * L * sizeof(Gemm));
     for (int l = 0; l < L; l++) {
         const float *du = a->duhat + (size_t)l * KD;
-        g[2 * l] = (Gemm){ m->g.caps + (size_t)l * KD * D, D, du, 1, L * KD, a->x + (size_t)l * D, L * D, KD, D, nb, 1 };
-        g[2 * l + 1] = (Gemm){ a->dx + (size_t)l * D, L * D, du, L * KD, 1, m->p.caps + (size_t)l * KD * D, D, nb, D, KD, 0 };
+        int su = (int)caps_stride(m);
+        g[2 * l] = (Gemm){ m->g.caps + (size_t)l * KD * D, D, du, 1, su, a->x + (size_t)l * D, L * D, KD, D, nb, 1 };
+        g[2 * l + 1] = (Gemm){ a->dx + (size_t)l * D, L * D, du, su, 1, m->p.caps + (size_t)l * KD * D, D, nb, D, KD, 0 };
     }
     gemm_many(g, 2 * L);
     free(g);
@@ -2408,6 +2416,7 @@ static void caps_route_back_task(void *ctx, int lo, int hi) {
     const Model *m = c->m;
     Acts *a = c->a;
     size_t K = m->K, L = m->L, D = m->D;
+    memset(a->duhat + lo * caps_stride(m), 0, (size_t)(hi - lo) * caps_stride(m) * sizeof(float));
     for (int b = lo; b < hi; b++)
         routing_backward(caps_uhat(m, a->duhat, b), a->dcaps + b * K * D, c->rr ? a->datt + b * K * L : NULL,
                          a->rp + b * 3 * K * L, a->rs + b * 3 * K * D, a->rv + b * 2 * K * D,
@@ -2417,14 +2426,13 @@ static void caps_route_back_task(void *ctx, int lo, int hi) {
 /* From a->dv (and a->datt when RR is on) to the parameter gradients. */
 static void caps_backward(Model *m, Acts *a, int nb, int rr) {
     int L = m->L, D = m->D, K = m->K;
-    size_t KD = (size_t)nb * K * D, uw = m->enc == ENC_DR ? (size_t)K * D : (size_t)D;
+    size_t KD = (size_t)nb * K * D;
     EncCtx c = { m, a, nb, rr };
     if (m->relu) {
         for (size_t i = 0; i < KD; i++) a->dv[i] = a->v[i] > 0.0f ? a->dv[i] : 0.0f;
         linear_backward(a->dcaps, m->g.relu_w, a->dv, a->caps, m->p.relu_w, nb * K, D, D);
     } else memcpy(a->dcaps, a->dv, KD * sizeof(float));
-    memset(a->duhat, 0, (size_t)nb * L * uw * sizeof(float));
-    parallel_for(nb, caps_route_back_task, &c);
+    parallel_for(nb, caps_route_back_task, &c); /* zeroes each sample's du_hat first */
     if (m->enc == ENC_DR) dr_bilinear_backward(m, a, nb);
     else linear_backward(a->dx, m->g.caps, a->duhat, a->x, m->p.caps, nb * L, D, D);
     embed_backward(&m->ge, a->dx, a->hist, a->mask, nb * L, D);
