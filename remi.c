@@ -1594,6 +1594,33 @@ static void gemm_tile_4(const Gemm *g, int i, int j) { gemm_tile_rows(g, i, j, 4
 #if MR > 8
 static void gemm_tile_8(const Gemm *g, int i, int j) { gemm_tile_rows(g, i, j, 8); }
 #endif
+#if VW == 16
+/* Products of at most 8 columns (SA's K attention logits, the K x L dot products): a tile of
+ * 8-float vectors, half the work of a zero-padded 16-column one, the same sums. */
+typedef float vhw __attribute__((vector_size(32), aligned(4), may_alias));
+static inline __attribute__((always_inline)) void gemm_half_rows(const Gemm *g, int i, int j, const int ROWS) {
+    vhw c[MR] = { 0 };
+    const float *a0 = g->A + (size_t)i * g->sa, *b = g->B + j;
+    const size_t sa = g->sa, sp = g->sp, ldb = g->ldb;
+    for (int p = 0; p < g->k; p++, b += ldb) {
+        const float *ap = a0 + p * sp;
+        vhw bv = *(const vhw *)b;
+        #pragma GCC unroll 16
+        for (int r = 0; r < ROWS; r++) c[r] = c[r] + ap[r * sa] * bv;
+    }
+    #pragma GCC unroll 16
+    for (int r = 0; r < ROWS; r++) {
+        vhw *cr = (vhw *)(g->C + (size_t)(i + r) * g->ldc + j);
+        if (g->acc) c[r] = *cr + c[r];
+        *cr = c[r];
+    }
+}
+static void gemm_half(const Gemm *g, int i, int j, int rows) {
+    if (rows == 4) gemm_half_rows(g, i, j, 4);
+    else if (rows == 8) gemm_half_rows(g, i, j, 8);
+    else gemm_half_rows(g, i, j, MR);
+}
+#endif
 /* The smallest tile height that covers mr rows. */
 static int tile_rows(int mr) {
 #if MR > 8
@@ -1631,6 +1658,10 @@ static void gemm_tile_via(const Gemm *g, const float *a, int sa, int sp, const f
                           int mr, int nr, int rows) {
     float tile[MR * NR];
     Gemm t = { tile, NR, a, sa, sp, b, ldb, rows, NR, g->k, 0 };
+#if VW == 16
+    if (nr <= 8) gemm_half(&t, 0, 0, rows);
+    else
+#endif
     gemm_tile(&t, 0, 0, rows);
     for (int r = 0; r < mr; r++)
         for (int q = 0; q < nr; q++) {
