@@ -13,7 +13,7 @@ remi: remi.c remi.h
 debug:
 	$(MAKE) -B remi CFLAGS="-O0 -g $(BASE)"
 
-ASAN    := -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer $(BASE)
+ASAN    := -O1 -g -march=native -fsanitize=address,undefined -fno-omit-frame-pointer $(BASE)
 
 asan:
 	$(MAKE) -B remi CFLAGS="$(ASAN)"

@@ -521,6 +521,9 @@ if [ "${REMI_TEST_ASAN:-1}" != 0 ] && command -v "${CC:-cc}" >/dev/null && make 
     if ./remi-asan fuzz --iters 150 --seed 2 --keep "$TMP" >"$TMP/fuzz-asan.log" 2>&1; then
         pass "under the sanitizers, $(tail -n 1 "$TMP/fuzz-asan.log")"
     else fail "fuzz under the sanitizers" "$(grep -v '^fuzz: [0-9]' "$TMP/fuzz-asan.log" | head -n 3)"; fi
+    # the kernels against their twins, built for this CPU as ./remi is (AVX-512 paths included)
+    if ./remi-asan selftest >"$TMP/selftest-asan.log" 2>&1; then pass "selftest under the sanitizers"
+    else fail "selftest under the sanitizers" "$(grep -v ' ok ' "$TMP/selftest-asan.log" | head -n 5)"; fi
 else echo "skip  fuzz under the sanitizers (no compiler, or REMI_TEST_ASAN=0)"; fi
 
 # ---------------------------------------------------------------- bench --regions
