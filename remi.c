@@ -1595,8 +1595,9 @@ static void gemm_tile_4(const Gemm *g, int i, int j) { gemm_tile_rows(g, i, j, 4
 static void gemm_tile_8(const Gemm *g, int i, int j) { gemm_tile_rows(g, i, j, 8); }
 #endif
 #if VW == 16
-/* Products of at most 8 columns (SA's K attention logits, the K x L dot products): a tile of
- * 8-float vectors, half the work of a zero-padded 16-column one, the same sums. */
+/* At most 8 columns of a product left (all of them in SA's K attention logits and the K x L
+ * dot products): a tile of 8-float vectors, half the work of a zero-padded 16-column one, the
+ * same sums. (A second copy of the loop above, for the half-width vector type.) */
 typedef float vhw __attribute__((vector_size(32), aligned(4), may_alias));
 static inline __attribute__((always_inline)) void gemm_half_rows(const Gemm *g, int i, int j, const int ROWS) {
     vhw c[MR] = { 0 };
