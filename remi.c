@@ -1555,6 +1555,7 @@ int cmd_prep(int argc, char **argv) {
 #define NR (VW * NV)
 /* may_alias and aligned(4): loads and stores straight from float arrays, at any address */
 typedef float vfw __attribute__((vector_size(VW * 4), aligned(4), may_alias));
+typedef float f8 __attribute__((vector_size(32), aligned(4), may_alias)); /* 8 floats, on any target */
 
 typedef struct {
     float *C; int ldc;
@@ -1598,20 +1599,19 @@ static void gemm_tile_8(const Gemm *g, int i, int j) { gemm_tile_rows(g, i, j, 8
 /* At most 8 columns of a product left (all of them in SA's K attention logits and the K x L
  * dot products): a tile of 8-float vectors, half the work of a zero-padded 16-column one, the
  * same sums. (A second copy of the loop above, for the half-width vector type.) */
-typedef float vhw __attribute__((vector_size(32), aligned(4), may_alias));
 static inline __attribute__((always_inline)) void gemm_half_rows(const Gemm *g, int i, int j, const int ROWS) {
-    vhw c[MR] = { 0 };
+    f8 c[MR] = { 0 };
     const float *a0 = g->A + (size_t)i * g->sa, *b = g->B + j;
     const size_t sa = g->sa, sp = g->sp, ldb = g->ldb;
     for (int p = 0; p < g->k; p++, b += ldb) {
         const float *ap = a0 + p * sp;
-        vhw bv = *(const vhw *)b;
+        f8 bv = *(const f8 *)b;
         #pragma GCC unroll 16
         for (int r = 0; r < ROWS; r++) c[r] = c[r] + ap[r * sa] * bv;
     }
     #pragma GCC unroll 16
     for (int r = 0; r < ROWS; r++) {
-        vhw *cr = (vhw *)(g->C + (size_t)(i + r) * g->ldc + j);
+        f8 *cr = (f8 *)(g->C + (size_t)(i + r) * g->ldc + j);
         if (g->acc) c[r] = *cr + c[r];
         *cr = c[r];
     }
@@ -2277,6 +2277,13 @@ static void sa_backward(Model *m, Acts *a, int nb) {
 typedef struct { float *u; size_t sk, sl; } Uhat;
 static float *uhat_at(Uhat u, int k, int l) { return u.u + k * u.sk + l * u.sl; }
 
+/* y[k L + l] = <u_hat[k,l], V[k]> (or y += it, with acc), V (K, D). MIND's positions have one
+ * u_hat row for every interest: one product (dots_kl); DR's differ by interest: dots each. */
+static void uhat_dots(float *y, Uhat u, const float *V, int K, int L, int D, int acc) {
+    if (!u.sk) { dots_kl(y, u.u, (int)u.sl, V, K, L, D, acc); return; }
+    for (int k = 0; k < K; k++) dots(y + k * L, uhat_at(u, k, 0), u.sl, V + (size_t)k * D, L, D, acc);
+}
+
 /* squash(s) = |s|^2 / (1 + |s|^2) * s / sqrt(|s|^2 + 1e-9), as the reference writes it */
 static float squash_factor(float n2) { return n2 / (1.0f + n2) / sqrtf(n2 + 1e-9f); }
 static void squash_forward(float *v, const float *s, int D) {
@@ -2333,9 +2340,7 @@ static void routing_forward(float *out, float *att, float *p, float *s, float *v
         for (int k = 0; k < K; k++) softmax_row(pi + k * L, L);
         float *v = it < 2 ? v01 + it * KD : out;
         route_capsules(v, s + it * KD, pi, mask, it == 2 ? frozen : NULL, u, K, L, D);
-        if (it < 2 && u.sk == 0) dots_kl(next, u.u, u.sl, v, K, L, D, 1); /* MIND: one u_hat row per position */
-        else if (it < 2)
-            for (int k = 0; k < K; k++) dots(next + k * L, uhat_at(u, k, 0), u.sl, v + (size_t)k * D, L, D, 1);
+        if (it < 2) uhat_dots(next, u, v, K, L, D, 1);
     }
     for (size_t i = 0; i < KL; i++) att[i] = mask[i % L] * p[2 * KL + i];
 }
@@ -2370,9 +2375,8 @@ static void routing_backward(Uhat du, const float *dout, const float *datt, cons
             for (int d = 0; d < D; d++) dsk[d] = 0.0f;
             squash_backward(dsk, gv, sp + (size_t)k * D, D);
             for (int l = 0; l < L; l++) axpyf(uhat_at(du, k, l), mask[l] * pp[k * L + l], dsk, D);
-            if (u.sk) dots(gc + k * L, uhat_at(u, k, 0), u.sl, dsk, L, D, 0);
         }
-        if (!u.sk) dots_kl(gc, u.u, u.sl, ds, K, L, D, 0); /* MIND: one u_hat row per position */
+        uhat_dots(gc, u, ds, K, L, D, 0);
     }
 }
 
@@ -2817,7 +2821,6 @@ _Static_assert(sizeof(SsmStats) == 6 * sizeof(double), "acts_init allocates ssm_
  * then their maximum: the same value as a plain scan (of two zeros, the lanes may keep the
  * other: nothing downstream depends on it). Written with vectors of 8 floats
  * (GCC does not vectorise the loop over an array of eight lanes). */
-typedef float f8 __attribute__((vector_size(32), aligned(4), may_alias));
 typedef int32_t i8 __attribute__((vector_size(32)));
 typedef double d8 __attribute__((vector_size(64)));
 static float fmax_kept(const float *x, const float *keep, int M, float a, float shift, float init) {
