@@ -524,7 +524,7 @@ if [ "${REMI_TEST_ASAN:-1}" != 0 ] && command -v "${CC:-cc}" >/dev/null && make 
     # the kernels against their twins, built for this CPU as ./remi is (AVX-512 paths included)
     if ./remi-asan selftest >"$TMP/selftest-asan.log" 2>&1; then pass "selftest under the sanitizers"
     else fail "selftest under the sanitizers" "$(grep -v ' ok ' "$TMP/selftest-asan.log" | head -n 5)"; fi
-else echo "skip  fuzz under the sanitizers (no compiler, or REMI_TEST_ASAN=0)"; fi
+else echo "skip  fuzz and selftest under the sanitizers (no compiler, or REMI_TEST_ASAN=0)"; fi
 
 # ---------------------------------------------------------------- bench --regions
 # each step's parallel regions, named by task function, and the time outside them add up to
