@@ -3189,13 +3189,18 @@ static void heap_push(uint64_t *h, int *n, int cap, uint64_t x) {
     if (x > h[0]) heap_sift(h, cap, 0, x);
 }
 
-/* A heap of n keys (consumed) as a list of hits, best first: the worst goes to the end, n times. */
-static void heap_finish(Hit *out, uint64_t *h, int n) {
+/* A heap of n keys sorted in place, best first: the worst goes to the end, n times. */
+static void heap_sort(uint64_t *h, int n) {
     for (int m = n - 1; m > 0; m--) {
         uint64_t x = h[m];
         h[m] = h[0];
         heap_sift(h, m, 0, x);
     }
+}
+
+/* A heap of n keys (consumed) as a list of hits, best first. */
+static void heap_finish(Hit *out, uint64_t *h, int n) {
+    heap_sort(h, n);
     for (int i = 0; i < n; i++) out[i] = key_hit(h[i]);
 }
 
@@ -3281,7 +3286,92 @@ static void topk_block(uint64_t *heap, int *hn, int maxn, float *thr, const floa
     }
 }
 
-#define EVAL_GROUP 8    /* users scored together: EVAL_GROUP * K queries share each item block */
+/* Selection by best interest, for multi-interest models. REMI-SPEC g.2 step 3 merges the K
+ * top-n lists in the order (score, then lower interest, then rank), and an item's first
+ * entry is its best: the key (max over k of s_k, the lowest k attaining it, the lower id).
+ * If id 0 is in none of the K lists, R is exactly the n best items by that key, id 0 left
+ * out: an item among them has, in its best interest, only items before it that come before
+ * it by this key too, fewer than n, so its best entry is in that list; and every entry of
+ * another item comes after it. So one heap per user (n ln(N / n) pushes, not K times that)
+ * replaces the K heaps. Whether id 0 is in a list is known by counting, per interest, the
+ * items whose score key exceeds id 0's (id 0 wins ties) until there are n; a user with a
+ * count short of n (id 0 or a NaN in a list, or N <= n) is selected again per interest.
+ * Eight users per group, their scores at columns k 8 + b of St (nj, 8 K). */
+#define BEST_LANES 8
+
+/* A comparison's lanes (-1 or 0 each) as the bits of an integer. */
+static inline unsigned lane_bits(i8 m) {
+#if defined(__AVX__)
+    return (unsigned)__builtin_ia32_movmskps256((f8)m);
+#else
+    unsigned bits = 0;
+    for (int l = 0; l < 8; l++) bits |= (unsigned)(m[l] & 1) << l;
+    return bits;
+#endif
+}
+
+/* x "beats" y as hit_key orders scores (a NaN lowest, -0 = +0), eight at a time: -1 where it does. */
+static inline i8 beats(f8 x, f8 y) { return (x > y) | ((y != y) & (x == x)); }
+
+/* The heap key of an item under its best interest k: score, lower k, lower id (K N <= 2^32). */
+static inline uint64_t best_key(float s, int k, int id, int N) {
+    return (hit_key(s, 0) & ~0xffffffffull) | (uint32_t)~((uint32_t)k * (uint32_t)N + (uint32_t)id);
+}
+static inline int best_key_id(uint64_t key, int N) { return (int)((uint32_t)~(uint32_t)key % (uint32_t)N); }
+
+typedef struct {      /* one group's best-interest selection */
+    uint64_t *heap;   /* (8, maxn) */
+    int hn[BEST_LANES];
+    float thr[BEST_LANES]; /* score of the worst kept: -inf until full; NaN: no user */
+    float *s0;        /* (K, 8) id 0's scores */
+    int32_t *cnt;     /* (K, 8) items that beat id 0, counted until every count reaches n */
+    int counting;
+} BestSel;
+
+static void best_block(BestSel *b, const float *St, int nj, int K, int j0, int N, int maxn) {
+    f8 thr = *(const f8 *)b->thr;
+    for (int j = 0; j < nj; j++) {
+        const float *row = St + (size_t)j * BEST_LANES * K;
+        if (j0 + j == 0) { /* id 0: the counts' reference, never selected */
+            memcpy(b->s0, row, (size_t)BEST_LANES * K * sizeof(float));
+            continue;
+        }
+        if (b->counting)
+            for (int k = 0; k < K; k++) {
+                int32_t *c = b->cnt + BEST_LANES * k;
+                i8 n;
+                memcpy(&n, c, sizeof n);
+                n -= beats(*(const f8 *)(row + BEST_LANES * k), *(const f8 *)(b->s0 + BEST_LANES * k));
+                memcpy(c, &n, sizeof n);
+            }
+        i8 pass = *(const f8 *)row >= thr; /* some interest's score reaches the threshold */
+        for (int k = 1; k < K; k++) pass |= *(const f8 *)(row + BEST_LANES * k) >= thr;
+        unsigned reach = lane_bits(pass);
+        if (!reach) continue;
+        f8 best = *(const f8 *)row; /* each user's best interest: the lowest k of the highest score */
+        i8 arg = { 0 };
+        for (int k = 1; k < K; k++) {
+            f8 v = *(const f8 *)(row + BEST_LANES * k);
+            i8 gt = beats(v, best);
+            best = (f8)(((i8)v & gt) | ((i8)best & ~gt));
+            arg = (k & gt) | (arg & ~gt);
+        }
+        for (; reach; reach &= reach - 1) {
+            int l = __builtin_ctz(reach);
+            uint64_t *h = b->heap + (size_t)l * maxn;
+            heap_push(h, &b->hn[l], maxn, best_key(best[l], arg[l], j0 + j, N));
+            if (b->hn[l] == maxn) thr[l] = key_score(h[0]);
+        }
+    }
+    memcpy(b->thr, &thr, sizeof thr);
+    if (b->counting) { /* stop once every count has reached n */
+        int short_of = 0;
+        for (int i = 0; i < BEST_LANES * K; i++) short_of |= b->cnt[i] < maxn;
+        b->counting = short_of;
+    }
+}
+
+#define EVAL_GROUP BEST_LANES /* users scored together: EVAL_GROUP * K queries share each item block */
 
 #define EVAL_BLOCK 512  /* items per block: their rows of E stay in L2 while the group's queries use them */
 
@@ -3289,7 +3379,11 @@ typedef struct {
     const Model *m;
     const Acts *a;
     const Split *s;
-    int u0, nb;           /* chunk: users u0 .. u0+nb */
+    int u0;               /* chunk: its users from u0 on */
+    const int *user;      /* the chunk's users to evaluate (chunk-local), EVAL_GROUP per group */
+    int n_user;
+    int best;             /* select by best interest (else per interest) */
+    unsigned char *redo;  /* best: users to select again per interest (chunk-local) */
     const int *cuts; int n_cut, maxn;
     double *res;          /* (U, n_cut, 4) per-user metrics */
     double *sec;          /* (groups, 3) seconds in products, top-k, merge + metrics */
@@ -3297,62 +3391,100 @@ typedef struct {
 
 /* Seconds spent in each phase of evaluate since the program started (for bench): the
  * interest vectors (wall clock), then the threads' summed time in the item products, the
- * top-k selection, and the merge and metrics. */
-static struct { double vectors, products, topk, metrics; } eval_time;
+ * top-k selection, and the merge and metrics; users evaluated, and of them selected again
+ * per interest after a best-interest selection. */
+static struct { double vectors, products, topk, metrics; long users, again; } eval_time;
+
+static int eval_per_interest; /* selftest: every user selected per interest, to compare */
 
 static int group_users(const EvalCtx *e, int g) { /* users in group g: EVAL_GROUP, fewer in the last */
-    return e->nb - g * EVAL_GROUP < EVAL_GROUP ? e->nb - g * EVAL_GROUP : EVAL_GROUP;
+    return e->n_user - g * EVAL_GROUP < EVAL_GROUP ? e->n_user - g * EVAL_GROUP : EVAL_GROUP;
 }
 
-/* Score groups [g0, g1) of the chunk against every item, keep each interest's top maxn,
- * then merge and score at every cut-off. A block of items is scored by one product per
- * group with the items as rows, St (items, q) = E[block] Q^T, read straight from the item
- * table; the groups take turns on each block, so it comes from memory once for all of
- * them (at Amazon Book's size the table does not fit in any cache). */
+/* User b of the chunk, retrieved list R (nr ids): its metrics at cut ci. */
+static void cut_metrics(const EvalCtx *e, int b, int ci, const int *R, int nr) {
+    int u = e->u0 + b, n = e->s->off[u + 1] - e->s->off[u], k = eval_split_point(n);
+    const int *seq = e->s->items + e->s->off[u];
+    user_metrics(e->res + ((size_t)u * e->n_cut + ci) * 4, R, nr, seq + k, n - k, e->m->enc == ENC_POP);
+}
+
+/* Score groups [g0, g1) of e->user against every item, select, then merge and score at
+ * every cut-off. A block of items is scored by one product per group with the items as
+ * rows, St (items, q) = E[block] Q^T, read straight from the item table; the groups take
+ * turns on each block, so it comes from memory once for all of them (at Amazon Book's size
+ * the table does not fit in any cache). Selection per interest: q = users x K columns,
+ * user-major, a heap per column. By best interest: q = 8 K columns, interest-major, a heap
+ * per user (zero columns for a short group). */
 static void eval_groups(const EvalCtx *e, int g0, int g1) {
     int K = e->m->K, D = e->m->D, N = e->m->N, maxn = e->maxn, Q = EVAL_GROUP * K, ng = g1 - g0;
     float *St = xmalloc((size_t)Q * EVAL_BLOCK * sizeof(float)), *thr = xmalloc((size_t)ng * Q * sizeof(float));
-    float *Qt = xmalloc((size_t)ng * Q * D * sizeof(float));
+    float *Qt = xcalloc((size_t)ng * Q * D, sizeof(float));
     uint64_t *heap = xmalloc((size_t)ng * Q * maxn * sizeof(uint64_t));
     Hit *lists = xmalloc((size_t)Q * maxn * sizeof(Hit));
     int *R = xmalloc((size_t)maxn * sizeof(int)), *hn = xmalloc((size_t)ng * Q * sizeof(int));
+    BestSel *sel = xmalloc((size_t)ng * sizeof(BestSel));
+    float *s0 = xmalloc((size_t)ng * Q * sizeof(float));
+    int32_t *cnt = xmalloc((size_t)ng * Q * sizeof(int32_t));
     double *sec = e->sec + (size_t)g0 * 3, t0, t1;
-    for (int g = g0; g < g1; g++) { /* group g's queries at (g - g0) Q: Qt (D, q), heaps, thresholds */
-        int b0 = g * EVAL_GROUP, q = group_users(e, g) * K;
-        transpose(Qt + (size_t)(g - g0) * Q * D, e->a->v + (size_t)b0 * K * D, q, D);
+    for (int g = g0; g < g1; g++) { /* group g's queries Qt (D, q), and its selection */
+        const int *gu = e->user + g * EVAL_GROUP;
+        int gb = group_users(e, g), q = e->best ? Q : gb * K;
+        float *qt = Qt + (size_t)(g - g0) * Q * D;
+        for (int b = 0; b < gb; b++)
+            for (int k = 0; k < K; k++) {
+                const float *v = e->a->v + ((size_t)gu[b] * K + k) * D;
+                int col = e->best ? k * EVAL_GROUP + b : b * K + k;
+                for (int d = 0; d < D; d++) qt[(size_t)d * q + col] = v[d];
+            }
         for (int i = 0; i < q; i++) { hn[(g - g0) * Q + i] = 0; thr[(g - g0) * Q + i] = -INFINITY; }
+        BestSel *bs = sel + (g - g0);
+        *bs = (BestSel){ .heap = heap + (size_t)(g - g0) * Q * maxn, .s0 = s0 + (size_t)(g - g0) * Q,
+                         .cnt = cnt + (size_t)(g - g0) * Q, .counting = 1 };
+        for (int l = 0; l < BEST_LANES; l++) bs->thr[l] = l < gb ? -INFINITY : NAN;
+        for (int i = 0; i < Q; i++) bs->cnt[i] = i % BEST_LANES < gb ? 0 : maxn;
     }
     for (int j0 = 0; j0 < N; j0 += EVAL_BLOCK) {
         int nj = N - j0 < EVAL_BLOCK ? N - j0 : EVAL_BLOCK;
         for (int g = g0; g < g1; g++) {
-            int q = group_users(e, g) * K;
+            int q = e->best ? Q : group_users(e, g) * K;
             size_t o = (size_t)(g - g0) * Q;
             t0 = now_sec();
             gemm_run((Gemm){ St, q, e->m->p.item_emb + (size_t)j0 * D, D, 1, Qt + o * D, q, nj, q, D, 0 }, 0);
             t1 = now_sec(); sec[0] += t1 - t0;
-            topk_block(heap + o * maxn, hn + o, maxn, thr + o, St, nj, q, j0);
+            if (e->best) best_block(sel + (g - g0), St, nj, K, j0, N, maxn);
+            else topk_block(heap + o * maxn, hn + o, maxn, thr + o, St, nj, q, j0);
             sec[1] += now_sec() - t1;
         }
     }
     t0 = now_sec();
     for (int g = g0; g < g1; g++) {
-        int b0 = g * EVAL_GROUP, gb = group_users(e, g);
+        const int *gu = e->user + g * EVAL_GROUP;
+        int gb = group_users(e, g);
         uint64_t *gh = heap + (size_t)(g - g0) * Q * maxn;
         int *gn = hn + (g - g0) * Q;
-        for (int i = 0; i < gb * K; i++) heap_finish(lists + (size_t)i * maxn, gh + (size_t)i * maxn, gn[i]);
+        const BestSel *bs = sel + (g - g0);
         for (int b = 0; b < gb; b++) {
-            int u = e->u0 + b0 + b;
-            const int *seq = e->s->items + e->s->off[u];
-            int n = e->s->off[u + 1] - e->s->off[u], k = eval_split_point(n);
+            if (e->best) {
+                int again = 0;
+                for (int k = 0; k < K; k++) again |= bs->cnt[k * BEST_LANES + b] < maxn;
+                if (again) { e->redo[gu[b]] = 1; continue; }
+                uint64_t *h = gh + (size_t)b * maxn;
+                heap_sort(h, bs->hn[b]);
+                for (int i = 0; i < bs->hn[b]; i++) R[i] = best_key_id(h[i], N);
+                for (int ci = 0; ci < e->n_cut; ci++)
+                    cut_metrics(e, gu[b], ci, R, e->cuts[ci] < bs->hn[b] ? e->cuts[ci] : bs->hn[b]);
+                continue;
+            }
+            for (int k = 0; k < K; k++)
+                heap_finish(lists + (size_t)k * maxn, gh + (size_t)(b * K + k) * maxn, gn[b * K + k]);
             for (int ci = 0; ci < e->n_cut; ci++) {
                 int cut = e->cuts[ci] < gn[b * K] ? e->cuts[ci] : gn[b * K];
-                int nr = merge_interests(R, lists + (size_t)b * K * maxn, K, maxn, cut, e->m->multi);
-                user_metrics(e->res + ((size_t)u * e->n_cut + ci) * 4, R, nr, seq + k, n - k, e->m->enc == ENC_POP);
+                cut_metrics(e, gu[b], ci, R, merge_interests(R, lists, K, maxn, cut, e->m->multi));
             }
         }
     }
     sec[2] += now_sec() - t0;
-    free(St); free(thr); free(Qt); free(heap); free(lists); free(R); free(hn);
+    free(St); free(thr); free(Qt); free(heap); free(lists); free(R); free(hn); free(sel); free(s0); free(cnt);
 }
 
 #define EVAL_SHARE 8    /* groups that take turns on each block of items (their heaps stay in L2) */
@@ -3361,30 +3493,46 @@ static void eval_task(void *ctx, int lo, int hi) { /* groups [lo, hi) of the chu
     for (int g = lo; g < hi; g += EVAL_SHARE) eval_groups(ctx, g, hi - g < EVAL_SHARE ? hi : g + EVAL_SHARE);
 }
 
+static void eval_pass(const EvalCtx *e, int groups) { /* e's users on the threads, their times to eval_time */
+    for (int i = 0; i < groups * 3; i++) e->sec[i] = 0.0;
+    parallel_for((e->n_user + EVAL_GROUP - 1) / EVAL_GROUP, eval_task, (void *)e);
+    for (int g = 0; g < groups; g++) {
+        eval_time.products += e->sec[g * 3]; eval_time.topk += e->sec[g * 3 + 1]; eval_time.metrics += e->sec[g * 3 + 2];
+    }
+}
+
 /* Evaluate every user of split s at each cut-off (e.g. 20 and 50). noise_key: MIND's
- * evaluation draws (eval_noise_key). */
+ * evaluation draws (eval_noise_key). Multi-interest models select by best interest, and
+ * the few users for whom that is not exact again per interest (see best_block). */
 void evaluate(Metrics *out, const int *cuts, int n_cut, const Model *m, Acts *a, const Split *s, uint64_t noise_key) {
     int L = m->L, U = s->n_users, maxn = 0;
     for (int ci = 0; ci < n_cut; ci++) maxn = cuts[ci] > maxn ? cuts[ci] : maxn;
     if (maxn > m->N) maxn = m->N;
     if (maxn > 1000) die("--topn above 1000 is not supported");
     double *res = xcalloc((size_t)U * n_cut * 4, sizeof(double));
-    int groups = (a->cap_b + EVAL_GROUP - 1) / EVAL_GROUP;
+    int groups = (a->cap_b + EVAL_GROUP - 1) / EVAL_GROUP, *users = xmalloc((size_t)a->cap_b * sizeof(int));
     double *sec = xmalloc((size_t)groups * 3 * sizeof(double));
+    unsigned char *redo = xmalloc((size_t)a->cap_b);
+    int best = m->multi && !eval_per_interest && (uint64_t)m->K * (uint64_t)m->N <= (1ull << 32); /* best_key's range */
     for (int u0 = 0; u0 < U; u0 += a->cap_b) {
         int nb = U - u0 < a->cap_b ? U - u0 : a->cap_b;
         double t0 = now_sec();
         for (int b = 0; b < nb; b++) make_eval_row(a->hist + b * L, a->mask + b * L, s, u0 + b, L);
         user_vectors(m, a, u0, nb, noise_key);
         eval_time.vectors += now_sec() - t0;
-        for (int i = 0; i < groups * 3; i++) sec[i] = 0.0;
-        EvalCtx e = { m, a, s, u0, nb, cuts, n_cut, maxn, res, sec };
-        parallel_for((nb + EVAL_GROUP - 1) / EVAL_GROUP, eval_task, &e);
-        for (int g = 0; g < groups; g++) {
-            eval_time.products += sec[g * 3]; eval_time.topk += sec[g * 3 + 1]; eval_time.metrics += sec[g * 3 + 2];
-        }
+        for (int b = 0; b < nb; b++) { users[b] = b; redo[b] = 0; }
+        EvalCtx e = { m, a, s, u0, users, nb, best, redo, cuts, n_cut, maxn, res, sec };
+        eval_pass(&e, groups);
+        eval_time.users += nb;
+        if (!best) continue;
+        e.n_user = 0;
+        for (int b = 0; b < nb; b++)
+            if (redo[b]) users[e.n_user++] = b;
+        e.best = 0;
+        if (e.n_user) eval_pass(&e, groups);
+        eval_time.again += e.n_user;
     }
-    free(sec);
+    free(sec); free(users); free(redo);
     for (int ci = 0; ci < n_cut; ci++) {
         double sum[4] = { 0, 0, 0, 0 };
         for (int u = 0; u < U; u++)
@@ -5201,6 +5349,121 @@ static int st_eval(uint64_t *rng) {
     return st_report("tiled evaluation vs brute-force twin, every model", ok, d);
 }
 
+/* best_block against topk_block + merge_interests on random blocks of scores from a few
+ * values (ties between items and between interests), with NaN, infinities and both zeros,
+ * K 1 to 8, catalogues below and above the cut, blocks of any size: a user is selected
+ * again exactly when id 0 is in one of its interest lists or a list is short (NaN scores,
+ * N <= n), and otherwise gets the same R at the cut and at a smaller one. */
+static int st_best_select(void) {
+    uint64_t rng = 77;
+    int ok = 1, again_seen = 0, exact_seen = 0;
+    const float vals[10] = { -2, -1, -0.0f, 0, 1, 2, 3, INFINITY, -INFINITY, NAN };
+    for (int trial = 0; trial < 400; trial++) {
+        int K = 1 + (int)rng_below(&rng, 8), N = 2 + (int)rng_below(&rng, 300), maxn = 1 + (int)rng_below(&rng, 60);
+        int q = BEST_LANES * K, nv = trial % 3 ? 7 : 10; /* a third of the trials with non-finite scores */
+        if (maxn > N) maxn = N;
+        float *St = xmalloc((size_t)N * q * sizeof(float)), *S2 = xmalloc((size_t)N * q * sizeof(float));
+        for (size_t i = 0; i < (size_t)N * q; i++) St[i] = vals[rng_below(&rng, nv)];
+        for (int j = 0; j < N; j++) /* S2: the same scores, user-major columns b K + k */
+            for (int k = 0; k < K; k++)
+                for (int b = 0; b < BEST_LANES; b++) S2[(size_t)j * q + b * K + k] = St[(size_t)j * q + k * BEST_LANES + b];
+        uint64_t *heap = xmalloc((size_t)BEST_LANES * maxn * sizeof(uint64_t)), *h2 = xmalloc((size_t)q * maxn * sizeof(uint64_t));
+        float *s0 = xmalloc((size_t)q * sizeof(float)), *thr2 = xmalloc((size_t)q * sizeof(float));
+        int32_t *cnt = xcalloc((size_t)q, sizeof(int32_t));
+        int hn2[64] = { 0 };
+        BestSel sel = { .heap = heap, .s0 = s0, .cnt = cnt, .counting = 1 };
+        for (int l = 0; l < BEST_LANES; l++) { sel.hn[l] = 0; sel.thr[l] = -INFINITY; }
+        for (int i = 0; i < q; i++) thr2[i] = -INFINITY;
+        for (int j0 = 0, nj; j0 < N; j0 += nj) {
+            nj = 1 + (int)rng_below(&rng, 90);
+            nj = nj < N - j0 ? nj : N - j0;
+            best_block(&sel, St + (size_t)j0 * q, nj, K, j0, N, maxn);
+            topk_block(h2, hn2, maxn, thr2, S2 + (size_t)j0 * q, nj, q, j0);
+        }
+        Hit lists[8 * 60];
+        for (int b = 0; b < BEST_LANES; b++) {
+            int again = 0, zero_listed = 0, short_list = 0, R[60], R2[60];
+            for (int k = 0; k < K; k++) {
+                heap_finish(lists + k * maxn, h2 + (size_t)(b * K + k) * maxn, hn2[b * K + k]);
+                again |= cnt[k * BEST_LANES + b] < maxn;
+                short_list |= hn2[b * K + k] < maxn; /* NaN scores are never listed */
+                for (int i = 0; i < hn2[b * K + k]; i++) zero_listed |= lists[k * maxn + i].id == 0;
+            }
+            ok &= again == (zero_listed || short_list);
+            again_seen += again;
+            if (again) continue;
+            exact_seen++;
+            uint64_t *h = heap + (size_t)b * maxn;
+            heap_sort(h, sel.hn[b]);
+            for (int i = 0; i < sel.hn[b]; i++) R[i] = best_key_id(h[i], N);
+            int cut[2] = { maxn, 1 + (int)rng_below(&rng, maxn) };
+            for (int ci = 0; ci < 2; ci++) {
+                int n = cut[ci] < hn2[b * K] ? cut[ci] : hn2[b * K], nr = merge_interests(R2, lists, K, maxn, n, 1);
+                ok &= nr == (cut[ci] < sel.hn[b] ? cut[ci] : sel.hn[b]) && !memcmp(R, R2, nr * sizeof(int));
+            }
+        }
+        free(St); free(S2); free(heap); free(h2); free(s0); free(thr2); free(cnt);
+    }
+    char d[96];
+    snprintf(d, sizeof d, "400 random score blocks, 8 users each: %d users exact, %d selected again", exact_seen, again_seen);
+    return st_report("best-interest selection vs merge of K lists", ok && again_seen && exact_seen, d);
+}
+
+/* Selection by best interest against selection per interest (the same metrics to the bit),
+ * and against the brute-force twin where every score is finite: the multi-interest
+ * encoders, K 1 to 8, with id 0 made the best item of some interests, a catalogue smaller
+ * than the cut, two interests equal (ties between interests), items with equal scores,
+ * infinite and NaN scores. Both paths must run: some users are selected again. */
+static int st_eval_best(void) {
+    uint64_t rng = 2024;
+    int ok = 1;
+    long users = 0, again = 0;
+    for (int trial = 0; trial < 14; trial++) {
+        Config c = default_config();
+        Encoder enc[3] = { ENC_SA, ENC_DR, ENC_MIND };
+        int Ks[5] = { 1, 2, 3, 4, 8 }, N = trial == 3 ? 40 : 700 + (int)rng_below(&rng, 600);
+        c.enc = enc[trial % 3]; c.K = Ks[trial % 5]; c.D = 16 + 8 * (trial % 3); c.L = 7;
+        Model m;
+        Split s;
+        st_random_data(&m, &s, &c, N, 29, &rng);
+        int D = m.D, finite = 1;
+        if (trial % 4 == 1) /* id 0 far out along a random direction: first for some interests */
+            for (int d = 0; d < D; d++) m.p.item_emb[d] *= 40.0f;
+        if (trial % 5 == 2) /* equal items: equal scores */
+            for (int j = 10; j < 60; j++) memcpy(m.p.item_emb + (size_t)j * D, m.p.item_emb + 5 * D, D * sizeof(float));
+        if (c.enc == ENC_SA && c.K > 1 && trial % 2 == 0) /* interests 0 and 1 equal: every score tied between them */
+            memcpy(m.p.w2 + m.H, m.p.w2, m.H * sizeof(float));
+        if (trial >= 11) { /* an infinite item (inf and NaN scores), a NaN item, a zero item */
+            m.p.item_emb[7 * D] = INFINITY;
+            m.p.item_emb[9 * D + 1] = NAN;
+            memset(m.p.item_emb + 11 * D, 0, D * sizeof(float));
+            finite = 0;
+        }
+        Acts a;
+        acts_init(&a, &m, 8 + (int)rng_below(&rng, 20), 1);
+        int cuts[2] = { 20, 50 };
+        Metrics best[2], per[2], ref;
+        long a0 = eval_time.again, u0 = eval_time.users;
+        evaluate(best, cuts, 2, &m, &a, &s, 5);
+        again += eval_time.again - a0; users += eval_time.users - u0;
+        eval_per_interest = 1;
+        evaluate(per, cuts, 2, &m, &a, &s, 5);
+        eval_per_interest = 0;
+        for (int i = 0; i < 2; i++) {
+            ok &= !memcmp(&best[i], &per[i], sizeof best[i]);
+            if (!finite) continue;
+            evaluate_ref(&ref, cuts[i], &m, &a, &s, 5);
+            ok &= best[i].recall == ref.recall && best[i].ndcg == ref.ndcg && best[i].ndcg_ref == ref.ndcg_ref &&
+                  best[i].hitrate == ref.hitrate;
+        }
+        free_split(&s);
+    }
+    ok &= again > 0 && again < users;
+    char d[96];
+    snprintf(d, sizeof d, "14 models, %ld of %ld users selected again per interest", again, users);
+    return st_report("best-interest selection vs per interest and brute force", ok, d);
+}
+
 /* A few training steps of every encoder with 1 thread and with `threads` threads:
  * identical bits. */
 static int st_threads(uint64_t *rng, int threads) {
@@ -5346,6 +5609,8 @@ int cmd_selftest(int argc, char **argv) {
     ok &= st_merge_random(&rng);
     ok &= st_narrow(&rng);
     ok &= st_rng();
+    ok &= st_best_select();
+    ok &= st_eval_best();
     printf("selftest: %s\n", ok ? "all passed" : "FAILED");
     return ok ? 0 : 1;
 }
