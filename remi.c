@@ -6032,9 +6032,10 @@ static double bench_steps(Model *m, Acts *a, const Split *train, const Config *c
 
 /* Median of 3 validation passes, in seconds; the mean seconds per pass of each phase
  * (eval_time: vectors, then the threads' summed products, top-k, merge + metrics). */
-static double bench_eval(const Model *m, Acts *a, const Split *valid, const Config *c, double *phase) {
+static double bench_eval(const Model *m, Acts *a, const Split *valid, const Config *c, double *phase, long *again) {
     int cut = 50;
     Metrics mv;
+    long a0 = eval_time.again;
     double te[3], p0[4] = { eval_time.vectors, eval_time.products, eval_time.topk, eval_time.metrics };
     for (int i = 0; i < 3; i++) {
         double t0 = now_sec();
@@ -6043,6 +6044,7 @@ static double bench_eval(const Model *m, Acts *a, const Split *valid, const Conf
     }
     double p1[4] = { eval_time.vectors, eval_time.products, eval_time.topk, eval_time.metrics };
     for (int i = 0; i < 4; i++) phase[i] = (p1[i] - p0[i]) / 3;
+    *again = (eval_time.again - a0) / 3;
     qsort(te, 3, sizeof *te, cmp_double);
     return te[1];
 }
@@ -6059,13 +6061,14 @@ static void bench_dataset(const char *label, const Dataset *ds, Config c, int st
     printf("\n== %s: %d items, %d training users, %d validation users; model %s, D %d K %d L %d B %d M %d\n", label,
            ds->N - 1, ds->train.n_users, ds->valid.n_users, c.model, m.D, m.K, c.L, c.B, c.M);
     double step[2], phase[2][4], real = 0, ev[2], evp[2][4];
+    long again = 0;
     int rows = 0;
     int nt[2] = { 1, threads };
     char reg[2][2048];
     for (int i = 1; i >= 0; i--) { /* -t first: after a long single-thread phase the workers wake slowly */
         pool.n = nt[i];
         step[i] = bench_steps(&m, &a, &ds->train, &c, steps, phase[i], &real, &rows, regions ? reg[i] : NULL, sizeof reg[i]);
-        ev[i] = bench_eval(&m, &a, &ds->valid, &c, evp[i]);
+        ev[i] = bench_eval(&m, &a, &ds->valid, &c, evp[i], &again);
     }
     pool.n = threads;
     /* Adam's bytes: parameter and both moments read and written, the gradient read and zeroed
@@ -6094,6 +6097,7 @@ static void bench_dataset(const char *label, const Dataset *ds, Config c, int st
                "%.0f%% of the kernel's), top-k %.0f%%, merge + metrics %.0f%%\n", nt[i], p[0], 100 * p[1] / busy, rate,
                100 * rate / peak[i], 100 * rate / kern[i], 100 * p[2] / busy, 100 * p[3] / busy);
     }
+    if (m.multi) printf("  selection by best interest; users selected again per interest: %ld of %d\n", again, ds->valid.n_users);
     size_t data_bytes = 0;
     const Split *sp[3] = { &ds->train, &ds->valid, &ds->test };
     for (int i = 0; i < 3; i++) data_bytes += (size_t)sp[i]->off[sp[i]->n_users] * 4 + (size_t)sp[i]->n_users * 12;
