@@ -3102,7 +3102,8 @@ float train_step(Model *m, Acts *a, const Split *train, const Config *c, uint64_
 /* ======================================================================== evaluation
  * REMI-SPEC g. For each user: interests V (K, D) from the first 80% of the history, exact
  * top-N of every interest over all N items (id 0 included), merge by score skipping id 0
- * and duplicates, then Recall, HitRate and two NDCGs against the last 20%. */
+ * and duplicates (for multi-interest models the same list is found by best interest, see
+ * best_block), then Recall, HitRate and two NDCGs against the last 20%. */
 
 /* CPython set iteration order (REMI-SPEC g.4): order[p] = position of keys[p] when a set
  * built by inserting keys[0..n) in turn is iterated. Keys are distinct non-negative ints,
