@@ -3296,7 +3296,8 @@ static void topk_block(uint64_t *heap, int *hn, int maxn, float *thr, const floa
  * another item comes after it. So one heap per user (n ln(N / n) pushes, not K times that)
  * replaces the K heaps. Whether id 0 is in a list is known by counting, per interest, the
  * items whose score key exceeds id 0's (id 0 wins ties) until there are n; a user with a
- * count short of n (id 0 or a NaN in a list, or N <= n) is selected again per interest.
+ * count short of n (id 0 in a list, or a list short of n: NaN scores, N <= n) is selected
+ * again per interest.
  * Eight users per group, their scores at columns k 8 + b of St (nj, 8 K). */
 #define BEST_LANES 8
 
@@ -5458,6 +5459,8 @@ static int st_eval_best(void) {
                   best[i].hitrate == ref.hitrate;
         }
         free_split(&s);
+        acts_free(&a);
+        model_free(&m);
     }
     ok &= again > 0 && again < users;
     char d[96];
