@@ -32,6 +32,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <ftw.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -68,6 +69,38 @@ void *xcalloc(size_t n, size_t size) {
                 "--len or the data size", n, size, (double)n * size / 1048576.0);
     return p;
 }
+/* Zeroed memory for a large array (the parameters and their moments, a batch's largest
+ * activations), mapped on its own at a 2 MB boundary and advised for transparent huge pages:
+ * Linux's default THP mode ("madvise") gives none otherwise, and a training step walks
+ * several MB per array, which on 4 KB pages costs TLB misses (the Beauty step on 2 threads:
+ * 3.44 -> 3.10 ms). Arrays under 2 MB, which cannot hold a huge page, come from calloc.
+ * Freed with big_free and the same size. */
+#define BIG_PAGE ((size_t)2 << 20)
+#ifdef __SANITIZE_ADDRESS__
+#define BIG_MAPPED 0 /* AddressSanitizer guards heap arrays, not mappings: keep them on the heap */
+#else
+#define BIG_MAPPED 1
+#endif
+static void *big_calloc(size_t bytes) {
+    if (!BIG_MAPPED || bytes < BIG_PAGE) return xcalloc(bytes, 1);
+    size_t len = (bytes + 4095) & ~(size_t)4095;
+    char *p = mmap(NULL, len + BIG_PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) die("out of memory allocating %zu bytes (%.1f MiB); lower --batch, --eval-batch, --neg, --hidden, "
+                             "--len or the data size", bytes, bytes / 1048576.0);
+    char *q = (char *)(((uintptr_t)p + BIG_PAGE - 1) & ~(uintptr_t)(BIG_PAGE - 1)); /* keep [q, q + len) */
+    if (q > p) munmap(p, q - p);
+    if (p + BIG_PAGE > q) munmap(q + len, p + BIG_PAGE - q);
+#ifdef MADV_HUGEPAGE
+    madvise(q, len, MADV_HUGEPAGE); /* a hint: without it (or with THP off) the array is just on 4 KB pages */
+#endif
+    return q;
+}
+static void big_free(void *p, size_t bytes) {
+    if (!p) return;
+    if (!BIG_MAPPED || bytes < BIG_PAGE) free(p);
+    else munmap(p, (bytes + 4095) & ~(size_t)4095);
+}
+
 void *xrealloc(void *p, size_t n) {
     p = realloc(p, n ? n : 1);
     if (!p) die("out of memory reallocating %zu bytes", n);
@@ -1907,10 +1940,10 @@ static void model_shape(Model *m, TensorInit *t, int N, const Config *c) {
 void model_init(Model *m, int N, const Config *c) {
     TensorInit t[N_PARAM_TENSORS];
     model_shape(m, t, N, c);
-    m->mem = xcalloc(m->n_params, sizeof(float));
-    m->gmem = xcalloc(m->n_params, sizeof(float));
-    m->mmem = xcalloc(m->n_params, sizeof(float));
-    m->vmem = xcalloc(m->n_params, sizeof(float));
+    m->mem = big_calloc(m->n_params * sizeof(float));
+    m->gmem = xcalloc(m->n_params, sizeof(float)); /* mostly untouched (the item rows are kept by ItemGrad) */
+    m->mmem = big_calloc(m->n_params * sizeof(float));
+    m->vmem = big_calloc(m->n_params * sizeof(float));
     float **pp = (float **)&m->p, **gp = (float **)&m->g;
     size_t off = 0;
     for (int i = 0; i < N_PARAM_TENSORS; i++) { pp[i] = m->mem + off; gp[i] = m->gmem + off; off += m->size[i]; }
@@ -1928,7 +1961,8 @@ void model_init(Model *m, int N, const Config *c) {
 /* An array of the activations, zeroed, recorded for acts_free. */
 static void *acts_calloc(Acts *a, size_t n, size_t size) {
     if (a->n_owned == (int)(sizeof a->owned / sizeof *a->owned)) die("acts_calloc: more arrays than Acts records");
-    return a->owned[a->n_owned++] = xcalloc(n, size);
+    a->owned_bytes[a->n_owned] = n * size;
+    return a->owned[a->n_owned++] = big_calloc(n * size);
 }
 
 /* Floats from one sample's u_hat to the next (capsule encoders). DR's (L, K D) block is
@@ -2008,12 +2042,14 @@ void acts_init(Acts *a, const Model *m, int cap_b, int M) {
 }
 
 void acts_free(Acts *a) {
-    for (int i = 0; i < a->n_owned; i++) free(a->owned[i]);
+    for (int i = 0; i < a->n_owned; i++) big_free(a->owned[i], a->owned_bytes[i]);
     memset(a, 0, sizeof *a);
 }
 
 void model_free(Model *m) {
-    free(m->mem); free(m->gmem); free(m->mmem); free(m->vmem); free(m->ge.row); free(m->ge.items);
+    size_t bytes = m->n_params * sizeof(float);
+    big_free(m->mem, bytes); free(m->gmem); big_free(m->mmem, bytes); big_free(m->vmem, bytes);
+    free(m->ge.row); free(m->ge.items);
     memset(m, 0, sizeof *m);
 }
 

@@ -170,7 +170,7 @@ typedef struct {
     float *glast;  /* (B, G) hidden state at each sample's last position */
     float *dglast; /* (B, G) */
     float *gwt;    /* scratch for transposed weights: max(3G D, 3G G, G D) */
-    void *owned[64]; int n_owned; /* every array above, for acts_free */
+    void *owned[64]; size_t owned_bytes[64]; int n_owned; /* every array above and its size, for acts_free */
 } Acts;
 
 /* Metrics of one evaluation at one cut-off N (REMI-SPEC g.3). */
