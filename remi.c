@@ -5986,9 +5986,13 @@ static int rss_peak_reset(void) {
     return ok;
 }
 
-/* Resident memory in MB: now (VmRSS) or the peak since rss_peak_reset (VmHWM); 0 if unknown. */
-static double rss_mb(const char *field) {
-    FILE *f = fopen("/proc/self/status", "r");
+/* A size in MB from a /proc/self file: resident memory now ("status", VmRSS) or its peak since
+ * rss_peak_reset (VmHWM), or what of it is on huge pages ("smaps_rollup", AnonHugePages); 0
+ * if unknown. */
+static double proc_mb(const char *file, const char *field) {
+    char path[64];
+    snprintf(path, sizeof path, "/proc/self/%s", file);
+    FILE *f = fopen(path, "r");
     char line[256];
     double kb = 0;
     while (f && fgets(line, sizeof line, f))
@@ -6146,9 +6150,9 @@ static void bench_dataset(const char *label, const Dataset *ds, Config c, int st
     size_t data_bytes = 0;
     const Split *sp[3] = { &ds->train, &ds->valid, &ds->test };
     for (int i = 0; i < 3; i++) data_bytes += (size_t)sp[i]->off[sp[i]->n_users] * 4 + (size_t)sp[i]->n_users * 12;
-    double need = (12.0 * m.n_params + data_bytes) / 1048576.0, rss = rss_mb(peak_known ? "VmHWM:" : "VmRSS:");
-    printf("memory: %.0f MB resident (%s); parameters + Adam moments + data = %.0f MB: ratio %.2f\n", rss,
-           peak_known ? "peak" : "at the end", need, rss / need);
+    double need = (12.0 * m.n_params + data_bytes) / 1048576.0, rss = proc_mb("status", peak_known ? "VmHWM:" : "VmRSS:");
+    printf("memory: %.0f MB resident (%s); parameters + Adam moments + data = %.0f MB: ratio %.2f; on huge pages "
+           "now: %.0f MB\n", rss, peak_known ? "peak" : "at the end", need, rss / need, proc_mb("smaps_rollup", "AnonHugePages:"));
     acts_free(&a);
     model_free(&m);
 }
