@@ -89,7 +89,7 @@ static void *big_calloc(size_t bytes) {
                              "--len or the data size", bytes, bytes / 1048576.0);
     char *q = (char *)(((uintptr_t)p + BIG_PAGE - 1) & ~(uintptr_t)(BIG_PAGE - 1)); /* keep [q, q + len) */
     if (q > p) munmap(p, q - p);
-    if (p + BIG_PAGE > q) munmap(q + len, p + BIG_PAGE - q);
+    munmap(q + len, p + BIG_PAGE - q); /* the tail: at least a page, since p is page-aligned */
 #ifdef MADV_HUGEPAGE
     madvise(q, len, MADV_HUGEPAGE); /* a hint: without it (or with THP off) the array is just on 4 KB pages */
 #endif
@@ -3475,7 +3475,10 @@ static void eval_groups(const EvalCtx *e, int g0, int g1) {
                 int col = e->best ? k * EVAL_GROUP + b : b * K + k;
                 for (int d = 0; d < D; d++) qt[(size_t)d * q + col] = v[d];
             }
-        for (int i = 0; i < q; i++) { hn[(g - g0) * Q + i] = 0; thr[(g - g0) * Q + i] = -INFINITY; }
+        if (!e->best) { /* a heap per column */
+            for (int i = 0; i < q; i++) { hn[(g - g0) * Q + i] = 0; thr[(g - g0) * Q + i] = -INFINITY; }
+            continue;
+        }
         BestSel *bs = sel + (g - g0);
         *bs = (BestSel){ .heap = heap + (size_t)(g - g0) * Q * maxn, .s0 = s0 + (size_t)(g - g0) * Q,
                          .cnt = cnt + (size_t)(g - g0) * Q, .counting = 1 };
