@@ -98,7 +98,7 @@ static void *big_calloc(size_t bytes) {
 static void big_free(void *p, size_t bytes) {
     if (!p) return;
     if (!BIG_MAPPED || bytes < BIG_PAGE) free(p);
-    else munmap(p, (bytes + 4095) & ~(size_t)4095);
+    else munmap(p, bytes); /* every page the range touches */
 }
 
 void *xrealloc(void *p, size_t n) {
@@ -2860,6 +2860,8 @@ _Static_assert(sizeof(SsmStats) == 6 * sizeof(double), "acts_init allocates ssm_
  * (GCC does not vectorise the loop over an array of eight lanes). */
 typedef int32_t i8 __attribute__((vector_size(32)));
 typedef double d8 __attribute__((vector_size(64)));
+/* Lane by lane, a where the mask m is all ones, else b. */
+static inline f8 blend8(i8 m, f8 a, f8 b) { return (f8)(((i8)a & m) | ((i8)b & ~m)); }
 static float fmax_kept(const float *x, const float *keep, int M, float a, float shift, float init) {
     f8 lane = (f8){ 0 } + init;
     int j = 0;
@@ -2867,7 +2869,7 @@ static float fmax_kept(const float *x, const float *keep, int M, float a, float 
         f8 v = a * (*(const f8 *)(x + j) - shift);
         i8 take = v > lane; /* all ones where v is the larger (never for a NaN) */
         if (keep) take &= *(const f8 *)(keep + j) != 0.0f;
-        lane = (f8)(((i8)v & take) | ((i8)lane & ~take));
+        lane = blend8(take, v, lane);
     }
     for (; j < M; j++) {
         float v = a * (x[j] - shift);
@@ -3392,7 +3394,7 @@ static void best_block(BestSel *b, const float *St, int nj, int K, int j0, int N
         for (int k = 1; k < K; k++) {
             f8 v = *(const f8 *)(row + BEST_LANES * k);
             i8 gt = beats(v, best);
-            best = (f8)(((i8)v & gt) | ((i8)best & ~gt));
+            best = blend8(gt, v, best);
             arg = (k & gt) | (arg & ~gt);
         }
         for (; reach; reach &= reach - 1) {
@@ -5361,6 +5363,11 @@ static void st_random_data(Model *m, Split *s, Config *c, int N, int U, uint64_t
     }
 }
 
+/* The four metrics equal (as values). */
+static int same_metrics(const Metrics *a, const Metrics *b) {
+    return a->recall == b->recall && a->ndcg == b->ndcg && a->ndcg_ref == b->ndcg_ref && a->hitrate == b->hitrate;
+}
+
 /* Every encoder: the tiled evaluation against its brute-force twin, same metrics. */
 static int st_eval(uint64_t *rng) {
     int ok = 1;
@@ -5381,8 +5388,7 @@ static int st_eval(uint64_t *rng) {
         evaluate(fast, cuts, 2, &m, &a, &s, key);
         for (int i = 0; i < 2; i++) {
             evaluate_ref(&ref, cuts[i], &m, &a, &s, key);
-            ok &= fast[i].recall == ref.recall && fast[i].ndcg == ref.ndcg && fast[i].ndcg_ref == ref.ndcg_ref &&
-                  fast[i].hitrate == ref.hitrate && (cuts[i] < 50 || ref.hitrate > 0); /* hits to compare */
+            ok &= same_metrics(&fast[i], &ref) && (cuts[i] < 50 || ref.hitrate > 0); /* hits to compare */
         }
         size_t k = strlen(d);
         snprintf(d + k, sizeof d - k, "%s%s R@50 %.3f", e ? ", " : "", ENC_NAMES[e], fast[1].recall);
@@ -5495,8 +5501,7 @@ static int st_eval_best(void) {
             ok &= !memcmp(&best[i], &per[i], sizeof best[i]);
             if (!finite) continue;
             evaluate_ref(&ref, cuts[i], &m, &a, &s, 5);
-            ok &= best[i].recall == ref.recall && best[i].ndcg == ref.ndcg && best[i].ndcg_ref == ref.ndcg_ref &&
-                  best[i].hitrate == ref.hitrate;
+            ok &= same_metrics(&best[i], &ref);
         }
         free_split(&s);
         acts_free(&a);
@@ -5855,18 +5860,23 @@ typedef struct { long iters; float out[256]; } FmaCtx;
 CHAINS_TASK(fma_task, __attribute__((optimize("fp-contract=fast"))))
 CHAINS_TASK(muladd_task, )
 
-/* GFLOP/s of the chains of `task` (fma_task: the FMA peak) on every thread. */
-static double measure_peak(void (*task)(void *, int, int)) {
-    FmaCtx f = { 4000000, { 0 } };
+/* The best GFLOP/s of `reps` runs of `task` on every thread, each thread doing `flop`. */
+static double best_gflops(void (*task)(void *, int, int), void *ctx, double flop, int reps) {
     double best = 0;
-    for (int rep = 0; rep < 10; rep++) { /* ~10 ms each: the best of ten survives a neighbour's burst */
+    for (int rep = 0; rep < reps; rep++) {
         double t = now_sec();
-        parallel_for(pool.n, task, &f);
-        t = now_sec() - t;
-        double g = 2.0 * 12 * VW * f.iters * pool.n / t / 1e9;
+        parallel_for(pool.n, task, ctx);
+        double g = flop * pool.n / (now_sec() - t) / 1e9;
         best = g > best ? g : best;
     }
     return best;
+}
+
+/* GFLOP/s of the chains of `task` (fma_task: the FMA peak) on every thread; ~10 ms a run,
+ * the best of ten survives a neighbour's burst. */
+static double measure_peak(void (*task)(void *, int, int)) {
+    FmaCtx f = { 4000000, { 0 } };
+    return best_gflops(task, &f, 2.0 * 12 * VW * f.iters, 10);
 }
 
 typedef struct { const float *a; size_t n; double out[256]; } BwCtx;
@@ -5907,9 +5917,9 @@ static double measure_bandwidth(void) {
  * and an add per term (no fused multiply-add, for the same bits on every build), and the
  * loads and stores of each tile. */
 typedef struct { int reps; double out[256]; } KernelCtx;
+enum { KM = 512, KN = 32, KK = 64 }; /* the product's shape */
 static void kernel_task(void *ctx, int lo, int hi) {
     KernelCtx *k = ctx;
-    enum { KM = 512, KN = 32, KK = 64 };
     float *a = xmalloc(KM * KK * sizeof(float)), *b = xmalloc(KK * KN * sizeof(float)), *c = xmalloc(KM * KN * sizeof(float));
     for (int i = 0; i < KM * KK; i++) a[i] = (float)(i % 17) * 0.125f;
     for (int i = 0; i < KK * KN; i++) b[i] = (float)(i % 13) * 0.25f;
@@ -5919,17 +5929,9 @@ static void kernel_task(void *ctx, int lo, int hi) {
     }
     free(a); free(b); free(c);
 }
-static double measure_kernel(void) {
+static double measure_kernel(void) { /* ~20 ms a run, the best of five */
     KernelCtx k = { 2000, { 0 } };
-    double best = 0;
-    for (int rep = 0; rep < 5; rep++) { /* ~20 ms each */
-        double t = now_sec();
-        parallel_for(pool.n, kernel_task, &k);
-        t = now_sec() - t;
-        double g = 2.0 * 512 * 32 * 64 * k.reps * pool.n / t / 1e9;
-        best = g > best ? g : best;
-    }
-    return best;
+    return best_gflops(kernel_task, &k, 2.0 * KM * KN * KK * k.reps, 5);
 }
 
 /* Microseconds per parallel region of empty tasks: the pool's hand-off there and back
