@@ -1973,6 +1973,8 @@ static size_t caps_stride(const Model *m) {
     return m->enc == ENC_DR ? (size_t)m->L * m->K * m->D + 16 : (size_t)m->L * m->D;
 }
 
+#define NARROW_OUT 8 /* at most this many outputs: a layer's backward streams rows (narrow_backward) */
+
 void acts_init(Acts *a, const Model *m, int cap_b, int M) {
     int L = m->L, D = m->D, H = m->H, K = m->K;
     size_t B = (size_t)cap_b;
@@ -1985,8 +1987,10 @@ void acts_init(Acts *a, const Model *m, int cap_b, int M) {
     a->sel = acts_calloc(a, B, sizeof(int));
     float **f[] = { &a->x, &a->xt, &a->dxt, &a->dx };
     for (size_t i = 0; i < sizeof f / sizeof *f; i++) *f[i] = acts_calloc(a, B * L * D, sizeof(float));
-    a->h = acts_calloc(a, B * L * H, sizeof(float));
-    a->dh = acts_calloc(a, B * L * H, sizeof(float));
+    if (m->enc == ENC_SA) { /* the hidden layer's gradient is written over it, unless K is wide (sa_backward) */
+        a->h = acts_calloc(a, B * L * H, sizeof(float));
+        a->dh = K <= NARROW_OUT ? a->h : acts_calloc(a, B * L * H, sizeof(float));
+    }
     a->z = acts_calloc(a, B * L * K, sizeof(float));
     a->dz = acts_calloc(a, B * L * K, sizeof(float));
     a->att = acts_calloc(a, B * K * L, sizeof(float));
@@ -1999,8 +2003,7 @@ void acts_init(Acts *a, const Model *m, int cap_b, int M) {
     a->ent = acts_calloc(a, (size_t)M * D + 1, sizeof(float));
     a->den = acts_calloc(a, (size_t)M * D + 1, sizeof(float));
     a->logit = acts_calloc(a, B * M + 1, sizeof(float));
-    a->dlogit = acts_calloc(a, B * M + 1, sizeof(float));
-    a->ssm_tmp = acts_calloc(a, 2 * B * M + 1, sizeof(float));
+    a->dlogit = a->logit; /* the logits are not read after ssm_forward */
     a->ssm_st = acts_calloc(a, 6 * B, sizeof(double)); /* SsmStats */
     a->pos = acts_calloc(a, B, sizeof(float));
     a->dpos = acts_calloc(a, B, sizeof(float));
@@ -2105,20 +2108,34 @@ static void linear_forward(float *y, const float *x, const float *W, float *wt, 
     transpose(wt, W, out, in);
     gemm_nn(y, x, wt, rows, out, in, 0);
 }
+/* y = tanh(y) in place */
+static void tanh_forward(float *y, size_t n) {
+    for (size_t i = 0; i < n; i++) y[i] = tanh_v(y[i]);
+}
+/* forward: y = tanh(u);  du = dy * (1 - y^2) (du may be dy or y) */
+static void tanh_grad(float *du, const float *dy, const float *y, size_t n) {
+    for (size_t i = 0; i < n; i++) du[i] = dy[i] * (1.0f - y[i] * y[i]);
+}
+static void tanh_backward(float *dy, const float *y, size_t n) { tanh_grad(dy, dy, y, n); }
+
 /* A layer with few outputs (SA's K attention logits): the products of its backward pass
  * have a 4-long sum (dx) or 4 output rows (dW), which the register tiles serve badly (a tile
  * per 4 steps of work; 16 tiles, each walking a column strip of x). Here they stream the rows
  * instead: dx[r] = sum_k dy[r,k] W[k] and dW[k] += sum_r dy[r,k] x[r], each sum in the order
- * of the tiles' (k, resp. r ascending, from 0, then added to dW), so the same bits. */
-#define NARROW_OUT 8
-typedef struct { float *dx, *dW; const float *dy, *x, *W; int rows, in, out; } NarrowCtx;
+ * of the tiles' (k, resp. r ascending, from 0, then added to dW), so the same bits.
+ * tanh_x: x is the output of a tanh, and dx becomes the gradient of its input,
+ * (dy W) * (1 - x^2), as tanh_grad computes it; dx may then be x itself, each row
+ * summed in a scratch row before it is written over its row of x. */
+typedef struct { float *dx, *dW; const float *dy, *x, *W; int rows, in, out, tanh_x; } NarrowCtx;
 static void narrow_dx_task(void *ctx, int lo, int hi) { /* rows [lo, hi) of dx */
     const NarrowCtx *c = ctx;
     size_t in = c->in, out = c->out;
+    float *t = c->tanh_x ? thread_scratch(SCRATCH_LAYER, in) : NULL;
     for (size_t r = lo; r < (size_t)hi; r++) {
-        float *d = c->dx + r * in;
+        float *d = t ? t : c->dx + r * in;
         for (size_t j = 0; j < in; j++) d[j] = 0.0f;
         for (size_t k = 0; k < out; k++) axpyf(d, c->dy[r * out + k], c->W + k * in, (int)in);
+        if (t) tanh_grad(c->dx + r * in, t, c->x + r * in, in);
     }
 }
 static void narrow_dw_task(void *ctx, int lo, int hi) { /* columns [16 lo, 16 hi) of dW */
@@ -2130,28 +2147,23 @@ static void narrow_dw_task(void *ctx, int lo, int hi) { /* columns [16 lo, 16 hi
         for (size_t k = 0; k < out; k++) axpyf(t + k * w, c->dy[r * out + k], c->x + r * in + j0, (int)w);
     for (size_t k = 0; k < out; k++) axpyf(c->dW + k * in + j0, 1.0f, t + k * w, (int)w);
 }
+/* dW first: it reads x, which dx may overwrite */
+static void narrow_backward(const NarrowCtx *c) {
+    parallel_for((c->in + 15) / 16, narrow_dw_task, (void *)c);
+    if (c->dx) parallel_for(c->rows, narrow_dx_task, (void *)c);
+}
 
 /* dx = dy W (written, not added: every caller's dx is fresh);  dW += dy^T x */
 static void linear_backward(float *dx, float *dW, const float *dy, const float *x, const float *W,
                             int rows, int in, int out) {
     if (out <= NARROW_OUT) {
-        NarrowCtx c = { dx, dW, dy, x, W, rows, in, out };
-        if (dx) parallel_for(rows, narrow_dx_task, &c);
-        parallel_for((in + 15) / 16, narrow_dw_task, &c);
+        narrow_backward(&(NarrowCtx){ dx, dW, dy, x, W, rows, in, out, 0 });
         return;
     }
     if (dx) gemm_nn(dx, dy, W, rows, in, out, 0);
     gemm_tn(dW, dy, x, out, in, rows, 1);
 }
 
-/* y = tanh(y) in place */
-static void tanh_forward(float *y, size_t n) {
-    for (size_t i = 0; i < n; i++) y[i] = tanh_v(y[i]);
-}
-/* forward: y = tanh(u);  du = dy * (1 - y^2), in place on dy */
-static void tanh_backward(float *dy, const float *y, size_t n) {
-    for (size_t i = 0; i < n; i++) dy[i] = dy[i] * (1.0f - y[i] * y[i]);
-}
 
 /* REMI-SPEC c.1 steps 3-5: att[b,k,:] = softmax over l of z[b,l,k], with masked positions
  * set to -2^32+1 first, so they get exactly 0.  z (B, L, K), att (B, K, L) */
@@ -2287,8 +2299,12 @@ static void sa_backward(Model *m, Acts *a, int nb) {
     int L = m->L, D = m->D, H = m->H, K = m->K;
     EncCtx c = { m, a, nb, 0 };
     parallel_for(nb, sa_attend_back_task, &c);                                   /* datt -> dz, dx */
-    linear_backward(a->dh, m->g.w2, a->dz, a->h, m->p.w2, nb * L, H, K);
-    parallel_for(nb, sa_tanh_back_task, &c);
+    if (K <= NARROW_OUT) /* tanh's backward in the narrow layer's pass; a->dh is a->h (acts_init) */
+        narrow_backward(&(NarrowCtx){ a->dh, m->g.w2, a->dz, a->h, m->p.w2, nb * L, H, K, 1 });
+    else {
+        linear_backward(a->dh, m->g.w2, a->dz, a->h, m->p.w2, nb * L, H, K);
+        parallel_for(nb, sa_tanh_back_task, &c);
+    }
     linear_backward(a->dxt, m->g.w1, a->dh, a->xt, m->p.w1, nb * L, D, H);
     parallel_for(L * D, sa_pos_back_task, &c);                                   /* dx, dP */
     embed_backward(&m->ge, a->dx, a->hist, a->mask, nb * L, D);
@@ -2938,45 +2954,57 @@ typedef struct {
     const int *neg, *target, *hist; int L, hits; /* --remove-hits (forward only) */
 } SsmCtx;
 
-/* loss[b] = -x0 + log(e^{x0} + Ng) */
+/* With G = T / S and Z = P + M G, P = e^{x0} or 0 (REMI-SPEC d.4, weights not detached):
+ *   d loss / d s+  = -1 + P / Z
+ *   d loss / d s_j = (M / Z) w_j [ (beta + 1) e^{x_j} - beta G ],  w_j = imp_j / S
+ * each scaled by `scale` (1/B for the batch mean), for one row from its st and tmp (2, M).
+ * Returns d loss / d s+ and writes dl (M), which may be the row's logits. */
+static float ssm_row_backward(float *dl, const float *tmp, SsmStats st, int M, float beta, float scale) {
+    double G = st.S > 0 ? st.T / st.S : 0.0;
+    float k = st.S > 0 ? (float)(scale * (float)st.Mb / (st.Z * st.S)) : 0.0f;
+    float b1 = beta + 1.0f, bg = (float)(beta * G);
+    for (int j = 0; j < M; j++) dl[j] = k * tmp[j] * (b1 * tmp[M + j] - bg);
+    return (float)(scale * (-1.0 + st.P / st.Z));
+}
+
+/* loss[b] = -x0 + log(e^{x0} + Ng); with dlogit, also the row's gradient (ssm_row_backward)
+ * while its tmp is in cache, written over its logits if dlogit is logit. With tmp NULL,
+ * each thread's scratch row holds the row's tmp (2, M) instead. */
 static void ssm_forward_task(void *ctx, int lo, int hi) {
     const SsmCtx *c = ctx;
-    float *keep = c->hits ? thread_scratch(SCRATCH_LAYER, c->M) : NULL;
+    size_t M = c->M;
+    float *keep = c->hits ? thread_scratch(SCRATCH_LAYER, M) : NULL;
+    float *row = c->tmp ? NULL : thread_scratch(SCRATCH_DOTS, 2 * M);
     for (int b = lo; b < hi; b++) {
+        float *tmp = row ? row : c->tmp + b * 2 * M;
         if (keep) hits_keep(keep, c->neg, c->M, c->target[b], c->hist + (size_t)b * c->L, c->L, c->hits);
-        c->st[b] = ssm_stats(c->tmp + (size_t)b * 2 * c->M, c->pos[b], c->logit + (size_t)b * c->M, keep, c->M,
-                             c->beta, c->with_pos);
+        c->st[b] = ssm_stats(tmp, c->pos[b], c->logit + b * M, keep, c->M, c->beta, c->with_pos);
         c->loss[b] = (float)(-c->st[b].x0 + log(c->st[b].Z));
+        if (c->dlogit) c->dpos[b] = ssm_row_backward(c->dlogit + b * M, tmp, c->st[b], c->M, c->beta, c->scale);
     }
 }
-/* Returns the batch mean of the per-sample losses (L_CE of d.4). st (nb), tmp (nb, 2M).
- * hits: HITS_NONE (the reference), or remove each row's hits among neg (M) as hits_keep
- * says, from target (nb) and hist (nb, L). */
+/* Returns the batch mean of the per-sample losses (L_CE of d.4). st (nb); tmp (nb, 2M) for
+ * ssm_backward, or NULL. hits: HITS_NONE (the reference), or remove each row's hits among
+ * neg (M) as hits_keep says, from target (nb) and hist (nb, L). grad: NULL, or the
+ * gradient's outputs and scale, as ssm_backward would write them. */
+typedef struct { float *dpos, *dlogit, scale; } SsmGrad;
 static double ssm_forward(float *loss, SsmStats *st, float *tmp, const float *pos, const float *logit, int nb, int M,
-                          float beta, int with_pos, int hits, const int *neg, const int *target, const int *hist, int L) {
-    SsmCtx c = { loss, NULL, NULL, tmp, st, pos, logit, M, with_pos, beta, 0, neg, target, hist, L, hits };
+                          float beta, int with_pos, int hits, const int *neg, const int *target, const int *hist, int L,
+                          const SsmGrad *grad) {
+    SsmCtx c = { loss, grad ? grad->dpos : NULL, grad ? grad->dlogit : NULL, tmp, st, pos, logit, M, with_pos, beta,
+                 grad ? grad->scale : 0, neg, target, hist, L, hits };
     parallel_for(nb, ssm_forward_task, &c);
     double sum = 0;
     for (int b = 0; b < nb; b++) sum += loss[b];
     return sum / nb;
 }
 
-/* With G = T / S and Z = P + M G, P = e^{x0} or 0 (REMI-SPEC d.4, weights not detached):
- *   d loss / d s+  = -1 + P / Z
- *   d loss / d s_j = (M / Z) w_j [ (beta + 1) e^{x_j} - beta G ],  w_j = imp_j / S
- * each scaled by `scale` (1/B for the batch mean), from what ssm_forward kept in st, tmp. */
+/* The gradient from what ssm_forward kept in st and tmp (the gradient checks' path). */
 static void ssm_backward_task(void *ctx, int lo, int hi) {
     const SsmCtx *c = ctx;
-    int M = c->M;
-    for (int b = lo; b < hi; b++) {
-        float *tmp = c->tmp + (size_t)b * 2 * M, *dl = c->dlogit + (size_t)b * M;
-        SsmStats st = c->st[b];
-        double G = st.S > 0 ? st.T / st.S : 0.0;
-        c->dpos[b] = (float)(c->scale * (-1.0 + st.P / st.Z));
-        float k = st.S > 0 ? (float)(c->scale * (float)st.Mb / (st.Z * st.S)) : 0.0f;
-        float b1 = c->beta + 1.0f, bg = (float)(c->beta * G);
-        for (int j = 0; j < M; j++) dl[j] = k * tmp[j] * (b1 * tmp[M + j] - bg);
-    }
+    size_t M = c->M;
+    for (int b = lo; b < hi; b++)
+        c->dpos[b] = ssm_row_backward(c->dlogit + b * M, c->tmp + b * 2 * M, c->st[b], c->M, c->beta, c->scale);
 }
 static void ssm_backward(float *dpos, float *dlogit, const SsmStats *st, float *tmp, int nb, int M, float beta,
                          float scale) {
@@ -3087,25 +3115,27 @@ static void mark_rows(unsigned char *touched, const Acts *a, int B, int L, int M
  * REMI-SPEC f.5: forward, L_CE + lambda RR, backward, Adam. */
 
 /* Forward of a batch already in a->hist/mask/target/neg (and the encoder's draws):
- * returns L_CE + lambda RR. */
-static double step_forward(Model *m, Acts *a, const Config *c) {
+ * returns L_CE + lambda RR. With grad, the loss's gradient with respect to the logits
+ * comes out of the same pass (written over them: a->dlogit is a->logit), as step_backward
+ * needs. */
+static double step_forward(Model *m, Acts *a, const Config *c, int grad) {
     int B = c->B, L = m->L, D = m->D, K = m->K, M = c->M;
     encode_forward(m, a, B, 1);
     readout_forward(a->r, a->sel, a->v, m->p.item_emb, a->target, B, K, D);
     logits_forward(a->pos, a->logit, a->en, a->ent, a->r, m->p.item_emb, a->target, a->neg, B, M, D);
-    double loss = ssm_forward(a->loss, (SsmStats *)a->ssm_st, a->ssm_tmp, a->pos, a->logit, B, M, c->rbeta,
-                              !c->full_softmax, c->hits, a->neg, a->target, a->hist, L);
+    double loss = ssm_forward(a->loss, (SsmStats *)a->ssm_st, NULL, a->pos, a->logit, B, M, c->rbeta,
+                              !c->full_softmax, c->hits, a->neg, a->target, a->hist, L,
+                              grad ? &(SsmGrad){ a->dpos, a->dlogit, 1.0f / B } : NULL);
     double rr = c->rlambda != 0.0f ? rr_forward(a->rr_d, a->att, B, K, L, D) : 0.0;
     return loss + c->rlambda * rr;
 }
 
-/* Gradients of step_forward's loss, accumulated into m->g. */
+/* Gradients of step_forward's loss (run with grad), accumulated into m->g. */
 static void step_backward(Model *m, Acts *a, const Config *c) {
     int B = c->B, L = m->L, D = m->D, K = m->K, M = c->M;
     memset(a->dr, 0, (size_t)B * D * sizeof(float));
     memset(a->dv, 0, (size_t)B * K * D * sizeof(float));
     memset(a->datt, 0, (size_t)B * K * L * sizeof(float));
-    ssm_backward(a->dpos, a->dlogit, (SsmStats *)a->ssm_st, a->ssm_tmp, B, M, c->rbeta, 1.0f / B);
     logits_backward(a->dr, &m->ge, a->den, a->dpos, a->dlogit, a->r, a->en, m->p.item_emb,
                     a->target, a->neg, B, M, D);
     readout_backward(a->dv, a->dr, a->sel, B, K, D);
@@ -3128,7 +3158,7 @@ float train_step(Model *m, Acts *a, const Split *train, const Config *c, uint64_
         a->neg[j] = c->full_softmax ? j : (int)rng_below(rng, (uint32_t)m->N);
     encoder_draws(m, a, c, c->B, rng);
     double t1 = now_sec();
-    double loss = step_forward(m, a, c);
+    double loss = step_forward(m, a, c, 1);
     double t2 = now_sec();
     step_backward(m, a, c);
     double t3 = now_sec();
@@ -4821,13 +4851,13 @@ static double gc_logits(GcState *g) { /* buf0 r (B,D); E = m.p.item_emb */
 }
 static double gc_ssm(GcState *g) { /* buf0 pos (B), buf1 logit (B,M), buf2 loss (B) */
     return ssm_forward(g->buf[2], (SsmStats *)g->a.ssm_st, g->buf[5], g->buf[0], g->buf[1], g->B, g->M, g->beta,
-                       !g->full, g->hits, g->a.neg, g->a.target, g->a.hist, g->L);
+                       !g->full, g->hits, g->a.neg, g->a.target, g->a.hist, g->L, NULL);
 }
 static double gc_rr(GcState *g) { /* buf0 att (B,K,L), buf1 rr_d (B,K); 1e3 RR, so its gradient is
                                    * well above the tolerance */
     return 1e3 * rr_forward(g->buf[1], g->buf[0], g->B, g->K, g->L, g->D);
 }
-static double gc_model(GcState *g) { return step_forward(&g->m, &g->a, &g->cfg); }
+static double gc_model(GcState *g) { return step_forward(&g->m, &g->a, &g->cfg, 0); }
 /* The model's kinks: each row's chosen interest and, for MIND with --relu, the ReLU's signs. */
 static uint64_t gc_model_kinks(const GcState *g) {
     uint64_t h = fnv1a(g->a.sel, (size_t)g->B * sizeof(int));
@@ -4897,7 +4927,7 @@ static int gc_model_check(GcState *g, Encoder e) {
     memcpy(h.a.neg, g->a.neg, (size_t)g->M * sizeof(int));
     gc_fill(h.m.mem, h.m.n_params, 0.5, &g->rng);
     encoder_draws(&h.m, &h.a, &h.cfg, g->B, &g->rng);
-    step_forward(&h.m, &h.a, &h.cfg);
+    step_forward(&h.m, &h.a, &h.cfg, 1);
     float *frozen = xmalloc((size_t)g->B * h.m.K * g->L * sizeof(float));
     memcpy(frozen, h.a.att, (size_t)g->B * h.m.K * g->L * sizeof(float));
     if (e == ENC_DR || e == ENC_MIND) h.a.route_frozen = frozen;
@@ -5044,7 +5074,7 @@ int cmd_gradcheck(int argc, char **argv) {
             for (int j = 0; j < M; j++)
                 if (keep[j] != 0.0f) kept[n++] = g.buf[1][b * M + j];
             removed += M - n;
-            ssm_forward(&loss1, &st1, tmp1, g.buf[0] + b, kept, 1, n, g.beta, 1, HITS_NONE, NULL, NULL, NULL, 0);
+            ssm_forward(&loss1, &st1, tmp1, g.buf[0] + b, kept, 1, n, g.beta, 1, HITS_NONE, NULL, NULL, NULL, 0, NULL);
             double r = fabs(loss1 - g.buf[2][b]) / (1e-6 + 1e-6 * fabs(g.buf[2][b]));
             if (!(r <= worst)) worst = r; /* a NaN stays, and fails */
         }
@@ -5144,9 +5174,38 @@ static int st_narrow(uint64_t *rng) {
         gemm_ref(rx, dy, W, rows, in, out, 0, 0);
         gemm_ref(rW, dy, x, out, in, rows, 1, 1);
         ok &= !memcmp(dx, rx, (size_t)rows * in * 4) && !memcmp(dW, rW, (size_t)out * in * 4);
+        /* with tanh's backward, written over x (SA's hidden layer): x is tanh's output, in (-1, 1) */
+        for (size_t i = 0; i < (size_t)rows * in; i++) x[i] = tanhf(x[i]);
+        memcpy(dW, rW, (size_t)out * in * 4);
+        gemm_ref(rW, dy, x, out, in, rows, 1, 1);
+        tanh_backward(rx, x, (size_t)rows * in);
+        narrow_backward(&(NarrowCtx){ x, dW, dy, x, W, rows, in, out, 1 });
+        ok &= !memcmp(x, rx, (size_t)rows * in * 4) && !memcmp(dW, rW, (size_t)out * in * 4);
         free(dy); free(x); free(W); free(dx); free(dW); free(rx); free(rW);
     }
-    return st_report("narrow layer backward vs product twin", ok, "6 shapes, bit-identical");
+    return st_report("narrow layer backward vs product twin", ok, "6 shapes, plain and with tanh over x; bit-identical");
+}
+
+/* The loss's gradient made in its forward pass (training) = ssm_backward's, bit for bit. */
+static int st_ssm_fused(uint64_t *rng) {
+    enum { B = 7, M = 45, L = 3 };
+    int neg[M], target[B], hist[B * L], ok = 1;
+    float pos[B], logit[B * M], tmp[B * 2 * M], loss[B], loss2[B], dpos[B], dpos2[B], dl[B * M];
+    SsmStats st[B], st2[B];
+    for (int j = 0; j < M; j++) neg[j] = (int)rng_below(rng, 9);
+    for (int b = 0; b < B; b++) target[b] = (int)rng_below(rng, 9);
+    for (int i = 0; i < B * L; i++) hist[i] = (int)rng_below(rng, 9);
+    for (int t = 0; t < 6; t++) {
+        float beta = t % 2 ? 0.1f : 2.0f;
+        int hits = t / 2 == 0 ? HITS_NONE : t / 2 == 1 ? HITS_TARGET : HITS_HISTORY;
+        gc_fill(pos, B, 3, rng); gc_fill(logit, B * M, 3, rng);
+        ssm_forward(loss, st, tmp, pos, logit, B, M, beta, 1, hits, neg, target, hist, L, NULL);
+        ssm_backward(dpos, dl, st, tmp, B, M, beta, 1.0f / B);
+        ssm_forward(loss2, st2, NULL, pos, logit, B, M, beta, 1, hits, neg, target, hist, L,
+                    &(SsmGrad){ dpos2, logit, 1.0f / B }); /* written over the logits, as in training */
+        ok &= !memcmp(loss, loss2, sizeof loss) && !memcmp(dpos, dpos2, sizeof dpos) && !memcmp(dl, logit, sizeof dl);
+    }
+    return st_report("loss gradient in the forward pass vs backward", ok, "6 cases (beta, removed hits), bit-identical");
 }
 
 static int st_math(void) {
@@ -5566,7 +5625,7 @@ static int st_adam(uint64_t *rng) {
             if (run == 0) { train_step(&m[run], &a, &s, &c, &step_rng, perm); continue; }
             make_train_batch(&a, &s, perm, c.B, m[run].L, &step_rng);
             for (int j = 0; j < c.M; j++) a.neg[j] = (int)rng_below(&step_rng, (uint32_t)m[run].N);
-            step_forward(&m[run], &a, &c);
+            step_forward(&m[run], &a, &c, 1);
             step_backward(&m[run], &a, &c);
             adam_step(&m[run], c.lr, 0);
         }
@@ -5657,6 +5716,7 @@ int cmd_selftest(int argc, char **argv) {
     ok &= st_nonfinite(&rng);
     ok &= st_merge_random(&rng);
     ok &= st_narrow(&rng);
+    ok &= st_ssm_fused(&rng);
     ok &= st_rng();
     ok &= st_best_select();
     ok &= st_eval_best();

@@ -111,7 +111,7 @@ typedef struct {
     int *neg;      /* (M) shared negatives */
     float *x;      /* (B, L, D) masked item embeddings */
     float *xt;     /* (B, L, D) x + P */
-    float *h;      /* (B, L, H) tanh(xt W1^T) */
+    float *h;      /* (B, L, H) tanh(xt W1^T) (SA only) */
     float *z;      /* (B, L, K) h W2^T */
     float *att;    /* (B, K, L) A, masked softmax over L */
     float *v;      /* (B, K, D) interests V = A x */
@@ -121,10 +121,9 @@ typedef struct {
     float *ent;    /* (D, M) the same, transposed */
     float *logit;  /* (B, M) r . E[neg] */
     float *pos;    /* (B) r . E[target] */
-    float *dlogit; /* (B, M) */
+    float *dlogit; /* (B, M) written over logit, by the loss's forward pass */
     float *dpos;   /* (B) */
-    float *ssm_tmp;  /* (B, 2, M) importance weights and exponentials of the loss */
-    double *ssm_st;  /* (B, 5) per-sample loss statistics: x0, S, T, P, Z */
+    double *ssm_st;  /* (B, 6) per-sample loss statistics: x0, S, T, P, Z, Mb */
     float *loss;   /* (B) per-sample sampled-softmax loss */
     float *rr_d;   /* (B, K) diag of the RR covariance */
     float *dr;     /* (B, D) */
@@ -132,7 +131,7 @@ typedef struct {
     float *dv;     /* (B, K, D) */
     float *datt;   /* (B, K, L) */
     float *dz;     /* (B, L, K) */
-    float *dh;     /* (B, L, H) */
+    float *dh;     /* (B, L, H) written over h when K <= 8 (SA only) */
     float *dxt;    /* (B, L, D) */
     float *dx;     /* (B, L, D) */
     float *w1t;    /* (D, H) W1 transposed */
