@@ -1973,8 +1973,6 @@ static size_t caps_stride(const Model *m) {
     return m->enc == ENC_DR ? (size_t)m->L * m->K * m->D + 16 : (size_t)m->L * m->D;
 }
 
-#define NARROW_OUT 8 /* at most this many outputs: a layer's backward streams rows (narrow_backward) */
-
 void acts_init(Acts *a, const Model *m, int cap_b, int M) {
     int L = m->L, D = m->D, H = m->H, K = m->K;
     size_t B = (size_t)cap_b;
@@ -1987,9 +1985,9 @@ void acts_init(Acts *a, const Model *m, int cap_b, int M) {
     a->sel = acts_calloc(a, B, sizeof(int));
     float **f[] = { &a->x, &a->xt, &a->dxt, &a->dx };
     for (size_t i = 0; i < sizeof f / sizeof *f; i++) *f[i] = acts_calloc(a, B * L * D, sizeof(float));
-    if (m->enc == ENC_SA) { /* the hidden layer's gradient is written over it, unless K is wide (sa_backward) */
+    if (m->enc == ENC_SA) {
         a->h = acts_calloc(a, B * L * H, sizeof(float));
-        a->dh = K <= NARROW_OUT ? a->h : acts_calloc(a, B * L * H, sizeof(float));
+        a->dh = acts_calloc(a, B * L * H, sizeof(float));
     }
     a->z = acts_calloc(a, B * L * K, sizeof(float));
     a->dz = acts_calloc(a, B * L * K, sizeof(float));
@@ -2108,34 +2106,20 @@ static void linear_forward(float *y, const float *x, const float *W, float *wt, 
     transpose(wt, W, out, in);
     gemm_nn(y, x, wt, rows, out, in, 0);
 }
-/* y = tanh(y) in place */
-static void tanh_forward(float *y, size_t n) {
-    for (size_t i = 0; i < n; i++) y[i] = tanh_v(y[i]);
-}
-/* forward: y = tanh(u);  du = dy * (1 - y^2) (du may be dy or y) */
-static void tanh_grad(float *du, const float *dy, const float *y, size_t n) {
-    for (size_t i = 0; i < n; i++) du[i] = dy[i] * (1.0f - y[i] * y[i]);
-}
-static void tanh_backward(float *dy, const float *y, size_t n) { tanh_grad(dy, dy, y, n); }
-
 /* A layer with few outputs (SA's K attention logits): the products of its backward pass
  * have a 4-long sum (dx) or 4 output rows (dW), which the register tiles serve badly (a tile
  * per 4 steps of work; 16 tiles, each walking a column strip of x). Here they stream the rows
  * instead: dx[r] = sum_k dy[r,k] W[k] and dW[k] += sum_r dy[r,k] x[r], each sum in the order
- * of the tiles' (k, resp. r ascending, from 0, then added to dW), so the same bits.
- * tanh_x: x is the output of a tanh, and dx becomes the gradient of its input,
- * (dy W) * (1 - x^2), as tanh_grad computes it; dx may then be x itself, each row
- * summed in a scratch row before it is written over its row of x. */
-typedef struct { float *dx, *dW; const float *dy, *x, *W; int rows, in, out, tanh_x; } NarrowCtx;
+ * of the tiles' (k, resp. r ascending, from 0, then added to dW), so the same bits. */
+#define NARROW_OUT 8
+typedef struct { float *dx, *dW; const float *dy, *x, *W; int rows, in, out; } NarrowCtx;
 static void narrow_dx_task(void *ctx, int lo, int hi) { /* rows [lo, hi) of dx */
     const NarrowCtx *c = ctx;
     size_t in = c->in, out = c->out;
-    float *t = c->tanh_x ? thread_scratch(SCRATCH_LAYER, in) : NULL;
     for (size_t r = lo; r < (size_t)hi; r++) {
-        float *d = t ? t : c->dx + r * in;
+        float *d = c->dx + r * in;
         for (size_t j = 0; j < in; j++) d[j] = 0.0f;
         for (size_t k = 0; k < out; k++) axpyf(d, c->dy[r * out + k], c->W + k * in, (int)in);
-        if (t) tanh_grad(c->dx + r * in, t, c->x + r * in, in);
     }
 }
 static void narrow_dw_task(void *ctx, int lo, int hi) { /* columns [16 lo, 16 hi) of dW */
@@ -2147,23 +2131,28 @@ static void narrow_dw_task(void *ctx, int lo, int hi) { /* columns [16 lo, 16 hi
         for (size_t k = 0; k < out; k++) axpyf(t + k * w, c->dy[r * out + k], c->x + r * in + j0, (int)w);
     for (size_t k = 0; k < out; k++) axpyf(c->dW + k * in + j0, 1.0f, t + k * w, (int)w);
 }
-/* dW first: it reads x, which dx may overwrite */
-static void narrow_backward(const NarrowCtx *c) {
-    parallel_for((c->in + 15) / 16, narrow_dw_task, (void *)c);
-    if (c->dx) parallel_for(c->rows, narrow_dx_task, (void *)c);
-}
 
 /* dx = dy W (written, not added: every caller's dx is fresh);  dW += dy^T x */
 static void linear_backward(float *dx, float *dW, const float *dy, const float *x, const float *W,
                             int rows, int in, int out) {
     if (out <= NARROW_OUT) {
-        narrow_backward(&(NarrowCtx){ dx, dW, dy, x, W, rows, in, out, 0 });
+        NarrowCtx c = { dx, dW, dy, x, W, rows, in, out };
+        if (dx) parallel_for(rows, narrow_dx_task, &c);
+        parallel_for((in + 15) / 16, narrow_dw_task, &c);
         return;
     }
     if (dx) gemm_nn(dx, dy, W, rows, in, out, 0);
     gemm_tn(dW, dy, x, out, in, rows, 1);
 }
 
+/* y = tanh(y) in place */
+static void tanh_forward(float *y, size_t n) {
+    for (size_t i = 0; i < n; i++) y[i] = tanh_v(y[i]);
+}
+/* forward: y = tanh(u);  du = dy * (1 - y^2), in place on dy */
+static void tanh_backward(float *dy, const float *y, size_t n) {
+    for (size_t i = 0; i < n; i++) dy[i] = dy[i] * (1.0f - y[i] * y[i]);
+}
 
 /* REMI-SPEC c.1 steps 3-5: att[b,k,:] = softmax over l of z[b,l,k], with masked positions
  * set to -2^32+1 first, so they get exactly 0.  z (B, L, K), att (B, K, L) */
@@ -2299,12 +2288,8 @@ static void sa_backward(Model *m, Acts *a, int nb) {
     int L = m->L, D = m->D, H = m->H, K = m->K;
     EncCtx c = { m, a, nb, 0 };
     parallel_for(nb, sa_attend_back_task, &c);                                   /* datt -> dz, dx */
-    if (K <= NARROW_OUT) /* tanh's backward in the narrow layer's pass; a->dh is a->h (acts_init) */
-        narrow_backward(&(NarrowCtx){ a->dh, m->g.w2, a->dz, a->h, m->p.w2, nb * L, H, K, 1 });
-    else {
-        linear_backward(a->dh, m->g.w2, a->dz, a->h, m->p.w2, nb * L, H, K);
-        parallel_for(nb, sa_tanh_back_task, &c);
-    }
+    linear_backward(a->dh, m->g.w2, a->dz, a->h, m->p.w2, nb * L, H, K);
+    parallel_for(nb, sa_tanh_back_task, &c);
     linear_backward(a->dxt, m->g.w1, a->dh, a->xt, m->p.w1, nb * L, D, H);
     parallel_for(L * D, sa_pos_back_task, &c);                                   /* dx, dP */
     embed_backward(&m->ge, a->dx, a->hist, a->mask, nb * L, D);
@@ -5174,16 +5159,9 @@ static int st_narrow(uint64_t *rng) {
         gemm_ref(rx, dy, W, rows, in, out, 0, 0);
         gemm_ref(rW, dy, x, out, in, rows, 1, 1);
         ok &= !memcmp(dx, rx, (size_t)rows * in * 4) && !memcmp(dW, rW, (size_t)out * in * 4);
-        /* with tanh's backward, written over x (SA's hidden layer): x is tanh's output, in (-1, 1) */
-        for (size_t i = 0; i < (size_t)rows * in; i++) x[i] = tanhf(x[i]);
-        memcpy(dW, rW, (size_t)out * in * 4);
-        gemm_ref(rW, dy, x, out, in, rows, 1, 1);
-        tanh_backward(rx, x, (size_t)rows * in);
-        narrow_backward(&(NarrowCtx){ x, dW, dy, x, W, rows, in, out, 1 });
-        ok &= !memcmp(x, rx, (size_t)rows * in * 4) && !memcmp(dW, rW, (size_t)out * in * 4);
         free(dy); free(x); free(W); free(dx); free(dW); free(rx); free(rW);
     }
-    return st_report("narrow layer backward vs product twin", ok, "6 shapes, plain and with tanh over x; bit-identical");
+    return st_report("narrow layer backward vs product twin", ok, "6 shapes, bit-identical");
 }
 
 /* The loss's gradient made in its forward pass (training) = ssm_backward's, bit for bit. */

@@ -131,7 +131,7 @@ typedef struct {
     float *dv;     /* (B, K, D) */
     float *datt;   /* (B, K, L) */
     float *dz;     /* (B, L, K) */
-    float *dh;     /* (B, L, H) written over h when K <= 8 (SA only) */
+    float *dh;     /* (B, L, H) (SA only) */
     float *dxt;    /* (B, L, D) */
     float *dx;     /* (B, L, D) */
     float *w1t;    /* (D, H) W1 transposed */
