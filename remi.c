@@ -1671,9 +1671,10 @@ static void gemm_tile(const Gemm *g, int i, int j, int rows) {
     else gemm_tile_full(g, i, j);
 }
 
-/* Growable per-thread scratch buffers, one per slot: the gemm's edge tiles, and the
- * per-sample layers (capsule routing) that need a few rows of their own. */
-enum { SCRATCH_GEMM, SCRATCH_LAYER, SCRATCH_DOTS, N_SCRATCH };
+/* Growable per-thread scratch buffers, one per slot: the gemm's edge tiles, the per-sample
+ * layers (capsule routing) that need a few rows of their own, the K x L dot products, and a
+ * row of the loss. */
+enum { SCRATCH_GEMM, SCRATCH_LAYER, SCRATCH_DOTS, SCRATCH_LOSS, N_SCRATCH };
 static __thread float *scratch_buf[N_SCRATCH];
 static __thread size_t scratch_cap[N_SCRATCH];
 
@@ -2856,8 +2857,9 @@ static void logits_backward(float *dr, ItemGrad *dE, float *den, const float *dp
  *   x0 = s+ - m, x_j = s_j - m, imp_j = exp(beta x_j - max_i beta x_i), S = sum imp,
  *   T = sum imp_j e^{x_j}, Ng = M T / S = M sum_j w_j e^{x_j} with w = softmax(beta s).
  * beta = 0 gives imp = 1, Ng = sum e^{x_j}: plain sampled softmax (d.3).
- * The forward pass keeps these statistics and leaves imp_j and e^{x_j} in tmp (2, M) for
- * the backward pass. Mb is M, or with --remove-hits the number of negatives kept. */
+ * The forward pass keeps these statistics and leaves imp_j and e^{x_j} in tmp (2, M), from
+ * which the gradient is made: by the backward pass, or in training by the forward pass
+ * itself, row by row. Mb is M, or with --remove-hits the number of negatives kept. */
 typedef struct { double x0, S, T, P, Z, Mb; } SsmStats;
 _Static_assert(sizeof(SsmStats) == 6 * sizeof(double), "acts_init allocates ssm_st as 6 doubles per row");
 
@@ -2965,7 +2967,7 @@ static void ssm_forward_task(void *ctx, int lo, int hi) {
     const SsmCtx *c = ctx;
     size_t M = c->M;
     float *keep = c->hits ? thread_scratch(SCRATCH_LAYER, M) : NULL;
-    float *row = c->tmp ? NULL : thread_scratch(SCRATCH_DOTS, 2 * M);
+    float *row = c->tmp ? NULL : thread_scratch(SCRATCH_LOSS, 2 * M);
     for (int b = lo; b < hi; b++) {
         float *tmp = row ? row : c->tmp + b * 2 * M;
         if (keep) hits_keep(keep, c->neg, c->M, c->target[b], c->hist + (size_t)b * c->L, c->L, c->hits);
