@@ -2112,16 +2112,35 @@ static void linear_forward(float *y, const float *x, const float *W, float *wt, 
  * have a 4-long sum (dx) or 4 output rows (dW), which the register tiles serve badly (a tile
  * per 4 steps of work; 16 tiles, each walking a column strip of x). Here they stream the rows
  * instead: dx[r] = sum_k dy[r,k] W[k] and dW[k] += sum_r dy[r,k] x[r], each sum in the order
- * of the tiles' (k, resp. r ascending, from 0, then added to dW), so the same bits. */
+ * of the tiles' (k, resp. r ascending, from 0, then added to dW), so the same bits.
+ * tanh_x: x is the output of a tanh, and dx becomes the gradient of its input,
+ * (dy W) * (1 - x^2), as tanh_backward computes it, in the same pass. */
 #define NARROW_OUT 8
-typedef struct { float *dx, *dW; const float *dy, *x, *W; int rows, in, out; } NarrowCtx;
+typedef struct { float *dx, *dW; const float *dy, *x, *W; int rows, in, out, tanh_x; } NarrowCtx;
 static void narrow_dx_task(void *ctx, int lo, int hi) { /* rows [lo, hi) of dx */
     const NarrowCtx *c = ctx;
     size_t in = c->in, out = c->out;
     for (size_t r = lo; r < (size_t)hi; r++) {
+        const float *dy = c->dy + r * out, *x = c->x + r * in;
         float *d = c->dx + r * in;
-        for (size_t j = 0; j < in; j++) d[j] = 0.0f;
-        for (size_t k = 0; k < out; k++) axpyf(d, c->dy[r * out + k], c->W + k * in, (int)in);
+        size_t j = 0;
+        for (; j + 4 * VW <= in; j += 4 * VW) { /* 4 vectors of the row's sums in registers */
+            vfw s[4] = { 0 };
+            for (size_t k = 0; k < out; k++)
+                for (int v = 0; v < 4; v++) s[v] = s[v] + dy[k] * *(const vfw *)(c->W + k * in + j + v * VW);
+            for (int v = 0; v < 4; v++) {
+                if (c->tanh_x) {
+                    vfw y = *(const vfw *)(x + j + v * VW);
+                    s[v] = s[v] * (1.0f - y * y);
+                }
+                *(vfw *)(d + j + v * VW) = s[v];
+            }
+        }
+        for (; j < in; j++) {
+            float s = 0.0f;
+            for (size_t k = 0; k < out; k++) s = s + dy[k] * c->W[k * in + j];
+            d[j] = c->tanh_x ? s * (1.0f - x[j] * x[j]) : s;
+        }
     }
 }
 /* dW's rows [k0, k0 + KN) on the NS VW columns from j, their sums over the rows of x held in
@@ -2167,13 +2186,16 @@ static void narrow_dw_task(void *ctx, int lo, int hi) { /* columns [16 lo, 16 hi
     for (size_t k = 0; k < out; k++) axpyf(c->dW + k * in + j0, 1.0f, t + k * w, (int)w);
 }
 
+static void narrow_backward(const NarrowCtx *c) {
+    if (c->dx) parallel_for(c->rows, narrow_dx_task, (void *)c);
+    parallel_for((c->in + 15) / 16, narrow_dw_task, (void *)c);
+}
+
 /* dx = dy W (written, not added: every caller's dx is fresh);  dW += dy^T x */
 static void linear_backward(float *dx, float *dW, const float *dy, const float *x, const float *W,
                             int rows, int in, int out) {
     if (out <= NARROW_OUT) {
-        NarrowCtx c = { dx, dW, dy, x, W, rows, in, out };
-        if (dx) parallel_for(rows, narrow_dx_task, &c);
-        parallel_for((in + 15) / 16, narrow_dw_task, &c);
+        narrow_backward(&(NarrowCtx){ dx, dW, dy, x, W, rows, in, out, 0 });
         return;
     }
     if (dx) gemm_nn(dx, dy, W, rows, in, out, 0);
@@ -2328,8 +2350,12 @@ static void sa_backward(Model *m, Acts *a, int nb) {
     int L = m->L, D = m->D, H = m->H, K = m->K;
     EncCtx c = { m, a, nb, 0 };
     parallel_for(nb, sa_attend_back_task, &c);                                   /* datt -> dz, dx */
-    linear_backward(a->dh, m->g.w2, a->dz, a->h, m->p.w2, nb * L, H, K);
-    parallel_for(nb, sa_tanh_back_task, &c);
+    if (K <= NARROW_OUT) /* with tanh's backward in its dx pass */
+        narrow_backward(&(NarrowCtx){ a->dh, m->g.w2, a->dz, a->h, m->p.w2, nb * L, H, K, 1 });
+    else {
+        linear_backward(a->dh, m->g.w2, a->dz, a->h, m->p.w2, nb * L, H, K);
+        parallel_for(nb, sa_tanh_back_task, &c);
+    }
     linear_backward(a->dxt, m->g.w1, a->dh, a->xt, m->p.w1, nb * L, D, H);
     parallel_for(nb, sa_pos_back_task, &c);                                      /* dx, dP */
     embed_backward(&m->ge, a->dx, a->hist, a->mask, nb * L, D);
@@ -5201,9 +5227,17 @@ static int st_narrow(uint64_t *rng) {
         gemm_ref(rx, dy, W, rows, in, out, 0, 0);
         gemm_ref(rW, dy, x, out, in, rows, 1, 1);
         ok &= !memcmp(dx, rx, (size_t)rows * in * 4) && !memcmp(dW, rW, (size_t)out * in * 4);
+        /* with tanh's backward in the same pass: x is a tanh's output, in (-1, 1) */
+        for (size_t i = 0; i < (size_t)rows * in; i++) x[i] = tanhf(x[i]);
+        memcpy(dW, rW, (size_t)out * in * 4);
+        gemm_ref(rW, dy, x, out, in, rows, 1, 1);
+        tanh_backward(rx, x, (size_t)rows * in);
+        narrow_backward(&(NarrowCtx){ dx, dW, dy, x, W, rows, in, out, 1 });
+        ok &= !memcmp(dx, rx, (size_t)rows * in * 4) && !memcmp(dW, rW, (size_t)out * in * 4);
         free(dy); free(x); free(W); free(dx); free(dW); free(rx); free(rW);
     }
-    return st_report("narrow layer backward vs product twin", ok, "10 shapes, 1 to 8 outputs, bit-identical");
+    return st_report("narrow layer backward vs product twin", ok,
+                     "10 shapes, 1 to 8 outputs, plain and with tanh's backward; bit-identical");
 }
 
 /* The loss's gradient made in its forward pass (training) = ssm_backward's, bit for bit. */
