@@ -1816,6 +1816,27 @@ static void dots(float *y, const float *A, size_t sa, const float *x, int n, int
 static void axpyf(float *y, float a, const float *x, int n) {
     for (int i = 0; i < n; i++) y[i] = y[i] + a * x[i];
 }
+/* y (D) = sum_i a[i sa] x[i] over n rows of x, sx apart, i ascending: the sums of axpyf into a
+ * zeroed y, held in registers (4 vectors at a time) instead of stored and loaded per row */
+static void weighted_sum(float *y, const float *a, size_t sa, const float *x, size_t sx, int n, int D) {
+    int d = 0;
+    for (; d + 4 * VW <= D; d += 4 * VW) {
+        vfw s[4] = { 0 };
+        for (int i = 0; i < n; i++)
+            for (int v = 0; v < 4; v++) s[v] = s[v] + a[i * sa] * *(const vfw *)(x + i * sx + d + v * VW);
+        for (int v = 0; v < 4; v++) *(vfw *)(y + d + v * VW) = s[v];
+    }
+    for (; d + VW <= D; d += VW) {
+        vfw s = { 0 };
+        for (int i = 0; i < n; i++) s = s + a[i * sa] * *(const vfw *)(x + i * sx + d);
+        *(vfw *)(y + d) = s;
+    }
+    for (; d < D; d++) {
+        float s = 0.0f;
+        for (int i = 0; i < n; i++) s = s + a[i * sa] * x[i * sx + d];
+        y[d] = s;
+    }
+}
 
 static void transpose(float *dst, const float *src, int rows, int cols) {
     for (int i = 0; i < rows; i++)
@@ -2108,6 +2129,15 @@ static void linear_forward(float *y, const float *x, const float *W, float *wt, 
     transpose(wt, W, out, in);
     gemm_nn(y, x, wt, rows, out, in, 0);
 }
+/* y = tanh(y) in place */
+static void tanh_forward(float *y, size_t n) {
+    for (size_t i = 0; i < n; i++) y[i] = tanh_v(y[i]);
+}
+/* forward: y = tanh(u);  du = dy * (1 - y^2), in place on dy */
+static void tanh_backward(float *dy, const float *y, size_t n) {
+    for (size_t i = 0; i < n; i++) dy[i] = dy[i] * (1.0f - y[i] * y[i]);
+}
+
 /* A layer with few outputs (SA's K attention logits): the products of its backward pass
  * have a 4-long sum (dx) or 4 output rows (dW), which the register tiles serve badly (a tile
  * per 4 steps of work; 16 tiles, each walking a column strip of x). Here they stream the rows
@@ -2121,26 +2151,8 @@ static void narrow_dx_task(void *ctx, int lo, int hi) { /* rows [lo, hi) of dx *
     const NarrowCtx *c = ctx;
     size_t in = c->in, out = c->out;
     for (size_t r = lo; r < (size_t)hi; r++) {
-        const float *dy = c->dy + r * out, *x = c->x + r * in;
-        float *d = c->dx + r * in;
-        size_t j = 0;
-        for (; j + 4 * VW <= in; j += 4 * VW) { /* 4 vectors of the row's sums in registers */
-            vfw s[4] = { 0 };
-            for (size_t k = 0; k < out; k++)
-                for (int v = 0; v < 4; v++) s[v] = s[v] + dy[k] * *(const vfw *)(c->W + k * in + j + v * VW);
-            for (int v = 0; v < 4; v++) {
-                if (c->tanh_x) {
-                    vfw y = *(const vfw *)(x + j + v * VW);
-                    s[v] = s[v] * (1.0f - y * y);
-                }
-                *(vfw *)(d + j + v * VW) = s[v];
-            }
-        }
-        for (; j < in; j++) {
-            float s = 0.0f;
-            for (size_t k = 0; k < out; k++) s = s + dy[k] * c->W[k * in + j];
-            d[j] = c->tanh_x ? s * (1.0f - x[j] * x[j]) : s;
-        }
+        weighted_sum(c->dx + r * in, c->dy + r * out, 1, c->W, in, (int)out, (int)in);
+        if (c->tanh_x) tanh_backward(c->dx + r * in, c->x + r * in, in); /* the row still in L1 */
     }
 }
 /* dW's rows [k0, k0 + KN) on the NS VW columns from j, their sums over the rows of x held in
@@ -2202,15 +2214,6 @@ static void linear_backward(float *dx, float *dW, const float *dy, const float *
     gemm_tn(dW, dy, x, out, in, rows, 1);
 }
 
-/* y = tanh(y) in place */
-static void tanh_forward(float *y, size_t n) {
-    for (size_t i = 0; i < n; i++) y[i] = tanh_v(y[i]);
-}
-/* forward: y = tanh(u);  du = dy * (1 - y^2), in place on dy */
-static void tanh_backward(float *dy, const float *y, size_t n) {
-    for (size_t i = 0; i < n; i++) dy[i] = dy[i] * (1.0f - y[i] * y[i]);
-}
-
 /* REMI-SPEC c.1 steps 3-5: att[b,k,:] = softmax over l of z[b,l,k], with masked positions
  * set to -2^32+1 first, so they get exactly 0.  z (B, L, K), att (B, K, L) */
 static void masked_softmax_forward(float *att, const float *z, const float *mask, int nb, int K, int L) {
@@ -2242,21 +2245,16 @@ static void masked_softmax_backward(float *dz, const float *datt, const float *a
  * v (B, K, D), att (B, K, L), x (B, L, D) */
 static void interest_forward(float *v, const float *att, const float *x, int nb, int K, int L, int D) {
     for (int b = 0; b < nb; b++)
-        for (int k = 0; k < K; k++) {
-            float *vk = v + ((size_t)b * K + k) * D;
-            for (int d = 0; d < D; d++) vk[d] = 0.0f;
-            for (int l = 0; l < L; l++)
-                axpyf(vk, att[((size_t)b * K + k) * L + l], x + ((size_t)b * L + l) * D, D);
-        }
+        for (int k = 0; k < K; k++)
+            weighted_sum(v + ((size_t)b * K + k) * D, att + ((size_t)b * K + k) * L, 1, x + (size_t)b * L * D, D, L, D);
 }
-/* datt[b,k,l] += <dv[b,k], x[b,l]>;  dx[b,l] += sum_k att[b,k,l] dv[b,k] */
+/* datt[b,k,l] += <dv[b,k], x[b,l]>;  dx[b,l] = sum_k att[b,k,l] dv[b,k] (written, not added) */
 static void interest_backward(float *datt, float *dx, const float *dv, const float *att, const float *x,
                               int nb, int K, int L, int D) {
     for (int b = 0; b < nb; b++) {
         dots_kl(datt + (size_t)b * K * L, x + (size_t)b * L * D, D, dv + (size_t)b * K * D, K, L, D, 1);
         for (int l = 0; l < L; l++)
-            for (int k = 0; k < K; k++)
-                axpyf(dx + ((size_t)b * L + l) * D, att[((size_t)b * K + k) * L + l], dv + ((size_t)b * K + k) * D, D);
+            weighted_sum(dx + ((size_t)b * L + l) * D, att + (size_t)b * K * L + l, L, dv + (size_t)b * K * D, D, K, D);
     }
 }
 
@@ -2325,7 +2323,6 @@ static void sa_attend_back_task(void *ctx, int lo, int hi) {
     Acts *a = c->a;
     int L = m->L, D = m->D, K = m->K;
     size_t kl = (size_t)lo * K * L, ld = (size_t)lo * L * D, n = (size_t)(hi - lo) * L;
-    memset(a->dx + ld, 0, n * D * sizeof(float));
     memset(a->dz + kl, 0, n * K * sizeof(float));
     interest_backward(a->datt + kl, a->dx + ld, a->dv + (size_t)lo * K * D, a->att + kl, a->x + ld, hi - lo, K, L, D);
     masked_softmax_backward(a->dz + kl, a->datt + kl, a->att + kl, hi - lo, K, L);
