@@ -1672,9 +1672,9 @@ static void gemm_tile(const Gemm *g, int i, int j, int rows) {
 }
 
 /* Growable per-thread scratch buffers, one per slot: the gemm's edge tiles, the per-sample
- * layers (capsule routing) that need a few rows of their own, the K x L dot products, and a
- * row of the loss. */
-enum { SCRATCH_GEMM, SCRATCH_LAYER, SCRATCH_DOTS, SCRATCH_LOSS, N_SCRATCH };
+ * layers (capsule routing) that need a few rows of their own, the K x L dot products, a row
+ * of the loss, and the routing coefficients of one capsule. */
+enum { SCRATCH_GEMM, SCRATCH_LAYER, SCRATCH_DOTS, SCRATCH_LOSS, SCRATCH_COEF, N_SCRATCH };
 static __thread float *scratch_buf[N_SCRATCH];
 static __thread size_t scratch_cap[N_SCRATCH];
 
@@ -2417,11 +2417,11 @@ static void masked_softmax_row_backward(float *db, const float *dc, const float 
 /* s_k = sum_l c_kl u_hat_kl with c = mask * p (or `frozen`), then v_k = squash(s_k). */
 static void route_capsules(float *v, float *s, const float *p, const float *mask, const float *frozen, Uhat u,
                            int K, int L, int D) {
+    float *c = thread_scratch(SCRATCH_COEF, L);
     for (int k = 0; k < K; k++) {
         float *sk = s + (size_t)k * D;
-        for (int d = 0; d < D; d++) sk[d] = 0.0f;
-        for (int l = 0; l < L; l++)
-            axpyf(sk, frozen ? frozen[k * L + l] : mask[l] * p[k * L + l], uhat_at(u, k, l), D);
+        for (int l = 0; l < L; l++) c[l] = frozen ? frozen[k * L + l] : mask[l] * p[k * L + l];
+        weighted_sum(sk, c, 1, uhat_at(u, k, 0), u.sl, L, D);
         squash_forward(v + (size_t)k * D, sk, D);
     }
 }
