@@ -2155,8 +2155,8 @@ static void narrow_dx_task(void *ctx, int lo, int hi) { /* rows [lo, hi) of dx *
         if (c->tanh_x) tanh_backward(c->dx + r * in, c->x + r * in, in); /* the row still in L1 */
     }
 }
-/* dW's rows [k0, k0 + KN) on the NS VW columns from j, their sums over the rows of x held in
- * registers (KN <= 4, NS <= NARROW_NS: at most 16 accumulators) */
+/* dW's rows [k0, k0 + KN) on the NARROW_NS VW columns from j, their sums over the rows of x
+ * held in registers (KN <= 4: at most 16 accumulators) */
 #define NARROW_NS (VW == 16 ? 4 : 2)
 static inline __attribute__((always_inline)) void narrow_dw_strip(const NarrowCtx *c, size_t j, size_t k0,
                                                                   const int KN) {
@@ -2178,9 +2178,9 @@ static inline __attribute__((always_inline)) void narrow_dw_strip(const NarrowCt
 static void narrow_dw_task(void *ctx, int lo, int hi) { /* columns [16 lo, 16 hi) of dW */
     const NarrowCtx *c = ctx;
     size_t in = c->in, out = c->out, j0 = (size_t)lo * 16, j1 = (size_t)hi * 16 < in ? (size_t)hi * 16 : in;
-    /* strips of NARROW_NS vectors: a few passes over the rows of x, a cache line or more of
-     * each row per pass (a pass per 16 columns, each reading one line of every row, lost
-     * to the loop below inside the step) */
+    /* strips of NARROW_NS vectors: a few passes over the rows of x, four cache lines of each
+     * row per pass with AVX-512 (strips of 16 columns, one line of each row per pass, were
+     * slower inside the step than the loop below, which takes what is left) */
     for (; j0 + NARROW_NS * VW <= j1; j0 += NARROW_NS * VW)
         for (size_t k0 = 0; k0 < out; k0 += 4) {
             size_t kn = out - k0 < 4 ? out - k0 : 4;
