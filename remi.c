@@ -2146,9 +2146,9 @@ static void tanh_backward(float *dy, const float *y, size_t n) {
  * tanh_x: x is the output of a tanh, and dx becomes the gradient of its input,
  * (dy W) * (1 - x^2), as tanh_backward computes it, in the same pass. */
 #define NARROW_OUT 8
-typedef struct { float *dx, *dW; const float *dy, *x, *W; int rows, in, out, tanh_x; } NarrowCtx;
+typedef struct { float *dx, *dW; const float *dy, *x, *W; int rows, in, out, tanh_x; } LinearCtx;
 static void narrow_dx_task(void *ctx, int lo, int hi) { /* rows [lo, hi) of dx */
-    const NarrowCtx *c = ctx;
+    const LinearCtx *c = ctx;
     size_t in = c->in, out = c->out;
     for (size_t r = lo; r < (size_t)hi; r++) {
         weighted_sum(c->dx + r * in, c->dy + r * out, 1, c->W, in, (int)out, (int)in);
@@ -2158,7 +2158,7 @@ static void narrow_dx_task(void *ctx, int lo, int hi) { /* rows [lo, hi) of dx *
 /* dW's rows [k0, k0 + KN) on the NARROW_NS VW columns from j, their sums over the rows of x
  * held in registers (KN <= 4: at most 16 accumulators) */
 #define NARROW_NS (VW == 16 ? 4 : 2)
-static inline __attribute__((always_inline)) void narrow_dw_strip(const NarrowCtx *c, size_t j, size_t k0,
+static inline __attribute__((always_inline)) void narrow_dw_strip(const LinearCtx *c, size_t j, size_t k0,
                                                                   const int KN) {
     vfw acc[4][NARROW_NS] = { 0 };
     size_t in = c->in, out = c->out;
@@ -2176,7 +2176,7 @@ static inline __attribute__((always_inline)) void narrow_dw_strip(const NarrowCt
         }
 }
 static void narrow_dw_task(void *ctx, int lo, int hi) { /* columns [16 lo, 16 hi) of dW */
-    const NarrowCtx *c = ctx;
+    const LinearCtx *c = ctx;
     size_t in = c->in, out = c->out, j0 = (size_t)lo * 16, j1 = (size_t)hi * 16 < in ? (size_t)hi * 16 : in;
     /* strips of NARROW_NS vectors: a few passes over the rows of x, four cache lines of each
      * row per pass with AVX-512 (strips of 16 columns, one line of each row per pass, were
@@ -2198,20 +2198,25 @@ static void narrow_dw_task(void *ctx, int lo, int hi) { /* columns [16 lo, 16 hi
     for (size_t k = 0; k < out; k++) axpyf(c->dW + k * in + j0, 1.0f, t + k * w, (int)w);
 }
 
-static void narrow_backward(const NarrowCtx *c) {
-    if (c->dx) parallel_for(c->rows, narrow_dx_task, (void *)c);
-    parallel_for((c->in + 15) / 16, narrow_dw_task, (void *)c);
+static void tanh_rows_task(void *ctx, int lo, int hi) { /* rows [lo, hi) of dx, after the products */
+    const LinearCtx *c = ctx;
+    tanh_backward(c->dx + (size_t)lo * c->in, c->x + (size_t)lo * c->in, (size_t)(hi - lo) * c->in);
 }
 
-/* dx = dy W (written, not added: every caller's dx is fresh);  dW += dy^T x */
+/* dx = dy W (written, not added: every caller's dx is fresh);  dW += dy^T x. With tanh_x,
+ * x is a tanh's output and dx becomes the gradient of the tanh's input, (dy W) * (1 - x^2):
+ * in the narrow layer's row pass, else in a pass of its own after the products. */
 static void linear_backward(float *dx, float *dW, const float *dy, const float *x, const float *W,
-                            int rows, int in, int out) {
+                            int rows, int in, int out, int tanh_x) {
+    LinearCtx c = { dx, dW, dy, x, W, rows, in, out, tanh_x };
     if (out <= NARROW_OUT) {
-        narrow_backward(&(NarrowCtx){ dx, dW, dy, x, W, rows, in, out, 0 });
+        if (dx) parallel_for(rows, narrow_dx_task, &c);
+        parallel_for((in + 15) / 16, narrow_dw_task, &c);
         return;
     }
     if (dx) gemm_nn(dx, dy, W, rows, in, out, 0);
     gemm_tn(dW, dy, x, out, in, rows, 1);
+    if (dx && tanh_x) parallel_for(rows, tanh_rows_task, &c);
 }
 
 /* REMI-SPEC c.1 steps 3-5: att[b,k,:] = softmax over l of z[b,l,k], with masked positions
@@ -2327,11 +2332,6 @@ static void sa_attend_back_task(void *ctx, int lo, int hi) {
     interest_backward(a->datt + kl, a->dx + ld, a->dv + (size_t)lo * K * D, a->att + kl, a->x + ld, hi - lo, K, L, D);
     masked_softmax_backward(a->dz + kl, a->datt + kl, a->att + kl, hi - lo, K, L);
 }
-static void sa_tanh_back_task(void *ctx, int lo, int hi) {
-    const EncCtx *c = ctx;
-    size_t row = (size_t)c->m->L * c->m->H;
-    tanh_backward(c->a->dh + lo * row, c->a->h + lo * row, (hi - lo) * row);
-}
 /* samples [lo, hi) of dx and a share of P's positions in proportion: each thread adds to the
  * rows of dx its own samples wrote (with the cores on separate caches, 0.1-0.25 ms less per
  * step than splitting dx by positions too) */
@@ -2347,13 +2347,8 @@ static void sa_backward(Model *m, Acts *a, int nb) {
     int L = m->L, D = m->D, H = m->H, K = m->K;
     EncCtx c = { m, a, nb, 0 };
     parallel_for(nb, sa_attend_back_task, &c);                                   /* datt -> dz, dx */
-    if (K <= NARROW_OUT) /* with tanh's backward in its dx pass */
-        narrow_backward(&(NarrowCtx){ a->dh, m->g.w2, a->dz, a->h, m->p.w2, nb * L, H, K, 1 });
-    else {
-        linear_backward(a->dh, m->g.w2, a->dz, a->h, m->p.w2, nb * L, H, K);
-        parallel_for(nb, sa_tanh_back_task, &c);
-    }
-    linear_backward(a->dxt, m->g.w1, a->dh, a->xt, m->p.w1, nb * L, D, H);
+    linear_backward(a->dh, m->g.w2, a->dz, a->h, m->p.w2, nb * L, H, K, 1); /* through tanh to dh */
+    linear_backward(a->dxt, m->g.w1, a->dh, a->xt, m->p.w1, nb * L, D, H, 0);
     parallel_for(nb, sa_pos_back_task, &c);                                      /* dx, dP */
     embed_backward(&m->ge, a->dx, a->hist, a->mask, nb * L, D);
 }
@@ -2570,11 +2565,11 @@ static void caps_backward(Model *m, Acts *a, int nb, int rr) {
     EncCtx c = { m, a, nb, rr };
     if (m->relu) {
         for (size_t i = 0; i < KD; i++) a->dv[i] = a->v[i] > 0.0f ? a->dv[i] : 0.0f;
-        linear_backward(a->dcaps, m->g.relu_w, a->dv, a->caps, m->p.relu_w, nb * K, D, D);
+        linear_backward(a->dcaps, m->g.relu_w, a->dv, a->caps, m->p.relu_w, nb * K, D, D, 0);
     } else memcpy(a->dcaps, a->dv, KD * sizeof(float));
     parallel_for(nb, caps_route_back_task, &c); /* zeroes each sample's du_hat first */
     if (m->enc == ENC_DR) dr_bilinear_backward(m, a, nb);
-    else linear_backward(a->dx, m->g.caps, a->duhat, a->x, m->p.caps, nb * L, D, D);
+    else linear_backward(a->dx, m->g.caps, a->duhat, a->x, m->p.caps, nb * L, D, D, 0);
     embed_backward(&m->ge, a->dx, a->hist, a->mask, nb * L, D);
 }
 
@@ -2600,7 +2595,7 @@ static void dnn_forward(const Model *m, Acts *a, int nb) {
 static void dnn_backward(Model *m, Acts *a, int nb) {
     int L = m->L, D = m->D;
     float *dmean = a->dx; /* (nb, D) */
-    linear_backward(dmean, m->g.dnn_w, a->dv, a->mean, m->p.dnn_w, nb, D, D);
+    linear_backward(dmean, m->g.dnn_w, a->dv, a->mean, m->p.dnn_w, nb, D, D, 0);
     for (int b = 0; b < nb; b++) {
         float n = (float)history_len(a->mask + b * L, L);
         for (int l = 0; l < L; l++) {
@@ -2738,7 +2733,7 @@ static void gru_gate_back_task(void *ctx, int lo, int hi) {
 /* From a->dv (nb, 1, D) to the parameter gradients. */
 static void gru_backward(Model *m, Acts *a, int nb) {
     int L = m->L, D = m->D, G = m->G, T = a->gsteps;
-    linear_backward(a->dglast, m->g.dense_w, a->dv, a->glast, m->p.dense_w, nb, G, D);
+    linear_backward(a->dglast, m->g.dense_w, a->dv, a->glast, m->p.dense_w, nb, G, D, 0);
     for (int b = 0; b < nb; b++) axpyf(m->g.dense_b, 1.0f, a->dv + (size_t)b * D, D);
     memset(a->gdh, 0, (size_t)nb * G * sizeof(float));
     for (int t = T - 1; t >= 0; t--) {
@@ -5045,7 +5040,7 @@ int cmd_gradcheck(int argc, char **argv) {
     memcpy(g.buf[4], g.c, (size_t)B * L * H * sizeof(float));
     tanh_backward(g.buf[4], g.buf[2], (size_t)B * L * H);
     ZERO(an[0], BLD); ZERO(an[1], (size_t)H * D);
-    linear_backward(an[0], an[1], g.buf[4], g.buf[0], g.buf[1], B * L, D, H);
+    linear_backward(an[0], an[1], g.buf[4], g.buf[0], g.buf[1], B * L, D, H, 0);
     ok &= gc_check("linear+tanh: d/dx", gc_lintanh, &g, g.buf[0], an[0], BLD);
     ok &= gc_check("linear+tanh: d/dW", gc_lintanh, &g, g.buf[1], an[1], (size_t)H * D);
 
@@ -5207,10 +5202,12 @@ static int st_rng(void) {
     return st_report("counter generator: draws out of turn", ok, "1000 draws, 3 seeds");
 }
 
-/* The narrow layer's backward (NARROW_OUT) against the products' twin, bit for bit. */
+/* A linear layer's backward against the products' twin, bit for bit: the narrow layer
+ * (NARROW_OUT) and, for tanh's backward after the products, two wider ones. */
 static int st_narrow(uint64_t *rng) {
     int shapes[][3] = { { 1, 1, 1 },   { 17, 15, 3 },  { 100, 33, 4 }, { 64, 256, 8 }, { 5, 40, 1 },
-                        { 2560, 256, 4 }, { 50, 200, 3 }, { 33, 130, 7 }, { 9, 70, 2 }, { 12, 64, 5 } };
+                        { 2560, 256, 4 }, { 50, 200, 3 }, { 33, 130, 7 }, { 9, 70, 2 }, { 12, 64, 5 },
+                        { 40, 30, 12 },   { 20, 64, 9 } };
     int ok = 1;
     for (size_t s = 0; s < sizeof shapes / sizeof *shapes; s++) {
         int rows = shapes[s][0], in = shapes[s][1], out = shapes[s][2];
@@ -5220,7 +5217,7 @@ static int st_narrow(uint64_t *rng) {
         gc_fill(dy, (size_t)rows * out, 1, rng); gc_fill(x, (size_t)rows * in, 1, rng); gc_fill(W, (size_t)out * in, 1, rng);
         gc_fill(dW, (size_t)out * in, 1, rng);
         memcpy(rW, dW, (size_t)out * in * 4);
-        linear_backward(dx, dW, dy, x, W, rows, in, out);
+        linear_backward(dx, dW, dy, x, W, rows, in, out, 0);
         gemm_ref(rx, dy, W, rows, in, out, 0, 0);
         gemm_ref(rW, dy, x, out, in, rows, 1, 1);
         ok &= !memcmp(dx, rx, (size_t)rows * in * 4) && !memcmp(dW, rW, (size_t)out * in * 4);
@@ -5229,12 +5226,12 @@ static int st_narrow(uint64_t *rng) {
         memcpy(dW, rW, (size_t)out * in * 4);
         gemm_ref(rW, dy, x, out, in, rows, 1, 1);
         tanh_backward(rx, x, (size_t)rows * in);
-        narrow_backward(&(NarrowCtx){ dx, dW, dy, x, W, rows, in, out, 1 });
+        linear_backward(dx, dW, dy, x, W, rows, in, out, 1);
         ok &= !memcmp(dx, rx, (size_t)rows * in * 4) && !memcmp(dW, rW, (size_t)out * in * 4);
         free(dy); free(x); free(W); free(dx); free(dW); free(rx); free(rW);
     }
-    return st_report("narrow layer backward vs product twin", ok,
-                     "10 shapes, 1 to 8 outputs, plain and with tanh's backward; bit-identical");
+    return st_report("linear layer backward vs product twin", ok,
+                     "12 shapes, 1 to 12 outputs, plain and with tanh's backward; bit-identical");
 }
 
 /* The loss's gradient made in its forward pass (training) = ssm_backward's, bit for bit. */
