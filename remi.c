@@ -1712,7 +1712,7 @@ static void gemm_tile_via(const Gemm *g, const float *a, int sa, int sp, const f
         }
 }
 
-/* A long sum (k > 2 KBLOCK: a weight gradient over a batch's rows, the sampled logits'
+/* A long sum (k > 2 KBLOCK: a weight gradient over a batch's rows, the user vectors'
  * gradient over the negatives) with every tile full: in blocks of KBLOCK steps, each block
  * over all of the task's tiles, so that every tile reads the block's A and B from L2 instead
  * of streaming the whole of k from L3 alone (the hidden layer's weight gradient at Beauty's
