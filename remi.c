@@ -2047,8 +2047,11 @@ void acts_init(Acts *a, const Model *m, int cap_b, int M) {
     float **f[] = { &a->x, &a->xt, &a->dxt, &a->dx };
     for (size_t i = 0; i < sizeof f / sizeof *f; i++) *f[i] = acts_calloc(a, B * L * D, sizeof(float));
     if (m->enc == ENC_SA) {
+        a->hrow = acts_calloc(a, B * L, sizeof(int));
         a->h = acts_calloc(a, B * L * H, sizeof(float));
         a->dh = acts_calloc(a, B * L * H, sizeof(float));
+        a->zr = acts_calloc(a, B * L * K, sizeof(float));
+        a->dzr = acts_calloc(a, B * L * K, sizeof(float));
     }
     a->z = acts_calloc(a, B * L * K, sizeof(float));
     a->dz = acts_calloc(a, B * L * K, sizeof(float));
@@ -2145,22 +2148,36 @@ static void embed_backward(ItemGrad *dE, const float *dx, const int *hist, const
         if (mask[i] != 0.0f) axpyf(item_grad(dE, hist[i], D), 1.0f, dx + (size_t)i * D, D);
 }
 
-/* REMI-SPEC c.1 step 1: xt[b,l] = x[b,l] + P[l], padded positions included.  (B, L, D) */
-static void posadd_forward(float *xt, const float *x, const float *P, int nb, int L, int D) {
-    for (int b = 0; b < nb; b++)
-        for (int i = 0; i < L * D; i++) xt[(size_t)b * L * D + i] = x[(size_t)b * L * D + i] + P[i];
+/* REMI-SPEC c.1 step 1: xt[b,l] = x[b,l] + P[l], padded positions included.  x (B, L, D);
+ * xt (B, L, D) when row is NULL, else row[b L + l] is the row of xt that position (b, l)
+ * goes to, -1 for none (SA's hidden layer skips rows, see sa_rows). */
+static void posadd_forward(float *xt, const float *x, const float *P, const int *row, int nb, int L, int D) {
+    for (int i = 0; i < nb * L; i++) {
+        long r = row ? row[i] : i;
+        if (r >= 0)
+            for (int d = 0; d < D; d++) xt[r * D + d] = x[(size_t)i * D + d] + P[(size_t)(i % L) * D + d];
+    }
 }
 /* dx[b] += dxt[b] for the samples b in [b0, b1); dP[i] += sum_b dxt[b,i] (b ascending, all
- * nb samples) for the flat positions i = l D + d in [i0, i1) */
-static void posadd_backward_part(float *dx, float *dP, const float *dxt, int nb, int L, int D, int b0, int b1,
-                                 size_t i0, size_t i1) {
-    size_t LD = (size_t)L * D;
-    for (size_t i = b0 * LD; i < b1 * LD; i++) dx[i] += dxt[i];
-    for (size_t b = 0; b < (size_t)nb; b++)
-        for (size_t i = i0; i < i1; i++) dP[i] += dxt[b * LD + i];
+ * nb samples) for the flat positions i = l D + d in [i0, i1); positions without a row of dxt
+ * (row) add nothing */
+static void posadd_backward_part(float *dx, float *dP, const float *dxt, const int *row, int nb, int L, int D,
+                                 int b0, int b1, size_t i0, size_t i1) {
+    for (int i = b0 * L; i < b1 * L; i++) {
+        long r = row ? row[i] : i;
+        if (r >= 0)
+            for (int d = 0; d < D; d++) dx[(size_t)i * D + d] += dxt[r * D + d];
+    }
+    for (int b = 0; b < nb; b++)
+        for (size_t l = i0 / D; l * D < i1; l++) {
+            long r = row ? row[b * L + l] : b * L + (long)l;
+            size_t d0 = l * D < i0 ? i0 - l * D : 0, d1 = (l + 1) * D > i1 ? i1 - l * D : (size_t)D;
+            if (r >= 0)
+                for (size_t d = d0; d < d1; d++) dP[l * D + d] += dxt[r * D + d];
+        }
 }
 static void posadd_backward(float *dx, float *dP, const float *dxt, int nb, int L, int D) {
-    posadd_backward_part(dx, dP, dxt, nb, L, D, 0, nb, 0, (size_t)L * D);
+    posadd_backward_part(dx, dP, dxt, NULL, nb, L, D, 0, nb, 0, (size_t)L * D);
 }
 
 /* Bias-free nn.Linear: y = x W^T.  y (rows, out), x (rows, in), W (out, in), wt scratch (in, out). */
@@ -2285,14 +2302,19 @@ static void masked_softmax_forward(float *att, const float *z, const float *mask
             for (int l = 0; l < L; l++) a[l] /= sum;
         }
 }
-/* forward: a = softmax(z);  dz[b,l,k] += a_l (da_l - sum_l' a_l' da_l') */
-static void masked_softmax_backward(float *dz, const float *datt, const float *att, int nb, int K, int L) {
+/* forward: a = softmax(z);  dz[b,l,k] += a_l (da_l - sum_l' a_l' da_l') on real positions;
+ * padded ones receive nothing (their z was replaced by a constant, c.1 step 4: the
+ * reference's torch.where passes them no gradient). With a real position in the sample
+ * a_l = 0 there anyway; with none, the softmax is uniform and its gradient would not be. */
+static void masked_softmax_backward(float *dz, const float *datt, const float *att, const float *mask, int nb, int K,
+                                    int L) {
     for (int b = 0; b < nb; b++)
         for (int k = 0; k < K; k++) {
             const float *a = att + ((size_t)b * K + k) * L, *da = datt + ((size_t)b * K + k) * L;
             float dot = 0.0f;
             for (int l = 0; l < L; l++) dot += a[l] * da[l];
-            for (int l = 0; l < L; l++) dz[((size_t)b * L + l) * K + k] += a[l] * (da[l] - dot);
+            for (int l = 0; l < L; l++)
+                if (mask[b * L + l] != 0.0f) dz[((size_t)b * L + l) * K + k] += a[l] * (da[l] - dot);
         }
 }
 
@@ -2339,24 +2361,39 @@ static void readout_backward(float *dv, const float *dr, const int *sel, int nb,
  * inside gemm. */
 typedef struct { Model *m; Acts *a; int nb, rr; } EncCtx; /* parallel tasks of every encoder */
 
+/* The rows of SA's hidden layer: row (B, L) holds the row of each real position, in order,
+ * and -1 for a padded one; returns their number R (all B L positions with `all`, as the
+ * reference computes them: the selftest compares). A padded position's z is replaced by a
+ * constant before the softmax (c.1 step 4) and receives no gradient, so its row of H reaches
+ * nothing: the step skips it. The weight gradients' sums then miss only zero terms, which can
+ * change the sign of a zero gradient and nothing else (Adam's m is never -0, so m, v and the
+ * parameters come out the same bits). */
+static int sa_rows(int *row, const float *mask, int nb, int L, int all) {
+    int R = 0;
+    for (int i = 0; i < nb * L; i++) row[i] = mask[i] != 0.0f || all ? R++ : -1;
+    return R;
+}
+
 static void sa_input_task(void *ctx, int lo, int hi) { /* samples [lo, hi) */
     const EncCtx *c = ctx;
     const Model *m = c->m;
     Acts *a = c->a;
     size_t o = (size_t)lo * m->L, D = m->D;
     embed_forward(a->x + o * D, a->hist + o, a->mask + o, m->p.item_emb, (hi - lo) * m->L, m->D);
-    posadd_forward(a->xt + o * D, a->x + o * D, m->p.pos_emb, hi - lo, m->L, m->D);
+    posadd_forward(a->xt, a->x + o * D, m->p.pos_emb, a->hrow + o, hi - lo, m->L, m->D);
 }
-static void sa_tanh_task(void *ctx, int lo, int hi) {
+static void sa_tanh_task(void *ctx, int lo, int hi) { /* rows [lo, hi) of h */
     const EncCtx *c = ctx;
-    size_t row = (size_t)c->m->L * c->m->H;
-    tanh_forward(c->a->h + lo * row, (hi - lo) * row);
+    size_t H = c->m->H;
+    tanh_forward(c->a->h + lo * H, (hi - lo) * H);
 }
 static void sa_attend_task(void *ctx, int lo, int hi) {
     const EncCtx *c = ctx;
     const Model *m = c->m;
     Acts *a = c->a;
     int L = m->L, D = m->D, K = m->K;
+    for (int i = lo * L; i < hi * L; i++) /* z of the hidden layer's rows, 0 where skipped (masked) */
+        for (int k = 0; k < K; k++) a->z[(size_t)i * K + k] = a->hrow[i] >= 0 ? a->zr[(size_t)a->hrow[i] * K + k] : 0.0f;
     masked_softmax_forward(a->att + (size_t)lo * K * L, a->z + (size_t)lo * L * K, a->mask + (size_t)lo * L, hi - lo,
                            K, L);
     interest_forward(a->v + (size_t)lo * K * D, a->att + (size_t)lo * K * L, a->x + (size_t)lo * L * D, hi - lo, K, L, D);
@@ -2365,10 +2402,11 @@ static void sa_attend_task(void *ctx, int lo, int hi) {
 static void sa_forward(const Model *m, Acts *a, int nb) {
     int L = m->L, D = m->D, H = m->H, K = m->K;
     EncCtx c = { (Model *)m, a, nb, 0 };
+    a->R = sa_rows(a->hrow, a->mask, nb, L, a->all_rows);
     parallel_for(nb, sa_input_task, &c);                                   /* x, xt */
-    linear_forward(a->h, a->xt, m->p.w1, a->w1t, nb * L, D, H);     /* xt W1^T */
-    parallel_for(nb, sa_tanh_task, &c);                                    /* h */
-    linear_forward(a->z, a->h, m->p.w2, a->w2t, nb * L, H, K);   /* z */
+    linear_forward(a->h, a->xt, m->p.w1, a->w1t, a->R, D, H);       /* xt W1^T */
+    parallel_for(a->R, sa_tanh_task, &c);                                  /* h */
+    linear_forward(a->zr, a->h, m->p.w2, a->w2t, a->R, H, K);     /* z */
     parallel_for(nb, sa_attend_task, &c);                                  /* att, v */
 }
 
@@ -2380,7 +2418,10 @@ static void sa_attend_back_task(void *ctx, int lo, int hi) {
     size_t kl = (size_t)lo * K * L, ld = (size_t)lo * L * D, n = (size_t)(hi - lo) * L;
     memset(a->dz + kl, 0, n * K * sizeof(float));
     interest_backward(a->datt + kl, a->dx + ld, a->dv + (size_t)lo * K * D, a->att + kl, a->x + ld, hi - lo, K, L, D);
-    masked_softmax_backward(a->dz + kl, a->datt + kl, a->att + kl, hi - lo, K, L);
+    masked_softmax_backward(a->dz + kl, a->datt + kl, a->att + kl, a->mask + (size_t)lo * L, hi - lo, K, L);
+    for (int i = lo * L; i < hi * L; i++) /* dz of the hidden layer's rows */
+        if (a->hrow[i] >= 0)
+            for (int k = 0; k < K; k++) a->dzr[(size_t)a->hrow[i] * K + k] = a->dz[(size_t)i * K + k];
 }
 /* samples [lo, hi) of dx and a share of P's positions in proportion: each thread adds to the
  * rows of dx its own samples wrote (with the cores on separate caches, 0.1-0.25 ms less per
@@ -2388,8 +2429,8 @@ static void sa_attend_back_task(void *ctx, int lo, int hi) {
 static void sa_pos_back_task(void *ctx, int lo, int hi) {
     const EncCtx *c = ctx;
     size_t LD = (size_t)c->m->L * c->m->D;
-    posadd_backward_part(c->a->dx, c->m->g.pos_emb, c->a->dxt, c->nb, c->m->L, c->m->D, lo, hi, lo * LD / c->nb,
-                         hi * LD / c->nb);
+    posadd_backward_part(c->a->dx, c->m->g.pos_emb, c->a->dxt, c->a->hrow, c->nb, c->m->L, c->m->D, lo, hi,
+                         lo * LD / c->nb, hi * LD / c->nb);
 }
 
 /* From dv and datt (which may already hold the RR gradient) to the parameter gradients. */
@@ -2397,8 +2438,8 @@ static void sa_backward(Model *m, Acts *a, int nb) {
     int L = m->L, D = m->D, H = m->H, K = m->K;
     EncCtx c = { m, a, nb, 0 };
     parallel_for(nb, sa_attend_back_task, &c);                                   /* datt -> dz, dx */
-    linear_backward(a->dh, m->g.w2, a->dz, a->h, m->p.w2, nb * L, H, K, 1); /* through tanh to dh */
-    linear_backward(a->dxt, m->g.w1, a->dh, a->xt, m->p.w1, nb * L, D, H, 0);
+    linear_backward(a->dh, m->g.w2, a->dzr, a->h, m->p.w2, a->R, H, K, 1); /* through tanh to dh */
+    linear_backward(a->dxt, m->g.w1, a->dh, a->xt, m->p.w1, a->R, D, H, 0);
     parallel_for(nb, sa_pos_back_task, &c);                                      /* dx, dP */
     embed_backward(&m->ge, a->dx, a->hist, a->mask, nb * L, D);
 }
@@ -4918,7 +4959,7 @@ static int gc_check(const char *what, GcObj obj, GcState *g, float *x, const flo
 
 /* Layer objectives. buf[0..] hold the layer's inputs and outputs as noted. */
 static double gc_posadd(GcState *g) { /* buf0 x (B,L,D), buf1 P (L,D), buf2 xt */
-    posadd_forward(g->buf[2], g->buf[0], g->buf[1], g->B, g->L, g->D);
+    posadd_forward(g->buf[2], g->buf[0], g->buf[1], NULL, g->B, g->L, g->D);
     return gc_dot(g->c, g->buf[2], (size_t)g->B * g->L * g->D);
 }
 static double gc_lintanh(GcState *g) { /* buf0 x (BL,D), buf1 W (H,D), buf2 h (BL,H), buf3 wt */
@@ -5094,12 +5135,17 @@ int cmd_gradcheck(int argc, char **argv) {
     ok &= gc_check("linear+tanh: d/dx", gc_lintanh, &g, g.buf[0], an[0], BLD);
     ok &= gc_check("linear+tanh: d/dW", gc_lintanh, &g, g.buf[1], an[1], (size_t)H * D);
 
-    /* masked softmax */
+    /* masked softmax, the last sample's positions all padded for it (its softmax is uniform
+     * whatever z is: no gradient) */
+    float *last = g.a.mask + (size_t)(B - 1) * L, kept[64];
+    memcpy(kept, last, L * sizeof(float));
+    memset(last, 0, L * sizeof(float));
     gc_fill(g.buf[0], (size_t)B * L * K, 2.0, &g.rng);
     gc_softmax(&g);
     ZERO(an[0], (size_t)B * L * K);
-    masked_softmax_backward(an[0], g.c, g.buf[1], B, K, L);
+    masked_softmax_backward(an[0], g.c, g.buf[1], g.a.mask, B, K, L);
     ok &= gc_check("masked softmax: d/dz", gc_softmax, &g, g.buf[0], an[0], (size_t)B * L * K);
+    memcpy(last, kept, L * sizeof(float));
 
     /* V = A X */
     gc_fill(g.buf[0], (size_t)B * K * L, 1.0, &g.rng); gc_fill(g.buf[1], BLD, 1.0, &g.rng);
@@ -5765,6 +5811,54 @@ static int st_adam(uint64_t *rng) {
     return st_report("Adam: item gradient by rows = dense; lazy", same && lazy_ok && moved > 0 && kept > 0, d);
 }
 
+
+/* SA's hidden layer on the real positions' rows (sa_rows) against a row for every position,
+ * as the reference computes: one step on a batch with full, short, empty and non-prefix
+ * masks, RR and IHN on. The same loss, attention and interests (bits), gradients equal as
+ * values (a zero's sign may differ), and after Adam the same parameters and moments (bits).
+ * A row map that leaves out a real position fails it. */
+static int st_sa_rows(uint64_t *rng) {
+    Config c = default_config();
+    c.D = 8; c.K = 3; c.L = 7; c.B = 6; c.M = 20; c.rbeta = 1; c.rlambda = 100;
+    const char *masks[6] = { "1111111", "1110000", "0000000", "1000000", "1111100", "1001000" };
+    Model m[2];
+    Acts a[2];
+    Split s;
+    double loss[2];
+    float *dE[2];
+    uint64_t start = *rng;
+    for (int run = 0; run < 2; run++) { /* run 0: the real positions' rows; run 1: every position */
+        uint64_t r = start;
+        st_random_data(&m[run], &s, &c, 50, 10, &r);
+        free_split(&s);
+        acts_init(&a[run], &m[run], c.B, c.M);
+        a[run].all_rows = run;
+        for (int i = 0; i < c.B * c.L; i++) {
+            a[run].mask[i] = masks[i / c.L][i % c.L] == '1';
+            a[run].hist[i] = a[run].mask[i] != 0.0f ? 1 + (int)rng_below(&r, 49) : 0;
+        }
+        for (int b = 0; b < c.B; b++) a[run].target[b] = 1 + (int)rng_below(&r, 49);
+        for (int j = 0; j < c.M; j++) a[run].neg[j] = (int)rng_below(&r, 50);
+        loss[run] = step_forward(&m[run], &a[run], &c, 1);
+        step_backward(&m[run], &a[run], &c);
+        dE[run] = xmalloc((size_t)m[run].size[0] * sizeof(float));
+        item_grad_dense(dE[run], &m[run].ge, m[run].N, m[run].D);
+    }
+    size_t KL = (size_t)c.B * c.K * c.L, KD = (size_t)c.B * c.K * c.D, n = m[0].n_params, t = m[0].size[0];
+    int fwd = !memcmp(&loss[0], &loss[1], sizeof(double)) && !memcmp(a[0].att, a[1].att, KL * sizeof(float)) &&
+              !memcmp(a[0].v, a[1].v, KD * sizeof(float)), grad = 1;
+    for (size_t i = t; i < n; i++) grad &= m[0].gmem[i] == m[1].gmem[i];
+    for (size_t i = 0; i < t; i++) grad &= dE[0][i] == dE[1][i];
+    for (int run = 0; run < 2; run++) adam_step(&m[run], c.lr, 0);
+    int adam = !memcmp(m[0].mem, m[1].mem, n * sizeof(float)) && !memcmp(m[0].mmem, m[1].mmem, n * sizeof(float)) &&
+               !memcmp(m[0].vmem, m[1].vmem, n * sizeof(float));
+    char d[160];
+    snprintf(d, sizeof d, "rows %d of %d; forward %s, gradients %s, after Adam %s", a[0].R, a[1].R,
+             fwd ? "same bits" : "DIFFER", grad ? "same values" : "DIFFER", adam ? "same bits" : "DIFFER");
+    int ok = fwd && grad && adam && a[0].R == 18 && a[1].R == c.B * c.L;
+    for (int run = 0; run < 2; run++) { free(dE[run]); acts_free(&a[run]); model_free(&m[run]); }
+    return st_report("SA's hidden layer on real positions vs every position", ok, d);
+}
 /* A NaN planted in W1: the step reports a non-finite loss, skips Adam, and the check that
  * names the offending tensor finds W1 and nothing else. */
 static int st_nonfinite(uint64_t *rng) {
@@ -5818,6 +5912,7 @@ int cmd_selftest(int argc, char **argv) {
     ok &= st_eval(&rng);
     ok &= st_threads(&rng, threads);
     ok &= st_adam(&rng);
+    ok &= st_sa_rows(&rng);
     ok &= st_nonfinite(&rng);
     ok &= st_merge_random(&rng);
     ok &= st_narrow(&rng);
@@ -6133,16 +6228,17 @@ static void cpu_name(char *buf, size_t n) {
 }
 
 /* Multiply-adds x 2 of a training step's products, forward and both backward products
- * (3x), for a batch whose histories hold `real` items on average: the encoder's matrix
+ * (3x), for a batch whose samples have `rows` rows of per-position work on average (SA: the
+ * hidden layer's rows, see sa_rows; GRU4Rec: the real positions): the encoder's matrix
  * products and routing, and the sampled logits. Elementwise work is not counted. */
-static double step_flops(const Model *m, const Config *c, double real) {
+static double step_flops(const Model *m, const Config *c, double rows) {
     double B = c->B, L = m->L, D = m->D, H = m->H, K = m->K, G = m->G, M = c->M, enc = 0;
     switch (m->enc) {
-    case ENC_SA: enc = B * L * (D * H + H * K + K * D); break;
+    case ENC_SA: enc = B * rows * (D * H + H * K) + B * L * K * D; break;
     case ENC_DR: enc = B * L * K * D * D + 3 * 2 * B * K * L * D; break; /* bilinear maps, routing */
     case ENC_MIND: enc = B * L * D * D + 3 * 2 * B * K * L * D + (m->relu ? B * K * D * D : 0); break;
     case ENC_DNN: enc = B * D * D; break;
-    case ENC_GRU4REC: enc = B * real * (3 * G * D + 3 * G * G) + B * G * D; break;
+    case ENC_GRU4REC: enc = B * rows * (3 * G * D + 3 * G * G) + B * G * D; break;
     default: return 0;
     }
     return 2.0 * 3 * (enc + B * M * D);
@@ -6211,8 +6307,9 @@ static void region_report(char *out, size_t cap, int steps, double total) {
 }
 
 /* Median milliseconds of `steps` training steps; phase: the mean ms per step of batch,
- * forward, backward and Adam; real: the mean real history length; touched_rows: the item
- * rows one batch touches; regions (when not NULL): region_report's line. */
+ * forward, backward and Adam; real: the mean rows of per-position work per sample (SA: the
+ * hidden layer's rows; the others: the real positions); touched_rows: the item rows one batch
+ * touches; regions (when not NULL): region_report's line. */
 static double bench_steps(Model *m, Acts *a, const Split *train, const Config *c, int steps, double *phase,
                           double *real, int *touched_rows, char *regions, size_t cap) {
     int *perm = xmalloc(train->n_users * sizeof(int));
@@ -6230,7 +6327,8 @@ static double bench_steps(Model *m, Acts *a, const Split *train, const Config *c
         train_step(m, a, train, c, &rng, perm);
         t[i] = now_sec() - t0;
         total += t[i];
-        for (int j = 0; j < c->B * c->L; j++) *real += a->mask[j];
+        if (m->enc == ENC_SA) *real += a->R; /* the hidden layer's rows */
+        else for (int j = 0; j < c->B * c->L; j++) *real += a->mask[j];
     }
     region_time.on = 0;
     if (regions) region_report(regions, cap, steps, total);
@@ -6295,6 +6393,9 @@ static void bench_dataset(const char *label, const Dataset *ds, Config c, int st
     double grads = (double)m.n_params - m.size[0] + (double)rows * m.D;
     double flops = step_flops(&m, &c, real), adam_bytes = m.enc == ENC_POP ? 0 : 24.0 * m.n_params + 8.0 * grads;
     double eflops = 2.0 * ds->valid.n_users * m.K * (double)ds->N * m.D;
+    if (m.enc == ENC_SA)
+        printf("hidden layer: %.1f rows per sample of %d positions (the padded ones are skipped, sa_rows); the step's "
+               "arithmetic %.2f GFLOP, %.2f with every position\n", real, m.L, flops / 1e9, step_flops(&m, &c, m.L) / 1e9);
     printf("train step (median of %d): %.2f ms on 1 thread, %.2f ms on %d: scaling %.2fx; %.0f sequences/s\n", steps,
            step[0], step[1], threads, step[0] / step[1], c.B / step[1] * 1e3);
     for (int i = 0; i < 2; i++) {

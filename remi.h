@@ -110,9 +110,14 @@ typedef struct {
     int *target;   /* (B) */
     int *neg;      /* (M) shared negatives */
     float *x;      /* (B, L, D) masked item embeddings */
-    float *xt;     /* (B, L, D) x + P */
-    float *h;      /* (B, L, H) tanh(xt W1^T) (SA only) */
-    float *z;      /* (B, L, K) h W2^T */
+    /* SA's hidden layer runs on R rows (sa_rows): a sample's real positions, or all L */
+    int *hrow;     /* (B, L) the row of each position, -1 for none (SA only) */
+    int R;         /* rows of the hidden layer */
+    int all_rows;  /* selftest: a row for every position, padded ones too (the reference's work) */
+    float *xt;     /* (R, D) x + P */
+    float *h;      /* (R, H) tanh(xt W1^T) (SA only) */
+    float *zr;     /* (R, K) h W2^T (SA only) */
+    float *z;      /* (B, L, K) zr on the positions, 0 on skipped ones (masked) */
     float *att;    /* (B, K, L) A, masked softmax over L */
     float *v;      /* (B, K, D) interests V = A x */
     int *sel;      /* (B) k* of the hard readout */
@@ -131,8 +136,9 @@ typedef struct {
     float *dv;     /* (B, K, D) */
     float *datt;   /* (B, K, L) */
     float *dz;     /* (B, L, K) */
-    float *dh;     /* (B, L, H) (SA only) */
-    float *dxt;    /* (B, L, D) */
+    float *dzr;    /* (R, K) dz on the hidden layer's rows (SA only) */
+    float *dh;     /* (R, H) (SA only) */
+    float *dxt;    /* (R, D) */
     float *dx;     /* (B, L, D) */
     float *w1t;    /* (D, H) W1 transposed */
     float *w2t;    /* (H, K) W2 transposed */
