@@ -110,7 +110,7 @@ typedef struct {
     int *target;   /* (B) */
     int *neg;      /* (M) shared negatives */
     float *x;      /* (B, L, D) masked item embeddings */
-    /* SA's hidden layer runs on R rows (sa_rows): a sample's real positions, or all L */
+    /* SA's hidden layer runs on R rows (sa_rows): the real positions */
     int *hrow;     /* (B, L) the row of each position, -1 for none (SA only) */
     int R;         /* rows of the hidden layer */
     int all_rows;  /* selftest: a row for every position, padded ones too (the reference's work) */
