@@ -2304,8 +2304,8 @@ static void masked_softmax_forward(float *att, const float *z, const float *mask
 }
 /* forward: a = softmax(z);  dz[b,l,k] += a_l (da_l - sum_l' a_l' da_l') on real positions;
  * padded ones receive nothing (their z was replaced by a constant, c.1 step 4: the
- * reference's torch.where passes them no gradient). With a real position in the sample
- * a_l = 0 there anyway; with none, the softmax is uniform and its gradient would not be. */
+ * reference's torch.where passes them no gradient). With a real position in the sample the
+ * formula gives them 0 anyway (a_l = 0); with none, a is uniform and it need not. */
 static void masked_softmax_backward(float *dz, const float *datt, const float *att, const float *mask, int nb, int K,
                                     int L) {
     for (int b = 0; b < nb; b++)
