@@ -110,11 +110,12 @@ typedef struct {
     int *target;   /* (B) */
     int *neg;      /* (M) shared negatives */
     float *x;      /* (B, L, D) masked item embeddings */
-    /* SA's hidden layer runs on R rows (sa_rows): the real positions */
-    int *hrow;     /* (B, L) the row of each position, -1 for none (SA only) */
-    int R;         /* rows of the hidden layer */
+    /* SA's hidden layer and the capsules' maps run on R rows, the real positions (real_rows) */
+    int *prow;     /* (B, L) the row of each position, -1 for none */
+    int *poff;     /* (L + 1) DR: rows by position, position l from poff[l] */
+    int R;         /* rows */
     int all_rows;  /* selftest: a row for every position, padded ones too (the reference's work) */
-    float *xt;     /* (R, D) x + P */
+    float *xt;     /* (R, D) SA: x + P; DR, MIND: x */
     float *h;      /* (R, H) tanh(xt W1^T) (SA only) */
     float *zr;     /* (R, K) h W2^T (SA only) */
     float *z;      /* (B, L, K) zr on the positions, 0 on skipped ones (masked) */
@@ -138,13 +139,15 @@ typedef struct {
     float *dz;     /* (B, L, K) */
     float *dzr;    /* (R, K) dz on the hidden layer's rows (SA only) */
     float *dh;     /* (R, H) (SA only) */
-    float *dxt;    /* (R, D) */
+    float *dxt;    /* (R, D) its gradient */
     float *dx;     /* (B, L, D) */
     float *w1t;    /* (D, H) W1 transposed */
     float *w2t;    /* (H, K) W2 transposed */
     /* capsule routing, DR and MIND (REMI-SPEC c.2, c.3) */
     float *uhat;   /* DR (B, L, K D) per-position predictions; MIND (B, L, D), shared by all k */
     float *duhat;  /* the same shape */
+    float *ur;     /* (R, K D) DR, (R, D) MIND: u_hat on the rows (0 at padded positions) */
+    float *dur;    /* the same shape: du_hat on the rows */
     float *capt;   /* DR (L, D, K D) the bilinear maps transposed; MIND (2, D, D) S^T and R^T */
     float *noise;  /* MIND (B, K, L) initial routing logits, N(0, 1) */
     float *rp;     /* (B, 3, K, L) softmax over l of the routing logits, per iteration */
