@@ -6268,15 +6268,16 @@ static void cpu_name(char *buf, size_t n) {
 }
 
 /* Multiply-adds x 2 of a training step's products, forward and both backward products
- * (3x), for a batch whose samples have `rows` rows of per-position work on average (SA: the
- * hidden layer's rows, see sa_rows; GRU4Rec: the real positions): the encoder's matrix
- * products and routing, and the sampled logits. Elementwise work is not counted. */
+ * (3x), for a batch whose histories hold `rows` real positions on average, the rows that
+ * SA's hidden layer, the capsules' maps and GRU4Rec's steps run on (real_rows): the
+ * encoder's matrix products and routing, and the sampled logits. Elementwise work is not
+ * counted. */
 static double step_flops(const Model *m, const Config *c, double rows) {
     double B = c->B, L = m->L, D = m->D, H = m->H, K = m->K, G = m->G, M = c->M, enc = 0;
     switch (m->enc) {
     case ENC_SA: enc = B * rows * (D * H + H * K) + B * L * K * D; break;
-    case ENC_DR: enc = B * L * K * D * D + 3 * 2 * B * K * L * D; break; /* bilinear maps, routing */
-    case ENC_MIND: enc = B * L * D * D + 3 * 2 * B * K * L * D + (m->relu ? B * K * D * D : 0); break;
+    case ENC_DR: enc = B * rows * K * D * D + 3 * 2 * B * K * L * D; break; /* bilinear maps, routing */
+    case ENC_MIND: enc = B * rows * D * D + 3 * 2 * B * K * L * D + (m->relu ? B * K * D * D : 0); break;
     case ENC_DNN: enc = B * D * D; break;
     case ENC_GRU4REC: enc = B * rows * (3 * G * D + 3 * G * G) + B * G * D; break;
     default: return 0;
@@ -6347,9 +6348,8 @@ static void region_report(char *out, size_t cap, int steps, double total) {
 }
 
 /* Median milliseconds of `steps` training steps; phase: the mean ms per step of batch,
- * forward, backward and Adam; real: the mean rows of per-position work per sample (SA: the
- * hidden layer's rows; the others: the real positions); touched_rows: the item rows one batch
- * touches; regions (when not NULL): region_report's line. */
+ * forward, backward and Adam; real: the mean real positions per history; touched_rows: the
+ * item rows one batch touches; regions (when not NULL): region_report's line. */
 static double bench_steps(Model *m, Acts *a, const Split *train, const Config *c, int steps, double *phase,
                           double *real, int *touched_rows, char *regions, size_t cap) {
     int *perm = xmalloc(train->n_users * sizeof(int));
@@ -6367,8 +6367,7 @@ static double bench_steps(Model *m, Acts *a, const Split *train, const Config *c
         train_step(m, a, train, c, &rng, perm);
         t[i] = now_sec() - t0;
         total += t[i];
-        if (m->enc == ENC_SA) *real += a->R; /* the hidden layer's rows */
-        else for (int j = 0; j < c->B * c->L; j++) *real += a->mask[j];
+        for (int j = 0; j < c->B * c->L; j++) *real += a->mask[j];
     }
     region_time.on = 0;
     if (regions) region_report(regions, cap, steps, total);
@@ -6433,9 +6432,10 @@ static void bench_dataset(const char *label, const Dataset *ds, Config c, int st
     double grads = (double)m.n_params - m.size[0] + (double)rows * m.D;
     double flops = step_flops(&m, &c, real), adam_bytes = m.enc == ENC_POP ? 0 : 24.0 * m.n_params + 8.0 * grads;
     double eflops = 2.0 * ds->valid.n_users * m.K * (double)ds->N * m.D;
-    if (m.enc == ENC_SA)
-        printf("hidden layer: %.1f rows per sample of %d positions (the padded ones are skipped, sa_rows); the step's "
-               "arithmetic %.2f GFLOP, %.2f with every position\n", real, m.L, flops / 1e9, step_flops(&m, &c, m.L) / 1e9);
+    if (m.enc == ENC_SA || m.enc == ENC_DR || m.enc == ENC_MIND)
+        printf("per-position layers: %.1f rows per sample of %d positions (the padded ones are skipped, real_rows); the "
+               "step's arithmetic %.2f GFLOP, %.2f with every position\n", real, m.L, flops / 1e9,
+               step_flops(&m, &c, m.L) / 1e9);
     printf("train step (median of %d): %.2f ms on 1 thread, %.2f ms on %d: scaling %.2fx; %.0f sequences/s\n", steps,
            step[0], step[1], threads, step[0] / step[1], c.B / step[1] * 1e3);
     for (int i = 0; i < 2; i++) {
