@@ -1737,7 +1737,10 @@ static void gemm_task_blocked(const Gemm *g, int lo, int hi) {
         const float *tile = part + (size_t)(t - lo) * MR * NR;
         float *c = g->C + (size_t)(t / nct * MR) * g->ldc + t % nct * NR;
         for (int r = 0; r < MR; r++)
-            for (int q = 0; q < NR; q++) c[(size_t)r * g->ldc + q] = g->acc ? c[(size_t)r * g->ldc + q] + tile[r * NR + q] : tile[r * NR + q];
+            for (int q = 0; q < NR; q++) {
+                float *cc = c + (size_t)r * g->ldc + q;
+                *cc = g->acc ? *cc + tile[r * NR + q] : tile[r * NR + q];
+            }
     }
 }
 
@@ -2588,13 +2591,12 @@ static Uhat caps_uhat(const Model *m, float *base, int b) {
     return (Uhat){ base + (size_t)b * caps_stride(m), 0, D };
 }
 
-static void caps_embed_task(void *ctx, int lo, int hi) { /* x, and its real rows into xt */
+static void caps_embed_task(void *ctx, int lo, int hi) { /* x (c.0) on its rows */
     const EncCtx *c = ctx;
     Acts *a = c->a;
-    size_t o = (size_t)lo * c->m->L, D = c->m->D;
-    embed_forward(a->x + o * D, a->hist + o, a->mask + o, c->m->p.item_emb, (hi - lo) * c->m->L, (int)D);
-    for (size_t i = o; i < (size_t)hi * c->m->L; i++)
-        if (a->prow[i] >= 0) memcpy(a->xt + (size_t)a->prow[i] * D, a->x + i * D, D * sizeof(float));
+    size_t L = c->m->L, D = c->m->D;
+    for (size_t i = (size_t)lo * L; i < (size_t)hi * L; i++)
+        if (a->prow[i] >= 0) embed_forward(a->xt + a->prow[i] * D, a->hist + i, a->mask + i, c->m->p.item_emb, 1, (int)D);
 }
 static void caps_route_task(void *ctx, int lo, int hi) {
     const EncCtx *c = ctx;
