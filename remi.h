@@ -109,7 +109,7 @@ typedef struct {
     float *mask;   /* (B, L) 1 on real positions */
     int *target;   /* (B) */
     int *neg;      /* (M) shared negatives */
-    float *x;      /* (B, L, D) masked item embeddings */
+    float *x;      /* (B, L, D) masked item embeddings (SA) */
     /* SA's hidden layer and the capsules' maps run on R rows, the real positions (real_rows) */
     int *prow;     /* (B, L) the row of each position, -1 for none */
     int *poff;     /* (L + 1) DR: rows by position, position l from poff[l] */
