@@ -2158,7 +2158,7 @@ static void embed_backward(ItemGrad *dE, const float *dx, const int *row, const 
 
 /* REMI-SPEC c.1 step 1: xt[b,l] = x[b,l] + P[l], padded positions included.  x (B, L, D);
  * xt (B, L, D) when row is NULL, else row[b L + l] is the row of xt that position (b, l)
- * goes to, -1 for none (SA's hidden layer skips rows, see sa_rows). */
+ * goes to, -1 for none (SA's hidden layer skips rows, see real_rows). */
 static void posadd_forward(float *xt, const float *x, const float *P, const int *row, int nb, int L, int D) {
     for (int i = 0; i < nb * L; i++) {
         long r = row ? row[i] : i;
