@@ -2047,11 +2047,12 @@ void acts_init(Acts *a, const Model *m, int cap_b, int M) {
     a->target = acts_calloc(a, B, sizeof(int));
     a->neg = acts_calloc(a, M ? M : 1, sizeof(int));
     a->sel = acts_calloc(a, B, sizeof(int));
-    float **f[] = { &a->x, &a->xt, &a->dxt, &a->dx };
+    float **f[] = { &a->xt, &a->dxt, &a->dx };
     for (size_t i = 0; i < sizeof f / sizeof *f; i++) *f[i] = acts_calloc(a, B * L * D, sizeof(float));
     a->prow = acts_calloc(a, B * L, sizeof(int));
     a->poff = acts_calloc(a, (size_t)L + 1, sizeof(int));
     if (m->enc == ENC_SA) {
+        a->x = acts_calloc(a, B * L * D, sizeof(float));
         a->h = acts_calloc(a, B * L * H, sizeof(float));
         a->dh = acts_calloc(a, B * L * H, sizeof(float));
         a->zr = acts_calloc(a, B * L * K, sizeof(float));
@@ -2128,11 +2129,15 @@ void model_free(Model *m) {
  * Forward/backward pairs with the same argument order (outputs, inputs, weights, sizes).
  * Backward functions accumulate (+=) into gradients zeroed once per step. */
 
-/* Item lookup (REMI-SPEC c.0): x[b,l] = mask[b,l] * E[hist[b,l]].  x (BL, D) */
-static void embed_forward(float *x, const int *hist, const float *mask, const float *E, int bl, int D) {
+/* Item lookup (REMI-SPEC c.0): x[b,l] = mask[b,l] * E[hist[b,l]].  x (BL, D), or with row
+ * its rows (real_rows: position i to row[i], none for -1). */
+static void embed_forward(float *x, const int *row, const int *hist, const float *mask, const float *E, int bl,
+                          int D) {
     for (int i = 0; i < bl; i++) {
         const float *e = E + (size_t)hist[i] * D;
-        for (int d = 0; d < D; d++) x[(size_t)i * D + d] = mask[i] != 0.0f ? e[d] : 0.0f;
+        long r = row ? row[i] : i;
+        if (r >= 0)
+            for (int d = 0; d < D; d++) x[r * D + d] = mask[i] != 0.0f ? e[d] : 0.0f;
     }
 }
 /* The gradient row of an item (ItemGrad), taken on its first write in a step. Serial callers only. */
@@ -2395,7 +2400,7 @@ static void sa_input_task(void *ctx, int lo, int hi) { /* samples [lo, hi) */
     const Model *m = c->m;
     Acts *a = c->a;
     size_t o = (size_t)lo * m->L, D = m->D;
-    embed_forward(a->x + o * D, a->hist + o, a->mask + o, m->p.item_emb, (hi - lo) * m->L, m->D);
+    embed_forward(a->x + o * D, NULL, a->hist + o, a->mask + o, m->p.item_emb, (hi - lo) * m->L, m->D);
     posadd_forward(a->xt, a->x + o * D, m->p.pos_emb, a->prow + o, hi - lo, m->L, m->D);
 }
 static void sa_tanh_task(void *ctx, int lo, int hi) { /* rows [lo, hi) of h */
@@ -2591,31 +2596,28 @@ static Uhat caps_uhat(const Model *m, float *base, int b) {
     return (Uhat){ base + (size_t)b * caps_stride(m), 0, D };
 }
 
-static void caps_embed_task(void *ctx, int lo, int hi) { /* x (c.0) on its rows */
+static void caps_embed_task(void *ctx, int lo, int hi) { /* x on its rows, xt */
     const EncCtx *c = ctx;
-    Acts *a = c->a;
-    size_t L = c->m->L, D = c->m->D;
-    for (size_t i = (size_t)lo * L; i < (size_t)hi * L; i++)
-        if (a->prow[i] >= 0) embed_forward(a->xt + a->prow[i] * D, a->hist + i, a->mask + i, c->m->p.item_emb, 1, (int)D);
+    size_t o = (size_t)lo * c->m->L;
+    embed_forward(c->a->xt, c->a->prow + o, c->a->hist + o, c->a->mask + o, c->m->p.item_emb, (hi - lo) * c->m->L,
+                  c->m->D);
 }
 static void caps_route_task(void *ctx, int lo, int hi) {
     const EncCtx *c = ctx;
     const Model *m = c->m;
     Acts *a = c->a;
     size_t K = m->K, L = m->L, D = m->D;
-    for (int b = lo; b < hi; b++) { /* u_hat from its rows, 0 at padded positions */
+    for (int b = lo; b < hi; b++) {
         Uhat u = caps_uhat(m, a->uhat, b);
-        for (size_t l = 0; l < L; l++) {
+        for (size_t l = 0; l < L; l++) { /* u_hat from its rows, 0 at padded positions */
             int r = a->prow[b * L + l];
             if (r >= 0) memcpy(u.u + l * u.sl, a->ur + (size_t)r * u.sl, u.sl * sizeof(float));
             else memset(u.u + l * u.sl, 0, u.sl * sizeof(float));
         }
-    }
-    for (int b = lo; b < hi; b++)
         routing_forward(a->caps + b * K * D, a->att + b * K * L, a->rp + b * 3 * K * L, a->rs + b * 3 * K * D,
-                        a->rv + b * 2 * K * D, caps_uhat(m, a->uhat, b), a->mask + b * L,
-                        m->enc == ENC_MIND ? a->noise + b * K * L : NULL,
+                        a->rv + b * 2 * K * D, u, a->mask + b * L, m->enc == ENC_MIND ? a->noise + b * K * L : NULL,
                         a->route_frozen ? a->route_frozen + b * K * L : NULL, (int)K, (int)L, (int)D);
+    }
 }
 
 /* DR's bilinear step, position by position: uhat[:, l, :] (nb, K D) = x[:, l, :] W[l]^T */
@@ -6271,9 +6273,9 @@ static void cpu_name(char *buf, size_t n) {
 
 /* Multiply-adds x 2 of a training step's products, forward and both backward products
  * (3x), for a batch whose histories hold `rows` real positions on average, the rows that
- * SA's hidden layer, the capsules' maps and GRU4Rec's steps run on (real_rows): the
- * encoder's matrix products and routing, and the sampled logits. Elementwise work is not
- * counted. */
+ * SA's hidden layer and the capsules' maps (real_rows) and GRU4Rec's packed steps run on:
+ * the encoder's matrix products and routing, and the sampled logits. Elementwise work is
+ * not counted. */
 static double step_flops(const Model *m, const Config *c, double rows) {
     double B = c->B, L = m->L, D = m->D, H = m->H, K = m->K, G = m->G, M = c->M, enc = 0;
     switch (m->enc) {
