@@ -3334,10 +3334,6 @@ static void mark_rows(unsigned char *touched, const Acts *a, int B, int L, int M
 /* ======================================================================== training step
  * REMI-SPEC f.5: forward, L_CE + lambda RR, backward, Adam. */
 
-/* Forward of a batch already in a->hist/mask/target/neg (and the encoder's draws):
- * returns L_CE + lambda RR. With grad, the loss's gradient with respect to the logits
- * comes out of the same pass (written over them: a->dlogit is a->logit), as step_backward
- * needs. */
 /* Samples [lo, hi) after the encoder: the readout, and RR's D_bk when it is on (one
  * region: each sample reads its target's row of E from memory, 0.03 ms a step at Beauty
  * when serial). */
@@ -3351,6 +3347,10 @@ static void head_task(void *ctx, int lo, int hi) {
     if (c->rr) rr_rows(a->rr_d + (size_t)lo * K, a->att + (size_t)lo * K * L, (hi - lo) * K, L, D);
 }
 
+/* Forward of a batch already in a->hist/mask/target/neg (and the encoder's draws):
+ * returns L_CE + lambda RR. With grad, the loss's gradient with respect to the logits
+ * comes out of the same pass (written over them: a->dlogit is a->logit), as step_backward
+ * needs. */
 static double step_forward(Model *m, Acts *a, const Config *c, int grad) {
     int B = c->B, L = m->L, D = m->D, K = m->K, M = c->M;
     encode_forward(m, a, B, 1);
@@ -5548,13 +5548,13 @@ static int st_scatter(uint64_t *rng) {
     }
     for (int kept = 0; kept < 2; kept++) {
         for (int j = 0; j < N; j++) rowmap[j] = -1;
-        ItemGrad ge = { g, kept ? rowmap : NULL, items, 0 }, gr = ge;
+        ItemGrad ge = { g, kept ? rowmap : NULL, items, 0 };
         memset(g, 0, (size_t)N * D * 4); memset(ref, 0, (size_t)N * D * 4);
         item_grad_scatter(&(Scatter){ &ge, item, NULL, NULL, x, NULL, n, D });
         item_grad_scatter(&(Scatter){ &ge, item, mask, scale, x, xrow, n, D });
         int *rowmap2 = kept ? xmalloc(N * 4) : NULL, *items2 = xmalloc(N * 4);
         for (int j = 0; j < N && kept; j++) rowmap2[j] = -1;
-        gr = (ItemGrad){ ref, rowmap2, items2, 0 };
+        ItemGrad gr = { ref, rowmap2, items2, 0 };
         for (int i = 0; i < n; i++) axpyf(item_grad(&gr, item[i], D), 1.0f, x + (size_t)i * D, D);
         for (int i = 0; i < n; i++)
             if (mask[i] != 0.0f) axpyf(item_grad(&gr, item[i], D), scale[i], x + (size_t)xrow[i] * D, D);
