@@ -1884,13 +1884,20 @@ static void transpose(float *dst, const float *src, int rows, int cols) {
 
 /* y[k L + l] = <A[l], B[k]> (or y += it, with acc) for the L rows of A at stride sa and the
  * K rows of B, each D long: K x L dot products, each summed over d ascending as dotf, done
- * as one product of the matrix kernel, t (L, K) = A B^T (dots would walk each sum alone). */
-static void dots_kl(float *y, const float *A, int sa, const float *B, int K, int L, int D, int acc) {
-    float *bt = thread_scratch(SCRATCH_DOTS, (size_t)D * K + (size_t)L * K), *t = bt + (size_t)D * K;
+ * as one product of the matrix kernel, t (L, K) = A B^T (dots would walk each sum alone).
+ * per_k: A holds a row for each interest instead, y[k L + l] = <A[l K + k], B[k]>: the
+ * product t (L K, K) then makes K sums per row and y takes one (ComiRec-DR's u_hat; a
+ * quarter of the kernel's work is kept at K 4, still twice as fast as dots). */
+static void dots_kl(float *y, const float *A, int sa, const float *B, int K, int L, int D, int per_k, int acc) {
+    int rows = per_k ? L * K : L;
+    float *bt = thread_scratch(SCRATCH_DOTS, (size_t)D * K + (size_t)rows * K), *t = bt + (size_t)D * K;
     transpose(bt, B, K, D);
-    gemm_run((Gemm){ t, K, A, sa, 1, bt, K, L, K, D, 0 }, 0);
+    gemm_run((Gemm){ t, K, A, sa, 1, bt, K, rows, K, D, 0 }, 0);
     for (int k = 0; k < K; k++)
-        for (int l = 0; l < L; l++) y[k * L + l] = acc ? y[k * L + l] + t[l * K + k] : t[l * K + k];
+        for (int l = 0; l < L; l++) {
+            float d = t[(size_t)(per_k ? l * K + k : l) * K + k];
+            y[k * L + l] = acc ? y[k * L + l] + d : d;
+        }
 }
 
 /* Vectorisable exp and tanh (Cephes polynomials, about 1-2 ulp). They replace libm in
@@ -2385,7 +2392,7 @@ static void interest_forward(float *v, const float *att, const float *x, int nb,
 static void interest_backward(float *datt, float *dx, const float *dv, const float *att, const float *x,
                               int nb, int K, int L, int D) {
     for (int b = 0; b < nb; b++) {
-        dots_kl(datt + (size_t)b * K * L, x + (size_t)b * L * D, D, dv + (size_t)b * K * D, K, L, D, 1);
+        dots_kl(datt + (size_t)b * K * L, x + (size_t)b * L * D, D, dv + (size_t)b * K * D, K, L, D, 0, 1);
         for (int l = 0; l < L; l++)
             weighted_sum(dx + ((size_t)b * L + l) * D, att + (size_t)b * K * L + l, L, dv + (size_t)b * K * D, D, K, D);
     }
@@ -2529,11 +2536,13 @@ static void sa_backward(Model *m, Acts *a, int nb) {
 typedef struct { float *u; size_t sk, sl; } Uhat;
 static float *uhat_at(Uhat u, int k, int l) { return u.u + k * u.sk + l * u.sl; }
 
-/* y[k L + l] = <u_hat[k,l], V[k]> (or y += it, with acc), V (K, D). MIND's positions have one
- * u_hat row for every interest: one product (dots_kl); DR's differ by interest: dots each. */
+/* y[k L + l] = <u_hat[k,l], V[k]> (or y += it, with acc), V (K, D), as products of the matrix
+ * kernel (dots_kl): MIND's positions have one u_hat row for every interest; DR's K rows of a
+ * position are consecutive (sl = K sk). */
 static void uhat_dots(float *y, Uhat u, const float *V, int K, int L, int D, int acc) {
-    if (!u.sk) { dots_kl(y, u.u, (int)u.sl, V, K, L, D, acc); return; }
-    for (int k = 0; k < K; k++) dots(y + k * L, uhat_at(u, k, 0), u.sl, V + (size_t)k * D, L, D, acc);
+    if (!u.sk) dots_kl(y, u.u, (int)u.sl, V, K, L, D, 0, acc);
+    else if (u.sl == K * u.sk) dots_kl(y, u.u, (int)u.sk, V, K, L, D, 1, acc);
+    else for (int k = 0; k < K; k++) dots(y + k * L, uhat_at(u, k, 0), u.sl, V + (size_t)k * D, L, D, acc);
 }
 
 /* squash(s) = |s|^2 / (1 + |s|^2) * s / sqrt(|s|^2 + 1e-9), as the reference writes it */
@@ -2618,15 +2627,15 @@ static void routing_backward(Uhat du, const float *dout, const float *datt, cons
         const float *pi = p + it * KL, *pp = p + (it - 1) * KL, *vp = v01 + (it - 1) * KD, *sp = s + (it - 1) * KD;
         for (int k = 0; k < K; k++) masked_softmax_row_backward(gb + k * L, gc + k * L, pi + k * L, mask, L);
         for (int k = 0; k < K; k++) {
-            for (int d = 0; d < D; d++) gv[d] = 0.0f;
-            for (int l = 0; l < L; l++) {
-                axpyf(gv, gb[k * L + l], uhat_at(u, k, l), D);
-                axpyf(uhat_at(du, k, l), gb[k * L + l], vp + (size_t)k * D, D);
-            }
+            weighted_sum(gv, gb + k * L, 1, uhat_at(u, k, 0), u.sl, L, D); /* sum_l gb_kl u_hat_kl */
             float *dsk = ds + (size_t)k * D; /* (K, D): d/ds of iteration it - 1 */
             for (int d = 0; d < D; d++) dsk[d] = 0.0f;
             squash_backward(dsk, gv, sp + (size_t)k * D, D);
-            for (int l = 0; l < L; l++) axpyf(uhat_at(du, k, l), mask[l] * pp[k * L + l], dsk, D);
+            for (int l = 0; l < L; l++) { /* du_kl += gb_kl v_k (through the logits), then c_kl ds_k */
+                float *dul = uhat_at(du, k, l), a = gb[k * L + l], c = mask[l] * pp[k * L + l];
+                const float *vk = vp + (size_t)k * D;
+                for (int d = 0; d < D; d++) dul[d] = (dul[d] + a * vk[d]) + c * dsk[d];
+            }
         }
         uhat_dots(gc, u, ds, K, L, D, 0);
     }
@@ -5519,19 +5528,23 @@ static int st_dots_kl(uint64_t *rng) {
     int ok = 1;
     for (size_t s = 0; s < sizeof shapes / sizeof *shapes; s++) {
         int K = shapes[s][0], L = shapes[s][1], D = shapes[s][2], sa = shapes[s][3];
-        float *A = xmalloc((size_t)L * sa * 4), *B = xmalloc((size_t)K * D * 4), *y = xmalloc((size_t)K * L * 4 * 2);
+        float *A = xmalloc((size_t)L * K * sa * 4), *B = xmalloc((size_t)K * D * 4), *y = xmalloc((size_t)K * L * 4 * 2);
         float *r = y + K * L;
-        gc_fill(A, (size_t)L * sa, 1, rng); gc_fill(B, (size_t)K * D, 1, rng);
-        for (int acc = 0; acc < 2; acc++) {
-            gc_fill(y, (size_t)K * L, 1, rng);
-            memcpy(r, y, (size_t)K * L * 4);
-            dots_kl(y, A, sa, B, K, L, D, acc);
-            for (int k = 0; k < K; k++) dots(r + k * L, A, (size_t)sa, B + (size_t)k * D, L, D, acc);
-            ok &= !memcmp(y, r, (size_t)K * L * 4);
-        }
+        gc_fill(A, (size_t)L * K * sa, 1, rng); gc_fill(B, (size_t)K * D, 1, rng);
+        for (int per_k = 0; per_k < 2; per_k++) /* rows shared by the K interests, or a row each */
+            for (int acc = 0; acc < 2; acc++) {
+                gc_fill(y, (size_t)K * L, 1, rng);
+                memcpy(r, y, (size_t)K * L * 4);
+                dots_kl(y, A, sa, B, K, L, D, per_k, acc);
+                for (int k = 0; k < K; k++)
+                    dots(r + k * L, A + (per_k ? (size_t)k * sa : 0), (size_t)sa * (per_k ? K : 1), B + (size_t)k * D, L,
+                         D, acc);
+                ok &= !memcmp(y, r, (size_t)K * L * 4);
+            }
         free(A); free(B); free(y);
     }
-    return st_report("K x L dot products vs dots", ok, "5 shapes, written and accumulated, bit-identical");
+    return st_report("K x L dot products vs dots", ok,
+                     "5 shapes, rows shared or one per interest, written and accumulated, bit-identical");
 }
 
 /* item_grad_scatter (parallel, rows in groups) vs the plain loop of axpyf over the list, on
