@@ -2532,17 +2532,17 @@ static void sa_backward(Model *m, Acts *a, int nb) {
  * RR's gradient goes back through the three iterations to u_hat: with the stop-gradient
  * applied to it too, c would be a constant and RR would change nothing. */
 
-/* u_hat[k, l] of one sample is at u + k sk + l sl (sk = 0 for MIND: one vector for all k). */
+/* u_hat[k, l] of one sample is at u + k sk + l sl (sk = 0 for MIND: one vector for all k;
+ * DR: sk = D, sl = K D, a position's K rows one after another). */
 typedef struct { float *u; size_t sk, sl; } Uhat;
 static float *uhat_at(Uhat u, int k, int l) { return u.u + k * u.sk + l * u.sl; }
 
-/* y[k L + l] = <u_hat[k,l], V[k]> (or y += it, with acc), V (K, D), as products of the matrix
- * kernel (dots_kl): MIND's positions have one u_hat row for every interest; DR's K rows of a
- * position are consecutive (sl = K sk). */
+/* y[k L + l] = <u_hat[k,l], V[k]> (or y += it, with acc), V (K, D), as one product of the
+ * matrix kernel (dots_kl): MIND's positions have one u_hat row for every interest, DR's K rows
+ * of a position are consecutive (sl = K sk). */
 static void uhat_dots(float *y, Uhat u, const float *V, int K, int L, int D, int acc) {
-    if (!u.sk) dots_kl(y, u.u, (int)u.sl, V, K, L, D, 0, acc);
-    else if (u.sl == K * u.sk) dots_kl(y, u.u, (int)u.sk, V, K, L, D, 1, acc);
-    else for (int k = 0; k < K; k++) dots(y + k * L, uhat_at(u, k, 0), u.sl, V + (size_t)k * D, L, D, acc);
+    if (u.sk) dots_kl(y, u.u, (int)u.sk, V, K, L, D, 1, acc);
+    else dots_kl(y, u.u, (int)u.sl, V, K, L, D, 0, acc);
 }
 
 /* squash(s) = |s|^2 / (1 + |s|^2) * s / sqrt(|s|^2 + 1e-9), as the reference writes it */
