@@ -1724,11 +1724,12 @@ static void gemm_tile_via(const Gemm *g, const float *a, int sa, int sp, const f
 /* Tile t's row tile rt and column tile ct. A tile of MR x NR reads MR rows of A and a panel of
  * NR columns of B: sweeping the row tiles under one panel re-reads A once per column tile,
  * sweeping the columns re-reads B once per row tile; the first is less traffic when NR > MR
- * (AVX2's 6 x 16 tile), the second when not (AVX-512's 16 x 16, a little faster there). */
-static int tile_cols_first(void) { return NR > MR; }
+ * (AVX2's 6 x 16 tile) and B does not stay in the L1 cache anyway (over 32 KB: the
+ * evaluation's queries stay), the second otherwise (AVX-512's 16 x 16, a little faster there). */
+static int tile_cols_first(const Gemm *g) { return NR > MR && (size_t)g->k * g->n > 8192; }
 static void tile_pos(const Gemm *g, int t, int *rt, int *ct) {
     int nct = (g->n + NR - 1) / NR, nrt = (g->m + MR - 1) / MR;
-    if (tile_cols_first()) { *rt = t % nrt; *ct = t / nrt; }
+    if (tile_cols_first(g)) { *rt = t % nrt; *ct = t / nrt; }
     else { *rt = t / nct; *ct = t % nct; }
 }
 static int gemm_blocked(const Gemm *g) {
@@ -1780,7 +1781,7 @@ static void gemm_task(void *ctx, int lo, int hi) {
     /* sweeping row tiles under a panel of B (tile_pos), the panel is copied first into NR
      * consecutive columns: B's rows are often a multiple of 1 KB apart, and the panel's lines
      * would share a few sets of the L1 cache (AVX2's products 61-83 -> 71-103 GFLOP/s) */
-    int pack = tile_cols_first() && !blocked && g->m > MR;
+    int pack = tile_cols_first(g) && !blocked && g->m > MR;
     float *bp = NULL, *ap = NULL, *panel = NULL;
     if (nr > 0 || g->m % MR || alias || pack) {
         float *buf = thread_scratch(SCRATCH_GEMM, (size_t)k * NR * 2 + (size_t)MR * ka);
