@@ -1712,15 +1712,6 @@ static void gemm_tile_via(const Gemm *g, const float *a, int sa, int sp, const f
         }
 }
 
-/* A long sum (k > 2 KBLOCK: a weight gradient over a batch's rows, the user vectors'
- * gradient over the negatives): the full tiles in blocks of KBLOCK steps, each block over
- * all of the task's full tiles, so that every tile reads the block's A and B from L2 instead
- * of streaming the whole of k from L3 alone (the hidden layer's weight gradient at Beauty's
- * defaults: 98 -> 109 GFLOP/s on 1 thread). The tiles' sums wait in scratch between blocks
- * and continue from there (acc 2), so each is the same chain over p: the same bits. The
- * edge tiles (the last row or column tile, when MR or NR does not divide the product: with
- * AVX2's 6-row tile, most products) follow, one at a time, as in any product. */
-#define KBLOCK 256
 /* Tile t's row tile rt and column tile ct. A tile of MR x NR reads MR rows of A and a panel of
  * NR columns of B: sweeping the row tiles under one panel re-reads A once per column tile,
  * sweeping the columns re-reads B once per row tile; the first is less traffic when NR > MR
@@ -1732,6 +1723,16 @@ static void tile_pos(const Gemm *g, int t, int *rt, int *ct) {
     if (tile_cols_first(g)) { *rt = t % nrt; *ct = t / nrt; }
     else { *rt = t / nct; *ct = t % nct; }
 }
+
+/* A long sum (k > 2 KBLOCK: a weight gradient over a batch's rows, the user vectors'
+ * gradient over the negatives): the full tiles in blocks of KBLOCK steps, each block over
+ * all of the task's full tiles, so that every tile reads the block's A and B from L2 instead
+ * of streaming the whole of k from L3 alone (the hidden layer's weight gradient at Beauty's
+ * defaults: 98 -> 109 GFLOP/s on 1 thread). The tiles' sums wait in scratch between blocks
+ * and continue from there (acc 2), so each is the same chain over p: the same bits. The
+ * edge tiles (the last row or column tile, when MR or NR does not divide the product: with
+ * AVX2's 6-row tile, most products) follow, one at a time, as in any product. */
+#define KBLOCK 256
 static int gemm_blocked(const Gemm *g) {
     return g->k > 2 * KBLOCK && g->m >= MR && g->n >= NR && !(g->sp == 1 && g->sa % 1024 == 0);
 }
@@ -1767,9 +1768,9 @@ static void gemm_task_blocked(const Gemm *g, int lo, int hi) {
     }
 }
 
-/* Tiles [lo, hi) of one product, numbered row tile by row tile (t = row tile * column
- * tiles + column tile), so a product with few rows (a weight gradient of K rows) still
- * splits over threads. Each tile is written by one thread, with the same sums. */
+/* Tiles [lo, hi) of one product, numbered row tile by row tile or column tile by column tile
+ * (tile_pos), so a product with few rows (a weight gradient of K rows) still splits over
+ * threads. Each tile is written by one thread, with the same sums. */
 static void gemm_task(void *ctx, int lo, int hi) {
     const Gemm *g = ctx;
     int blocked = gemm_blocked(g); /* the full tiles done in blocks of k, the edge tiles below */
@@ -1780,7 +1781,8 @@ static void gemm_task(void *ctx, int lo, int hi) {
     int alias = g->sp == 1 && g->sa % 1024 == 0, ka = k + 16;
     /* sweeping row tiles under a panel of B (tile_pos), the panel is copied first into NR
      * consecutive columns: B's rows are often a multiple of 1 KB apart, and the panel's lines
-     * would share a few sets of the L1 cache (AVX2's products 61-83 -> 71-103 GFLOP/s) */
+     * would share a few sets of the L1 cache (AVX2: the logits 61 -> 87 GFLOP/s, the hidden
+     * layer's products 80-82 -> 89-97) */
     int pack = tile_cols_first(g) && !blocked && g->m > MR;
     float *bp = NULL, *ap = NULL, *panel = NULL;
     if (nr > 0 || g->m % MR || alias || pack) {

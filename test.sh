@@ -225,6 +225,9 @@ for isa in sse avx; do
     if ! command -v "${CC:-cc}" >/dev/null || ! make -s remi-$isa >"$TMP/build-$isa.log" 2>&1; then
         echo "skip  remi-$isa (no compiler, or not this architecture)"; continue
     fi
+    if ./remi-$isa selftest -t 3 >"$TMP/selftest-$isa.log" 2>&1; then
+        pass "remi-$isa selftest (its register tile and tile order against the scalar twins)"
+    else fail "remi-$isa selftest" "$(grep FAIL "$TMP/selftest-$isa.log" | tr '\n' ' ')"; fi
     why=""
     for mdl in sa dr mind gru4rec; do
         ./remi-$isa train "${TINY[@]}" --model "$mdl" ${MODEL_ARGS[$mdl]} -t 2 --out "$TMP/tiny-$mdl-$isa" >/dev/null 2>&1
