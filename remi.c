@@ -2210,7 +2210,7 @@ static void item_grad_dense(float *out, const ItemGrad *ge, int N, int D) {
 }
 
 /* A list of terms dE[item[i]] += scale[i] x_i, i ascending: only where mask[i] != 0 (mask
- * NULL: every i), scale NULL for 1, x_i = x + (xrow ? xrow[i] : i) D. */
+ * NULL: every i) and xrow[i] >= 0, scale NULL for 1, x_i = x + (xrow ? xrow[i] : i) D. */
 typedef struct { ItemGrad *dE; const int *item; const float *mask, *scale, *x; const int *xrow; int n, D; } Scatter;
 
 /* The terms grouped by the row they add to: row r is group r % SCATTER_GROUPS's, and the
@@ -2233,7 +2233,8 @@ static void item_grad_scatter(const Scatter *s) {
     int n = s->n, count[SCATTER_GROUPS + 1] = { 0 };
     int *row = (int *)thread_scratch(SCRATCH_TERMS, 2 * (size_t)n), *term = row + n; /* ints in the float scratch */
     for (int i = 0; i < n; i++) {
-        row[i] = !s->mask || s->mask[i] != 0.0f ? item_grad_row(s->dE, s->item[i]) : -1;
+        int term = (!s->mask || s->mask[i] != 0.0f) && (!s->xrow || s->xrow[i] >= 0);
+        row[i] = term ? item_grad_row(s->dE, s->item[i]) : -1;
         if (row[i] >= 0) count[row[i] % SCATTER_GROUPS + 1]++;
     }
     for (int g = 0; g < SCATTER_GROUPS; g++) count[g + 1] += count[g]; /* each group's first term */
@@ -2246,7 +2247,7 @@ static void item_grad_scatter(const Scatter *s) {
 }
 
 /* dE[hist[b,l]] += dx[b,l] on real positions, in order (padding_idx 0 receives nothing).
- * dx (B, L, D), or with row its rows (real_rows). */
+ * dx (B, L, D), or with row its rows (real_rows, GRU4Rec's steps; -1: none). */
 static void embed_backward(ItemGrad *dE, const float *dx, const int *row, const int *hist, const float *mask, int bl,
                            int D) {
     item_grad_scatter(&(Scatter){ dE, hist, mask, NULL, dx, row, bl, D });
@@ -2951,6 +2952,23 @@ static void gru_gate_back_task(void *ctx, int lo, int hi) {
 }
 
 /* From a->dv (nb, 1, D) to the parameter gradients. */
+/* Samples [lo, hi): the input gradient's rows (in gx, packed by step) times their dropout
+ * multipliers, and prow[b L + t] = the row of position t (-1 past the history), for the
+ * scatter into the item table: g dm then added, the sums of de += g dm. */
+static void gru_drop_back_task(void *ctx, int lo, int hi) {
+    const EncCtx *c = ctx;
+    Acts *a = c->a;
+    int L = c->m->L, D = c->m->D;
+    for (int b = lo; b < hi; b++)
+        for (int t = 0; t < L; t++) {
+            int r = t < a->glen[b] ? a->goff[t] + a->grow[b] : -1;
+            a->prow[b * L + t] = r;
+            if (r < 0) continue;
+            float *g = a->gx + (size_t)r * D;
+            const float *dm = a->drop + ((size_t)b * L + t) * D;
+            for (int d = 0; d < D; d++) g[d] = g[d] * dm[d];
+        }
+}
 static void gru_backward(Model *m, Acts *a, int nb) {
     int L = m->L, D = m->D, G = m->G, T = a->gsteps;
     linear_backward(a->dglast, m->g.dense_w, a->dv, a->glast, m->p.dense_w, nb, G, D, 0);
@@ -2972,12 +2990,9 @@ static void gru_backward(Model *m, Acts *a, int nb) {
     gemm_tn(m->g.gru_ih, a->ggi, a->gx, 3 * G, D, R, 1);                 /* dW_ih += dgi^T x */
     float *dx = a->gx;                                                   /* x is no longer needed */
     gemm_nn(dx, a->ggi, m->p.gru_ih, R, D, 3 * G, 0);
-    for (int b = 0; b < nb; b++) /* dE[hist] += dx * dropout multiplier; row 0 gets nothing */
-        for (int t = 0; t < a->glen[b]; t++) {
-            const float *g = dx + ((size_t)a->goff[t] + a->grow[b]) * D, *dm = a->drop + ((size_t)b * L + t) * D;
-            float *de = item_grad(&m->ge, a->hist[b * L + t], D);
-            for (int d = 0; d < D; d++) de[d] += g[d] * dm[d];
-        }
+    EncCtx c = { m, a, nb, 0 };
+    parallel_for(nb, gru_drop_back_task, &c);                  /* dx times the dropout multipliers */
+    embed_backward(&m->ge, dx, a->prow, a->hist, a->mask, nb * L, D); /* dE[hist] += dx */
 }
 
 /* ======================================================================== encoders: dispatch
@@ -5590,7 +5605,7 @@ static int st_dots_kl(uint64_t *rng) {
 }
 
 /* item_grad_scatter (parallel, rows in groups) vs the plain loop of axpyf over the list, on
- * a list with repeated items, a mask, scales and a row map; kept rows and dense. */
+ * a list with repeated items, a mask, scales and a row map (-1: no term); kept rows and dense. */
 static int st_scatter(uint64_t *rng) {
     int N = 50, D = 24, n = 300, ok = 1;
     float *x = xmalloc((size_t)n * D * 4), *scale = xmalloc(n * 4), *mask = xmalloc(n * 4);
@@ -5598,7 +5613,7 @@ static int st_scatter(uint64_t *rng) {
     int *item = xmalloc(n * 4), *xrow = xmalloc(n * 4), *rowmap = xmalloc(N * 4), *items = xmalloc(N * 4);
     gc_fill(x, (size_t)n * D, 1, rng); gc_fill(scale, n, 1, rng);
     for (int i = 0; i < n; i++) {
-        item[i] = (int)rng_below(rng, N); xrow[i] = (int)rng_below(rng, n);
+        item[i] = (int)rng_below(rng, N); xrow[i] = rng_below(rng, 8) ? (int)rng_below(rng, n) : -1;
         mask[i] = rng_below(rng, 4) ? 1.0f : 0.0f;
     }
     for (int kept = 0; kept < 2; kept++) {
@@ -5612,7 +5627,7 @@ static int st_scatter(uint64_t *rng) {
         ItemGrad gr = { ref, rowmap2, items2, 0 };
         for (int i = 0; i < n; i++) axpyf(item_grad(&gr, item[i], D), 1.0f, x + (size_t)i * D, D);
         for (int i = 0; i < n; i++)
-            if (mask[i] != 0.0f) axpyf(item_grad(&gr, item[i], D), scale[i], x + (size_t)xrow[i] * D, D);
+            if (mask[i] != 0.0f && xrow[i] >= 0) axpyf(item_grad(&gr, item[i], D), scale[i], x + (size_t)xrow[i] * D, D);
         if (kept) { /* the same rows in the same order, so the same (N, D) gradient */
             float *want = xmalloc((size_t)N * D * 4);
             item_grad_dense(dense, &ge, N, D); item_grad_dense(want, &gr, N, D);
