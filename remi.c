@@ -1923,19 +1923,20 @@ static void transpose(float *dst, const float *src, int rows, int cols) {
         for (int j = 0; j < cols; j++) dst[(size_t)j * rows + i] = src[(size_t)i * cols + j];
 }
 
-/* y[k L + l] = <A[l], B[k]> (or y += it, with acc) for the L rows of A at stride sa and the
- * K rows of B, each D long: K x L dot products, each summed over d ascending as dotf, done
- * as one product of the matrix kernel, t (L, K) = A B^T (dots would walk each sum alone).
- * per_k: A holds a row for each interest instead, y[k L + l] = <A[l K + k], B[k]>: the
- * product t (L K, K) then makes K sums per row and y takes one (ComiRec-DR's u_hat; a
- * quarter of the kernel's work is kept at K 4, still twice as fast as dots). */
-static void dots_kl(float *y, const float *A, int sa, const float *B, int K, int L, int D, int per_k, int acc) {
-    int rows = per_k ? L * K : L;
+/* y[k L + l] = <A[l], B[k]> (or y += it, with acc) for the first n of the L rows of A (at
+ * stride sa; the rest of y untouched) and the K rows of B, each D long: K x n dot products,
+ * each summed over d ascending as dotf, done as one product of the matrix kernel, t (n, K) =
+ * A B^T (dots would walk each sum alone). per_k: A holds a row for each interest instead,
+ * y[k L + l] = <A[l K + k], B[k]>: the product t (n K, K) then makes K sums per row and y
+ * takes one (ComiRec-DR's u_hat; a quarter of the kernel's work is kept at K 4, still twice
+ * as fast as dots). */
+static void dots_kl(float *y, const float *A, int sa, const float *B, int K, int L, int n, int D, int per_k, int acc) {
+    int rows = per_k ? n * K : n;
     float *bt = thread_scratch(SCRATCH_DOTS, (size_t)D * K + (size_t)rows * K), *t = bt + (size_t)D * K;
     transpose(bt, B, K, D);
     gemm_run((Gemm){ t, K, A, sa, 1, bt, K, rows, K, D, 0 }, 0);
     for (int k = 0; k < K; k++)
-        for (int l = 0; l < L; l++) {
+        for (int l = 0; l < n; l++) {
             float d = t[(size_t)(per_k ? l * K + k : l) * K + k];
             y[k * L + l] = acc ? y[k * L + l] + d : d;
         }
@@ -2434,7 +2435,7 @@ static void interest_forward(float *v, const float *att, const float *x, int nb,
 static void interest_backward(float *datt, float *dx, const float *dv, const float *att, const float *x,
                               int nb, int K, int L, int D) {
     for (int b = 0; b < nb; b++) {
-        dots_kl(datt + (size_t)b * K * L, x + (size_t)b * L * D, D, dv + (size_t)b * K * D, K, L, D, 0, 1);
+        dots_kl(datt + (size_t)b * K * L, x + (size_t)b * L * D, D, dv + (size_t)b * K * D, K, L, L, D, 0, 1);
         for (int l = 0; l < L; l++)
             weighted_sum(dx + ((size_t)b * L + l) * D, att + (size_t)b * K * L + l, L, dv + (size_t)b * K * D, D, K, D);
     }
@@ -2579,12 +2580,12 @@ static void sa_backward(Model *m, Acts *a, int nb) {
 typedef struct { float *u; size_t sk, sl; } Uhat;
 static float *uhat_at(Uhat u, int k, int l) { return u.u + k * u.sk + l * u.sl; }
 
-/* y[k L + l] = <u_hat[k,l], V[k]> (or y += it, with acc), V (K, D), as one product of the
- * matrix kernel (dots_kl): MIND's positions have one u_hat row for every interest, DR's K rows
- * of a position are consecutive (sl = K sk). */
-static void uhat_dots(float *y, Uhat u, const float *V, int K, int L, int D, int acc) {
-    if (u.sk) dots_kl(y, u.u, (int)u.sk, V, K, L, D, 1, acc);
-    else dots_kl(y, u.u, (int)u.sl, V, K, L, D, 0, acc);
+/* y[k L + l] = <u_hat[k,l], V[k]> (or y += it, with acc) for l < n, V (K, D), as one product
+ * of the matrix kernel (dots_kl): MIND's positions have one u_hat row for every interest,
+ * DR's K rows of a position are consecutive (sl = K sk). */
+static void uhat_dots(float *y, Uhat u, const float *V, int K, int L, int n, int D, int acc) {
+    if (u.sk) dots_kl(y, u.u, (int)u.sk, V, K, L, n, D, 1, acc);
+    else dots_kl(y, u.u, (int)u.sl, V, K, L, n, D, 0, acc);
 }
 
 /* squash(s) = |s|^2 / (1 + |s|^2) * s / sqrt(|s|^2 + 1e-9), as the reference writes it */
@@ -2616,14 +2617,14 @@ static void masked_softmax_row_backward(float *db, const float *dc, const float 
     for (int i = 0; i < n; i++) db[i] += p[i] * (mask[i] * dc[i] - dot);
 }
 
-/* s_k = sum_l c_kl u_hat_kl with c = mask * p (or `frozen`), then v_k = squash(s_k). */
+/* s_k = sum_l c_kl u_hat_kl over l < n with c = mask * p (or `frozen`), then v_k = squash(s_k). */
 static void route_capsules(float *v, float *s, const float *p, const float *mask, const float *frozen, Uhat u,
-                           int K, int L, int D) {
+                           int K, int L, int n, int D) {
     float *c = thread_scratch(SCRATCH_COEF, L);
     for (int k = 0; k < K; k++) {
         float *sk = s + (size_t)k * D;
-        for (int l = 0; l < L; l++) c[l] = frozen ? frozen[k * L + l] : mask[l] * p[k * L + l];
-        weighted_sum(sk, c, 1, uhat_at(u, k, 0), u.sl, L, D);
+        for (int l = 0; l < n; l++) c[l] = frozen ? frozen[k * L + l] : mask[l] * p[k * L + l];
+        weighted_sum(sk, c, 1, uhat_at(u, k, 0), u.sl, n, D);
         squash_forward(v + (size_t)k * D, sk, D);
     }
 }
@@ -2631,9 +2632,14 @@ static void route_capsules(float *v, float *s, const float *p, const float *mask
 /* One sample. b0 (K, L) initial logits or NULL for zeros. Writes p (3, K, L) the softmax
  * of each iteration, s (3, K, D), v01 (2, K, D) the squashed capsules of iterations 0
  * and 1, att (K, L) = mask * p[2] the routing matrix, out (K, D) the interests.
- * frozen (K, L), if given, replaces the last c in the interests (gradient check only). */
+ * frozen (K, L), if given, replaces the last c in the interests (gradient check only).
+ * n: u_hat is read at positions l < n only, those after being padded ones (routing_span):
+ * there u_hat is 0, so c_kl u_hat_kl adds +0 to s_k (which starts at +0 and so is never
+ * -0: the same bits) and <u_hat_kl, v_k> is +0, which leaves the logit as it is (b + 0 is
+ * b but for the sign of a zero, which its exp ignores). Finite values assumed: an inf in
+ * v_k would have made those terms NaN. The softmax still spans all L positions. */
 static void routing_forward(float *out, float *att, float *p, float *s, float *v01, Uhat u, const float *mask,
-                            const float *b0, const float *frozen, int K, int L, int D) {
+                            const float *b0, const float *frozen, int K, int L, int n, int D) {
     size_t KL = (size_t)K * L, KD = (size_t)K * D;
     if (b0) memcpy(p, b0, KL * sizeof(float));
     else memset(p, 0, KL * sizeof(float));
@@ -2642,23 +2648,26 @@ static void routing_forward(float *out, float *att, float *p, float *s, float *v
         if (it < 2) memcpy(next, pi, KL * sizeof(float)); /* next logits = these + the update */
         for (int k = 0; k < K; k++) softmax_row(pi + k * L, L);
         float *v = it < 2 ? v01 + it * KD : out;
-        route_capsules(v, s + it * KD, pi, mask, it == 2 ? frozen : NULL, u, K, L, D);
-        if (it < 2) uhat_dots(next, u, v, K, L, D, 1);
+        route_capsules(v, s + it * KD, pi, mask, it == 2 ? frozen : NULL, u, K, L, n, D);
+        if (it < 2) uhat_dots(next, u, v, K, L, n, D, 1);
     }
     for (size_t i = 0; i < KL; i++) att[i] = mask[i % L] * p[2 * KL + i];
 }
 
 /* One sample. dout (K, D): gradient of the interests; datt (K, L): of the routing
- * matrix, or NULL. du (same layout as u) += the gradient w.r.t. u_hat. */
+ * matrix, or NULL. du (same layout as u) += the gradient w.r.t. u_hat, at l < n: as in
+ * routing_forward, u_hat is 0 at the later, padded positions, so the sums over l miss +-0
+ * terms only and the dot products there are +0; their gradient would reach no parameter
+ * (x is 0 there, and the item table takes nothing from a padded position). */
 static void routing_backward(Uhat du, const float *dout, const float *datt, const float *p, const float *s,
-                             const float *v01, Uhat u, const float *mask, int K, int L, int D) {
+                             const float *v01, Uhat u, const float *mask, int K, int L, int n, int D) {
     size_t KL = (size_t)K * L, KD = (size_t)K * D;
     float *ds = thread_scratch(SCRATCH_LAYER, 2 * KL + KD + (size_t)D), *gb = ds + KD, *gc = gb + KL, *gv = gc + KL;
     /* the interests, c of the last iteration constant */
     for (int k = 0; k < K; k++) {
         for (int d = 0; d < D; d++) ds[d] = 0.0f;
         squash_backward(ds, dout + (size_t)k * D, s + 2 * KD + (size_t)k * D, D);
-        for (int l = 0; l < L; l++) axpyf(uhat_at(du, k, l), mask[l] * p[2 * KL + k * L + l], ds, D);
+        for (int l = 0; l < n; l++) axpyf(uhat_at(du, k, l), mask[l] * p[2 * KL + k * L + l], ds, D);
     }
     if (!datt) return;
     /* the routing matrix, back through the iterations: gc = d/dc of iteration it, gb =
@@ -2669,17 +2678,19 @@ static void routing_backward(Uhat du, const float *dout, const float *datt, cons
         const float *pi = p + it * KL, *pp = p + (it - 1) * KL, *vp = v01 + (it - 1) * KD, *sp = s + (it - 1) * KD;
         for (int k = 0; k < K; k++) masked_softmax_row_backward(gb + k * L, gc + k * L, pi + k * L, mask, L);
         for (int k = 0; k < K; k++) {
-            weighted_sum(gv, gb + k * L, 1, uhat_at(u, k, 0), u.sl, L, D); /* sum_l gb_kl u_hat_kl */
+            weighted_sum(gv, gb + k * L, 1, uhat_at(u, k, 0), u.sl, n, D); /* sum_l gb_kl u_hat_kl */
             float *dsk = ds + (size_t)k * D; /* (K, D): d/ds of iteration it - 1 */
             for (int d = 0; d < D; d++) dsk[d] = 0.0f;
             squash_backward(dsk, gv, sp + (size_t)k * D, D);
-            for (int l = 0; l < L; l++) { /* du_kl += gb_kl v_k (through the logits), then c_kl ds_k */
+            for (int l = 0; l < n; l++) { /* du_kl += gb_kl v_k (through the logits), then c_kl ds_k */
                 float *dul = uhat_at(du, k, l), a = gb[k * L + l], c = mask[l] * pp[k * L + l];
                 const float *vk = vp + (size_t)k * D;
                 for (int d = 0; d < D; d++) dul[d] = (dul[d] + a * vk[d]) + c * dsk[d];
             }
         }
-        uhat_dots(gc, u, ds, K, L, D, 0);
+        uhat_dots(gc, u, ds, K, L, n, D, 0);
+        for (int k = 0; k < K; k++)
+            for (int l = n; l < L; l++) gc[k * L + l] = 0.0f; /* <0, ds_k> */
     }
 }
 
@@ -2696,6 +2707,15 @@ static void caps_embed_task(void *ctx, int lo, int hi) { /* x on its rows, xt */
     embed_forward(c->a->xt, c->a->prow + o, c->a->hist + o, c->a->mask + o, c->m->p.item_emb, (hi - lo) * c->m->L,
                   c->m->D);
 }
+/* The positions a sample's routing reads u_hat at: its real ones, when they come first (the
+ * histories' layout, fill_history), else all L (0 at the padded ones), see routing_forward. */
+static int routing_span(const float *mask, int L) {
+    int n = 0;
+    while (n < L && mask[n] != 0.0f) n++;
+    for (int l = n; l < L; l++)
+        if (mask[l] != 0.0f) return L;
+    return n;
+}
 static void caps_route_task(void *ctx, int lo, int hi) {
     const EncCtx *c = ctx;
     const Model *m = c->m;
@@ -2703,14 +2723,15 @@ static void caps_route_task(void *ctx, int lo, int hi) {
     size_t K = m->K, L = m->L, D = m->D;
     for (int b = lo; b < hi; b++) {
         Uhat u = caps_uhat(m, a->uhat, b);
-        for (size_t l = 0; l < L; l++) { /* u_hat from its rows, 0 at padded positions */
+        int n = routing_span(a->mask + b * L, (int)L);
+        for (int l = 0; l < n; l++) { /* u_hat from its rows, 0 at padded positions */
             int r = a->prow[b * L + l];
             if (r >= 0) memcpy(u.u + l * u.sl, a->ur + (size_t)r * u.sl, u.sl * sizeof(float));
             else memset(u.u + l * u.sl, 0, u.sl * sizeof(float));
         }
         routing_forward(a->caps + b * K * D, a->att + b * K * L, a->rp + b * 3 * K * L, a->rs + b * 3 * K * D,
                         a->rv + b * 2 * K * D, u, a->mask + b * L, m->enc == ENC_MIND ? a->noise + b * K * L : NULL,
-                        a->route_frozen ? a->route_frozen + b * K * L : NULL, (int)K, (int)L, (int)D);
+                        a->route_frozen ? a->route_frozen + b * K * L : NULL, (int)K, (int)L, n, (int)D);
     }
 }
 
@@ -2767,13 +2788,14 @@ static void caps_route_back_task(void *ctx, int lo, int hi) {
     const Model *m = c->m;
     Acts *a = c->a;
     size_t K = m->K, L = m->L, D = m->D;
-    memset(a->duhat + lo * caps_stride(m), 0, (size_t)(hi - lo) * caps_stride(m) * sizeof(float));
     for (int b = lo; b < hi; b++) {
         Uhat du = caps_uhat(m, a->duhat, b);
+        int n = routing_span(a->mask + b * L, (int)L);
+        memset(du.u, 0, (size_t)n * du.sl * sizeof(float));
         routing_backward(du, a->dcaps + b * K * D, c->rr ? a->datt + b * K * L : NULL,
                          a->rp + b * 3 * K * L, a->rs + b * 3 * K * D, a->rv + b * 2 * K * D,
-                         caps_uhat(m, a->uhat, b), a->mask + b * L, (int)K, (int)L, (int)D);
-        for (size_t l = 0; l < L; l++) /* its rows */
+                         caps_uhat(m, a->uhat, b), a->mask + b * L, (int)K, (int)L, n, (int)D);
+        for (int l = 0; l < n; l++) /* its rows */
             if (a->prow[b * L + l] >= 0)
                 memcpy(a->dur + (size_t)a->prow[b * L + l] * du.sl, du.u + l * du.sl, du.sl * sizeof(float));
     }
@@ -5181,7 +5203,7 @@ static double gc_route(GcState *g) {
         routing_forward(g->buf[1] + b * K * D, g->buf[2] + b * K * L, g->buf[3] + b * 3 * K * L,
                         g->buf[4] + b * 3 * K * D, g->buf[5] + b * 2 * K * D, gc_uhat(g, g->buf[0], (int)b),
                         g->a.mask + b * L, gc_route_mode.mind ? g->buf[7] + b * K * L : NULL,
-                        gc_route_mode.matrix ? NULL : g->buf[6] + b * K * L, (int)K, (int)L, (int)D);
+                        gc_route_mode.matrix ? NULL : g->buf[6] + b * K * L, (int)K, (int)L, (int)L, (int)D);
     if (gc_route_mode.matrix) return 10.0 * gc_dot(g->c + B * K * D, g->buf[2], B * K * L);
     return gc_dot(g->c, g->buf[1], B * K * D);
 }
@@ -5201,7 +5223,7 @@ static int gc_route_check(GcState *g, float *an, int mind, int matrix) {
     for (size_t b = 0; b < B; b++)
         routing_backward(gc_uhat(g, an, (int)b), matrix ? zero : g->c + b * K * D, matrix ? datt + b * K * L : NULL,
                          g->buf[3] + b * 3 * K * L, g->buf[4] + b * 3 * K * D, g->buf[5] + b * 2 * K * D,
-                         gc_uhat(g, g->buf[0], (int)b), g->a.mask + b * L, (int)K, (int)L, (int)D);
+                         gc_uhat(g, g->buf[0], (int)b), g->a.mask + b * L, (int)K, (int)L, (int)L, (int)D);
     char what[80];
     snprintf(what, sizeof what, "%s routing, %s: d/du_hat", mind ? "MIND" : "DR",
              matrix ? "routing matrix (x10)" : "interests (last c frozen)");
@@ -5592,7 +5614,7 @@ static int st_dots_kl(uint64_t *rng) {
             for (int acc = 0; acc < 2; acc++) {
                 gc_fill(y, (size_t)K * L, 1, rng);
                 memcpy(r, y, (size_t)K * L * 4);
-                dots_kl(y, A, sa, B, K, L, D, per_k, acc);
+                dots_kl(y, A, sa, B, K, L, L, D, per_k, acc);
                 for (int k = 0; k < K; k++)
                     dots(r + k * L, A + (per_k ? (size_t)k * sa : 0), (size_t)sa * (per_k ? K : 1), B + (size_t)k * D, L,
                          D, acc);
@@ -5602,6 +5624,43 @@ static int st_dots_kl(uint64_t *rng) {
     }
     return st_report("K x L dot products vs dots", ok,
                      "5 shapes, rows shared or one per interest, written and accumulated, bit-identical");
+}
+
+/* The capsule routing on a sample's real positions only (n = routing_span) against all L
+ * (u_hat 0 at the padded ones): the same routing matrix, interests, saved softmaxes and sums,
+ * and the same gradient at the real positions, for DR's and MIND's layouts, with and
+ * without RR's gradient, with logits starting at 0 and at random values. */
+static int st_routing_span(uint64_t *rng) {
+    int K = 4, L = 9, D = 24, ok = 1;
+    size_t KL = (size_t)K * L, KD = (size_t)K * D, nu = (size_t)L * KD;
+    float *buf = xcalloc(2 * (nu + 6 * KL + 5 * KD) + 3 * nu + KL + KD + L, sizeof(float));
+    float *u = buf + 2 * (nu + 6 * KL + 5 * KD), *du[2] = { u + nu, u + 2 * nu }, *b0 = u + 3 * nu, *dout = b0 + KL,
+          *mask = dout + KD;
+    for (int trial = 0; trial < 8; trial++) {
+        int mind = trial & 1, n = (int)rng_below(rng, L + 1), rr = (trial >> 1) & 1, noise = trial >> 2;
+        Uhat uh = mind ? (Uhat){ u, 0, D } : (Uhat){ u, D, KD };
+        memset(u, 0, nu * sizeof(float));
+        gc_fill(u, (size_t)n * uh.sl, 1, rng); /* the real positions' rows; the padded ones 0 */
+        gc_fill(b0, KL, 1, rng); gc_fill(dout, KD, 1, rng);
+        for (int l = 0; l < L; l++) mask[l] = l < n;
+        float *out[2][6];
+        for (int w = 0; w < 2; w++) { /* w 0: all L positions, w 1: the first n */
+            float *o = buf + w * (nu + 6 * KL + 5 * KD);
+            out[w][0] = o; out[w][1] = o + KD; out[w][2] = o + KD + KL; out[w][3] = out[w][2] + 3 * KL;
+            out[w][4] = out[w][3] + 3 * KD; out[w][5] = out[w][4] + 2 * KD; /* out, att, p, s, v01, datt */
+            routing_forward(out[w][0], out[w][1], out[w][2], out[w][3], out[w][4], uh, mask, noise ? b0 : NULL, NULL, K,
+                            L, w ? n : L, D);
+            memcpy(out[w][5], out[w][1], KL * sizeof(float)); /* some gradient for the routing matrix */
+            memset(du[w], 0, nu * sizeof(float));
+            routing_backward(mind ? (Uhat){ du[w], 0, D } : (Uhat){ du[w], D, KD }, dout, rr ? out[w][5] : NULL,
+                             out[w][2], out[w][3], out[w][4], uh, mask, K, L, w ? n : L, D);
+        }
+        ok &= !memcmp(out[0][0], out[1][0], (KD + KL + 3 * KL + 3 * KD + 2 * KD) * sizeof(float));
+        ok &= !memcmp(du[0], du[1], (size_t)n * uh.sl * sizeof(float));
+    }
+    free(buf);
+    return st_report("capsule routing on the real positions vs all", ok,
+                     "DR and MIND layouts, 0..L real, RR on/off, logits from 0 and random: bit-identical");
 }
 
 /* item_grad_scatter (parallel, rows in groups) vs the plain loop of axpyf over the list, on
@@ -6121,6 +6180,7 @@ int cmd_selftest(int argc, char **argv) {
     ok &= st_fmax(&rng);
     ok &= st_dots_kl(&rng);
     ok &= st_scatter(&rng);
+    ok &= st_routing_span(&rng);
     ok &= st_topk(&rng);
     ok &= st_merge();
     ok &= st_set_order(path);
