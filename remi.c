@@ -2424,19 +2424,43 @@ static void masked_softmax_backward(float *dz, const float *datt, const float *a
         }
 }
 
-/* REMI-SPEC c.1 step 6: v[b,k] = sum_l att[b,k,l] x[b,l] (x without positions).
- * v (B, K, D), att (B, K, L), x (B, L, D) */
-static void interest_forward(float *v, const float *att, const float *x, int nb, int K, int L, int D) {
-    for (int b = 0; b < nb; b++)
-        for (int k = 0; k < K; k++)
-            weighted_sum(v + ((size_t)b * K + k) * D, att + ((size_t)b * K + k) * L, 1, x + (size_t)b * L * D, D, L, D);
+/* The number of a sample's real positions when they come first (the histories' layout,
+ * fill_history; 0 for none), else L: the positions that SA's attention sums and the capsule
+ * routing reads u_hat at (interest_forward, routing_forward): the later, padded ones add only
+ * +-0 terms there. */
+static int real_span(const float *mask, int L) {
+    int n = 0;
+    while (n < L && mask[n] != 0.0f) n++;
+    for (int l = n; l < L; l++)
+        if (mask[l] != 0.0f) return L;
+    return n;
 }
-/* datt[b,k,l] += <dv[b,k], x[b,l]>;  dx[b,l] = sum_k att[b,k,l] dv[b,k] (written, not added) */
-static void interest_backward(float *datt, float *dx, const float *dv, const float *att, const float *x,
-                              int nb, int K, int L, int D) {
+/* REMI-SPEC c.1 step 6: v[b,k] = sum_l att[b,k,l] x[b,l] (x without positions).
+ * v (B, K, D), att (B, K, L), x (B, L, D). With mask (B, L), att the masked softmax's: the
+ * sums run over a sample's real positions when they come first (real_span): att is +0 at the
+ * padded ones, so their terms are +-0 and the sums, which start at +0 and are never -0, the
+ * same bits (x finite); a history with no real position attends evenly to all L. */
+static int attention_span(const float *mask, int L) {
+    int n = mask ? real_span(mask, L) : L;
+    return n ? n : L;
+}
+static void interest_forward(float *v, const float *att, const float *x, const float *mask, int nb, int K, int L,
+                             int D) {
     for (int b = 0; b < nb; b++) {
-        dots_kl(datt + (size_t)b * K * L, x + (size_t)b * L * D, D, dv + (size_t)b * K * D, K, L, L, D, 0, 1);
-        for (int l = 0; l < L; l++)
+        int n = attention_span(mask ? mask + (size_t)b * L : NULL, L);
+        for (int k = 0; k < K; k++)
+            weighted_sum(v + ((size_t)b * K + k) * D, att + ((size_t)b * K + k) * L, 1, x + (size_t)b * L * D, D, n, D);
+    }
+}
+/* datt[b,k,l] += <dv[b,k], x[b,l]>;  dx[b,l] = sum_k att[b,k,l] dv[b,k] (written, not added).
+ * With mask, at the positions interest_forward sums only: the others' datt is used only times
+ * their att (+0) in the softmax's backward, and their dx reaches nothing (embed_backward). */
+static void interest_backward(float *datt, float *dx, const float *dv, const float *att, const float *x,
+                              const float *mask, int nb, int K, int L, int D) {
+    for (int b = 0; b < nb; b++) {
+        int n = attention_span(mask ? mask + (size_t)b * L : NULL, L);
+        dots_kl(datt + (size_t)b * K * L, x + (size_t)b * L * D, D, dv + (size_t)b * K * D, K, L, n, D, 0, 1);
+        for (int l = 0; l < n; l++)
             weighted_sum(dx + ((size_t)b * L + l) * D, att + (size_t)b * K * L + l, L, dv + (size_t)b * K * D, D, K, D);
     }
 }
@@ -2510,7 +2534,8 @@ static void sa_attend_task(void *ctx, int lo, int hi) {
         for (int k = 0; k < K; k++) a->z[(size_t)i * K + k] = a->prow[i] >= 0 ? a->zr[(size_t)a->prow[i] * K + k] : 0.0f;
     masked_softmax_forward(a->att + (size_t)lo * K * L, a->z + (size_t)lo * L * K, a->mask + (size_t)lo * L, hi - lo,
                            K, L);
-    interest_forward(a->v + (size_t)lo * K * D, a->att + (size_t)lo * K * L, a->x + (size_t)lo * L * D, hi - lo, K, L, D);
+    interest_forward(a->v + (size_t)lo * K * D, a->att + (size_t)lo * K * L, a->x + (size_t)lo * L * D,
+                     a->mask + (size_t)lo * L, hi - lo, K, L, D);
 }
 
 static void sa_forward(const Model *m, Acts *a, int nb) {
@@ -2532,7 +2557,8 @@ static void sa_attend_back_task(void *ctx, int lo, int hi) {
     int L = m->L, D = m->D, K = m->K;
     size_t kl = (size_t)lo * K * L, ld = (size_t)lo * L * D, n = (size_t)(hi - lo) * L;
     memset(a->dz + kl, 0, n * K * sizeof(float));
-    interest_backward(a->datt + kl, a->dx + ld, a->dv + (size_t)lo * K * D, a->att + kl, a->x + ld, hi - lo, K, L, D);
+    interest_backward(a->datt + kl, a->dx + ld, a->dv + (size_t)lo * K * D, a->att + kl, a->x + ld,
+                      a->mask + (size_t)lo * L, hi - lo, K, L, D);
     masked_softmax_backward(a->dz + kl, a->datt + kl, a->att + kl, a->mask + (size_t)lo * L, hi - lo, K, L);
     for (int i = lo * L; i < hi * L; i++) /* dz of the hidden layer's rows */
         if (a->prow[i] >= 0)
@@ -2633,7 +2659,7 @@ static void route_capsules(float *v, float *s, const float *p, const float *mask
  * of each iteration, s (3, K, D), v01 (2, K, D) the squashed capsules of iterations 0
  * and 1, att (K, L) = mask * p[2] the routing matrix, out (K, D) the interests.
  * frozen (K, L), if given, replaces the last c in the interests (gradient check only).
- * n: u_hat is read at positions l < n only, those after being padded ones (routing_span):
+ * n: u_hat is read at positions l < n only, those after being padded ones (real_span):
  * there u_hat is 0, so c_kl u_hat_kl adds +0 to s_k (which starts at +0 and so is never
  * -0: the same bits) and <u_hat_kl, v_k> is +0, which leaves the logit as it is (b + 0 is
  * b but for the sign of a zero, which its exp ignores). Finite values assumed: an inf in
@@ -2707,15 +2733,6 @@ static void caps_embed_task(void *ctx, int lo, int hi) { /* x on its rows, xt */
     embed_forward(c->a->xt, c->a->prow + o, c->a->hist + o, c->a->mask + o, c->m->p.item_emb, (hi - lo) * c->m->L,
                   c->m->D);
 }
-/* The positions a sample's routing reads u_hat at: its real ones, when they come first (the
- * histories' layout, fill_history), else all L (0 at the padded ones), see routing_forward. */
-static int routing_span(const float *mask, int L) {
-    int n = 0;
-    while (n < L && mask[n] != 0.0f) n++;
-    for (int l = n; l < L; l++)
-        if (mask[l] != 0.0f) return L;
-    return n;
-}
 static void caps_route_task(void *ctx, int lo, int hi) {
     const EncCtx *c = ctx;
     const Model *m = c->m;
@@ -2723,7 +2740,7 @@ static void caps_route_task(void *ctx, int lo, int hi) {
     size_t K = m->K, L = m->L, D = m->D;
     for (int b = lo; b < hi; b++) {
         Uhat u = caps_uhat(m, a->uhat, b);
-        int n = routing_span(a->mask + b * L, (int)L);
+        int n = real_span(a->mask + b * L, (int)L);
         for (int l = 0; l < n; l++) { /* u_hat from its rows, 0 at padded positions */
             int r = a->prow[b * L + l];
             if (r >= 0) memcpy(u.u + l * u.sl, a->ur + (size_t)r * u.sl, u.sl * sizeof(float));
@@ -2790,7 +2807,7 @@ static void caps_route_back_task(void *ctx, int lo, int hi) {
     size_t K = m->K, L = m->L, D = m->D;
     for (int b = lo; b < hi; b++) {
         Uhat du = caps_uhat(m, a->duhat, b);
-        int n = routing_span(a->mask + b * L, (int)L);
+        int n = real_span(a->mask + b * L, (int)L);
         memset(du.u, 0, (size_t)n * du.sl * sizeof(float));
         routing_backward(du, a->dcaps + b * K * D, c->rr ? a->datt + b * K * L : NULL,
                          a->rp + b * 3 * K * L, a->rs + b * 3 * K * D, a->rv + b * 2 * K * D,
@@ -5158,7 +5175,7 @@ static double gc_softmax(GcState *g) { /* buf0 z (B,L,K), buf1 att (B,K,L); mask
     return gc_dot(g->c, g->buf[1], (size_t)g->B * g->K * g->L);
 }
 static double gc_interest(GcState *g) { /* buf0 att (B,K,L), buf1 x (B,L,D), buf2 v (B,K,D) */
-    interest_forward(g->buf[2], g->buf[0], g->buf[1], g->B, g->K, g->L, g->D);
+    interest_forward(g->buf[2], g->buf[0], g->buf[1], NULL, g->B, g->K, g->L, g->D);
     return gc_dot(g->c, g->buf[2], (size_t)g->B * g->K * g->D);
 }
 static double gc_readout(GcState *g) { /* buf0 v (B,K,D), buf1 r (B,D) */
@@ -5336,7 +5353,7 @@ int cmd_gradcheck(int argc, char **argv) {
     /* V = A X */
     gc_fill(g.buf[0], (size_t)B * K * L, 1.0, &g.rng); gc_fill(g.buf[1], BLD, 1.0, &g.rng);
     ZERO(an[0], (size_t)B * K * L); ZERO(an[1], BLD);
-    interest_backward(an[0], an[1], g.c, g.buf[0], g.buf[1], B, K, L, D);
+    interest_backward(an[0], an[1], g.c, g.buf[0], g.buf[1], NULL, B, K, L, D);
     ok &= gc_check("A X: d/dA", gc_interest, &g, g.buf[0], an[0], (size_t)B * K * L);
     ok &= gc_check("A X: d/dX", gc_interest, &g, g.buf[1], an[1], BLD);
 
@@ -5626,7 +5643,38 @@ static int st_dots_kl(uint64_t *rng) {
                      "5 shapes, rows shared or one per interest, written and accumulated, bit-identical");
 }
 
-/* The capsule routing on a sample's real positions only (n = routing_span) against all L
+/* SA's attention sums on a sample's real positions only (interest_forward/backward with the
+ * mask) against all L, att from the masked softmax: the same interests, the same softmax
+ * gradient dz everywhere, the same dx at the real positions; real prefixes of every length,
+ * none included, and RR's gradient already in datt. */
+static int st_attention_span(uint64_t *rng) {
+    int B = 12, K = 3, L = 9, D = 20, ok = 1;
+    size_t BKL = (size_t)B * K * L, BLD = (size_t)B * L * D, BKD = (size_t)B * K * D;
+    float *z = xmalloc(BKL * 4), *att = xmalloc(BKL * 4), *x = xmalloc(BLD * 4), *dv = xmalloc(BKD * 4);
+    float *mask = xmalloc((size_t)B * L * 4), *rr = xmalloc(BKL * 4), *v[2], *datt[2], *dx[2], *dz[2];
+    for (int w = 0; w < 2; w++) {
+        v[w] = xmalloc(BKD * 4); datt[w] = xmalloc(BKL * 4); dx[w] = xcalloc(BLD, 4); dz[w] = xcalloc(BKL, 4);
+    }
+    gc_fill(z, BKL, 2, rng); gc_fill(x, BLD, 1, rng); gc_fill(dv, BKD, 1, rng); gc_fill(rr, BKL, 1, rng);
+    for (int b = 0; b < B; b++)
+        for (int l = 0; l < L; l++) mask[b * L + l] = l < b % (L + 1) ? 1.0f : 0.0f; /* 0..L real */
+    masked_softmax_forward(att, z, mask, B, K, L);
+    for (int w = 0; w < 2; w++) { /* w 0: all L positions, w 1: the real span */
+        interest_forward(v[w], att, x, w ? mask : NULL, B, K, L, D);
+        memcpy(datt[w], rr, BKL * 4);
+        interest_backward(datt[w], dx[w], dv, att, x, w ? mask : NULL, B, K, L, D);
+        masked_softmax_backward(dz[w], datt[w], att, mask, B, K, L);
+    }
+    ok &= !memcmp(v[0], v[1], BKD * 4) && !memcmp(dz[0], dz[1], BKL * 4);
+    for (int i = 0; i < B * L; i++)
+        if (mask[i] != 0.0f) ok &= !memcmp(dx[0] + (size_t)i * D, dx[1] + (size_t)i * D, D * 4);
+    for (int w = 0; w < 2; w++) { free(v[w]); free(datt[w]); free(dx[w]); free(dz[w]); }
+    free(z); free(att); free(x); free(dv); free(mask); free(rr);
+    return st_report("attention sums on the real positions vs all", ok,
+                     "0..L real positions first, RR in datt: interests, dz, dx bit-identical");
+}
+
+/* The capsule routing on a sample's real positions only (n = real_span) against all L
  * (u_hat 0 at the padded ones): the same routing matrix, interests, saved softmaxes and sums,
  * and the same gradient at the real positions, for DR's and MIND's layouts, with and
  * without RR's gradient, with logits starting at 0 and at random values. */
@@ -6181,6 +6229,7 @@ int cmd_selftest(int argc, char **argv) {
     ok &= st_dots_kl(&rng);
     ok &= st_scatter(&rng);
     ok &= st_routing_span(&rng);
+    ok &= st_attention_span(&rng);
     ok &= st_topk(&rng);
     ok &= st_merge();
     ok &= st_set_order(path);
