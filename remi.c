@@ -2436,18 +2436,21 @@ static int real_span(const float *mask, int L) {
     return n;
 }
 /* REMI-SPEC c.1 step 6: v[b,k] = sum_l att[b,k,l] x[b,l] (x without positions).
- * v (B, K, D), att (B, K, L), x (B, L, D). With mask (B, L), att the masked softmax's: the
- * sums run over a sample's real positions when they come first (real_span): att is +0 at the
- * padded ones, so their terms are +-0 and the sums, which start at +0 and are never -0, the
- * same bits (x finite); a history with no real position attends evenly to all L. */
-static int attention_span(const float *mask, int L) {
+ * v (B, K, D), att (B, K, L), x (B, L, D). With mask (B, L), the sums run over a sample's
+ * real positions when they come first (real_span) and att is 0 at all the others, as the
+ * masked softmax leaves it: their terms are +-0 and the sums, which start at +0 and are never
+ * -0, the same bits (x finite). A history with no real position attends evenly to all L. */
+static int attention_span(const float *att, const float *mask, int K, int L) { /* one sample */
     int n = mask ? real_span(mask, L) : L;
-    return n ? n : L;
+    for (int k = 0; k < K; k++)
+        for (int l = n; l < L; l++)
+            if (att[k * L + l] != 0.0f) return L;
+    return n;
 }
 static void interest_forward(float *v, const float *att, const float *x, const float *mask, int nb, int K, int L,
                              int D) {
     for (int b = 0; b < nb; b++) {
-        int n = attention_span(mask ? mask + (size_t)b * L : NULL, L);
+        int n = attention_span(att + (size_t)b * K * L, mask ? mask + (size_t)b * L : NULL, K, L);
         for (int k = 0; k < K; k++)
             weighted_sum(v + ((size_t)b * K + k) * D, att + ((size_t)b * K + k) * L, 1, x + (size_t)b * L * D, D, n, D);
     }
@@ -2458,7 +2461,7 @@ static void interest_forward(float *v, const float *att, const float *x, const f
 static void interest_backward(float *datt, float *dx, const float *dv, const float *att, const float *x,
                               const float *mask, int nb, int K, int L, int D) {
     for (int b = 0; b < nb; b++) {
-        int n = attention_span(mask ? mask + (size_t)b * L : NULL, L);
+        int n = attention_span(att + (size_t)b * K * L, mask ? mask + (size_t)b * L : NULL, K, L);
         dots_kl(datt + (size_t)b * K * L, x + (size_t)b * L * D, D, dv + (size_t)b * K * D, K, L, n, D, 0, 1);
         for (int l = 0; l < n; l++)
             weighted_sum(dx + ((size_t)b * L + l) * D, att + (size_t)b * K * L + l, L, dv + (size_t)b * K * D, D, K, D);
