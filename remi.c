@@ -1696,6 +1696,14 @@ static float *thread_scratch(int slot, size_t n) {
  * padded A rows once per row tile.
  * gemm_tile_via: the kernel on A (`rows` rows at a, strides sa/sp) and B (NR columns at
  * b, ldb) into a local tile, then the mr x nr real part stored (or added) at c. */
+/* The mr x nr real part of a local tile (rows NR apart) stored at c, or added with g->acc. */
+static void tile_store(const Gemm *g, float *c, const float *tile, int mr, int nr) {
+    for (int r = 0; r < mr; r++)
+        for (int q = 0; q < nr; q++) {
+            float *cc = c + (size_t)r * g->ldc + q;
+            *cc = g->acc ? *cc + tile[r * NR + q] : tile[r * NR + q];
+        }
+}
 static void gemm_tile_via(const Gemm *g, const float *a, int sa, int sp, const float *b, int ldb, float *c,
                           int mr, int nr, int rows) {
     float tile[MR * NR];
@@ -1705,11 +1713,7 @@ static void gemm_tile_via(const Gemm *g, const float *a, int sa, int sp, const f
     else
 #endif
     gemm_tile(&t, 0, 0, rows);
-    for (int r = 0; r < mr; r++)
-        for (int q = 0; q < nr; q++) {
-            float *cc = c + (size_t)r * g->ldc + q;
-            *cc = g->acc ? *cc + tile[r * NR + q] : tile[r * NR + q];
-        }
+    tile_store(g, c, tile, mr, nr);
 }
 
 /* Tile t's row tile rt and column tile ct. A tile of MR x NR reads MR rows of A and a panel of
@@ -1758,13 +1762,7 @@ static void gemm_task_blocked(const Gemm *g, int lo, int hi) {
         if (!tile_full(g, t)) continue;
         int rt, ct;
         tile_pos(g, t, &rt, &ct);
-        const float *tile = part + (size_t)(t - lo) * MR * NR;
-        float *c = g->C + (size_t)rt * MR * g->ldc + (size_t)ct * NR;
-        for (int r = 0; r < MR; r++)
-            for (int q = 0; q < NR; q++) {
-                float *cc = c + (size_t)r * g->ldc + q;
-                *cc = g->acc ? *cc + tile[r * NR + q] : tile[r * NR + q];
-            }
+        tile_store(g, g->C + (size_t)rt * MR * g->ldc + (size_t)ct * NR, part + (size_t)(t - lo) * MR * NR, MR, NR);
     }
 }
 
@@ -2993,7 +2991,6 @@ static void gru_gate_back_task(void *ctx, int lo, int hi) {
     }
 }
 
-/* From a->dv (nb, 1, D) to the parameter gradients. */
 /* Samples [lo, hi): the input gradient's rows (in gx, packed by step) times their dropout
  * multipliers, and prow[b L + t] = the row of position t (-1 past the history), for the
  * scatter into the item table: g dm then added, the sums of de += g dm. */
@@ -3011,6 +3008,7 @@ static void gru_drop_back_task(void *ctx, int lo, int hi) {
             for (int d = 0; d < D; d++) g[d] = g[d] * dm[d];
         }
 }
+/* From a->dv (nb, 1, D) to the parameter gradients. */
 static void gru_backward(Model *m, Acts *a, int nb) {
     int L = m->L, D = m->D, G = m->G, T = a->gsteps;
     linear_backward(a->dglast, m->g.dense_w, a->dv, a->glast, m->p.dense_w, nb, G, D, 0);
@@ -6127,7 +6125,6 @@ static int st_adam(uint64_t *rng) {
     return st_report("Adam: item gradient by rows = dense; lazy", same && lazy_ok && moved > 0 && kept > 0, d);
 }
 
-
 /* The per-position layers on the real positions' rows (real_rows) against a row for every
  * position, as the reference computes: one step of SA, DR and MIND (with its ReLU layer) on a
  * batch with full, short, empty and non-prefix masks, RR and IHN on. The same loss, routing
@@ -6555,16 +6552,16 @@ static void cpu_name(char *buf, size_t n) {
 }
 
 /* Multiply-adds x 2 of a training step's products, forward and both backward products
- * (3x), for a batch whose histories hold `rows` real positions on average, the rows that
- * SA's hidden layer and the capsules' maps (real_rows) and GRU4Rec's packed steps run on:
- * the encoder's matrix products and routing, and the sampled logits. Elementwise work is
- * not counted. */
+ * (3x), for a batch whose histories hold `rows` real positions on average, the positions
+ * that SA's hidden layer and attention sums, the capsules' maps and routing (real_rows,
+ * real_span) and GRU4Rec's packed steps run on: the encoder's matrix products and routing,
+ * and the sampled logits. Elementwise work is not counted. */
 static double step_flops(const Model *m, const Config *c, double rows) {
-    double B = c->B, L = m->L, D = m->D, H = m->H, K = m->K, G = m->G, M = c->M, enc = 0;
+    double B = c->B, D = m->D, H = m->H, K = m->K, G = m->G, M = c->M, enc = 0;
     switch (m->enc) {
-    case ENC_SA: enc = B * rows * (D * H + H * K) + B * L * K * D; break;
-    case ENC_DR: enc = B * rows * K * D * D + 3 * 2 * B * K * L * D; break; /* bilinear maps, routing */
-    case ENC_MIND: enc = B * rows * D * D + 3 * 2 * B * K * L * D + (m->relu ? B * K * D * D : 0); break;
+    case ENC_SA: enc = B * rows * (D * H + H * K + K * D); break;
+    case ENC_DR: enc = B * rows * (K * D * D + 3 * 2 * K * D); break; /* bilinear maps, routing */
+    case ENC_MIND: enc = B * rows * (D * D + 3 * 2 * K * D) + (m->relu ? B * K * D * D : 0); break;
     case ENC_DNN: enc = B * D * D; break;
     case ENC_GRU4REC: enc = B * rows * (3 * G * D + 3 * G * G) + B * G * D; break;
     default: return 0;
@@ -6720,7 +6717,8 @@ static void bench_dataset(const char *label, const Dataset *ds, Config c, int st
     double flops = step_flops(&m, &c, real), adam_bytes = m.enc == ENC_POP ? 0 : 24.0 * m.n_params + 8.0 * grads;
     double eflops = 2.0 * ds->valid.n_users * m.K * (double)ds->N * m.D;
     if (m.enc == ENC_SA || m.enc == ENC_DR || m.enc == ENC_MIND)
-        printf("per-position layers: %.1f rows per sample of %d positions (the padded ones are skipped, real_rows); the "
+        printf("per-position layers: %.1f rows per sample of %d positions (the padded ones are skipped: real_rows, "
+               "real_span); the "
                "step's arithmetic %.2f GFLOP, %.2f with every position\n", real, m.L, flops / 1e9,
                step_flops(&m, &c, m.L) / 1e9);
     printf("train step (median of %d): %.2f ms on 1 thread, %.2f ms on %d: scaling %.2fx; %.0f sequences/s\n", steps,
