@@ -531,10 +531,12 @@ else echo "skip  fuzz and selftest under the sanitizers (no compiler, or REMI_TE
 
 # ---------------------------------------------------------------- bench --regions
 # each step's parallel regions, named by task function, and the time outside them add up to
-# the mean step (to the rounding of the printed values); the SA step's regions are all named
-"$REMI" bench --data expected/tiny --name tiny --synthetic-items 0 --steps 5 --regions --batch 32 --neg 256 -t 2 \
+# the mean step (to the rounding of the printed values); the SA step's regions are all named;
+# a synthetic dataset (of any size but 0, even 1 item) follows the tiny one
+"$REMI" bench --data expected/tiny --name tiny --synthetic-items 1 --steps 5 --regions --batch 32 --neg 256 -t 2 \
     >"$TMP/bench.log" 2>&1
-if [ "$(grep -c 'parallel regions, ms per step (mean' "$TMP/bench.log")" = 2 ] &&
+if [ "$(grep -c 'parallel regions, ms per step (mean' "$TMP/bench.log")" = 4 ] &&
+   grep -q "^== synthetic: 1 items" "$TMP/bench.log" &&
    grep 'parallel regions, ms per step' "$TMP/bench.log" | awk '
        { line = $0; sub(/.*\(mean /, "", line); sub(/\)$/, "", line)
          mean = line + 0; sub(/^[0-9.]+ ms: /, "", line)
