@@ -101,16 +101,6 @@ static void big_free(void *p, size_t bytes) {
     else munmap(p, bytes); /* every page the range touches */
 }
 
-/* n bytes at a cache-line boundary (freed with free): the evaluation's blocks of scores and
- * queries, whose rows the matrix kernel loads and stores as whole vectors, one cache line
- * each when aligned, two otherwise (malloc aligns to 16 bytes; a pass 2-3% faster). */
-static void *xmalloc_lines(size_t n) {
-    void *p = NULL;
-    if (posix_memalign(&p, 64, n ? n : 1)) die("out of memory allocating %zu bytes (%.1f MiB); lower --eval-batch or "
-                                               "the data size", n, n / 1048576.0);
-    return p;
-}
-
 void *xrealloc(void *p, size_t n) {
     p = realloc(p, n ? n : 1);
     if (!p) die("out of memory reallocating %zu bytes", n);
@@ -3837,8 +3827,12 @@ static void cut_metrics(const EvalCtx *e, int b, int ci, const int *R, int nr) {
  * per user (zero columns for a short group). */
 static void eval_groups(const EvalCtx *e, int g0, int g1) {
     int K = e->m->K, D = e->m->D, N = e->m->N, maxn = e->maxn, Q = EVAL_GROUP * K, ng = g1 - g0;
-    float *St = xmalloc_lines((size_t)Q * EVAL_BLOCK * sizeof(float)), *thr = xmalloc((size_t)ng * Q * sizeof(float));
-    float *Qt = memset(xmalloc_lines((size_t)ng * Q * D * sizeof(float)), 0, (size_t)ng * Q * D * sizeof(float));
+    /* St (EVAL_BLOCK, Q) and Qt (ng, D, Q) from a cache-line boundary, so that each vector the kernel
+     * loads or stores is one line (malloc aligns to 16 bytes; St's size is a multiple of 64 bytes) */
+    size_t n_st = (size_t)Q * EVAL_BLOCK, n_qt = (size_t)ng * Q * D;
+    void *lines = xcalloc((n_st + n_qt) * sizeof(float) + 64, 1);
+    float *St = (float *)(((uintptr_t)lines + 63) & ~(uintptr_t)63), *Qt = St + n_st;
+    float *thr = xmalloc((size_t)ng * Q * sizeof(float));
     uint64_t *heap = xmalloc((size_t)ng * Q * maxn * sizeof(uint64_t));
     Hit *lists = xmalloc((size_t)Q * maxn * sizeof(Hit));
     int *R = xmalloc((size_t)maxn * sizeof(int)), *hn = xmalloc((size_t)ng * Q * sizeof(int));
@@ -3907,7 +3901,7 @@ static void eval_groups(const EvalCtx *e, int g0, int g1) {
         }
     }
     sec[2] += now_sec() - t0;
-    free(St); free(thr); free(Qt); free(heap); free(lists); free(R); free(hn); free(sel); free(s0); free(cnt);
+    free(lines); free(thr); free(heap); free(lists); free(R); free(hn); free(sel); free(s0); free(cnt);
 }
 
 #define EVAL_SHARE 8    /* groups that take turns on each block of items (their heaps stay in L2) */
