@@ -1740,18 +1740,16 @@ static void tile_pos(const Gemm *g, int t, int *rt, int *ct) {
 static int gemm_blocked(const Gemm *g) {
     return g->k > 2 * KBLOCK && g->m >= MR && g->n >= NR && !(g->sp == 1 && g->sa % 1024 == 0);
 }
-static int tile_full(const Gemm *g, int t) { /* tile t has MR rows and NR columns */
-    int rt, ct;
-    tile_pos(g, t, &rt, &ct);
+static int tile_full(const Gemm *g, int rt, int ct) { /* the tile has MR rows and NR columns */
     return rt < g->m / MR && ct < g->n / NR;
 }
 static void gemm_task_blocked(const Gemm *g, int lo, int hi) {
     float *part = thread_scratch(SCRATCH_GEMM, (size_t)(hi - lo) * MR * NR); /* (hi - lo, MR, NR) */
     for (int p0 = 0; p0 < g->k; p0 += KBLOCK)
         for (int t = lo; t < hi; t++) {
-            if (!tile_full(g, t)) continue;
             int rt, ct;
             tile_pos(g, t, &rt, &ct);
+            if (!tile_full(g, rt, ct)) continue;
             int i = rt * MR, j = ct * NR;
             Gemm b = { part + (size_t)(t - lo) * MR * NR, NR, g->A + (size_t)i * g->sa + (size_t)p0 * g->sp, g->sa,
                        g->sp, g->B + (size_t)p0 * g->ldb + j, g->ldb, MR, NR,
@@ -1759,9 +1757,9 @@ static void gemm_task_blocked(const Gemm *g, int lo, int hi) {
             gemm_tile_full(&b, 0, 0);
         }
     for (int t = lo; t < hi; t++) {
-        if (!tile_full(g, t)) continue;
         int rt, ct;
         tile_pos(g, t, &rt, &ct);
+        if (!tile_full(g, rt, ct)) continue;
         tile_store(g, g->C + (size_t)rt * MR * g->ldc + (size_t)ct * NR, part + (size_t)(t - lo) * MR * NR, MR, NR);
     }
 }
@@ -1791,9 +1789,9 @@ static void gemm_task(void *ctx, int lo, int hi) {
         for (int p = 0; p < k; p++)
             for (int q = 0; q < NR; q++) bp[(size_t)p * NR + q] = q < nr ? g->B[(size_t)p * g->ldb + nfull + q] : 0.0f;
     for (int t = lo; t < hi; t++) {
-        if (blocked && tile_full(g, t)) continue;
         int rt, ct;
         tile_pos(g, t, &rt, &ct);
+        if (blocked && tile_full(g, rt, ct)) continue;
         int j = ct * NR;
         int i = rt * MR, mr = g->m - i < MR ? g->m - i : MR, rows = tile_rows(mr);
         const float *a = g->A + (size_t)i * g->sa;
@@ -2232,8 +2230,8 @@ static void item_grad_scatter(const Scatter *s) {
     int n = s->n, count[SCATTER_GROUPS + 1] = { 0 };
     int *row = (int *)thread_scratch(SCRATCH_TERMS, 2 * (size_t)n), *term = row + n; /* ints in the float scratch */
     for (int i = 0; i < n; i++) {
-        int term = (!s->mask || s->mask[i] != 0.0f) && (!s->xrow || s->xrow[i] >= 0);
-        row[i] = term ? item_grad_row(s->dE, s->item[i]) : -1;
+        int used = (!s->mask || s->mask[i] != 0.0f) && (!s->xrow || s->xrow[i] >= 0);
+        row[i] = used ? item_grad_row(s->dE, s->item[i]) : -1;
         if (row[i] >= 0) count[row[i] % SCATTER_GROUPS + 1]++;
     }
     for (int g = 0; g < SCATTER_GROUPS; g++) count[g + 1] += count[g]; /* each group's first term */
