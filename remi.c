@@ -3187,29 +3187,41 @@ static void logits_backward(float *dr, ItemGrad *dE, float *den, const float *dp
 typedef struct { double x0, S, T, P, Z, Mb; } SsmStats;
 _Static_assert(sizeof(SsmStats) == 6 * sizeof(double), "acts_init allocates ssm_st as 6 doubles per row");
 
-/* max(init, max over the kept j of a (x_j - shift)); keep NULL keeps every j. Eight lanes,
- * then their maximum: the same value as a plain scan (of two zeros, the lanes may keep the
- * other: nothing downstream depends on it). Written with vectors of 8 floats
- * (GCC does not vectorise the loop over an array of eight lanes). */
+/* max(init, max over the kept j of a (x_j - shift)); keep NULL keeps every j. Four vectors
+ * of eight lanes (four independent chains of compare and blend), then their maximum: the
+ * same value as a plain scan (of two zeros, the lanes may keep the other: nothing
+ * downstream depends on it). Written with vectors of 8 floats (GCC does not vectorise the
+ * loop over an array of eight lanes). */
 typedef int32_t i8 __attribute__((vector_size(32)));
 typedef double d8 __attribute__((vector_size(64)));
 /* Lane by lane, a where the mask m is all ones, else b. */
 static inline f8 blend8(i8 m, f8 a, f8 b) { return (f8)(((i8)a & m) | ((i8)b & ~m)); }
+/* lane, or a (x[0..8) - shift) where that is larger (never for a NaN) and kept */
+static inline f8 fmax8(f8 lane, const float *x, const float *keep, float a, float shift) {
+    f8 v = a * (*(const f8 *)x - shift);
+    i8 take = v > lane;
+    if (keep) take &= *(const f8 *)keep != 0.0f;
+    return blend8(take, v, lane);
+}
 static float fmax_kept(const float *x, const float *keep, int M, float a, float shift, float init) {
-    f8 lane = (f8){ 0 } + init;
+    f8 l0 = (f8){ 0 } + init, l1 = l0, l2 = l0, l3 = l0;
     int j = 0;
-    for (; j + 8 <= M; j += 8) {
-        f8 v = a * (*(const f8 *)(x + j) - shift);
-        i8 take = v > lane; /* all ones where v is the larger (never for a NaN) */
-        if (keep) take &= *(const f8 *)(keep + j) != 0.0f;
-        lane = blend8(take, v, lane);
+    for (; j + 32 <= M; j += 32) {
+        l0 = fmax8(l0, x + j, keep ? keep + j : NULL, a, shift);
+        l1 = fmax8(l1, x + j + 8, keep ? keep + j + 8 : NULL, a, shift);
+        l2 = fmax8(l2, x + j + 16, keep ? keep + j + 16 : NULL, a, shift);
+        l3 = fmax8(l3, x + j + 24, keep ? keep + j + 24 : NULL, a, shift);
     }
+    for (; j + 8 <= M; j += 8) l0 = fmax8(l0, x + j, keep ? keep + j : NULL, a, shift);
     for (; j < M; j++) {
         float v = a * (x[j] - shift);
-        lane[0] = v > lane[0] && (!keep || keep[j] != 0.0f) ? v : lane[0];
+        l0[0] = v > l0[0] && (!keep || keep[j] != 0.0f) ? v : l0[0];
     }
-    float m = lane[0];
-    for (int l = 1; l < 8; l++) m = lane[l] > m ? lane[l] : m;
+    l0 = blend8(l1 > l0, l1, l0);
+    l2 = blend8(l3 > l2, l3, l2);
+    l0 = blend8(l2 > l0, l2, l0);
+    float m = l0[0];
+    for (int l = 1; l < 8; l++) m = l0[l] > m ? l0[l] : m;
     return m;
 }
 
@@ -5593,7 +5605,7 @@ static int st_math(void) {
  * (never taken), both zeros, infinities. The same value; of two zeros, the lanes may keep
  * the other one (no logit or exponential depends on it). */
 static int st_fmax(uint64_t *rng) {
-    enum { MAXM = 41 };
+    enum { MAXM = 75 }; /* past the four vectors of eight */
     const float special[] = { NAN, 0.0f, -0.0f, INFINITY, -INFINITY, 1.0f };
     float x[MAXM], keep[MAXM];
     int ok = 1, cases = 0;
