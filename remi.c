@@ -113,7 +113,8 @@ FILE *xfopen(const char *path, const char *mode, const char *hint) {
     if (mode[0] == 'r' && stat(path, &st) == 0 && S_ISDIR(st.st_mode))
         die("%s: is a directory, expected a file", path);
     FILE *f = fopen(path, mode);
-    if (!f) die("cannot open %s: %s%s%s", path, strerror(errno), hint ? "; " : "", hint ? hint : "");
+    int missing = !f && errno == ENOENT; /* the hint says how to make a missing file */
+    if (!f) die("cannot open %s: %s%s%s", path, strerror(errno), missing && hint ? "; " : "", missing && hint ? hint : "");
     return f;
 }
 
@@ -382,8 +383,9 @@ static const char *parse_i64(const char *s, int64_t *out) {
     return p;
 }
 
-/* Read a split; item ids must lie in 1..max_item, users need >= min_items items. */
-void load_split(Split *s, const char *path, int max_item, int min_items) {
+/* Read a split; item ids must lie in 1..max_item (errors say where that came from: `from`,
+ * or NULL), users need >= min_items items. */
+void load_split(Split *s, const char *path, int max_item, const char *from, int min_items) {
     FILE *f = xfopen(path, "rb", "run `remi prep` to make split files, or pass --data DIR --name NAME");
     Rec *rec = NULL;
     size_t n = 0, cap = 0, lcap = 0;
@@ -409,8 +411,8 @@ void load_split(Split *s, const char *path, int max_item, int min_items) {
             die("%s:%d: expected 'user,item,index,timestamp' or 'user,item,time' (integers), got \"%s\"",
                 path, lineno, excerpt(line));
         if (v[1] < 1 || v[1] > max_item)
-            die("%s:%d: item id %lld out of range 1..%d in \"%s\"", path, lineno, (long long)v[1], max_item,
-                excerpt(line));
+            die("%s:%d: item id %lld out of range 1..%d%s%s%s in \"%s\"", path, lineno, (long long)v[1], max_item,
+                from ? " (the items of " : "", from ? from : "", from ? ")" : "", excerpt(line));
         if (n == cap) { cap = cap ? 2 * cap : 4096; rec = xrealloc(rec, cap * sizeof *rec); }
         rec[n] = (Rec){ v[0], nf == 3 ? v[2] : v[3], lineno, (int)v[1] };
         n++;
@@ -445,29 +447,57 @@ void load_split(Split *s, const char *path, int max_item, int min_items) {
 
 static void free_split(Split *s) { free(s->user_id); free(s->off); free(s->items); memset(s, 0, sizeof *s); }
 
-/* Number of lines of a file, or -1 if it does not exist. */
-static int count_lines(const char *path) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return -1;
+/* NAME_item_map.txt: one line "raw id,item" per item (as prep writes it), the items 1..n
+ * each once, where n is the number of lines. Returns n, or -1 when the file does not exist.
+ * With names (N slots), names[item] = its raw id, and the items may run up to N - 1 (a
+ * model's N). Any other line, an item out of range or given twice, and an empty or
+ * unreadable map are errors that name the file (and the line). */
+static int read_item_map(const char *path, char **names, int N) {
+    struct stat sb;
+    if (stat(path, &sb) != 0 && errno == ENOENT) return -1;
+    FILE *f = xfopen(path, "rb", NULL);
     int n = 0, c, last = '\n';
     while ((c = getc(f)) != EOF) { if (c == '\n') n++; last = c; }
     if (last != '\n') n++;
+    if (ferror(f)) die("%s: read error: %s", path, strerror(errno));
+    if (n == 0) die("%s: empty file; an item map holds a line 'raw id,item' per item", path);
+    int hi = names ? N - 1 : n;
+    unsigned char *seen = xcalloc((size_t)hi + 1, 1);
+    rewind(f);
+    char *line = NULL;
+    size_t lcap = 0;
+    for (int lineno = 1; getline(&line, &lcap, f) != -1; lineno++) {
+        line[strcspn(line, "\r\n")] = 0;
+        if (lineno == 1 && !strncmp(line, "\xef\xbb\xbf", 3))
+            die("%s:1: starts with a UTF-8 byte-order mark; save the file without it", path);
+        char *comma = strrchr(line, ','), *end = comma;
+        errno = 0;
+        long id = comma && comma[1] >= '0' && comma[1] <= '9' ? strtol(comma + 1, &end, 10) : 0;
+        if (!comma || *end || errno || id < 1 || id > hi)
+            die("%s:%d: expected 'raw id,item' with an item in 1..%d, got \"%s\"", path, lineno, hi, excerpt(line));
+        if (seen[id]) die("%s:%d: item %ld appears twice in the map, in \"%s\"", path, lineno, id, excerpt(line));
+        seen[id] = 1;
+        *comma = 0;
+        if (names && !(names[id] = strdup(line))) die("out of memory reading %s", path);
+    }
+    free(seen);
+    free(line);
     fclose(f);
     return n;
 }
 
 /* DIR/NAME_{train,valid,test}.txt. N = (lines of NAME_item_map.txt) + 1 when the map
- * exists, else the largest item id + 1. Every user needs >= 2 items: evaluation takes
+ * exists (read_item_map checks it), else the largest item id + 1. Every user needs >= 2 items: evaluation takes
  * the first 80% as history and the rest as targets (REMI-SPEC g.1). */
 void load_dataset(Dataset *ds, const char *dir, const char *name) {
     char path[3][4096], map[4096];
     const char *part[3] = { "train", "valid", "test" };
     Split *sp[3] = { &ds->train, &ds->valid, &ds->test };
     snprintf(map, sizeof map, "%s/%s_item_map.txt", dir, name);
-    int n_items = count_lines(map);
+    int n_items = read_item_map(map, NULL, 0);
     for (int i = 0; i < 3; i++) {
         snprintf(path[i], sizeof path[i], "%s/%s_%s.txt", dir, name, part[i]);
-        load_split(sp[i], path[i], n_items > 0 ? n_items : INT_MAX - 1, 2);
+        load_split(sp[i], path[i], n_items > 0 ? n_items : INT_MAX - 1, n_items > 0 ? map : NULL, 2);
     }
     if (n_items <= 0)
         for (int i = 0; i < 3; i++)
@@ -4636,28 +4666,10 @@ static char **load_item_names(const char *dir, const char *name, int N) {
     char path[4200];
     snprintf(path, sizeof path, "%s/%s_item_map.txt", dir ? dir : "", name);
     char **raw = xcalloc((size_t)N, sizeof *raw);
-    FILE *f = dir ? fopen(path, "rb") : NULL;
-    if (!f) return raw;
-    char *line = NULL;
-    size_t cap = 0;
-    int lineno = 0;
-    while (getline(&line, &cap, f) != -1) {
-        lineno++;
-        line[strcspn(line, "\r\n")] = 0;
-        char *comma = strrchr(line, ','), *end = NULL;
-        long id = comma ? strtol(comma + 1, &end, 10) : -1;
-        if (!comma || end == comma + 1 || *end || id < 1 || id >= N)
-            die("%s:%d: expected 'raw id,item' with an item in 1..%d, got \"%s\"", path, lineno, N - 1, excerpt(line));
-        *comma = 0;
-        free(raw[id]);
-        raw[id] = strdup(line);
-    }
-    free(line);
-    fclose(f);
+    if (dir) read_item_map(path, raw, N);
     return raw;
 }
 
-/* Item ids separated by blanks or commas, each in 1..N-1; returns how many. */
 /* Integers separated by blanks or commas, each in lo..hi (`what` names them in errors);
  * returns how many. */
 static int parse_int_list(int **out, const char *text, long lo, long hi, const char *flag, const char *what) {
@@ -6310,8 +6322,8 @@ static void mutate(Bytes *b, uint64_t *rng) {
     } }
 }
 
-typedef enum { FZ_SPLIT, FZ_PREP_PAIRS, FZ_PREP_SEQ, FZ_PREP_JSON, FZ_MODEL, FZ_CKPT, N_FZ } FuzzKind;
-static const char *FZ_NAMES[N_FZ] = { "split file", "prep pairs", "prep sequence", "prep json", "model file", "checkpoint" };
+typedef enum { FZ_SPLIT, FZ_ITEM_MAP, FZ_PREP_PAIRS, FZ_PREP_SEQ, FZ_PREP_JSON, FZ_MODEL, FZ_CKPT, N_FZ } FuzzKind;
+static const char *FZ_NAMES[N_FZ] = { "split file", "item map", "prep pairs", "prep sequence", "prep json", "model file", "checkpoint" };
 
 /* The reader of one kind on `path`, in the child. */
 static void fuzz_target(FuzzKind k, const char *path, const char *dir) {
@@ -6321,7 +6333,8 @@ static void fuzz_target(FuzzKind k, const char *path, const char *dir) {
     char out[4200];
     snprintf(out, sizeof out, "%s/prep-out", dir);
     switch (k) {
-    case FZ_SPLIT: load_split(&s, path, 400, 2); break;
+    case FZ_SPLIT: load_split(&s, path, 400, NULL, 2); break;
+    case FZ_ITEM_MAP: read_item_map(path, NULL, 0); break;
     case FZ_PREP_PAIRS: {
         char *argv[] = { "prep", "--input", (char *)path, "--name", "f", "--out", out, "--sep", "comma", "--header",
                          "--time-col", "3", "--min", "2" };
@@ -6352,6 +6365,9 @@ static void fuzz_fixtures(Bytes *fx, const char *expected, const char *dir) {
     fx[FZ_SPLIT] = read_all(path);
     if (fx[FZ_SPLIT].n > 3000) fx[FZ_SPLIT].n = 3000; /* whole lines: cut after a newline */
     while (fx[FZ_SPLIT].n && fx[FZ_SPLIT].p[fx[FZ_SPLIT].n - 1] != '\n') fx[FZ_SPLIT].n--;
+    Bytes map = { xmalloc(1024), 0 }; /* items 1..40 with raw ids, as prep writes them */
+    for (int i = 1; i <= 40; i++) map.n += (size_t)snprintf(map.p + map.n, 1024 - map.n, "r%d,%d\n", 7 * i, i);
+    fx[FZ_ITEM_MAP] = map;
     snprintf(path, sizeof path, "%s/prep/a_pairs_time.csv", expected);
     fx[FZ_PREP_PAIRS] = read_all(path);
     snprintf(path, sizeof path, "%s/prep/b_sequence.txt", expected);

@@ -196,7 +196,7 @@ FILE *xfopen(const char *path, const char *mode, const char *hint);
 FILE *atomic_open(const char *path);
 void atomic_commit(FILE *f);
 
-void load_split(Split *s, const char *path, int max_item, int min_items);
+void load_split(Split *s, const char *path, int max_item, const char *from, int min_items);
 void load_dataset(Dataset *ds, const char *dir, const char *name);
 
 void model_init(Model *m, int N, const Config *c);

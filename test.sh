@@ -502,6 +502,16 @@ d=$TMP/bad-map; mkdir -p "$d"; cp expected/tiny/tiny_*.txt "$d/"; printf '1,1\n2
 if ! "$REMI" train --data "$d" --name tiny --out "$d/out" >"$d/log" 2>&1 && grep -q "out of range 1..2" "$d/log"; then
     pass "bad input: item id beyond the item map"
 else fail "bad input: item map range" "$(head -c 200 "$d/log")"; fi
+# an item map is checked line by line: a blank line, an item twice, an empty map
+seq 1 400 | awk '{print "r" $1 "," $1}' >"$d/good_map.txt"
+for c in "blank:::tiny_item_map.txt:401: expected 'raw id,item'" "twice:r9,9::tiny_item_map.txt:401: item 9 appears twice" \
+         "empty:::tiny_item_map.txt: empty file"; do
+    what=${c%%:*}; rest=${c#*:}; extra=${rest%%::*}; want=${rest#*::}
+    if [ "$what" = empty ]; then : >"$d/tiny_item_map.txt"; else { cat "$d/good_map.txt"; echo "$extra"; } >"$d/tiny_item_map.txt"; fi
+    if ! "$REMI" train --data "$d" --name tiny --out "$d/out" >"$d/log" 2>&1 && grep -qF "$want" "$d/log" && [ ! -e "$d/out" ]; then
+        pass "bad input: item map, $what ($(head -c 90 "$d/log"))"
+    else fail "bad input: item map, $what" "$(head -c 200 "$d/log")"; fi
+done
 for flag in "--interests 0" "--hidden 0" "--lr -1" "--batch x" "--bogus 1" "--model bert" "--model dnn --rlambda 5" \
             "--model pop --rbeta 1" "--model sa --relu" "--model gru4rec --dropout 1" "--mind-eval sometimes" \
             "--remove-hits all" "--neg 0 --rbeta 0 --remove-hits target" "--model pop --remove-hits target"; do
