@@ -257,6 +257,10 @@ static void parse_flags(int argc, char **argv, const char *cmd, const char *what
 static void check_range(const char *flag, double v, double lo, double hi) {
     if (!(v >= lo && v <= hi)) die("%s = %g is out of range [%g, %g]", flag, v, lo, hi);
 }
+/* A float flag: its bounds rounded to float as its value was (--dropout 0.99 is 0.99f) */
+static void check_range_float(const char *flag, float v, double lo, double hi) {
+    check_range(flag, v, (float)lo, (float)hi);
+}
 
 /* ======================================================================== thread pool
  * Static partitioning: parallel_for(n, fn, ctx) gives thread t the contiguous range
@@ -4141,7 +4145,7 @@ static void check_config(Config *c) {
     if (h == 3) die("--remove-hits %s: expected none, target or history", c->remove_hits);
     c->hits = (Hits)h;
     if (c->hits && c->enc == ENC_POP) die("--remove-hits: Pop samples no negatives; use --remove-hits none");
-    check_range("--dropout", c->dropout, 0, 0.99);
+    check_range_float("--dropout", c->dropout, 0, 0.99);
     check_range("--hidden", c->D, 1, 4096);
     check_range("--interests", c->K, 1, 64);
     check_range("--len", c->L, 1, 10000);
@@ -4150,9 +4154,9 @@ static void check_config(Config *c) {
     if (c->M == 0 && c->rbeta != 0.0f)
         die("--neg 0 (full softmax) has no sampled negatives for IHN to reweight; use --rbeta 0");
     if (c->M == 0 && c->hits) die("--neg 0 (full softmax) has no sampled negatives to remove hits from; use --remove-hits none");
-    check_range("--lr", c->lr, 1e-12, 10);
-    check_range("--rlambda", c->rlambda, 0, 1e9);
-    check_range("--rbeta", c->rbeta, -1e4, 1e4);
+    check_range_float("--lr", c->lr, 1e-12, 10);
+    check_range_float("--rlambda", c->rlambda, 0, 1e9);
+    check_range_float("--rbeta", c->rbeta, -1e4, 1e4);
     check_range("--iters", (double)c->iters, 1, 1e12);
     check_range("--eval-every", c->eval_every, 1, 1e9);
     check_range("--patience", c->patience, 0, 1e9);
@@ -4930,12 +4934,20 @@ int cmd_inspect(int argc, char **argv) {
 
 /* ======================================================================== report
  * Tables and the negatives figure from finished runs: each run folder's metrics.jsonl
- * gives its settings and final metrics; runs that differ only in the seed are one row,
- * with the mean and standard deviation over the seeds. */
+ * gives its settings and final metrics; runs that differ only in the seed (and the data
+ * folder's path) are one row, with the mean and standard deviation over the seeds. */
+/* The settings besides those the table shows, as the config line writes them; the default
+ * stands for a file that predates the field ("?": never written). */
+static const struct { const char *key, *dflt; } RUN_MORE[] = {
+    { "D", "?" }, { "K", "?" }, { "L", "?" }, { "B", "?" }, { "lr", "?" }, { "dropout", "0.2" },
+    { "mind_eval", "fresh" }, { "N", "?" }, { "train_users", "?" } };
+#define N_RUN_MORE (int)(sizeof RUN_MORE / sizeof *RUN_MORE)
 typedef struct {
     char name[256], model[32], adam[16], hits[16]; /* adam, hits: "dense", "none" when the file predates them */
     double rbeta, rlambda, M, relu, seed, v[8]; /* v: test @20 recall ndcg ndcg_ref hitrate, then @50 */
     double best_iter, last_iter;                /* the best model's step, the last validation's */
+    char more[N_RUN_MORE][32];                  /* RUN_MORE's values */
+    const char *dir;
 } RunResult;
 
 /* The value after "key": in a metrics.jsonl line (a number, or a string copied to str). */
@@ -4979,6 +4991,12 @@ static int read_run(RunResult *r, const char *dir) {
             if (!json_field(line, "adam", NULL, r->adam, sizeof r->adam)) strcpy(r->adam, "dense");
             if (!json_field(line, "remove_hits", NULL, r->hits, sizeof r->hits)) strcpy(r->hits, "none");
             if (!got_config) die("%s:%d: a config line without name, model, rbeta, rlambda, M or seed", path, lineno);
+            for (int i = 0; i < N_RUN_MORE; i++) {
+                double x = NAN;
+                char *v = r->more[i];
+                if (!json_field(line, RUN_MORE[i].key, &x, v, sizeof r->more[i])) snprintf(v, sizeof r->more[i], "%s", RUN_MORE[i].dflt);
+                else if (!isnan(x)) snprintf(v, sizeof r->more[i], "%g", x);
+            }
         } else if (strstr(line, "\"final\":\"test\"")) {
             double topn, *v = r->v + 4 * finals;
             if (finals == 2 || !json_field(line, "topn", &topn, NULL, 0) || !json_field(line, "best_iter", &r->best_iter, NULL, 0) ||
@@ -4997,10 +5015,16 @@ static int read_run(RunResult *r, const char *dir) {
     return finals == 2;
 }
 
-static int same_setting(const RunResult *a, const RunResult *b) {
+/* The same row of the table: the shown settings (shown_setting), and the others (RUN_MORE). */
+static int shown_setting(const RunResult *a, const RunResult *b) {
     return !strcmp(a->name, b->name) && !strcmp(a->model, b->model) && a->rbeta == b->rbeta &&
            a->rlambda == b->rlambda && a->M == b->M && a->relu == b->relu && !strcmp(a->adam, b->adam) &&
            !strcmp(a->hits, b->hits);
+}
+static int same_setting(const RunResult *a, const RunResult *b) {
+    int same = shown_setting(a, b);
+    for (int i = 0; i < N_RUN_MORE && same; i++) same = !strcmp(a->more[i], b->more[i]);
+    return same;
 }
 
 /* Recall@50 against the number of negatives, one line per (model, beta); full softmax
@@ -5074,9 +5098,10 @@ int cmd_report(int argc, char **argv) {
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
             printf("usage: remi report [--negatives-svg FILE] RUN_DIR...\n"
-                   "One markdown row per setting (data, model, beta, lambda, M) over the finished runs given\n"
-                   "(their --out folders): test Recall/NDCG/ndcg_ref/HitRate@20,50 as mean +- standard deviation\n"
-                   "over the seeds. --negatives-svg FILE also draws test Recall@50 against M.\n");
+                   "One markdown row per setting over the finished runs given (their --out folders): runs that\n"
+                   "differ only in the seed share a row (a model's other settings, D, K, L, B, lr, ..., are shown\n"
+                   "where rows differ in them), with test Recall/NDCG/ndcg_ref/HitRate@20,50 as mean +- standard\n"
+                   "deviation over the seeds. --negatives-svg FILE also draws test Recall@50 against M.\n");
             return 0;
         }
         if (!strcmp(argv[i], "--negatives-svg")) {
@@ -5092,6 +5117,11 @@ int cmd_report(int argc, char **argv) {
     double *steps = xcalloc((size_t)n * 2, sizeof(double)); /* summed best and last steps per row */
     for (int i = 0; i < n; i++) {
         if (!read_run(&runs[i], dirs[i])) { fprintf(stderr, "report: %s has not finished, left out\n", dirs[i]); continue; }
+        runs[i].dir = dirs[i];
+        for (int j = 0; j < i; j++) /* a run counted twice would pass for a seed with the same result */
+            if (runs[j].dir && same_setting(&runs[j], &runs[i]) && runs[j].seed == runs[i].seed)
+                die("report: %s and %s are the same setting and seed (%g); give each run once", dirs[j], dirs[i],
+                    runs[i].seed);
         int r = 0;
         while (r < n_rows && !same_setting(&rows[r], &runs[i])) r++;
         if (r == n_rows) rows[n_rows++] = runs[i];
@@ -5106,8 +5136,14 @@ int cmd_report(int argc, char **argv) {
         char mb[64] = "all (full softmax)";
         if (rows[r].M != 0 && !strcmp(rows[r].hits, "none")) snprintf(mb, sizeof mb, "%g", rows[r].M);
         else if (rows[r].M != 0) snprintf(mb, sizeof mb, "%g, %s hits removed", rows[r].M, rows[r].hits);
-        printf("| %s | %s%s%s | %g | %g | %s | %d |", rows[r].name, rows[r].model, rows[r].relu ? "+relu" : "",
-               strcmp(rows[r].adam, "dense") ? ", lazy Adam" : "", rows[r].rbeta, rows[r].rlambda, mb, count[r]);
+        char more[512] = ""; /* the other settings in which this row differs from a row that looks the same */
+        for (int i = 0; i < N_RUN_MORE; i++) {
+            int differs = 0;
+            for (int q = 0; q < n_rows; q++) differs |= shown_setting(&rows[q], &rows[r]) && strcmp(rows[q].more[i], rows[r].more[i]);
+            if (differs) snprintf(more + strlen(more), sizeof more - strlen(more), ", %s %s", RUN_MORE[i].key, rows[r].more[i]);
+        }
+        printf("| %s | %s%s%s%s | %g | %g | %s | %d |", rows[r].name, rows[r].model, rows[r].relu ? "+relu" : "",
+               strcmp(rows[r].adam, "dense") ? ", lazy Adam" : "", more, rows[r].rbeta, rows[r].rlambda, mb, count[r]);
         for (int k = 0; k < 8; k++) {
             double c = count[r], mean = sum[r * 8 + k] / c, var = c > 1 ? (sq[r * 8 + k] - c * mean * mean) / (c - 1) : 0;
             sum[r * 8 + k] = mean;

@@ -389,6 +389,14 @@ got=$(awk -F'|' '$3 ~ /^ sa $/ && $7 ~ /^ 2 $/ { split($12, a, " "); print a[1] 
 if [ -n "$want" ] && [ "$got" = "$want" ] && grep -q "all (full softmax)" "$TMP/report.md" && grep -q "<polyline" "$TMP/neg.svg"; then
     pass "report: 2 seeds in one row (Recall@50 mean $got), full softmax apart, negatives figure"
 else fail "report" "mean R@50 want '$want' got '$got': $(head -c 300 "$TMP/report.md")"; fi
+# runs that differ in another setting than the seed are separate rows, which say how they differ; a run given twice is refused
+"$REMI" train --data expected/tiny --name tiny --iters 40 --eval-every 20 --batch 16 --neg 64 --hidden 8 --out "$TMP/rep-d8" >/dev/null 2>&1
+"$REMI" train --data expected/tiny --name tiny --iters 40 --eval-every 20 --batch 16 --neg 64 --hidden 12 --out "$TMP/rep-d12" >/dev/null 2>&1
+"$REMI" report "$TMP/rep-d8" "$TMP/rep-d12" >"$TMP/report2.md" 2>&1
+if [ "$(grep -c '^| tiny | sa, D 8 | .* | 1 |' "$TMP/report2.md")" = 1 ] && [ "$(grep -c '^| tiny | sa, D 12 | .* | 1 |' "$TMP/report2.md")" = 1 ] &&
+   ! "$REMI" report "$TMP/rep-d8" "$TMP/rep-d8" >"$TMP/report3.md" 2>&1 && grep -q "same setting and seed" "$TMP/report3.md"; then
+    pass "report: runs with another D are rows of their own, marked D 8 / D 12; a run given twice is refused"
+else fail "report: settings" "$(head -c 300 "$TMP/report2.md") / $(head -c 200 "$TMP/report3.md")"; fi
 
 # ---------------------------------------------------------------- make reproduce
 # The study's make target on the tiny slice: each run gets its config's flags (beta of the
@@ -511,6 +519,10 @@ for c in "blank:::tiny_item_map.txt:401: expected 'raw id,item'" "twice:r9,9::ti
     if ! "$REMI" train --data "$d" --name tiny --out "$d/out" >"$d/log" 2>&1 && grep -qF "$want" "$d/log" && [ ! -e "$d/out" ]; then
         pass "bad input: item map, $what ($(head -c 90 "$d/log"))"
     else fail "bad input: item map, $what" "$(head -c 200 "$d/log")"; fi
+done
+for flag in "--model gru4rec --dropout 0.99" "--lr 1e-12"; do # a float flag at its bound is in range
+    if "$REMI" train --data expected/tiny --name tiny --iters 1 --eval-every 1 $flag --out "$TMP/bound" >"$TMP/bound.log" 2>&1
+    then pass "flag at its bound accepted: $flag"; else fail "flag at its bound: $flag" "$(head -c 200 "$TMP/bound.log")"; fi
 done
 for flag in "--interests 0" "--hidden 0" "--lr -1" "--batch x" "--bogus 1" "--model bert" "--model dnn --rlambda 5" \
             "--model pop --rbeta 1" "--model sa --relu" "--model gru4rec --dropout 1" "--mind-eval sometimes" \
