@@ -1299,6 +1299,8 @@ static void prep_read(PrepData *d, const PrepOpts *o) {
         lineno++;
         if (o->header && lineno == 1) continue;
         if (memchr(line, '\0', n)) prep_bad_line(o, lineno, line, "line contains a NUL byte");
+        if (lineno == 1 && !strncmp(line, "\xef\xbb\xbf", 3)) /* else a part of the first id */
+            prep_bad_line(o, lineno, line, "starts with a UTF-8 byte-order mark; save the file without it");
         if (n && line[n - 1] == '\n') line[--n] = '\0';
         if (n && line[n - 1] == '\r') line[--n] = '\0';
         if (strspn(line, " \t") == n)
@@ -1437,7 +1439,7 @@ static void prep_check_opts(const PrepOpts *o, const char *sep, const char *time
     check_range("--item-col", o->icol, 0, 1000000);
     check_range("--time-col", o->tcol, -1, 1000000);
     check_range("--keep-col", o->keep_col, -1, 1000000);
-    check_range("--min", o->min, 1, INT32_MAX);
+    if (o->min < 2) die("prep: --min = %d: must be at least 2, since every user needs a history and a target", o->min);
     if (strcmp(time_format, "number") && strcmp(time_format, "iso8601"))
         die("prep: --time-format must be number or iso8601, got \"%s\"", time_format);
     if ((o->keep_col >= 0) != (o->keep_value != NULL))
@@ -1545,6 +1547,9 @@ int cmd_prep(int argc, char **argv) {
     prep_py_seed(&mt, o.seed);
     prep_py_shuffle(&mt, order, U);
     int split1 = (int)(U * 0.8), split2 = (int)(U * 0.9); /* in double, as Python does */
+    if (split1 == 0 || split2 == split1 || split2 == U)
+        die("%s: %d user(s) left after filtering: too few for a training, a validation and a test split "
+            "(%d, %d, %d users); at least 6 are needed", o.input, U, split1, split2 - split1, U - split2);
 
     /* all input is valid: only now touch the output folder */
     mkdir_p(o.out);

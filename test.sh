@@ -110,6 +110,8 @@ test_prep() {
     prep_bad empty-file "$tmp" '' ""
     prep_bad header-only "$tmp" 'user\titem\n' "" --header
     prep_bad no-user-left "$tmp" 'u1\ti1\nu1\ti2\nu2\ti1\n' ""
+    prep_bad bom "$tmp" '\xef\xbb\xbfu1\ti1\nu1\ti2\n' 1
+    prep_bad five-users "$tmp" "$(for u in 1 2 3 4 5; do printf 'u%s\\ti1\\nu%s\\ti2\\n' $u $u; done)" "" --min 2
     local j1='{"reviewerID": "u1", "asin": "i1", "unixReviewTime": 5}\n'
     prep_bad json-trailing-comma "$tmp" "$j1"'{"reviewerID": "u2", "asin": "i2", "unixReviewTime": 6,}\n' 2 --preset book
     prep_bad json-extra-text "$tmp" "$j1"'{"reviewerID": "u2", "asin": "i2", "unixReviewTime": 6} x\n' 2 --preset book
@@ -135,6 +137,7 @@ test_prep() {
     prep_badarg no-name "$tmp" "--name" --input "$exp/c_pairs_notime.tsv"
     prep_badarg unknown-flag "$tmp" "--bogus" --input "$exp/c_pairs_notime.tsv" --name x --bogus 1
     prep_badarg missing-value "$tmp" "--min" --input "$exp/c_pairs_notime.tsv" --name x --min
+    prep_badarg min-1 "$tmp" "--min = 1: must be at least 2" --input "$exp/c_pairs_notime.tsv" --name x --min 1
     prep_badarg bad-format "$tmp" "--format" --input "$exp/c_pairs_notime.tsv" --name x --format csv
     prep_badarg missing-file "$tmp" "$tmp/no-such-file" --input "$tmp/no-such-file" --name x
     prep_badarg unknown-preset "$tmp" "--preset" --input "$exp/c_pairs_notime.tsv" --name x --preset books
