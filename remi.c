@@ -4425,7 +4425,11 @@ static const char *TRAIN_WHAT =
 
 static volatile sig_atomic_t stop_signal;
 static void on_stop_signal(int sig) {
-    if (stop_signal) _exit(128 + sig); /* a second Ctrl-C: quit at once */
+    if (stop_signal) { /* a second Ctrl-C: quit at once, without the files being written (unlink is signal-safe) */
+        for (int i = 0; i < MAX_PENDING; i++)
+            if (pending[i].f) unlink(pending[i].tmp);
+        _exit(128 + sig);
+    }
     stop_signal = sig;
 }
 
@@ -4553,6 +4557,8 @@ int cmd_train(int argc, char **argv) {
            (unsigned long long)c.seed, c.threads);
     if (resume) {
         ckpt_read_state(&ck, &m, &st, U);
+        if (stop_after > 0 && stop_after <= st.it)
+            die("--stop-after %ld: %s is at step %ld already; give a later step", stop_after, ckpt_path, st.it);
         printf("resumed from %s at iteration %ld\n", ckpt_path, st.it);
     } else {
         memcpy(st.best, m.mem, m.n_params * sizeof(float));
@@ -4718,7 +4724,7 @@ int cmd_recommend(int argc, char **argv) {
     check_mind_eval(c.mind_eval);
     Model m;
     model_load(&m, &c, model_file);
-    check_range("--topn", topn, 1, m.N);
+    check_range("--topn", topn, 1, m.N - 1);
     int *h, n = parse_int_list(&h, history, 1, m.N - 1, "--history", "an item id"), K = m.K, D = m.D, N = m.N;
     if (n == 0) die("--history: give at least one item id, e.g. --history \"12 7 403\"");
     char **raw = load_item_names(c.data, c.name, N);
@@ -4729,9 +4735,9 @@ int cmd_recommend(int argc, char **argv) {
     user_vectors(&m, &a, 0, 1, eval_noise_key(c.mind_eval, c.seed, 1));
     Hit *lists = xmalloc((size_t)K * topn * sizeof(Hit));
     uint64_t *hk = xmalloc((size_t)topn * sizeof(uint64_t));
-    for (int k = 0; k < K; k++) { /* each interest's exact top-N, best first */
+    for (int k = 0; k < K; k++) { /* each interest's exact top-N of the items (not the padding id 0), best first */
         int hn = 0;
-        for (int j = 0; j < N; j++) heap_push(hk, &hn, topn, hit_key(dotf(a.v + (size_t)k * D, m.p.item_emb + (size_t)j * D, D), j));
+        for (int j = 1; j < N; j++) heap_push(hk, &hn, topn, hit_key(dotf(a.v + (size_t)k * D, m.p.item_emb + (size_t)j * D, D), j));
         heap_finish(lists + (size_t)k * topn, hk, hn);
     }
     free(hk);
@@ -4906,8 +4912,10 @@ int cmd_inspect(int argc, char **argv) {
     }
     printf("%s model, %s users with 2+ history items: %.0f users, %.0f interests\n", ENC_NAMES[m.enc], split, rs.users,
            rs.interests);
-    printf("collapsed interests (largest weight > 0.9): %.1f%%\n", 100.0 * rs.collapsed / rs.interests);
-    printf("mean largest weight: %.3f   mean entropy / log n: %.3f\n", rs.max_w / rs.interests, rs.entropy / rs.interests);
+    if (rs.interests > 0) {
+        printf("collapsed interests (largest weight > 0.9): %.1f%%\n", 100.0 * rs.collapsed / rs.interests);
+        printf("mean largest weight: %.3f   mean entropy / log n: %.3f\n", rs.max_w / rs.interests, rs.entropy / rs.interests);
+    } else printf("no collapse statistics: no user's history (at most --len %d items) holds 2 or more items\n", L);
     mkdir_p(out);
     char path[4200];
     snprintf(path, sizeof path, "%s/routing.svg", out);

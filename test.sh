@@ -279,12 +279,15 @@ else fail "--remove-hits" "$(tail -n 1 "$TMP/hits-history.log")"; fi
 
 # ---------------------------------------------------------------- checkpoints, resuming, interrupts
 # A run stopped at any point and resumed must end with the bytes of the run left alone.
-resume_matches() { # TEST MODEL STOP-AFTER: stop, resume with -t 1, compare with the golden run
+resume_matches() { # TEST MODEL STOP-AFTER: stop, refuse a --stop-after it has passed, resume with -t 1, compare with the golden run
     local test=$1 mdl=$2 k=$3 d=$TMP/resume-$2-$3
     # shellcheck disable=SC2206
     local args=("${TINY[@]}" --model "$mdl" ${MODEL_ARGS[$mdl]})
     "$REMI" train "${args[@]}" -t 2 --out "$d" --stop-after "$k" >"$d.log" 2>&1 || { fail "$test" "stop: $(tail -n 1 "$d.log")"; return; }
     grep -q "resume $d" "$d.log" || { fail "$test" "no resume hint: $(tail -n 1 "$d.log")"; return; }
+    if "$REMI" train --resume "$d" --stop-after $((k - 1)) >"$d-0.log" 2>&1 || ! grep -q "is at step $k already" "$d-0.log"; then
+        fail "$test" "--stop-after before the checkpoint not refused: $(tail -n 1 "$d-0.log")"; return
+    fi
     "$REMI" train --resume "$d" -t 1 >"$d-2.log" 2>&1 || { fail "$test" "resume: $(tail -n 1 "$d-2.log")"; return; }
     if same_run "$d" "$TMP/tiny-$mdl-t2"; then pass "$test"; else fail "$test" "resumed run differs from the run left alone"; fi
 }
@@ -345,14 +348,14 @@ if grep -q "<svg" "$TMP/tiny-sa-t2/curves.svg" && [ "$(grep -c '<polyline' "$TMP
 
 # ---------------------------------------------------------------- recommend, export
 # recommend's top 5 for a training user's history = the top 5 recomputed (in awk) from the
-# user vector and the item embeddings that export wrote (DNN: one vector, id 0 included)
+# user vector and the item embeddings that export wrote (DNN: one vector; items 1..N-1, not the padding id 0)
 m=$TMP/tiny-dnn-t2/model.bin
 if "$REMI" export --model-file "$m" --data expected/tiny --name tiny --out "$TMP/export" >"$TMP/export.log" 2>&1; then
     u=$(awk -F, 'NR == 1 { print $1 }' expected/tiny/tiny_train.txt)
     hist=$(awk -F, -v u="$u" '$1 == u { print $4 "," NR "," $2 }' expected/tiny/tiny_train.txt | sort -t, -k1,1n -k2,2n | cut -d, -f3 | tr '\n' ' ')
     got=$("$REMI" recommend --model-file "$m" --history "$hist" --topn 5 | awk 'NR > 2 { print $2 }' | tr '\n' ' ')
     want=$(awk -F'\t' -v u="$u" 'NR == FNR { if (FNR > 1 && $1 == "train" && $2 == u) for (d = 4; d <= NF; d++) v[d - 4] = $d; next }
-        FNR > 1 { s = 0; for (d = 3; d <= NF; d++) s += v[d - 3] * $d; printf "%.9f %d\n", s, $1 }' \
+        FNR > 1 && $1 > 0 { s = 0; for (d = 3; d <= NF; d++) s += v[d - 3] * $d; printf "%.9f %d\n", s, $1 }' \
         "$TMP/export/users.tsv" "$TMP/export/items.tsv" | sort -k1,1gr -k2,2n | head -n 5 | awk '{ print $2 }' | tr '\n' ' ')
     if [ -n "$got" ] && [ "$got" = "$want" ]; then pass "recommend = top 5 recomputed from export's vectors ($got)"
     else fail "recommend vs export" "recommend: $got / from export: $want"; fi
@@ -363,6 +366,11 @@ if [ "$(($(wc -l <"$TMP/export/users.tsv") - 1))" -eq "$n_users" ] && [ "$(($(wc
 "$REMI" recommend --model-file "$TMP/tiny-mind-t2/model.bin" --history "3 9 27" --topn 10 >"$TMP/rec.log" 2>&1
 if [ "$(awk 'NR > 2 && $5 >= 0 && $5 < 4' "$TMP/rec.log" | wc -l)" -eq 10 ]; then pass "recommend (MIND): 10 items, each with its interest"
 else fail "recommend MIND" "$(head -c 200 "$TMP/rec.log")"; fi
+"$REMI" recommend --model-file "$m" --history "3 9 27" --topn 400 >"$TMP/rec.log" 2>&1
+if [ "$(awk 'NR > 2 && $2 > 0' "$TMP/rec.log" | sort -u -k2,2n | wc -l)" -eq 400 ] &&
+   ! "$REMI" recommend --model-file "$m" --history "3 9 27" --topn 401 >/dev/null 2>&1; then
+    pass "recommend (DNN) --topn 400: every item once, never the padding id 0; --topn 401 refused"
+else fail "recommend all items" "$(awk 'NR > 2 && $2 == 0' "$TMP/rec.log" | head -c 100)"; fi
 for h in "3 x 9" "3 0 9" "3 401" ""; do
     if ! "$REMI" recommend --model-file "$m" --history "$h" >"$TMP/rec.log" 2>&1 && grep -q -- "--history" "$TMP/rec.log"; then
         pass "recommend refuses --history \"$h\""; else fail "recommend --history \"$h\"" "$(head -c 200 "$TMP/rec.log")"; fi
@@ -382,6 +390,11 @@ if [ "$rects" -gt 16 ]; then pass "inspect: routing.svg heatmap ($rects cells)";
 if ! "$REMI" inspect --model-file "$TMP/tiny-dnn-t2/model.bin" --data expected/tiny --name tiny --out "$TMP/insp-x" >"$TMP/insp.log" 2>&1 &&
    grep -q "no routing matrix" "$TMP/insp.log"; then pass "inspect refuses a single-vector model"
 else fail "inspect dnn" "$(head -c 200 "$TMP/insp.log")"; fi
+"$REMI" train --data expected/tiny --name tiny --len 1 --iters 20 --eval-every 20 --out "$TMP/len1" >/dev/null 2>&1
+"$REMI" inspect --model-file "$TMP/len1/model.bin" --data expected/tiny --name tiny --out "$TMP/len1" >"$TMP/insp1.log" 2>&1
+if grep -q "no collapse statistics" "$TMP/insp1.log" && ! grep -qi "nan" "$TMP/insp1.log"; then
+    pass "inspect on a --len 1 model: no user with 2 items, said so (no NaN)"
+else fail "inspect --len 1" "$(head -c 200 "$TMP/insp1.log")"; fi
 
 # ---------------------------------------------------------------- report over runs
 # two seeds of one setting make one row whose Recall@50 is their mean; full softmax its own row
