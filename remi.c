@@ -408,7 +408,7 @@ void load_split(Split *s, const char *path, int max_item, const char *from, int 
         const char *p = line;
         while (nf < 4 && (p = parse_i64(p, &v[nf])) != NULL) {
             nf++;
-            if (*p == 0) break;
+            if (*p == 0 || nf == 4) break; /* a comma after a fourth field is refused below */
             p++;
         }
         if (!p || *p != 0 || nf < 3)
