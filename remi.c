@@ -491,8 +491,8 @@ static int read_item_map(const char *path, char **names, int N) {
 }
 
 /* DIR/NAME_{train,valid,test}.txt. N = (lines of NAME_item_map.txt) + 1 when the map
- * exists (read_item_map checks it), else the largest item id + 1. Every user needs >= 2 items: evaluation takes
- * the first 80% as history and the rest as targets (REMI-SPEC g.1). */
+ * exists (read_item_map checks it), else the largest item id + 1. Every user needs >= 2
+ * items: evaluation takes the first 80% as history and the rest as targets (REMI-SPEC g.1). */
 void load_dataset(Dataset *ds, const char *dir, const char *name) {
     char path[3][4096], map[4096];
     const char *part[3] = { "train", "valid", "test" };
@@ -1701,12 +1701,6 @@ static void gemm_half(const Gemm *g, int i, int j, int rows) {
     else gemm_half_rows(g, i, j, MR);
 }
 #endif
-/* A's rows packed for the kernel (pack_rows): each tile of MR rows stored step by step, its
- * element (r, p) at p MR + r, the tiles k MR apart, the last one zero-padded. The kernel then
- * finds a step's MR elements at offsets it knows, one line apart at most, where rows at a
- * run-time stride need MR row offsets (more than the registers hold: some are reloaded):
- * 108 -> 115 GFLOP/s on 1 thread in cache at the evaluation's shape (AVX-512). Packing costs
- * about a sixth of one such product, so it pays where many products share A (evaluation). */
 #if VW == 16 && MR == 16
 /* x (16 rows of 16) becomes its transpose: four rounds of the same perfect shuffle (row 2i
  * takes the first halves of rows i and i + 8 interleaved, row 2i + 1 the second halves). */
@@ -1722,6 +1716,12 @@ static inline void transpose16(vfw *x) {
     }
 }
 #endif
+/* A's rows packed for the kernel: each tile of MR rows stored step by step, its element
+ * (r, p) at p MR + r, the tiles k MR apart, the last one zero-padded. The kernel then finds a
+ * step's MR elements at offsets it knows, in one line (AVX-512), where rows at a run-time
+ * stride need MR row offsets (more than the registers hold: some are reloaded): 108 -> 115
+ * GFLOP/s on 1 thread in cache at the evaluation's shape (AVX-512). Packing costs about a
+ * sixth of one such product, so it pays where many products share A (evaluation). */
 static void pack_rows(float *Ap, const float *A, int m, int k, int sa) {
     for (int i = 0; i < m; i += MR) {
         float *t = Ap + (size_t)i * k;
@@ -6670,8 +6670,8 @@ typedef struct { int reps, packed; double out[256]; } KernelCtx;
 enum { KM = 512, KN = 32, KK = 64 }; /* the product's shape */
 static void kernel_task(void *ctx, int lo, int hi) {
     KernelCtx *k = ctx;
-    float *a = xmalloc(KM * KK * sizeof(float)), *b = xmalloc(KK * KN * sizeof(float)), *c = xmalloc(KM * KN * sizeof(float));
-    float *ap = xmalloc((KM + MR) * KK * sizeof(float));
+    float *a = xmalloc(KM * KK * sizeof(float)), *b = xmalloc(KK * KN * sizeof(float));
+    float *c = xmalloc((KM + MR) * KN * sizeof(float)), *ap = xmalloc((KM + MR) * KK * sizeof(float)); /* rows to MR's multiple */
     for (int i = 0; i < KM * KK; i++) a[i] = (float)(i % 17) * 0.125f;
     for (int i = 0; i < KK * KN; i++) b[i] = (float)(i % 13) * 0.25f;
     pack_rows(ap, a, KM, KK, KK);
