@@ -503,10 +503,20 @@ void load_dataset(Dataset *ds, const char *dir, const char *name) {
         snprintf(path[i], sizeof path[i], "%s/%s_%s.txt", dir, name, part[i]);
         load_split(sp[i], path[i], n_items > 0 ? n_items : INT_MAX - 1, n_items > 0 ? map : NULL, 2);
     }
-    if (n_items <= 0)
+    if (n_items <= 0) {
         for (int i = 0; i < 3; i++)
             for (int j = 0; j < sp[i]->off[sp[i]->n_users]; j++)
                 if (sp[i]->items[j] > n_items) n_items = sp[i]->items[j];
+        unsigned char *seen = xcalloc((size_t)n_items + 1, 1); /* a stray large id would make N large */
+        int distinct = 0;
+        for (int i = 0; i < 3; i++)
+            for (int j = 0; j < sp[i]->off[sp[i]->n_users]; j++) distinct += !seen[sp[i]->items[j]]++;
+        free(seen);
+        if (distinct < n_items / 2)
+            fprintf(stderr, "remi: note: no %s, so N = %d (the largest item id + 1), but only %d distinct items "
+                    "appear; the model keeps a row for every id below N (remi prep numbers the items 1..n)\n",
+                    map, n_items + 1, distinct);
+    }
     ds->N = n_items + 1;
 }
 

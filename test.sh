@@ -527,6 +527,12 @@ d=$TMP/bad-map; mkdir -p "$d"; cp expected/tiny/tiny_*.txt "$d/"; printf '1,1\n2
 if ! "$REMI" train --data "$d" --name tiny --out "$d/out" >"$d/log" 2>&1 && grep -q "out of range 1..2" "$d/log"; then
     pass "bad input: item id beyond the item map"
 else fail "bad input: item map range" "$(head -c 200 "$d/log")"; fi
+# without an item map, N comes from the largest id: a stray large id is pointed out (and the run goes on)
+d2=$TMP/stray-id; mkdir -p "$d2"; cp expected/tiny/tiny_*.txt "$d2/"; printf '99999,20000,0,1\n99999,5,1,2\n' >>"$d2/tiny_train.txt"
+if "$REMI" train --data "$d2" --name tiny --iters 1 --eval-every 1 --out "$d2/out" >"$d2/log" 2>&1 &&
+   grep -q "N = 20001 (the largest item id + 1), but only 401 distinct items" "$d2/log"; then
+    pass "no item map: a stray large item id is pointed out"
+else fail "stray item id" "$(head -c 200 "$d2/log")"; fi
 # an item map is checked line by line: a blank line, an item twice, an empty map
 seq 1 400 | awk '{print "r" $1 "," $1}' >"$d/good_map.txt"
 for c in "blank:::tiny_item_map.txt:401: expected 'raw id,item'" "twice:r9,9::tiny_item_map.txt:401: item 9 appears twice" \
