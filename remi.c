@@ -3388,10 +3388,12 @@ typedef struct {
  * each scaled by `scale` (1/B for the batch mean), for one row from its st and tmp (2, M).
  * Returns d loss / d s+ and writes dl (M), which may be the row's logits. */
 static float ssm_row_backward(float *dl, const float *tmp, SsmStats st, int M, float beta, float scale) {
-    double G = st.S > 0 ? st.T / st.S : 0.0;
-    float k = st.S > 0 ? (float)(scale * (float)st.Mb / (st.Z * st.S)) : 0.0f;
-    float b1 = beta + 1.0f, bg = (float)(beta * G);
-    for (int j = 0; j < M; j++) dl[j] = k * tmp[j] * (b1 * tmp[M + j] - bg);
+    double G = st.S > 0 ? st.T / st.S : 0.0, kd = st.S > 0 ? scale * (float)st.Mb / (st.Z * st.S) : 0.0;
+    float k = (float)kd, b1 = beta + 1.0f, bg = (float)(beta * G);
+    if (isfinite(k))
+        for (int j = 0; j < M; j++) dl[j] = k * tmp[j] * (b1 * tmp[M + j] - bg);
+    else /* k beyond float (beta < 0 can make Z S tiny): the factors in double, each term still small */
+        for (int j = 0; j < M; j++) dl[j] = (float)(kd * tmp[j] * (b1 * tmp[M + j] - bg));
     return (float)(scale * (-1.0 + st.P / st.Z));
 }
 

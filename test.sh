@@ -265,6 +265,12 @@ else fail "full softmax" "first loss '$l1': $(tail -n 1 "$TMP/full.log")"; fi
 if ! "$REMI" train "${TINY[@]}" --neg 0 --rbeta 1 --out "$TMP/full-ihn" >"$TMP/f.log" 2>&1 && grep -q "rbeta 0" "$TMP/f.log"; then
     pass "full softmax refuses IHN"; else fail "full softmax with IHN" "$(head -c 200 "$TMP/f.log")"; fi
 
+# a negative --rbeta (easy negatives) can make the sampled softmax's factor M / (Z S) exceed the
+# float range: its gradient must stay finite (it went NaN at step 148 of this run, the loss finite)
+if "$REMI" train --data expected/tiny --name tiny --rbeta -0.5 --lr 0.03 --iters 200 --eval-every 200 --out "$TMP/negbeta" \
+       >"$TMP/negbeta.log" 2>&1 && grep -q '^test.*N=50' "$TMP/negbeta.log"; then pass "--rbeta -0.5 at a high learning rate: trains, finite"
+else fail "negative rbeta" "$(tail -n 1 "$TMP/negbeta.log")"; fi
+
 # --remove-hits: with negatives drawn from 401 ids, targets and history items are often among
 # them, so dropping them changes the model; target and history differ from each other too
 for h in target history; do
