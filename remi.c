@@ -145,8 +145,10 @@ void atomic_commit(FILE *f) {
     }
 }
 
+#define MAX_OUT_DIR 4000 /* an output folder's path: room for a file name and the temporary suffix below 4096 */
 static void mkdir_p(const char *dir) {
     char buf[4096];
+    if (strlen(dir) > MAX_OUT_DIR) die("output folder path too long (%zu characters; at most %d)", strlen(dir), MAX_OUT_DIR);
     snprintf(buf, sizeof buf, "%s", dir);
     for (char *p = buf + 1; *p; p++)
         if (*p == '/') { *p = 0; mkdir(buf, 0755); *p = '/'; }
@@ -1562,6 +1564,7 @@ int cmd_prep(int argc, char **argv) {
             "(%d, %d, %d users); at least 6 are needed", o.input, U, split1, split2 - split1, U - split2);
 
     /* all input is valid: only now touch the output folder */
+    if (strlen(o.out) + strlen(o.name) + 64 > 4096) die("prep: --out and --name make output paths too long");
     mkdir_p(o.out);
     static const char *suffix[5] = {"train", "valid", "test", "user_map", "item_map"};
     FILE *out[5];

@@ -533,6 +533,11 @@ d=$TMP/bad-map; mkdir -p "$d"; cp expected/tiny/tiny_*.txt "$d/"; printf '1,1\n2
 if ! "$REMI" train --data "$d" --name tiny --out "$d/out" >"$d/log" 2>&1 && grep -q "out of range 1..2" "$d/log"; then
     pass "bad input: item id beyond the item map"
 else fail "bad input: item map range" "$(head -c 200 "$d/log")"; fi
+# an output folder whose files' paths would not fit is refused before anything is created
+long=$TMP/long/$(printf 'd%.0s' $(seq 200))$(for i in $(seq 19); do printf '/%0200d' 0; done)
+if ! "$REMI" train --data expected/tiny --name tiny --iters 10 --eval-every 10 --out "$long" >"$TMP/long.log" 2>&1 &&
+   grep -q "output folder path too long" "$TMP/long.log" && [ ! -e "$TMP/long" ]; then pass "an --out path too long: refused, nothing created"
+else fail "long --out" "$(head -c 200 "$TMP/long.log")"; fi
 # without an item map, N comes from the largest id: a stray large id is pointed out (and the run goes on)
 d2=$TMP/stray-id; mkdir -p "$d2"; cp expected/tiny/tiny_*.txt "$d2/"; printf '99999,20000,0,1\n99999,5,1,2\n' >>"$d2/tiny_train.txt"
 if "$REMI" train --data "$d2" --name tiny --iters 1 --eval-every 1 --out "$d2/out" >"$d2/log" 2>&1 &&
