@@ -3975,15 +3975,17 @@ static void eval_groups(const EvalCtx *e, int g0, int g1) {
         for (int l = 0; l < BEST_LANES; l++) bs->thr[l] = l < gb ? -INFINITY : NAN;
         for (int i = 0; i < Q; i++) bs->cnt[i] = i % BEST_LANES < gb ? 0 : maxn;
     }
+    int pack = (e->best ? Q : EVAL_GROUP * K) >= NR; /* the products have full column tiles (not a single vector) */
     for (int j0 = 0; j0 < N; j0 += EVAL_BLOCK) {
         int nj = N - j0 < EVAL_BLOCK ? N - j0 : EVAL_BLOCK;
         const float *E = e->m->p.item_emb + (size_t)j0 * D;
         t0 = now_sec();
-        pack_rows(Ap, E, nj, D, D); /* once for the groups' products */
+        if (pack) pack_rows(Ap, E, nj, D, D); /* once for the groups' products */
         sec[0] += now_sec() - t0;
-        size_t next = j0 + EVAL_BLOCK < N ? (size_t)(N - j0 - EVAL_BLOCK < EVAL_BLOCK ? N - j0 - EVAL_BLOCK : EVAL_BLOCK) * D : 0;
+        int after = N - j0 - nj; /* items after this block */
+        size_t next = (size_t)(after < EVAL_BLOCK ? after : EVAL_BLOCK) * D; /* the next block's floats */
         for (int g = g0; g < g1; g++) {
-            int q = e->best ? Q : group_users(e, g) * K, qf = q / NR * NR;
+            int q = e->best ? Q : group_users(e, g) * K, qf = pack ? q / NR * NR : 0; /* columns in full tiles */
             size_t o = (size_t)(g - g0) * Q;
             /* the next block's share of this group, fetched into the caches while the products run */
             size_t f0 = next * (g - g0) / (g1 - g0) / 16 * 16, f1 = next * (g - g0 + 1) / (g1 - g0) / 16 * 16;
