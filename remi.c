@@ -3975,7 +3975,7 @@ static void eval_groups(const EvalCtx *e, int g0, int g1) {
         for (int l = 0; l < BEST_LANES; l++) bs->thr[l] = l < gb ? -INFINITY : NAN;
         for (int i = 0; i < Q; i++) bs->cnt[i] = i % BEST_LANES < gb ? 0 : maxn;
     }
-    int pack = (e->best ? Q : EVAL_GROUP * K) >= NR; /* the products have full column tiles (not a single vector) */
+    int pack = Q >= NR; /* a group's products have full column tiles (not a single vector's 8 columns) */
     for (int j0 = 0; j0 < N; j0 += EVAL_BLOCK) {
         int nj = N - j0 < EVAL_BLOCK ? N - j0 : EVAL_BLOCK;
         const float *E = e->m->p.item_emb + (size_t)j0 * D;
@@ -6923,11 +6923,13 @@ static void bench_dataset(const char *label, const Dataset *ds, Config c, int st
     }
     printf("evaluation: %.3f s on 1 thread, %.3f s on %d: scaling %.2fx; scoring %.1f GFLOP/s = %.0f%% of the %.0f GFLOP/s peak\n",
            ev[0], ev[1], threads, ev[0] / ev[1], eflops / ev[1] / 1e9, 100.0 * eflops / ev[1] / 1e9 / peak[1], peak[1]);
+    int packs = EVAL_GROUP * m.K >= NR; /* as eval_groups decides: a single vector's blocks are not packed */
     for (int i = 0; i < 2; i++) { /* the threads' time by phase; the products' own speed against the per-thread peak */
         double *p = evp[i], busy = p[1] + p[2] + p[3], rate = eflops / p[1] * nt[i] / 1e9;
         printf("  %d thread(s): interest vectors %.3f s; threads' time: products %.0f%% (%.1f GFLOP/s = %.0f%% of peak, "
-               "%.0f%% of the packed kernel's), top-k %.0f%%, merge + metrics %.0f%%\n", nt[i], p[0], 100 * p[1] / busy, rate,
-               100 * rate / peak[i], 100 * rate / kpack[i], 100 * p[2] / busy, 100 * p[3] / busy);
+               "%.0f%% of the %skernel's), top-k %.0f%%, merge + metrics %.0f%%\n", nt[i], p[0], 100 * p[1] / busy, rate,
+               100 * rate / peak[i], 100 * rate / (packs ? kpack[i] : kern[i]), packs ? "packed " : "", 100 * p[2] / busy,
+               100 * p[3] / busy);
     }
     if (m.multi) printf("  selection by best interest; users selected again per interest: %ld of %d\n", again, ds->valid.n_users);
     size_t data_bytes = 0;
