@@ -4699,7 +4699,8 @@ int cmd_train(int argc, char **argv) {
     long pass = st.pass; /* the final evaluations do not change the checkpointed state */
     evaluate(&mv, &cut, 1, &m, &a, &ds.valid, eval_noise_key(c.mind_eval, c.seed, ++pass));
     evaluate(mt, cuts, 2, &m, &a, &ds.test, eval_noise_key(c.mind_eval, c.seed, ++pass));
-    printf("\nbest model: iter %ld of %ld (%.1f s)\n", st.best_iter, st.it, now_sec() - t0);
+    if (st.best_iter) printf("\nbest model: iter %ld of %ld (%.1f s)\n", st.best_iter, st.it, now_sec() - t0);
+    else printf("\nmodel: the last parameters, iter %ld (%.1f s)\n", st.it, now_sec() - t0);
     print_metrics_row("valid", &mv);
     print_metrics_row("test", &mt[0]);
     print_metrics_row("test", &mt[1]);

@@ -265,6 +265,12 @@ else fail "full softmax" "first loss '$l1': $(tail -n 1 "$TMP/full.log")"; fi
 if ! "$REMI" train "${TINY[@]}" --neg 0 --rbeta 1 --out "$TMP/full-ihn" >"$TMP/f.log" 2>&1 && grep -q "rbeta 0" "$TMP/f.log"; then
     pass "full softmax refuses IHN"; else fail "full softmax with IHN" "$(head -c 200 "$TMP/f.log")"; fi
 
+# no validation beats recall 0 (a cut-off of 1, patience 0): the last parameters are reported, and called so
+if "$REMI" train --data expected/tiny --name tiny --topn 1 --iters 100 --eval-every 50 --patience 0 --out "$TMP/noimp" >"$TMP/noimp.log" 2>&1 &&
+   grep -q "^model: the last parameters, iter 50" "$TMP/noimp.log" && ! grep -q "best model" "$TMP/noimp.log" && [ -s "$TMP/noimp/model.bin" ]; then
+    pass "no validation improvement: the last parameters, said so, saved"
+else fail "no improvement" "$(tail -n 3 "$TMP/noimp.log")"; fi
+
 # a negative --rbeta (easy negatives) can make the sampled softmax's factor M / (Z S) exceed the
 # float range: its gradient must stay finite (it went NaN at step 148 of this run, the loss finite)
 if "$REMI" train --data expected/tiny --name tiny --rbeta -0.5 --lr 0.03 --iters 200 --eval-every 200 --out "$TMP/negbeta" \
