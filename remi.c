@@ -22,6 +22,7 @@
 #include "remi.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <float.h>
 #include <limits.h>
 #include <math.h>
@@ -32,6 +33,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <ftw.h>
+#include <sys/file.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -155,6 +157,15 @@ static void mkdir_p(const char *dir) {
     struct stat st;
     if (mkdir(buf, 0755) != 0 && errno != EEXIST) die("cannot create folder %s: %s", dir, strerror(errno));
     if (stat(buf, &st) != 0 || !S_ISDIR(st.st_mode)) die("%s exists and is not a folder; pick another --out", dir);
+}
+
+/* One remi train at a time in an output folder: an advisory lock on the folder itself, held
+ * until the process exits (a file system without locks is let through). */
+static void lock_out_dir(const char *dir) {
+    int fd = open(dir, O_RDONLY | O_DIRECTORY);
+    if (fd < 0) die("cannot open folder %s: %s", dir, strerror(errno));
+    if (flock(fd, LOCK_EX | LOCK_NB) != 0 && errno == EWOULDBLOCK)
+        die("%s is in use by another remi train; wait for it to end, or pick another --out", dir);
 }
 
 static double now_sec(void) {
@@ -4619,6 +4630,7 @@ int cmd_train(int argc, char **argv) {
     st.best = xmalloc(m.n_params * sizeof(float));
     st.curve = xmalloc(sizeof *st.curve);
     mkdir_p(c.out);
+    lock_out_dir(c.out);
     snprintf(st.log.path, sizeof st.log.path, "%s/metrics.jsonl", c.out);
     snprintf(ckpt_path, sizeof ckpt_path, "%s/checkpoint.bin", c.out);
     OutFiles out_dir;
@@ -4631,6 +4643,7 @@ int cmd_train(int argc, char **argv) {
            m.K, c.L, c.B, c.M, c.lr, c.rbeta, c.rlambda, c.hits ? "  remove-hits " : "", c.hits ? c.remove_hits : "",
            strcmp(c.adam, "dense") ? "  adam " : "", strcmp(c.adam, "dense") ? c.adam : "", /* when not the default */
            (unsigned long long)c.seed, c.threads);
+    fflush(stdout); /* a log shows the run has started (and holds its --out) */
     if (resume) {
         ckpt_read_state(&ck, &m, &st, U);
         if (stop_after > 0 && stop_after <= st.it)

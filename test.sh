@@ -316,6 +316,18 @@ if same_run "$TMP/lh" "$TMP/lh-r" && grep -q "remove-hits history  adam lazy" "$
     pass "resume: a run with --adam lazy --remove-hits history stopped at step 130 = the run left alone"
 else fail "resume with lazy Adam and removed hits" "$(head -n 1 "$TMP/lh-r2.log")"; fi
 
+# one remi train at a time in an output folder: a second is refused while the first runs
+d=$TMP/locked
+"$REMI" train --data expected/tiny --name tiny --iters 100000000 --eval-every 100000000 --out "$d" >"$d.log" 2>&1 &
+pid=$!
+for _ in $(seq 300); do grep -q '^remi train' "$d.log" 2>/dev/null && break; sleep 0.1; done
+if ! "$REMI" train --data expected/tiny --name tiny --iters 10 --eval-every 10 --out "$d" >"$d-2.log" 2>&1 &&
+   grep -q "in use by another remi train" "$d-2.log"; then locked=1; else locked=0; fi
+kill -TERM "$pid"; wait "$pid"; rc=$?
+if [ "$locked" = 1 ] && [ "$rc" = 143 ] && [ -s "$d/checkpoint.bin" ]; then
+    pass "a second train into a folder in use is refused; the first, stopped, writes its checkpoint"
+else fail "output folder lock" "locked $locked, first run's status $rc: $(head -c 200 "$d-2.log")"; fi
+
 # SIGINT in the middle of a run: a checkpoint and exit 130; resumed up to a later step K, the run
 # must match a run left alone up to K (K follows wherever the signal landed: the test does not
 # depend on the machine's speed)
