@@ -4608,6 +4608,10 @@ int cmd_train(int argc, char **argv) {
         snprintf(ckpt_path, sizeof ckpt_path, "%s/checkpoint.bin", resume);
         ck = ckpt_open(ckpt_path, &c);
         c.out = resume;
+        struct stat sb;
+        if (stat(c.data, &sb) != 0 || !S_ISDIR(sb.st_mode))
+            die("the run's data folder \"%s\" (as given when it started) is not found from here; run the --resume "
+                "from the folder the run started in", c.data);
     }
     check_config(&c);
     check_range("--eval-batch", c.eval_batch, 1, 1 << 16);

@@ -316,6 +316,13 @@ if same_run "$TMP/lh" "$TMP/lh-r" && grep -q "remove-hits history  adam lazy" "$
     pass "resume: a run with --adam lazy --remove-hits history stopped at step 130 = the run left alone"
 else fail "resume with lazy Adam and removed hits" "$(head -n 1 "$TMP/lh-r2.log")"; fi
 
+# --resume from another directory with a relative --data: says where to run it from
+"$REMI" train --data expected/tiny --name tiny --iters 100 --eval-every 50 --stop-after 60 --out "$TMP/rel" >/dev/null 2>&1
+remi_abs=$(cd "$(dirname "$REMI")" && pwd)/$(basename "$REMI")
+if ! (cd / && "$remi_abs" train --resume "$TMP/rel" >"$TMP/rel.log" 2>&1) && grep -q "from the folder the run started in" "$TMP/rel.log"; then
+    pass "--resume elsewhere with a relative data folder: says to run it from the run's folder"
+else fail "resume elsewhere" "$(tail -n 1 "$TMP/rel.log")"; fi
+
 # one remi train at a time in an output folder: a second is refused while the first runs
 d=$TMP/locked
 "$REMI" train --data expected/tiny --name tiny --iters 100000000 --eval-every 100000000 --out "$d" >"$d.log" 2>&1 &
