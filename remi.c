@@ -174,6 +174,11 @@ static double now_sec(void) {
     return ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
+/* A first line that starts with a UTF-8 byte-order mark: every reader refuses it (else it
+ * would become part of the first field), with this message. */
+#define BOM_MESSAGE "starts with a UTF-8 byte-order mark; save the file without it"
+static int starts_with_bom(int lineno, const char *line) { return lineno == 1 && !strncmp(line, "\xef\xbb\xbf", 3); }
+
 /* Shorten a line for an error message. */
 static const char *excerpt(const char *s) {
     static char buf[96];
@@ -414,8 +419,7 @@ void load_split(Split *s, const char *path, int max_item, const char *from, int 
         if (len > 0 && line[len - 1] == '\n') line[--len] = 0;
         if (len > 0 && line[len - 1] == '\r') line[--len] = 0;
         if ((size_t)len != strlen(line)) die("%s:%d: line holds a NUL byte (binary file?)", path, lineno);
-        if (lineno == 1 && !strncmp(line, "\xef\xbb\xbf", 3))
-            die("%s:1: starts with a UTF-8 byte-order mark; save the file without it", path);
+        if (starts_with_bom(lineno, line)) die("%s:1: " BOM_MESSAGE, path);
         int64_t v[4];
         int nf = 0;
         const char *p = line;
@@ -485,8 +489,7 @@ static int read_item_map(const char *path, char **names, int N) {
     size_t lcap = 0;
     for (int lineno = 1; getline(&line, &lcap, f) != -1; lineno++) {
         line[strcspn(line, "\r\n")] = 0;
-        if (lineno == 1 && !strncmp(line, "\xef\xbb\xbf", 3))
-            die("%s:1: starts with a UTF-8 byte-order mark; save the file without it", path);
+        if (starts_with_bom(lineno, line)) die("%s:1: " BOM_MESSAGE, path);
         char *comma = strrchr(line, ','), *end = comma;
         errno = 0;
         long id = comma && comma[1] >= '0' && comma[1] <= '9' ? strtol(comma + 1, &end, 10) : 0;
@@ -1322,8 +1325,7 @@ static void prep_read(PrepData *d, const PrepOpts *o) {
         lineno++;
         if (o->header && lineno == 1) continue;
         if (memchr(line, '\0', n)) prep_bad_line(o, lineno, line, "line contains a NUL byte");
-        if (lineno == 1 && !strncmp(line, "\xef\xbb\xbf", 3)) /* else a part of the first id */
-            prep_bad_line(o, lineno, line, "starts with a UTF-8 byte-order mark; save the file without it");
+        if (starts_with_bom(lineno, line)) prep_bad_line(o, lineno, line, BOM_MESSAGE);
         if (n && line[n - 1] == '\n') line[--n] = '\0';
         if (n && line[n - 1] == '\r') line[--n] = '\0';
         if (strspn(line, " \t") == n)
@@ -3907,6 +3909,9 @@ static void best_block(BestSel *b, const float *St, int nj, int K, int j0, int N
 }
 
 #define EVAL_GROUP BEST_LANES /* users scored together: EVAL_GROUP * K queries share each item block */
+/* A group's products fill full column tiles, so its blocks of items are packed (pack_rows):
+ * not a single vector's 8 columns. */
+static int eval_packs(int K) { return EVAL_GROUP * K >= NR; }
 
 #define EVAL_BLOCK 512  /* items per block: their rows of E stay in L2 while the group's queries use them */
 
@@ -3986,7 +3991,7 @@ static void eval_groups(const EvalCtx *e, int g0, int g1) {
         for (int l = 0; l < BEST_LANES; l++) bs->thr[l] = l < gb ? -INFINITY : NAN;
         for (int i = 0; i < Q; i++) bs->cnt[i] = i % BEST_LANES < gb ? 0 : maxn;
     }
-    int pack = Q >= NR; /* a group's products have full column tiles (not a single vector's 8 columns) */
+    int pack = eval_packs(K);
     for (int j0 = 0; j0 < N; j0 += EVAL_BLOCK) {
         int nj = N - j0 < EVAL_BLOCK ? N - j0 : EVAL_BLOCK;
         const float *E = e->m->p.item_emb + (size_t)j0 * D;
@@ -6941,7 +6946,7 @@ static void bench_dataset(const char *label, const Dataset *ds, Config c, int st
     }
     printf("evaluation: %.3f s on 1 thread, %.3f s on %d: scaling %.2fx; scoring %.1f GFLOP/s = %.0f%% of the %.0f GFLOP/s peak\n",
            ev[0], ev[1], threads, ev[0] / ev[1], eflops / ev[1] / 1e9, 100.0 * eflops / ev[1] / 1e9 / peak[1], peak[1]);
-    int packs = EVAL_GROUP * m.K >= NR; /* as eval_groups decides: a single vector's blocks are not packed */
+    int packs = eval_packs(m.K);
     for (int i = 0; i < 2; i++) { /* the threads' time by phase; the products' own speed against the per-thread peak */
         double *p = evp[i], busy = p[1] + p[2] + p[3], rate = eflops / p[1] * nt[i] / 1e9;
         printf("  %d thread(s): interest vectors %.3f s; threads' time: products %.0f%% (%.1f GFLOP/s = %.0f%% of peak, "
