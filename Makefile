@@ -4,11 +4,20 @@ WARN    := -Wall -Wextra -Wno-psabi -std=gnu11
 BASE    := -ffp-contract=off -fno-math-errno -fno-trapping-math
 CFLAGS  ?= -O3 -march=native $(BASE)
 LDLIBS  := -lm -lpthread
+# FMA=1: every sum of products by fused multiply-add (the kernel section of remi.c): twice
+# the products' speed on cores whose adds share the FMA units, other bits than the default
+FMA     ?= 0
+DEFS    := $(if $(filter 1,$(FMA)),-DREMI_FMA)
+FLAGS    = $(strip $(CFLAGS) $(DEFS))
 
 all: remi
 
-remi: remi.c remi.h
-	$(CC) $(CFLAGS) $(WARN) -DREMI_CFLAGS='"$(CFLAGS)"' -o $@ remi.c $(LDLIBS)
+# .flags: the flags of the last build, rewritten when they change, so that a change of
+# CFLAGS or FMA rebuilds remi
+$(shell echo '$(FLAGS)' | cmp -s - .flags || echo '$(FLAGS)' > .flags)
+
+remi: remi.c remi.h .flags
+	$(CC) $(FLAGS) $(WARN) -DREMI_CFLAGS='"$(FLAGS)"' -o $@ remi.c $(LDLIBS)
 
 debug:
 	$(MAKE) -B remi CFLAGS="-O0 -g $(BASE)"
@@ -29,6 +38,13 @@ remi-sse: remi.c remi.h
 remi-avx: remi.c remi.h
 	$(CC) -O3 -mavx $(BASE) $(WARN) -DREMI_CFLAGS='"-O3 -mavx $(BASE)"' -o $@ remi.c $(LDLIBS)
 
+# remi-fma, remi-fma-sse: FMA=1 builds beside ./remi, native and portable (where fmaf is a
+# library call); test.sh checks that they give each other's bits
+remi-fma: remi.c remi.h
+	$(CC) $(CFLAGS) -DREMI_FMA $(WARN) -DREMI_CFLAGS='"$(CFLAGS) -DREMI_FMA"' -o $@ remi.c $(LDLIBS)
+remi-fma-sse: remi.c remi.h
+	$(CC) -O3 $(BASE) -DREMI_FMA $(WARN) -DREMI_CFLAGS='"-O3 $(BASE) -DREMI_FMA"' -o $@ remi.c $(LDLIBS)
+
 # a longer fuzz run of every reader under the sanitizers
 fuzz: remi-asan
 	./remi-asan fuzz --iters 20000
@@ -43,7 +59,7 @@ bench: remi
 	./remi bench
 
 clean:
-	rm -f remi remi-asan remi-sse remi-avx
+	rm -f remi remi-asan remi-sse remi-avx remi-fma remi-fma-sse .flags
 
 # ---------------------------------------------------------------- reproduce
 # `make -j2 reproduce`: every run behind the README's result tables, then the tables.

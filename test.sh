@@ -240,6 +240,25 @@ for isa in sse avx; do
     else fail "remi-$isa" "differs from the native build:$why"; fi
 done
 
+# FMA=1 (every sum of products fused): its own bits, the same for any -t and from the native
+# and the portable build (fmaf a library call there), and the golden runs within tolerance
+if command -v "${CC:-cc}" >/dev/null && make -s remi-fma remi-fma-sse >"$TMP/build-fma.log" 2>&1; then
+    if ./remi-fma selftest -t 3 >"$TMP/selftest-fma.log" 2>&1; then pass "remi-fma selftest (fused kernels against fused scalar twins)"
+    else fail "remi-fma selftest" "$(grep FAIL "$TMP/selftest-fma.log" | tr '\n' ' ')"; fi
+    why=""
+    for mdl in sa dr mind gru4rec; do
+        ./remi-fma train "${TINY[@]}" --model "$mdl" ${MODEL_ARGS[$mdl]} -t 1 --out "$TMP/fma-$mdl-t1" >/dev/null 2>&1
+        ./remi-fma train "${TINY[@]}" --model "$mdl" ${MODEL_ARGS[$mdl]} -t 3 --out "$TMP/fma-$mdl" >/dev/null 2>&1
+        same_run "$TMP/fma-$mdl-t1" "$TMP/fma-$mdl" || why="$why $mdl: -t 1 vs -t 3;"
+        cmp -s "$TMP/fma-$mdl/model.bin" "$TMP/tiny-$mdl-t2/model.bin" && why="$why $mdl: the default build's model;"
+        out=$(jsonl_close "$TMP/fma-$mdl/metrics.jsonl" "expected/tiny_${mdl}_metrics.jsonl") || why="$why $mdl: $out;"
+    done
+    ./remi-fma-sse train "${TINY[@]}" --model sa ${MODEL_ARGS[sa]} -t 2 --out "$TMP/fma-sse" >/dev/null 2>&1
+    same_run "$TMP/fma-sa" "$TMP/fma-sse" || why="$why sa: the portable build differs;"
+    if [ -z "$why" ]; then pass "remi-fma: other models than the default build, the same for -t 1/3 and from the portable build, golden runs within tolerance"
+    else fail "remi-fma" "$why"; fi
+else echo "skip  remi-fma (no compiler)"; fi
+
 # eval of a saved model reproduces the test metrics printed by train
 eval_matches() { # TEST TRAIN-OUT-DIR [EVAL FLAGS...]
     local test=$1 dir=$2; shift 2
