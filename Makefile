@@ -34,9 +34,9 @@ remi-asan: remi.c remi.h
 # remi-sse, remi-avx: the kernels' other register tiles (see gemm_tile_full) beside ./remi;
 # test.sh checks that they give the native build's bits (x86 only for remi-avx)
 remi-sse: remi.c remi.h
-	$(CC) -O3 $(BASE) $(WARN) -DREMI_CFLAGS='"-O3 $(BASE)"' -o $@ remi.c $(LDLIBS)
+	$(CC) -O3 $(BASE) $(DEFS) $(WARN) -DREMI_CFLAGS='"-O3 $(BASE) $(DEFS)"' -o $@ remi.c $(LDLIBS)
 remi-avx: remi.c remi.h
-	$(CC) -O3 -mavx $(BASE) $(WARN) -DREMI_CFLAGS='"-O3 -mavx $(BASE)"' -o $@ remi.c $(LDLIBS)
+	$(CC) -O3 -mavx $(BASE) $(DEFS) $(WARN) -DREMI_CFLAGS='"-O3 -mavx $(BASE) $(DEFS)"' -o $@ remi.c $(LDLIBS)
 
 # remi-fma, remi-fma-sse: FMA=1 builds beside ./remi, native and portable (where fmaf is a
 # library call); test.sh checks that they give each other's bits

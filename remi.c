@@ -1735,8 +1735,8 @@ static inline __attribute__((always_inline)) void gemm_tile_rows(const Gemm *g, 
     }
 }
 /* A's columns as rows (A^T B: sa 1, the weight gradients) get an instance with sa 1 as a
- * constant: a step's MR elements at known offsets, as in a packed tile (with fused
- * multiply-adds on Intel: 71-95 -> ... GFLOP/s) */
+ * constant: a step's MR elements at known offsets, as in a packed tile (on Intel, 1 thread:
+ * 71-73 -> 83-88 GFLOP/s; with fused multiply-adds 70-83 -> 84-111) */
 static void gemm_tile_full(const Gemm *g, int i, int j) {
     if (g->sa == 1) {
         Gemm t = *g;
@@ -1812,15 +1812,15 @@ static void pack_rows(float *Ap, const float *A, int m, int k, int sa) {
             for (int r = 0; r < MR; r++) t[(size_t)p * MR + r] = r < mr ? A[(size_t)(i + r) * sa + p] : 0.0f;
     }
 }
-/* C (m, n) = A B for A packed by pack_rows (m rows, k steps) and n a multiple of NR; C has
- * room for m rounded up to MR rows (the padding rows get sums of zeros). The same sums as gemm.
- * pre (npre floats) is fetched into the caches a few lines a tile, while the tiles compute. */
 /* One MR x NR tile of C from a row tile packed by pack_rows: the kernel inlined with the
  * packed strides as constants. */
 static inline __attribute__((always_inline)) void gemm_tile_packed(float *C, int ldc, const float *Ap, const float *B,
                                                                    int ldb, int k, int acc) {
     gemm_tile_rows(&(Gemm){ C, ldc, Ap, 1, MR, B, ldb, MR, NR, k, acc }, 0, 0, MR);
 }
+/* C (m, n) = A B for A packed by pack_rows (m rows, k steps) and n a multiple of NR; C has
+ * room for m rounded up to MR rows (the padding rows get sums of zeros). The same sums as gemm.
+ * pre (npre floats) is fetched into the caches a few lines a tile, while the tiles compute. */
 static __attribute__((noinline)) void gemm_packed(float *C, int ldc, const float *Ap, const float *B, int ldb, int m, int n,
                                                    int k, const float *pre, size_t npre) {
     size_t tiles = (size_t)(m + MR - 1) / MR * (size_t)(n / NR), t = 0, f = 0;
@@ -1954,7 +1954,8 @@ static void gemm_task(void *ctx, int lo, int hi) {
     /* sweeping the columns under a row tile of A's rows (sp 1), the tile is packed first
      * (pack_rows) when it serves PACK_COLS column tiles or more: the kernel then reads a
      * step's MR elements at offsets it knows instead of MR row offsets, more than the
-     * registers hold (with fused multiply-adds on Intel: 55-100 -> 100-150 GFLOP/s) */
+     * registers hold (on Intel, 1 thread, the step's products: 68-74 -> 80-83 GFLOP/s; with
+     * fused multiply-adds 90-100 -> 125-142) */
     int pack_a = !tile_cols_first(g) && !blocked && g->sp == 1 && (g->n + NR - 1) / NR >= PACK_COLS;
     float *bp = NULL, *ap = NULL, *panel = NULL;
     if (nr > 0 || g->m % MR || alias || pack || pack_a) {
