@@ -6906,31 +6906,33 @@ static double measure_bandwidth(void) {
 }
 
 /* GFLOP/s of remi's matrix kernel with its operands in cache, on every thread: each thread
- * repeats its own C (512, 32) = A (512, 64) B (64, 32), the shape of an evaluation block
- * (A 128 KB in L2, B in L1), with A's rows as they are (the training's products) or packed
- * (pack_rows: the evaluation's). The ceiling of the products, below the FMA peak: a
- * multiply and an add per term (unless built with FMA=1), and the loads and stores of
- * each tile. */
+ * repeats its own C (512, n) = A (512, 64) B (64, n) (A 128 KB in L2, B in L1): as the
+ * evaluation runs it, n 32 (a group's queries) and A packed once (pack_rows); as the
+ * training's products run it, n 64 through gemm_run, which packs each row tile of A for its
+ * 4 column tiles (PACK_COLS). The ceiling of the products, below the FMA peak: a multiply
+ * and an add per term (unless built with FMA=1), and the loads and stores of each tile. */
 typedef struct { int reps, packed; double out[256]; } KernelCtx;
-enum { KM = 512, KN = 32, KK = 64 }; /* the product's shape */
+enum { KM = 512, KN = 32, KK = 64 }; /* the evaluation's shape; the training's has 2 KN columns */
 static void kernel_task(void *ctx, int lo, int hi) {
     KernelCtx *k = ctx;
-    float *a = xmalloc(KM * KK * sizeof(float)), *b = xmalloc(KK * KN * sizeof(float));
-    float *c = xmalloc((KM + MR) * KN * sizeof(float)), *ap = xmalloc((KM + MR) * KK * sizeof(float)); /* rows to MR's multiple */
+    int n = k->packed ? KN : 2 * KN;
+    float *a = xmalloc(KM * KK * sizeof(float)), *b = xmalloc(KK * n * sizeof(float));
+    float *c = xmalloc((KM + MR) * n * sizeof(float)), *ap = xmalloc((KM + MR) * KK * sizeof(float)); /* rows to MR's multiple */
     for (int i = 0; i < KM * KK; i++) a[i] = (float)(i % 17) * 0.125f;
-    for (int i = 0; i < KK * KN; i++) b[i] = (float)(i % 13) * 0.25f;
+    for (int i = 0; i < KK * n; i++) b[i] = (float)(i % 13) * 0.25f;
     pack_rows(ap, a, KM, KK, KK);
     for (int t = lo; t < hi; t++) {
         for (int r = 0; r < k->reps; r++)
-            if (k->packed) gemm_packed(c, KN, ap, b, KN, KM, KN / NR * NR, KK, NULL, 0);
-            else gemm_run((Gemm){ c, KN, a, KK, 1, b, KN, KM, KN, KK, 0 }, 0);
-        k->out[t] = c[KM * KN - 1];
+            if (k->packed) gemm_packed(c, n, ap, b, n, KM, n / NR * NR, KK, NULL, 0);
+            else gemm_run((Gemm){ c, n, a, KK, 1, b, n, KM, n, KK, 0 }, 0);
+        k->out[t] = c[KM * n - 1];
     }
     free(a); free(b); free(c); free(ap);
 }
 static double measure_kernel(int packed) { /* ~20 ms a run, the best of five */
-    KernelCtx k = { 2000, packed, { 0 } };
-    return best_gflops(kernel_task, &k, 2.0 * KM * (KN / NR * NR) * KK * k.reps, 5);
+    KernelCtx k = { packed ? 2000 : 1000, packed, { 0 } };
+    int n = packed ? KN : 2 * KN;
+    return best_gflops(kernel_task, &k, 2.0 * KM * (n / NR * NR) * KK * k.reps, 5);
 }
 
 /* Microseconds per parallel region of empty tasks: the pool's hand-off there and back
