@@ -4409,6 +4409,8 @@ static void check_config(Config *c) {
     c->hits = (Hits)h;
     if (c->hits && c->enc == ENC_POP) die("--remove-hits: Pop samples no negatives; use --remove-hits none");
     check_range_float("--dropout", c->dropout, 0, 0.99);
+    if (c->enc != ENC_GRU4REC && c->dropout != 0.2f) /* REMI-SPEC: --dropout is GRU4Rec's only */
+        die("--dropout %g: only GRU4Rec has dropout (REMI-SPEC c.5); leave it out, or use --model gru4rec", c->dropout);
     check_range("--hidden", c->D, 1, 4096);
     check_range("--interests", c->K, 1, 64);
     check_range("--len", c->L, 1, 10000);
