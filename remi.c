@@ -4410,6 +4410,13 @@ static void resolve_negatives(Config *c, int N) {
     if (c->M == 0) { c->full_softmax = 1; c->M = N; }
 }
 
+/* A batch holds B distinct training users (REMI-SPEC f.4): the split needs that many. */
+static void check_batch_users(const Split *train, int B, const char *data, const char *name) {
+    if (train->n_users < B)
+        die("%s/%s_train.txt has %d users, fewer than --batch %d (batches hold distinct users); lower --batch", data,
+            name, train->n_users, B);
+}
+
 static void check_config(Config *c) {
     c->enc = N_ENCODERS;
     for (int e = 0; e < N_ENCODERS; e++) if (!strcmp(c->model, ENC_NAMES[e])) c->enc = (Encoder)e;
@@ -4815,9 +4822,7 @@ int cmd_train(int argc, char **argv) {
 
     Dataset ds;
     load_dataset(&ds, c.data, c.name);
-    if (ds.train.n_users < c.B)
-        die("%s/%s_train.txt has %d users, fewer than --batch %d (batches hold distinct users); lower --batch",
-            c.data, c.name, ds.train.n_users, c.B);
+    check_batch_users(&ds.train, c.B, c.data, c.name);
     int U = ds.train.n_users, cut = c.topn;
     resolve_negatives(&c, ds.N);
     Model m;
@@ -7197,6 +7202,7 @@ static void bench_dataset(const char *label, const Dataset *ds, Config c, int st
     model_free(&m);
 }
 
+enum { SYN_USERS = 20000 }; /* the synthetic dataset's training users (and a tenth as many validation users) */
 int cmd_bench(int argc, char **argv) {
     Config c = default_config();
     const int BOOK_ITEMS = 367983; /* the reference's N for Amazon Book (REMI-SPEC) */
@@ -7211,6 +7217,11 @@ int cmd_bench(int argc, char **argv) {
     check_config(&c);
     check_range("--steps", steps, 1, 100000);
     check_range("--synthetic-items", book, 0, 1e8);
+    Dataset ds; /* the users a batch needs, before anything is measured */
+    load_dataset(&ds, c.data, c.name);
+    check_batch_users(&ds.train, c.B, c.data, c.name);
+    if (book > 0 && c.B > SYN_USERS)
+        die("the synthetic dataset has %d training users, fewer than --batch %d; lower --batch", SYN_USERS, c.B);
     pool_start(c.threads);
     char cpu[256];
     cpu_name(cpu, sizeof cpu);
@@ -7239,14 +7250,12 @@ int cmd_bench(int argc, char **argv) {
         printf("; with A packed (evaluation): %.1f GFLOP/s = %.0f%%\n", kpack[i], 100 * kpack[i] / peak[i]);
     }
     pool.n = c.threads;
-    Dataset ds;
-    load_dataset(&ds, c.data, c.name);
     char label[4200];
     snprintf(label, sizeof label, "%s/%s", c.data, c.name);
     bench_dataset(label, &ds, c, steps, peak, kern, kpack, bw, c.threads, regions);
     if (book > 0) {
         Dataset syn;
-        synthetic_dataset(&syn, book + 1, 20000, 2000, 99);
+        synthetic_dataset(&syn, book + 1, SYN_USERS, SYN_USERS / 10, 99);
         bench_dataset(book == BOOK_ITEMS ? "synthetic, Amazon Book size" : "synthetic", &syn, c, steps, peak, kern, kpack, bw,
                       c.threads, regions);
     }

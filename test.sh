@@ -651,6 +651,11 @@ if [ "$(grep -c 'parallel regions, ms per step (mean' "$TMP/bench.log")" = 4 ] &
        END { exit bad }'; then
     pass "bench --regions: $(grep -m1 'parallel regions' "$TMP/bench.log" | cut -c1-90)..."
 else fail "bench --regions" "$(grep 'parallel regions' "$TMP/bench.log" | head -c 300)"; fi
+# a batch of more distinct users than a dataset holds is refused by bench too, before any step
+if ! "$REMI" bench --data expected/tiny --name tiny --synthetic-items 0 --steps 1 --batch 601 >"$TMP/bb.log" 2>&1 &&
+   grep -q "tiny_train.txt has 600 users, fewer than --batch 601" "$TMP/bb.log" && ! grep -q "ceilings" "$TMP/bb.log"; then
+    pass "bench refuses a --batch larger than the training users"
+else fail "bench --batch above the users" "$(head -c 300 "$TMP/bb.log")"; fi
 
 for cmd in train eval prep gradcheck selftest bench fuzz recommend export inspect report; do
     "$REMI" $cmd --help >"$TMP/help.log" 2>&1 && grep -q "usage: remi $cmd" "$TMP/help.log" || fail "$cmd --help" "no usage"
