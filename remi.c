@@ -22,6 +22,7 @@
 #define _GNU_SOURCE
 #include "remi.h"
 
+#include <ctype.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <float.h>
@@ -272,7 +273,8 @@ static void parse_flags(int argc, char **argv, const char *cmd, const char *what
         case F_STR: *(const char **)f->dst = v; end = (char *)v + strlen(v); break;
         case F_BOOL: break;
         }
-        if (errno || end == v || *end) die("%s: bad value '%s' for %s (%s)", cmd, v, f->name, f->help);
+        int blank = f->type != F_STR && isspace((unsigned char)v[0]); /* strto* skip it: " -1" would wrap a seed */
+        if (errno || end == v || *end || blank) die("%s: bad value '%s' for %s (%s)", cmd, v, f->name, f->help);
     }
 }
 
@@ -4854,6 +4856,11 @@ int cmd_train(int argc, char **argv) {
             die("--stop-after %ld: %s is at step %ld already; give a later step", stop_after, ckpt_path, st.it);
         printf("resumed from %s at iteration %ld\n", ckpt_path, st.it);
     } else {
+        /* a new run replaces the folder's previous one whole: its checkpoint, model and curves go
+         * before the new metrics.jsonl starts, so that no file of it is taken for the new run's */
+        const char *old_run[3] = { ckpt_path, out_dir.model, out_dir.curves };
+        for (int i = 0; i < 3; i++)
+            if (unlink(old_run[i]) != 0 && errno != ENOENT) die("cannot remove %s: %s", old_run[i], strerror(errno));
         memcpy(st.best, m.mem, m.n_params * sizeof(float));
         for (int u = 0; u < U; u++) st.perm[u] = u;
         char jdata[1024], jname[256];

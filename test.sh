@@ -357,6 +357,17 @@ if [ "$locked" = 1 ] && [ "$rc" = 143 ] && [ -s "$d/checkpoint.bin" ]; then
     pass "a second train into a folder in use is refused; the first, stopped, writes its checkpoint"
 else fail "output folder lock" "locked $locked, first run's status $rc: $(head -c 200 "$d-2.log")"; fi
 
+# a new run into a finished run's folder replaces it whole: stopped before its first validation,
+# the folder holds no model or curves of the old run, and its checkpoint is the new run's
+d=$TMP/again
+"$REMI" train --data expected/tiny --name tiny --iters 20 --eval-every 10 --out "$d" >/dev/null 2>&1
+"$REMI" train --data expected/tiny --name tiny --model dnn --iters 20 --eval-every 10 --stop-after 5 --out "$d" >/dev/null 2>&1
+if [ -s "$d/checkpoint.bin" ] && [ ! -e "$d/model.bin" ] && [ ! -e "$d/curves.svg" ] &&
+   [ "$(grep -c '"config"' "$d/metrics.jsonl")" = 1 ] && grep -q '"model":"dnn"' "$d/metrics.jsonl" &&
+   "$REMI" train --resume "$d" >"$d.log" 2>&1 && grep -q "model dnn" "$d.log"; then
+    pass "a new run into a finished run's folder replaces it whole (no model or curves of the old one left)"
+else fail "a new run into an old folder" "$(ls "$d" | tr '\n' ' ') $(head -c 200 "$d.log")"; fi
+
 # SIGINT in the middle of a run: a checkpoint and exit 130; resumed up to a later step K, the run
 # must match a run left alone up to K (K follows wherever the signal landed: the test does not
 # depend on the machine's speed)
@@ -613,6 +624,9 @@ for flag in "--interests 0" "--hidden 0" "--lr -1" "--batch x" "--bogus 1" "--mo
         pass "bad flag: $flag ($(head -c 70 "$TMP/flag.log"))"
     else fail "bad flag: $flag" "accepted"; fi
 done
+# a number after a blank: strtoull would wrap " -1" to 2^64 - 1
+if ! "$REMI" train --seed " -1" --out "$TMP/flag-out" >"$TMP/flag.log" 2>&1 && grep -q "bad value ' -1' for --seed" "$TMP/flag.log" &&
+   [ ! -e "$TMP/flag-out" ]; then pass "bad flag: --seed \" -1\" (a leading blank)"; else fail "bad flag: --seed \" -1\"" "accepted"; fi
 printf 'not a model' >"$TMP/bad.bin"
 if ! "$REMI" eval --model-file "$TMP/bad.bin" --data expected/tiny --name tiny >"$TMP/m.log" 2>&1 && grep -q "not a remi model" "$TMP/m.log"; then
     pass "foreign model file refused"; else fail "foreign model file" "$(cat "$TMP/m.log")"; fi
