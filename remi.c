@@ -152,6 +152,16 @@ void atomic_commit(FILE *f) {
     }
 }
 
+/* A file's path into buf (n bytes), or a clear error where it would not fit (snprintf would
+ * cut it short, and another file be opened). */
+static __attribute__((format(printf, 3, 4))) void path_printf(char *buf, size_t n, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    int len = vsnprintf(buf, n, fmt, ap);
+    va_end(ap);
+    if (len < 0 || (size_t)len >= n) die("path too long (%d characters; at most %zu): %.60s...", len, n - 1, buf);
+}
+
 #define MAX_OUT_DIR 4000 /* an output folder's path: room for a file name and the temporary suffix below 4096 */
 static void mkdir_p(const char *dir) {
     char buf[4096];
@@ -519,10 +529,10 @@ void load_dataset(Dataset *ds, const char *dir, const char *name) {
     char path[3][4096], map[4096];
     const char *part[3] = { "train", "valid", "test" };
     Split *sp[3] = { &ds->train, &ds->valid, &ds->test };
-    snprintf(map, sizeof map, "%s/%s_item_map.txt", dir, name);
+    path_printf(map, sizeof map, "%s/%s_item_map.txt", dir, name);
     int n_items = read_item_map(map, NULL, 0);
     for (int i = 0; i < 3; i++) {
-        snprintf(path[i], sizeof path[i], "%s/%s_%s.txt", dir, name, part[i]);
+        path_printf(path[i], sizeof path[i], "%s/%s_%s.txt", dir, name, part[i]);
         load_split(sp[i], path[i], n_items > 0 ? n_items : INT_MAX - 1, n_items > 0 ? map : NULL, 2);
     }
     if (n_items <= 0) {
@@ -4809,7 +4819,7 @@ int cmd_train(int argc, char **argv) {
         for (int i = 1; i < argc; i += 2)
             if (strcmp(argv[i], "--resume") && strcmp(argv[i], "-t") && strcmp(argv[i], "--stop-after"))
                 die("train --resume takes the run's settings from its checkpoint; %s cannot be changed", argv[i]);
-        snprintf(ckpt_path, sizeof ckpt_path, "%s/checkpoint.bin", resume);
+        path_printf(ckpt_path, sizeof ckpt_path, "%s/checkpoint.bin", resume);
         ck = ckpt_open(ckpt_path, &c);
         c.out = resume;
         struct stat sb;
@@ -4980,7 +4990,7 @@ int cmd_eval(int argc, char **argv) {
  * NULL for every item when no folder is given or the file does not exist. */
 static char **load_item_names(const char *dir, const char *name, int N) {
     char path[4200];
-    snprintf(path, sizeof path, "%s/%s_item_map.txt", dir ? dir : "", name);
+    path_printf(path, sizeof path, "%s/%s_item_map.txt", dir ? dir : "", name);
     char **raw = xcalloc((size_t)N, sizeof *raw);
     if (dir) read_item_map(path, raw, N);
     return raw;
@@ -5082,7 +5092,7 @@ int cmd_export(int argc, char **argv) {
     char **raw = load_item_names(c.data, c.name, m.N);
     mkdir_p(out);
     char path[4200];
-    snprintf(path, sizeof path, "%s/items.tsv", out);
+    path_printf(path, sizeof path, "%s/items.tsv", out);
     FILE *f = atomic_open(path);
     fprintf(f, "item\traw");
     for (int d = 0; d < m.D; d++) fprintf(f, "\te%d", d);
@@ -5092,7 +5102,7 @@ int cmd_export(int argc, char **argv) {
     }
     fputc('\n', f);
     atomic_commit(f);
-    snprintf(path, sizeof path, "%s/users.tsv", out);
+    path_printf(path, sizeof path, "%s/users.tsv", out);
     f = atomic_open(path);
     fprintf(f, "split\tuser\tinterest");
     for (int d = 0; d < m.D; d++) fprintf(f, "\tv%d", d);
@@ -5219,7 +5229,7 @@ int cmd_inspect(int argc, char **argv) {
     } else printf("no collapse statistics: no user's history (at most --len %d items) holds 2 or more items\n", L);
     mkdir_p(out);
     char path[4200];
-    snprintf(path, sizeof path, "%s/routing.svg", out);
+    path_printf(path, sizeof path, "%s/routing.svg", out);
     FILE *f = atomic_open(path);
     int height = 30;
     for (int i = 0; i < n_draw; i++) height += K * 18 + 40;
@@ -5288,7 +5298,7 @@ static int json_field(const char *line, const char *key, double *num, char *str,
 /* Reads DIR/metrics.jsonl; returns 0 for a run that has not finished. */
 static int read_run(RunResult *r, const char *dir) {
     char path[4200];
-    snprintf(path, sizeof path, "%s/metrics.jsonl", dir);
+    path_printf(path, sizeof path, "%s/metrics.jsonl", dir);
     FILE *f = xfopen(path, "rb", "each argument must be the --out folder of a remi train run");
     char *line = NULL;
     size_t cap = 0;

@@ -596,6 +596,11 @@ long=$TMP/long/$(printf 'd%.0s' $(seq 200))$(for i in $(seq 19); do printf '/%02
 if ! "$REMI" train --data expected/tiny --name tiny --iters 10 --eval-every 10 --out "$long" >"$TMP/long.log" 2>&1 &&
    grep -q "output folder path too long" "$TMP/long.log" && [ ! -e "$TMP/long" ]; then pass "an --out path too long: refused, nothing created"
 else fail "long --out" "$(head -c 200 "$TMP/long.log")"; fi
+# a data path whose file names would not fit is refused, where a cut path would open another file
+mkdir -p "$TMP/cut"; cp expected/tiny/tiny_train.txt "$TMP/cut/d_"
+if ! "$REMI" train --data "$(printf './%.0s' $(seq 2045))$TMP/cut" --name d --iters 1 --out "$TMP/cut/o" >"$TMP/cut.log" 2>&1 &&
+   grep -q "path too long" "$TMP/cut.log"; then pass "a --data path too long for its file names: refused"
+else fail "long --data" "$(head -c 200 "$TMP/cut.log")"; fi
 # without an item map, N comes from the largest id: a stray large id is pointed out (and the run goes on)
 d2=$TMP/stray-id; mkdir -p "$d2"; cp expected/tiny/tiny_*.txt "$d2/"; printf '99999,20000,0,1\n99999,5,1,2\n' >>"$d2/tiny_train.txt"
 if "$REMI" train --data "$d2" --name tiny --iters 1 --eval-every 1 --out "$d2/out" >"$d2/log" 2>&1 &&
