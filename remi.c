@@ -1957,6 +1957,11 @@ static void tile_pos(const Gemm *g, int t, int *rt, int *ct) {
 #ifndef PACK_COLS
 #define PACK_COLS 4
 #endif
+/* A's row tiles (rows at stride sa, sp 1) are packed (pack_rows) where the columns are swept
+ * under each and a packed tile serves col_tiles >= PACK_COLS column tiles */
+static int packs_row_tiles(const Gemm *g, int col_tiles) {
+    return g->sp == 1 && !tile_cols_first(g) && col_tiles >= PACK_COLS;
+}
 static int gemm_blocked(const Gemm *g) {
     return g->k > 2 * KBLOCK && g->m >= MR && g->n >= NR && !(g->sp == 1 && g->sa % 1024 == 0);
 }
@@ -1966,7 +1971,7 @@ static int tile_full(const Gemm *g, int rt, int ct) { /* the tile has MR rows an
 static void gemm_task_blocked(const Gemm *g, int lo, int hi) {
     /* A's rows (sp 1) serving PACK_COLS column tiles or more: each row tile's block of k is
      * packed once for them (pack_rows), as gemm_task packs a whole row tile */
-    int pack_a = g->sp == 1 && !tile_cols_first(g) && g->n / NR >= PACK_COLS;
+    int pack_a = packs_row_tiles(g, g->n / NR); /* the full column tiles: the edge ones come after */
     float *part = thread_scratch(SCRATCH_GEMM, (size_t)(hi - lo) * MR * NR + (pack_a ? (size_t)MR * KBLOCK : 0));
     float *ap = part + (size_t)(hi - lo) * MR * NR; /* part (hi - lo, MR, NR), then the packed block (KBLOCK, MR) */
     for (int p0 = 0; p0 < g->k; p0 += KBLOCK)
@@ -2012,7 +2017,7 @@ static void gemm_task(void *ctx, int lo, int hi) {
      * step's MR elements at offsets it knows instead of MR row offsets, more than the
      * registers hold (on Intel, 1 thread, the step's products: 68-74 -> 80-83 GFLOP/s; with
      * fused multiply-adds 90-100 -> 125-142) */
-    int pack_a = !tile_cols_first(g) && !blocked && g->sp == 1 && (g->n + NR - 1) / NR >= PACK_COLS;
+    int pack_a = !blocked && packs_row_tiles(g, (g->n + NR - 1) / NR);
     float *bp = NULL, *ap = NULL, *panel = NULL;
     if (nr > 0 || g->m % MR || alias || pack || pack_a) {
         float *buf = thread_scratch(SCRATCH_GEMM, (size_t)k * NR * 2 + (size_t)MR * ka);
@@ -6483,9 +6488,6 @@ static int st_threads(uint64_t *rng, int threads) {
     return st_report("training bits independent of -t, every model", ok, d);
 }
 
-/* Adam with the item gradient kept by rows (ItemGrad) against a dense item gradient and
- * Adam over every element (the same bits), and --adam lazy: the rows the batch touches
- * move (mark_rows: so the rows the backward wrote are exactly those), the others do not. */
 /* Adam without a gradient on denormal first moments (adam_range_nograd: the decay by integer
  * rounding, the parameter left as it is) against the plain expressions, bit for bit, over 40
  * steps: moments of every size down through the denormals to the smallest and 0, of both
@@ -6523,6 +6525,9 @@ static int st_adam_stuck(uint64_t *rng) {
     return st_report("Adam on denormal first moments vs plain", ok && stuck > 0, d);
 }
 
+/* Adam with the item gradient kept by rows (ItemGrad) against a dense item gradient and
+ * Adam over every element (the same bits), and --adam lazy: the rows the batch touches
+ * move (mark_rows: so the rows the backward wrote are exactly those), the others do not. */
 static int st_adam(uint64_t *rng) {
     Config c = default_config();
     c.D = 16; c.K = 3; c.L = 9; c.B = 12; c.M = 40; c.rbeta = 1; c.rlambda = 100;
