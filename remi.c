@@ -194,12 +194,19 @@ static double now_sec(void) {
 #define BOM_MESSAGE "starts with a UTF-8 byte-order mark; save the file without it"
 static int starts_with_bom(int lineno, const char *line) { return lineno == 1 && !strncmp(line, "\xef\xbb\xbf", 3); }
 
-/* Shorten a line for an error message. */
+/* A line for an error message: up to its line ending, control characters escaped (\\r,
+ * \\t, \\xNN), cut to 80 characters. */
 static const char *excerpt(const char *s) {
     static char buf[96];
-    size_t n = strcspn(s, "\r\n");
-    if (n > 80) { snprintf(buf, sizeof buf, "%.77s...", s); return buf; }
-    snprintf(buf, sizeof buf, "%.*s", (int)n, s);
+    size_t w = 0;
+    for (size_t i = 0; s[i] && s[i] != '\n' && w <= 80; i++) {
+        unsigned char c = (unsigned char)s[i];
+        if (c == '\r' && s[i + 1] == '\n') break;
+        if (c >= 0x20 && c != 0x7f) buf[w++] = (char)c;
+        else w += (size_t)snprintf(buf + w, 5, c == '\r' ? "\\r" : c == '\t' ? "\\t" : "\\x%02x", c);
+    }
+    if (w > 80) strcpy(buf + 77, "...");
+    else buf[w] = 0;
     return buf;
 }
 
@@ -484,41 +491,78 @@ void load_split(Split *s, const char *path, int max_item, const char *from, int 
 
 static void free_split(Split *s) { free(s->user_id); free(s->off); free(s->items); memset(s, 0, sizeof *s); }
 
+/* A file's bytes, read to the end (a pipe too), with a NUL after them. */
+typedef struct { char *p; size_t n; } Bytes;
+
+static Bytes read_all(const char *path, const char *hint) {
+    FILE *f = xfopen(path, "rb", hint);
+    Bytes b = { xmalloc(4096), 0 };
+    size_t cap = 4096, got;
+    while ((got = fread(b.p + b.n, 1, cap - b.n, f)) > 0)
+        if ((b.n += got) == cap) b.p = xrealloc(b.p, cap *= 2);
+    if (ferror(f)) die("%s: read error: %s", path, strerror(errno));
+    fclose(f);
+    b.p[b.n] = 0;
+    return b;
+}
+
+/* Where text holds its first control character (U+0000..U+001F, U+007F), or -1: raw ids
+ * hold none, as an item map's lines and export's TSV columns could not keep them. */
+static long find_control(const char *s, size_t n) {
+    for (size_t i = 0; i < n; i++)
+        if ((unsigned char)s[i] < 0x20 || s[i] == 0x7f) return (long)i;
+    return -1;
+}
+
+/* A control character's name in a message. */
+static const char *control_name(unsigned char c) {
+    static char buf[48];
+    snprintf(buf, sizeof buf, c == '\r' ? "a carriage return (\\r)" : c == '\n' ? "a line feed (\\n)"
+             : c == '\t' ? "a tab (\\t)" : c == 0 ? "a NUL byte" : "the control character \\x%02x", c);
+    return buf;
+}
+
 /* NAME_item_map.txt: one line "raw id,item" per item (as prep writes it), the items 1..n
- * each once, where n is the number of lines. Returns n, or -1 when the file does not exist.
- * With names (N slots), names[item] = its raw id, and the items may run up to N - 1 (a
- * model's N). Any other line, an item out of range or given twice, and an empty or
- * unreadable map are errors that name the file (and the line). */
+ * each once, where n is the number of lines; lines end in \n or \r\n, the last one may not.
+ * Returns n, or -1 when the file does not exist. With names (N slots), names[item] = its
+ * raw id, and the items may run up to N - 1 (a model's N). Any other line (an empty raw id,
+ * a control character), an item out of range or given twice, and an empty map are errors
+ * that name the file (and the line). */
 static int read_item_map(const char *path, char **names, int N) {
     struct stat sb;
     if (stat(path, &sb) != 0 && errno == ENOENT) return -1;
-    FILE *f = xfopen(path, "rb", NULL);
-    int n = 0, c, last = '\n';
-    while ((c = getc(f)) != EOF) { if (c == '\n') n++; last = c; }
-    if (last != '\n') n++;
-    if (ferror(f)) die("%s: read error: %s", path, strerror(errno));
+    Bytes b = read_all(path, NULL);
+    int n = 0;
+    for (size_t i = 0; i < b.n; i++) n += b.p[i] == '\n';
+    n += b.n > 0 && b.p[b.n - 1] != '\n';
     if (n == 0) die("%s: empty file; an item map holds a line 'raw id,item' per item", path);
     int hi = names ? N - 1 : n;
     unsigned char *seen = xcalloc((size_t)hi + 1, 1);
-    rewind(f);
-    char *line = NULL;
-    size_t lcap = 0;
-    for (int lineno = 1; getline(&line, &lcap, f) != -1; lineno++) {
-        line[strcspn(line, "\r\n")] = 0;
-        if (starts_with_bom(lineno, line)) die("%s:1: " BOM_MESSAGE, path);
+    char *line = b.p;
+    for (int lineno = 1; lineno <= n; lineno++) {
+        char *nl = memchr(line, '\n', (size_t)(b.p + b.n - line));
+        size_t len = nl ? (size_t)(nl - line) : (size_t)(b.p + b.n - line);
+        char *next = line + len + 1;
+        line[len] = 0;
+        if (len > 0 && line[len - 1] == '\r') line[--len] = 0;
+        if (lineno == 1 && starts_with_bom(1, line)) die("%s:1: " BOM_MESSAGE, path);
+        long bad = find_control(line, len);
+        if (bad >= 0)
+            die("%s:%d: the line holds %s%s, in \"%s\"", path, lineno, control_name((unsigned char)line[bad]),
+                line[bad] == '\r' ? " (line endings are \\n or \\r\\n)" : "", excerpt(line));
         char *comma = strrchr(line, ','), *end = comma;
         errno = 0;
         long id = comma && comma[1] >= '0' && comma[1] <= '9' ? strtol(comma + 1, &end, 10) : 0;
-        if (!comma || *end || errno || id < 1 || id > hi)
-            die("%s:%d: expected 'raw id,item' with an item in 1..%d, got \"%s\"", path, lineno, hi, excerpt(line));
+        if (!comma || comma == line || *end || errno || id < 1 || id > hi)
+            die("%s:%d: expected 'raw id,item' with a raw id and an item in 1..%d, got \"%s\"", path, lineno, hi, excerpt(line));
         if (seen[id]) die("%s:%d: item %ld appears twice in the map, in \"%s\"", path, lineno, id, excerpt(line));
         seen[id] = 1;
         *comma = 0;
         if (names && !(names[id] = strdup(line))) die("out of memory reading %s", path);
+        line = next;
     }
     free(seen);
-    free(line);
-    fclose(f);
+    free(b.p);
     return n;
 }
 
@@ -1189,8 +1233,10 @@ static void prep_add(PrepData *d, int user, int item, double time) {
  * (and written to the map) is the integer as Python prints it. */
 static int prep_intern(PrepData *d, PrepIds *t, const PrepOpts *o, const char *s, size_t len,
                        long lineno, const char *line, const char *what) {
-    if (memchr(s, '\0', len)) /* only a JSON \u0000 gets here; the map's lines could not hold it */
-        prep_bad_line(o, lineno, line, "the %s id contains U+0000", what);
+    long bad = find_control(s, len); /* a tab in a comma-separated column, a JSON escape */
+    if (bad >= 0)
+        prep_bad_line(o, lineno, line, "the %s id holds %s; raw ids hold no control characters", what,
+                      control_name((unsigned char)s[bad]));
     if (!o->int_ids) return prep_ids_intern(t, s, len);
     if (len + 2 > d->cap_id) {
         d->cap_id = 2 * len + 64;
@@ -1344,6 +1390,9 @@ static void prep_read(PrepData *d, const PrepOpts *o) {
         if (starts_with_bom(lineno, line)) prep_bad_line(o, lineno, line, BOM_MESSAGE);
         if (n && line[n - 1] == '\n') line[--n] = '\0';
         if (n && line[n - 1] == '\r') line[--n] = '\0';
+        if (memchr(line, '\r', n))
+            prep_bad_line(o, lineno, line, "a carriage return (\\r) inside the line: lines end in \\n or \\r\\n "
+                          "(Python's reader would end a line at a lone \\r)");
         if (strspn(line, " \t") == n)
             prep_bad_line(o, lineno, line, "blank line; remove it (only a single newline may end the file)");
         if (o->format == PREP_SEQUENCE) prep_parse_sequence(d, o, lineno, line, n, &counter);
@@ -4316,11 +4365,17 @@ static uint64_t fnv1a_update(uint64_t h, const void *p, size_t n) {
 }
 static uint64_t fnv1a(const void *p, size_t n) { return fnv1a_update(0xcbf29ce484222325ull, p, n); }
 
+/* A model file's checksum: its header (hdr, meta) and its parameters. */
+static uint64_t model_sum(const int32_t hdr[10], const uint64_t meta[2], const float *params, size_t n) {
+    uint64_t h = fnv1a_update(fnv1a(hdr, 10 * sizeof *hdr), meta, 2 * sizeof *meta);
+    return fnv1a_update(h, params, n * sizeof *params);
+}
+
 static void model_save(const Model *m, const float *params, uint64_t seed, const char *path) {
     FILE *f = atomic_open(path);
     int32_t hdr[10] = { (int32_t)REMI_MODEL_MAGIC, REMI_MODEL_VERSION, m->enc, m->N, m->D, m->K, m->L, m->add_pos,
                         m->relu, 0 };
-    uint64_t meta[2] = { seed, m->n_params }, sum = fnv1a(params, m->n_params * sizeof(float));
+    uint64_t meta[2] = { seed, m->n_params }, sum = model_sum(hdr, meta, params, m->n_params);
     fwrite(hdr, sizeof hdr, 1, f);
     fwrite(meta, sizeof meta, 1, f);
     fwrite(params, sizeof(float), m->n_params, f);
@@ -4338,7 +4393,7 @@ static void model_load(Model *m, Config *c, const char *path) {
         die("%s: model file version %d, this remi reads version %d (retrain it)", path, hdr[1], REMI_MODEL_VERSION);
     if (fread(hdr + 2, 4, 8, f) != 8 || fread(meta, sizeof meta, 1, f) != 1) die("%s: truncated model file", path);
     if (hdr[2] < 0 || hdr[2] >= N_ENCODERS || hdr[3] < 2 || hdr[4] < 1 || hdr[5] < 1 || hdr[6] < 1 ||
-        hdr[4] > 4096 || hdr[5] > 64 || hdr[6] > 10000 || (hdr[7] | hdr[8]) & ~1)
+        hdr[4] > 4096 || hdr[5] > 64 || hdr[6] > 10000 || (hdr[7] | hdr[8]) & ~1 || hdr[9])
         die("%s: corrupt header", path);
     c->enc = (Encoder)hdr[2]; c->model = ENC_NAMES[c->enc];
     c->D = hdr[4]; c->K = hdr[5]; c->L = hdr[6]; c->add_pos = hdr[7]; c->relu = hdr[8]; c->seed = meta[0];
@@ -4355,7 +4410,7 @@ static void model_load(Model *m, Config *c, const char *path) {
     model_init(m, hdr[3], c);
     if (fread(m->mem, sizeof(float), m->n_params, f) != m->n_params || fread(&sum, sizeof sum, 1, f) != 1)
         die("%s: truncated model file", path);
-    if (sum != fnv1a(m->mem, m->n_params * sizeof(float))) die("%s: checksum mismatch (corrupt model file)", path);
+    if (sum != model_sum(hdr, meta, m->mem, m->n_params)) die("%s: checksum mismatch (corrupt model file)", path);
     fclose(f);
 }
 
@@ -4992,12 +5047,14 @@ int cmd_eval(int argc, char **argv) {
  * the item embeddings and user interest vectors as TSV for other tools. */
 
 /* NAME_item_map.txt ("raw id,item" per line, as prep writes it): raw[item] = raw id, or
- * NULL for every item when no folder is given or the file does not exist. */
-static char **load_item_names(const char *dir, const char *name, int N) {
+ * NULL for every item when no folder is given or (unless required) the file does not exist. */
+static char **load_item_names(const char *dir, const char *name, int N, int required) {
     char path[4200];
     path_printf(path, sizeof path, "%s/%s_item_map.txt", dir ? dir : "", name);
     char **raw = xcalloc((size_t)N, sizeof *raw);
-    if (dir) read_item_map(path, raw, N);
+    if (dir && read_item_map(path, raw, N) < 0 && required)
+        die("no item map %s: --data names the folder of remi prep's files, to show raw item ids "
+            "(without --data the items are shown by number)", path);
     return raw;
 }
 
@@ -5043,7 +5100,7 @@ int cmd_recommend(int argc, char **argv) {
     check_range("--topn", topn, 1, m.N - 1);
     int *h, n = parse_int_list(&h, history, 1, m.N - 1, "--history", "an item id"), K = m.K, D = m.D, N = m.N;
     if (n == 0) die("--history: give at least one item id, e.g. --history \"12 7 403\"");
-    char **raw = load_item_names(c.data, c.name, N);
+    char **raw = load_item_names(c.data, c.name, N, 1);
     pool_start(1);
     Acts a;
     acts_init(&a, &m, 1, 1);
@@ -5094,7 +5151,7 @@ int cmd_export(int argc, char **argv) {
     Model m;
     Dataset ds;
     load_model_data(&m, &ds, &c, model_file);
-    char **raw = load_item_names(c.data, c.name, m.N);
+    char **raw = load_item_names(c.data, c.name, m.N, 0);
     mkdir_p(out);
     char path[4200];
     path_printf(path, sizeof path, "%s/items.tsv", out);
@@ -6711,21 +6768,6 @@ int cmd_selftest(int argc, char **argv) {
  * prep, model files and checkpoints. Each case runs in a child process, which must end
  * with success or remi's clean error exit (status 1); a signal, or a sanitizer's status,
  * is a crash, and its input is kept for reproduction. */
-typedef struct { char *p; size_t n; } Bytes;
-
-static Bytes read_all(const char *path) {
-    FILE *f = xfopen(path, "rb", "fuzz reads its fixtures from --expected");
-    Bytes b = { NULL, 0 };
-    size_t cap = 0;
-    int ch;
-    while ((ch = getc(f)) != EOF) {
-        if (b.n == cap) { cap = cap ? 2 * cap : 4096; b.p = xrealloc(b.p, cap); }
-        b.p[b.n++] = (char)ch;
-    }
-    fclose(f);
-    return b;
-}
-
 static void write_all(const char *path, const char *p, size_t n) {
     FILE *f = fopen(path, "wb");
     if (!f || fwrite(p, 1, n, f) != n || fclose(f) != 0) die("fuzz: cannot write %s", path);
@@ -6794,30 +6836,30 @@ static void fuzz_target(FuzzKind k, const char *path, const char *dir) {
 static void fuzz_fixtures(Bytes *fx, const char *expected, const char *dir) {
     char path[4200];
     snprintf(path, sizeof path, "%s/tiny/tiny_valid.txt", expected);
-    fx[FZ_SPLIT] = read_all(path);
+    fx[FZ_SPLIT] = read_all(path, "fuzz reads its fixtures from --expected");
     if (fx[FZ_SPLIT].n > 3000) fx[FZ_SPLIT].n = 3000; /* whole lines: cut after a newline */
     while (fx[FZ_SPLIT].n && fx[FZ_SPLIT].p[fx[FZ_SPLIT].n - 1] != '\n') fx[FZ_SPLIT].n--;
     Bytes map = { xmalloc(1024), 0 }; /* items 1..40 with raw ids, as prep writes them */
     for (int i = 1; i <= 40; i++) map.n += (size_t)snprintf(map.p + map.n, 1024 - map.n, "r%d,%d\n", 7 * i, i);
     fx[FZ_ITEM_MAP] = map;
     snprintf(path, sizeof path, "%s/prep/a_pairs_time.csv", expected);
-    fx[FZ_PREP_PAIRS] = read_all(path);
+    fx[FZ_PREP_PAIRS] = read_all(path, "fuzz reads its fixtures from --expected");
     snprintf(path, sizeof path, "%s/prep/b_sequence.txt", expected);
-    fx[FZ_PREP_SEQ] = read_all(path);
+    fx[FZ_PREP_SEQ] = read_all(path, "fuzz reads its fixtures from --expected");
     snprintf(path, sizeof path, "%s/prep/e_book.json", expected);
-    fx[FZ_PREP_JSON] = read_all(path);
+    fx[FZ_PREP_JSON] = read_all(path, "fuzz reads its fixtures from --expected");
     Config c = default_config();
     c.D = 4; c.K = 2; c.L = 3; c.enc = ENC_MIND; c.model = "mind"; c.relu = 1;
     Model m;
     model_init(&m, 9, &c);
     snprintf(path, sizeof path, "%s/model.bin", dir);
     model_save(&m, m.mem, c.seed, path);
-    fx[FZ_MODEL] = read_all(path);
+    fx[FZ_MODEL] = read_all(path, "fuzz reads its fixtures from --expected");
     int perm[3] = { 2, 0, 1 };
     TrainState st = { .it = 5, .pass = 1, .rng = 3, .perm = perm, .best = m.mem };
     snprintf(path, sizeof path, "%s/checkpoint.bin", dir);
     ckpt_write(path, &c, &m, &st, 3);
-    fx[FZ_CKPT] = read_all(path);
+    fx[FZ_CKPT] = read_all(path, "fuzz reads its fixtures from --expected");
 }
 
 static int remove_entry(const char *path, const struct stat *sb, int flag, struct FTW *ftw) {

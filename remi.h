@@ -12,7 +12,7 @@
 #include <stddef.h>
 
 #define REMI_MODEL_MAGIC 0x494d4552u /* "REMI" little-endian */
-#define REMI_MODEL_VERSION 2
+#define REMI_MODEL_VERSION 3
 
 /* ---------------------------------------------------------------- config */
 /* The encoders of the reference (REMI-SPEC c.1-c.5). The first three are multi-interest

@@ -127,6 +127,9 @@ test_prep() {
     prep_bad json-nan-time "$tmp" "$j1"'{"reviewerID": "u2", "asin": "i2", "unixReviewTime": NaN}\n' 2 --preset book
     prep_bad json-bad-utf8 "$tmp" "$j1"'{"reviewerID": "u\xff", "asin": "i2", "unixReviewTime": 6}\n' 2 --preset book
     prep_bad json-raw-tab "$tmp" "$j1"'{"reviewerID": "u\t2", "asin": "i2", "unixReviewTime": 6}\n' 2 --preset book
+    prep_bad cr-inside-line "$tmp" 'u1\ti1\r\nu1\ti2\r\r\n' 2
+    prep_bad id-with-tab "$tmp" 'u1,i1\nu1,i\t2\n' 2 --sep comma
+    prep_bad json-newline-id "$tmp" "$j1"'{"reviewerID": "u2", "asin": "i\\n2", "unixReviewTime": 6}\n' 2 --preset book
     prep_bad int-id "$tmp" 'h\n1\t2\t3\n1\tx7\t4\n' 3 --preset gowalla
     prep_bad int-id-underscore "$tmp" 'h\n1\t2_\t3\n' 2 --preset gowalla
     prep_bad iso-no-day "$tmp" '1\t2010-02-30T00:00:00Z\t0\t0\t5\n' 1 --preset gowalla-snap
@@ -439,6 +442,13 @@ for h in "3 x 9" "3 0 9" "3 401" ""; do
     if ! "$REMI" recommend --model-file "$m" --history "$h" >"$TMP/rec.log" 2>&1 && grep -q -- "--history" "$TMP/rec.log"; then
         pass "recommend refuses --history \"$h\""; else fail "recommend --history \"$h\"" "$(head -c 200 "$TMP/rec.log")"; fi
 done
+# --data shows each item's raw id from the item map; a folder without one is refused
+mkdir -p "$TMP/rmap"; seq 1 400 | awk '{ print "raw" $1 "," $1 }' >"$TMP/rmap/tiny_item_map.txt"
+"$REMI" recommend --model-file "$m" --history "3 9 27" --topn 5 --data "$TMP/rmap" --name tiny >"$TMP/rec.log" 2>&1
+raw_ok=$(awk -F'\t' 'NR > 2 && $3 == "raw" $2 { n++ } END { print n + 0 }' "$TMP/rec.log")
+if [ "$raw_ok" -eq 5 ] && ! "$REMI" recommend --model-file "$m" --history "3 9 27" --data "$TMP" --name tiny >"$TMP/rec2.log" 2>&1 &&
+   grep -q "no item map $TMP/tiny_item_map.txt" "$TMP/rec2.log"; then pass "recommend --data: raw ids from the item map; a folder without one refused"
+else fail "recommend --data" "$raw_ok of 5 raw ids; $(head -c 200 "$TMP/rec2.log")"; fi
 
 # ---------------------------------------------------------------- routing collapse
 # RR exists to stop interests collapsing onto one item: the tiny SA model trained with RR
@@ -617,6 +627,14 @@ seq 1 400 | awk '{print "r" $1 "," $1}' >"$d/good_map.txt"
 { cat "$d/good_map.txt"; echo; } >"$d/tiny_item_map.txt"; bad_map blank "tiny_item_map.txt:401: expected 'raw id,item'"
 { cat "$d/good_map.txt"; echo r9,9; } >"$d/tiny_item_map.txt"; bad_map twice "tiny_item_map.txt:401: item 9 appears twice"
 : >"$d/tiny_item_map.txt"; bad_map empty "tiny_item_map.txt: empty file"
+tr '\n' '\r' <"$d/good_map.txt" >"$d/tiny_item_map.txt"; bad_map "CR line endings" "tiny_item_map.txt:1: the line holds a carriage return"
+sed '5s/^r5//' "$d/good_map.txt" >"$d/tiny_item_map.txt"; bad_map "empty raw id" "tiny_item_map.txt:5: expected 'raw id,item' with a raw id"
+{ printf 'r1\0x,1\n'; sed 1d "$d/good_map.txt"; } >"$d/tiny_item_map.txt"; bad_map "NUL byte" "tiny_item_map.txt:1: the line holds a NUL byte"
+rm -f "$d/tiny_item_map.txt"; mkfifo "$d/tiny_item_map.txt"; { cat "$d/good_map.txt"; echo r9,9; } >"$d/tiny_item_map.txt" &
+bad_map "from a pipe, checked too" "tiny_item_map.txt:401: item 9 appears twice"; kill $! 2>/dev/null; wait $! 2>/dev/null; rm -f "$d/tiny_item_map.txt"
+sed 's/$/\r/' "$d/good_map.txt" >"$d/tiny_item_map.txt" # CRLF line endings are a map's too
+if "$REMI" train --data "$d" --name tiny --iters 1 --eval-every 1 --out "$d/crlf" >"$d/log" 2>&1; then pass "item map with CRLF line endings read"
+else fail "item map, CRLF" "$(head -c 200 "$d/log")"; fi
 for flag in "--model gru4rec --dropout 0.99" "--lr 1e-12"; do # a float flag at its bound is in range
     if "$REMI" train --data expected/tiny --name tiny --iters 1 --eval-every 1 $flag --out "$TMP/bound" >"$TMP/bound.log" 2>&1
     then pass "flag at its bound accepted: $flag"; else fail "flag at its bound: $flag" "$(head -c 200 "$TMP/bound.log")"; fi
@@ -638,6 +656,11 @@ if ! "$REMI" eval --model-file "$TMP/bad.bin" --data expected/tiny --name tiny >
 head -c 1000 "$TMP/tiny-sa-t2/model.bin" >"$TMP/trunc.bin"
 if ! "$REMI" eval --model-file "$TMP/trunc.bin" --data expected/tiny --name tiny >"$TMP/m.log" 2>&1 && grep -q "truncated" "$TMP/m.log"; then
     pass "truncated model file refused"; else fail "truncated model file" "$(cat "$TMP/m.log")"; fi
+# the checksum covers the header: a flipped bit of the training seed (byte 40), which MIND's evaluation draws from
+cp "$TMP/tiny-sa-t2/model.bin" "$TMP/seed.bin"; printf '\x01' | dd of="$TMP/seed.bin" bs=1 seek=40 conv=notrunc 2>/dev/null
+if ! cmp -s "$TMP/seed.bin" "$TMP/tiny-sa-t2/model.bin" && ! "$REMI" eval --model-file "$TMP/seed.bin" --data expected/tiny --name tiny >"$TMP/m.log" 2>&1 &&
+   grep -q "checksum mismatch" "$TMP/m.log"; then pass "model file with a changed header byte (the seed) refused"
+else fail "model header checksum" "$(cat "$TMP/m.log")"; fi
 
 # ---------------------------------------------------------------- fuzzing every reader
 if "$REMI" fuzz --iters 500 --keep "$TMP" >"$TMP/fuzz.log" 2>&1; then pass "$(tail -n 1 "$TMP/fuzz.log")"
