@@ -2211,18 +2211,59 @@ static void transpose(float *dst, const float *src, int rows, int cols) {
         for (int j = 0; j < cols; j++) dst[(size_t)j * rows + i] = src[(size_t)i * cols + j];
 }
 
+/* Products with few outputs, y (rows, out) = x (rows, in) W^T for W (out, in) and out <=
+ * NARROW_OUT (SA's K attention logits, the K x n dot products of dots_kl): the matrix
+ * kernel pads out to NR columns (a quarter of its work kept at K 4), so here VW rows sit in
+ * the lanes of a vector, their in-long sums in `out` registers. Each sum runs over p
+ * ascending from 0, as the kernel's do: the same bits. */
+#define NARROW_OUT 8
+
+/* One tile: xt (in, VW) packed rows, nr of them kept. */
+static inline __attribute__((always_inline)) void narrow_tile(float *y, const float *xt, const float *W, int in,
+                                                               int nr, const int OUT) {
+    vfw acc[NARROW_OUT] = { 0 };
+    for (int p = 0; p < in; p++) {
+        vfw a = *(const vfw *)(xt + (size_t)p * VW);
+        for (int o = 0; o < OUT; o++) acc[o] = vmadd(acc[o], W[(size_t)o * in + p], a);
+    }
+    for (int r = 0; r < nr; r++)
+        for (int o = 0; o < OUT; o++) y[(size_t)r * OUT + o] = acc[o][r];
+}
+
+/* Rows [r0, r1) of y, x's rows sx apart; xt: scratch of in * VW floats. */
+static void narrow_rows(float *y, const float *x, size_t sx, const float *W, int r0, int r1, int in, int out, float *xt) {
+    for (int i = r0; i < r1; i += VW) {
+        int nr = r1 - i < VW ? r1 - i : VW;
+#if MR == VW
+        pack_rows(xt, x + (size_t)i * sx, nr, in, (int)sx); /* its tiles are VW rows too */
+#else
+        for (int p = 0; p < in; p++)
+            for (int r = 0; r < VW; r++) xt[(size_t)p * VW + r] = r < nr ? x[(size_t)(i + r) * sx + p] : 0.0f;
+#endif
+        float *yi = y + (size_t)i * out;
+        switch (out) { /* the accumulators unrolled */
+        case 4: narrow_tile(yi, xt, W, in, nr, 4); break;
+        case 8: narrow_tile(yi, xt, W, in, nr, 8); break;
+        default: narrow_tile(yi, xt, W, in, nr, out);
+        }
+    }
+}
+
 /* y[k L + l] = <A[l], B[k]> (or y += it, with acc) for the first n of the L rows of A (at
  * stride sa; the rest of y untouched) and the K rows of B, each D long: K x n dot products,
- * each summed over d ascending as dotf, done as one product of the matrix kernel, t (n, K) =
- * A B^T (dots would walk each sum alone). per_k: A holds a row for each interest instead,
+ * each summed over d ascending as dotf, done as one product t (n, K) = A B^T (narrow_rows
+ * for K <= NARROW_OUT, else the matrix kernel; dots would walk each sum alone). per_k: A holds a row for each interest instead,
  * y[k L + l] = <A[l K + k], B[k]>: the product t (n K, K) then makes K sums per row and y
  * takes one (ComiRec-DR's u_hat; a quarter of the kernel's work is kept at K 4, still twice
  * as fast as dots). */
 static void dots_kl(float *y, const float *A, int sa, const float *B, int K, int L, int n, int D, int per_k, int acc) {
     int rows = per_k ? n * K : n;
-    float *bt = thread_scratch(SCRATCH_DOTS, (size_t)D * K + (size_t)rows * K), *t = bt + (size_t)D * K;
-    transpose(bt, B, K, D);
-    gemm_run((Gemm){ t, K, A, sa, 1, bt, K, rows, K, D, 0 }, 0);
+    float *bt = thread_scratch(SCRATCH_DOTS, (size_t)D * (K > VW ? K : VW) + (size_t)rows * K), *t = bt + (size_t)D * (K > VW ? K : VW);
+    if (K <= NARROW_OUT) narrow_rows(t, A, (size_t)sa, B, 0, rows, D, K, bt); /* bt: the packed rows */
+    else {
+        transpose(bt, B, K, D);
+        gemm_run((Gemm){ t, K, A, sa, 1, bt, K, rows, K, D, 0 }, 0);
+    }
     for (int k = 0; k < K; k++)
         for (int l = 0; l < n; l++) {
             float d = t[(size_t)(per_k ? l * K + k : l) * K + k];
@@ -2575,7 +2616,18 @@ static void posadd_backward(float *dx, float *dP, const float *dxt, int nb, int 
 }
 
 /* Bias-free nn.Linear: y = x W^T.  y (rows, out), x (rows, in), W (out, in), wt scratch (in, out). */
+typedef struct { float *y; const float *x, *W; int rows, in, out; } NarrowCtx;
+static void narrow_task(void *ctx, int lo, int hi) { /* row tiles [lo, hi) of VW rows */
+    const NarrowCtx *c = ctx;
+    int r1 = hi * VW < c->rows ? hi * VW : c->rows;
+    narrow_rows(c->y, c->x, (size_t)c->in, c->W, lo * VW, r1, c->in, c->out, thread_scratch(SCRATCH_GEMM, (size_t)c->in * VW));
+}
 static void linear_forward(float *y, const float *x, const float *W, float *wt, int rows, int in, int out) {
+    if (out <= NARROW_OUT) {
+        NarrowCtx c = { y, x, W, rows, in, out };
+        parallel_for((rows + VW - 1) / VW, narrow_task, &c);
+        return;
+    }
     transpose(wt, W, out, in);
     gemm_nn(y, x, wt, rows, out, in, 0);
 }
@@ -2606,7 +2658,6 @@ static void tanh_backward(float *dy, const float *y, size_t n) {
  * of the tiles' (k, resp. r ascending, from 0, then added to dW), so the same bits.
  * tanh_x: x is the output of a tanh, and dx becomes the gradient of its input,
  * (dy W) * (1 - x^2), as tanh_backward computes it, in the same pass. */
-#define NARROW_OUT 8
 typedef struct { float *dx, *dW; const float *dy, *x, *W; int rows, in, out, tanh_x; } LinearCtx;
 static void narrow_dx_task(void *ctx, int lo, int hi) { /* rows [lo, hi) of dx */
     const LinearCtx *c = ctx;
@@ -5995,6 +6046,13 @@ static int st_narrow(uint64_t *rng) {
         gc_fill(dy, (size_t)rows * out, 1, rng); gc_fill(x, (size_t)rows * in, 1, rng); gc_fill(W, (size_t)out * in, 1, rng);
         gc_fill(dW, (size_t)out * in, 1, rng);
         memcpy(rW, dW, (size_t)out * in * 4);
+        float *y = xmalloc((size_t)rows * out * 4), *ry = xmalloc((size_t)rows * out * 4), *wt = xmalloc((size_t)out * in * 4);
+        linear_forward(y, x, W, wt, rows, in, out); /* y = x W^T */
+        transpose(rW, W, out, in); /* W^T, in rW for the moment */
+        gemm_ref(ry, x, rW, rows, out, in, 0, 0);
+        memcpy(rW, dW, (size_t)out * in * 4);
+        ok &= !memcmp(y, ry, (size_t)rows * out * 4);
+        free(y); free(ry); free(wt);
         linear_backward(dx, dW, dy, x, W, rows, in, out, 0);
         gemm_ref(rx, dy, W, rows, in, out, 0, 0);
         gemm_ref(rW, dy, x, out, in, rows, 1, 1);
@@ -6008,7 +6066,7 @@ static int st_narrow(uint64_t *rng) {
         ok &= !memcmp(dx, rx, (size_t)rows * in * 4) && !memcmp(dW, rW, (size_t)out * in * 4);
         free(dy); free(x); free(W); free(dx); free(dW); free(rx); free(rW);
     }
-    return st_report("linear layer backward vs product twin", ok,
+    return st_report("linear layer forward and backward vs product twin", ok,
                      "12 shapes, 1 to 12 outputs, plain and with tanh's backward; bit-identical");
 }
 
