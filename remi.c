@@ -902,7 +902,8 @@ static int prep_next_field(PrepFields *f, const char **s, size_t *len) {
 /* Python's float(s) for a decimal number: optional spaces, sign, digits with an optional
  * fraction and exponent. inf, nan, hex and underscores are refused (int() or '%d' would
  * refuse the first two; the others are never meant as times), and so is anything beyond
- * +-2^63, which the output's %lld could not write. Returns 0 if not such a number. */
+ * +-2^63, which the output's %lld could not write. Returns 1; 0 if not such a number, -1 if
+ * beyond +-2^63 (1e400 too). */
 static int prep_parse_float(const char *s, size_t len, double *out) {
     char buf[128];
     size_t a = 0, b = len;
@@ -926,16 +927,17 @@ static int prep_parse_float(const char *s, size_t len, double *out) {
     }
     if (*p) return 0;
     double d = strtod(buf, NULL); /* correctly rounded, like Python's float() */
-    if (!(d > -9223372036854775808.0 && d < 9223372036854775808.0)) return 0; /* also inf */
+    if (!(d > -9223372036854775808.0 && d < 9223372036854775808.0)) return -1; /* also inf */
     *out = d;
     return 1;
 }
 
-/* Python's int(float(s)): the float truncated toward zero, like int(). */
+/* Python's int(float(s)): the float truncated toward zero, like int(). 1, or as
+ * prep_parse_float. */
 static int prep_parse_time(const char *s, size_t len, double *out) {
-    if (!prep_parse_float(s, len, out)) return 0;
-    *out = trunc(*out);
-    return 1;
+    int ok = prep_parse_float(s, len, out);
+    if (ok == 1) *out = trunc(*out);
+    return ok;
 }
 
 /* Days from 1970-01-01 to y-m-d in the proleptic Gregorian calendar (H. Hinnant's
@@ -1286,9 +1288,10 @@ static void prep_parse_pair(PrepData *d, const PrepOpts *o, long lineno, const c
     if (o->tcol >= 0 && o->iso_time && !prep_parse_iso(fs[2], fl[2], &t))
         prep_bad_line(o, lineno, line, "time column %d (\"%.*s\") is not a valid YYYY-MM-DDTHH:MM:SSZ time",
                       o->tcol, (int)(fl[2] > 40 ? 40 : fl[2]), fs[2]);
-    if (o->tcol >= 0 && !o->iso_time && !prep_parse_time(fs[2], fl[2], &t))
-        prep_bad_line(o, lineno, line, "time column %d (\"%.*s\") is not a number", o->tcol,
-                      (int)(fl[2] > 40 ? 40 : fl[2]), fs[2]);
+    int got = o->tcol >= 0 && !o->iso_time ? prep_parse_time(fs[2], fl[2], &t) : 1;
+    if (got != 1)
+        prep_bad_line(o, lineno, line, "time column %d (\"%.*s\") is %s", o->tcol, (int)(fl[2] > 40 ? 40 : fl[2]), fs[2],
+                      got < 0 ? "out of range: times lie strictly between -2^63 and 2^63" : "not a number");
     int user = prep_intern(d, &d->users, o, fs[0], fl[0], lineno, line, "user");
     prep_add(d, user, prep_intern(d, &d->items, o, fs[1], fl[1], lineno, line, "item"), t);
 }
@@ -1365,7 +1368,7 @@ static void prep_parse_json(PrepData *d, const PrepOpts *o, long lineno, const c
     }
     double t = v[2].num;
     int ok = v[2].type == '#' ? isfinite(t) && fabs(t) < 9223372036854775808.0
-           : v[2].type == 's' && prep_parse_float(v[2].s, v[2].len, &t);
+           : v[2].type == 's' && prep_parse_float(v[2].s, v[2].len, &t) == 1;
     if (!ok)
         prep_bad_line(o, lineno, line, "the time \"%s\" is %s, not a finite number below 2^63 or a "
                       "string holding one", keys[2], v[2].type == '#' || v[2].type == 's' ? "out of range or not numeric" : prep_json_type(v[2].type));

@@ -104,6 +104,10 @@ test_prep() {
     prep_bad empty-item "$tmp" 'u1,i1,5\nu1,,6\n' 2 --sep comma --time-col 2
     prep_bad bad-time "$tmp" 'h,h,h\nu1,i1,5\nu2,i2,12:30\n' 3 --sep comma --header --time-col 2
     prep_bad nan-time "$tmp" 'u1,i1,nan\n' 1 --sep comma --time-col 2
+    printf 'u1,i1,5\nu1,i2,9300000000000000000\n' >"$tmp/big-time.txt" # beyond 2^63: said so, not "not a number"
+    if ! "$REMI" prep --input "$tmp/big-time.txt" --sep comma --time-col 2 --name big --out "$tmp/big-out" >"$tmp/big.log" 2>&1 &&
+       grep -qF "big-time.txt:2: time column 2 (\"9300000000000000000\") is out of range" "$tmp/big.log"; then pass "prep bad time beyond 2^63: out of range"
+    else fail "prep time beyond 2^63" "$(head -c 200 "$tmp/big.log")"; fi
     prep_bad blank-line "$tmp" 'u1\ti1\n\nu2\ti2\n' 2
     prep_bad trailing-blank "$tmp" 'u1\ti1\nu2\ti2\n\n' 3
     prep_bad seq-no-items "$tmp" 'u1 i1 i2\nu2\n' 2 --format sequence
