@@ -5411,8 +5411,21 @@ static int json_field(const char *line, const char *key, double *num, char *str,
     return 1;
 }
 
-/* Reads DIR/metrics.jsonl; returns 0 for a run that has not finished. */
+static int prefix(const char *s, const char *p) { return !strncmp(s, p, strlen(p)); }
+
+/* A final test line's numbers: recall, NDCG and hit rate in [0, 1], best_iter a step. */
+static int final_values_ok(const double *v, double best_iter) {
+    int ok = isfinite(best_iter) && best_iter >= 0 && best_iter == floor(best_iter);
+    for (int i = 0; i < 4; i++) ok &= v[i] >= 0 && v[i] <= 1; /* false for NaN */
+    return ok;
+}
+
+/* Reads DIR/metrics.jsonl, as train writes it: a config line, a line per validation, then
+ * the final lines (valid, test @20, test @50). Returns 0 for a run that has not finished.
+ * Any other line, a second config line, a final test line at another cut-off or with a value
+ * out of range is an error naming the file and the line. */
 static int read_run(RunResult *r, const char *dir) {
+    static const int final_topn[2] = { 20, 50 };
     char path[4200];
     path_printf(path, sizeof path, "%s/metrics.jsonl", dir);
     FILE *f = xfopen(path, "rb", "each argument must be the --out folder of a remi train run");
@@ -5422,7 +5435,8 @@ static int read_run(RunResult *r, const char *dir) {
     memset(r, 0, sizeof *r);
     while (getline(&line, &cap, f) != -1) {
         lineno++;
-        if (strstr(line, "\"config\":")) {
+        if (prefix(line, "{\"config\":")) {
+            if (got_config) die("%s:%d: a second config line; one run's metrics per file", path, lineno);
             got_config = json_field(line, "name", NULL, r->name, sizeof r->name) &&
                          json_field(line, "model", NULL, r->model, sizeof r->model) &&
                          json_field(line, "rbeta", &r->rbeta, NULL, 0) && json_field(line, "rlambda", &r->rlambda, NULL, 0) &&
@@ -5437,16 +5451,21 @@ static int read_run(RunResult *r, const char *dir) {
                 if (!json_field(line, RUN_MORE[i].key, &x, v, sizeof r->more[i])) snprintf(v, sizeof r->more[i], "%s", RUN_MORE[i].dflt);
                 else if (!isnan(x)) snprintf(v, sizeof r->more[i], "%g", x);
             }
-        } else if (strstr(line, "\"final\":\"test\"")) {
+        } else if (!got_config) {
+            die("%s:%d: expected the config line first, got \"%s\"; is it a remi metrics file?", path, lineno, excerpt(line));
+        } else if (prefix(line, "{\"final\":\"test\",")) {
             double topn, *v = r->v + 4 * finals;
             if (finals == 2 || !json_field(line, "topn", &topn, NULL, 0) || !json_field(line, "best_iter", &r->best_iter, NULL, 0) ||
                 !json_field(line, "recall", &v[0], NULL, 0) ||
                 !json_field(line, "ndcg", &v[1], NULL, 0) || !json_field(line, "ndcg_ref", &v[2], NULL, 0) ||
-                !json_field(line, "hitrate", &v[3], NULL, 0))
-                die("%s:%d: unexpected final test line \"%s\"", path, lineno, excerpt(line));
+                !json_field(line, "hitrate", &v[3], NULL, 0) || topn != final_topn[finals] || !final_values_ok(v, r->best_iter))
+                die("%s:%d: unexpected final test line \"%s\" (train writes one at N = 20, then one at 50, with "
+                    "values in [0, 1])", path, lineno, excerpt(line));
             finals++;
-        } else if (!strncmp(line, "{\"iter\":", 8)) {
-            json_field(line, "iter", &r->last_iter, NULL, 0);
+        } else if (prefix(line, "{\"iter\":")) {
+            if (!json_field(line, "iter", &r->last_iter, NULL, 0)) die("%s:%d: bad iter line \"%s\"", path, lineno, excerpt(line));
+        } else if (!prefix(line, "{\"final\":\"valid\",")) {
+            die("%s:%d: not a line remi train writes: \"%s\"", path, lineno, excerpt(line));
         }
     }
     free(line);

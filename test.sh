@@ -491,6 +491,19 @@ if [ "$(grep -c '^| tiny | sa, D 8 | .* | 1 |' "$TMP/report2.md")" = 1 ] && [ "$
    ! "$REMI" report "$TMP/rep-d8" "$TMP/rep-d8" >"$TMP/report3.md" 2>&1 && grep -q "same setting and seed" "$TMP/report3.md"; then
     pass "report: runs with another D are rows of their own, marked D 8 / D 12; a run given twice is refused"
 else fail "report: settings" "$(head -c 300 "$TMP/report2.md") / $(head -c 200 "$TMP/report3.md")"; fi
+# a damaged metrics file is refused with its line: junk, a NaN or out-of-range value, another cut-off, a second config
+bad_metrics() { # WHAT LINE SED-SCRIPT
+    mkdir -p "$TMP/badm"; sed "$3" "$TMP/tiny-sa-t2/metrics.jsonl" >"$TMP/badm/metrics.jsonl"
+    if ! "$REMI" report "$TMP/badm" >"$TMP/badm.log" 2>&1 && grep -q "metrics.jsonl:$2: " "$TMP/badm.log"; then
+        pass "report refuses a metrics file with $1 ($(cut -c1-60 "$TMP/badm.log" | sed 's/.*metrics.jsonl//'))"
+    else fail "report: $1" "$(head -c 200 "$TMP/badm.log")"; fi
+}
+nm=$(wc -l <"$TMP/tiny-sa-t2/metrics.jsonl")
+bad_metrics "a junk line" 3 '3i hello'
+bad_metrics "recall NaN" "$nm" '$s/"recall":[0-9.]*/"recall":nan/'
+bad_metrics "hit rate 1.5" "$nm" '$s/"hitrate":[0-9.]*/"hitrate":1.5/'
+bad_metrics "a final line at N = 30" "$nm" '$s/"topn":50/"topn":30/'
+bad_metrics "a second config line" 2 '1p'
 
 # ---------------------------------------------------------------- make reproduce
 # The study's make target on the tiny slice: each run gets its config's flags (beta of the
