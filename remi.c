@@ -271,12 +271,22 @@ static void usage(const char *cmd, const char *what, const Flag *flags, int nf) 
     }
 }
 
+/* Where the flags given on the command line store their values (parse_flags), for the
+ * notes on flags a setting ignores. */
+static const void *flags_given[64];
+static int n_flags_given;
+static int flag_given(const void *dst) {
+    for (int i = 0; i < n_flags_given; i++) if (flags_given[i] == dst) return 1;
+    return 0;
+}
+
 static void parse_flags(int argc, char **argv, const char *cmd, const char *what, const Flag *flags, int nf) {
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) { usage(cmd, what, flags, nf); exit(0); }
         const Flag *f = NULL;
         for (int j = 0; j < nf && !f; j++) if (!strcmp(argv[i], flags[j].name)) f = &flags[j];
         if (!f) die("%s: unknown flag '%s'; see `remi %s --help`", cmd, argv[i], cmd);
+        if (n_flags_given < 64) flags_given[n_flags_given++] = f->dst;
         if (f->type == F_BOOL) { *(int *)f->dst = 1; continue; }
         if (i + 1 >= argc) die("%s: flag %s needs a value", cmd, f->name);
         const char *v = argv[++i];
@@ -4582,6 +4592,15 @@ static void check_config(Config *c) {
     check_range("--patience", c->patience, 0, 1e9);
     check_range("--topn", c->topn, 1, 1000);
     check_range("-t", c->threads, 1, 256);
+    /* flags the model takes nothing from: a note, not an error, as a sweep gives every model
+     * one set of flags (the reference's argparse takes them all too) */
+    if (!multi && flag_given(&c->K))
+        fprintf(stderr, "remi: note: --interests has no effect: --model %s has one user vector\n", c->model);
+    const struct { const void *dst; const char *name; } pop_unused[] = {
+        { &c->D, "--hidden" }, { &c->lr, "--lr" }, { &c->M, "--neg" }, { &c->adam, "--adam" } };
+    for (int i = 0; i < 4 && c->enc == ENC_POP; i++)
+        if (flag_given(pop_unused[i].dst))
+            fprintf(stderr, "remi: note: %s has no effect: --model pop counts the training targets\n", pop_unused[i].name);
 }
 
 static void print_metrics_row(const char *label, const Metrics *mt) {

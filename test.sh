@@ -664,6 +664,13 @@ for flag in "--interests 0" "--hidden 0" "--lr -1" "--batch x" "--bogus 1" "--mo
         pass "bad flag: $flag ($(head -c 70 "$TMP/flag.log"))"
     else fail "bad flag: $flag" "accepted"; fi
 done
+# a flag the model takes nothing from is run with a note (a sweep gives every model one set of flags)
+if "$REMI" train --data expected/tiny --name tiny --model pop --interests 8 --lr 0.01 --iters 1 --eval-every 1 --out "$TMP/note" >"$TMP/note.log" 2>&1 &&
+   grep -q "note: --interests has no effect: --model pop has one user vector" "$TMP/note.log" &&
+   grep -q "note: --lr has no effect: --model pop counts the training targets" "$TMP/note.log" &&
+   "$REMI" train --data expected/tiny --name tiny --interests 8 --iters 1 --eval-every 1 --out "$TMP/note2" >"$TMP/note2.log" 2>&1 &&
+   ! grep -q "note:" "$TMP/note2.log"; then pass "flags a model ignores (--interests, --lr with pop): run, with a note; none for SA"
+else fail "notes on ignored flags" "$(grep note "$TMP/note.log" | head -c 200)"; fi
 # a number after a blank: strtoull would wrap " -1" to 2^64 - 1
 if ! "$REMI" train --seed " -1" --out "$TMP/flag-out" >"$TMP/flag.log" 2>&1 && grep -q "bad value ' -1' for --seed" "$TMP/flag.log" &&
    [ ! -e "$TMP/flag-out" ]; then pass "bad flag: --seed \" -1\" (a leading blank)"; else fail "bad flag: --seed \" -1\"" "accepted"; fi
