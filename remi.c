@@ -194,8 +194,8 @@ static double now_sec(void) {
 #define BOM_MESSAGE "starts with a UTF-8 byte-order mark; save the file without it"
 static int starts_with_bom(int lineno, const char *line) { return lineno == 1 && !strncmp(line, "\xef\xbb\xbf", 3); }
 
-/* A line for an error message: up to its line ending, control characters escaped (\\r,
- * \\t, \\xNN), cut to 80 characters. */
+/* A line for an error message: up to its line ending, control characters escaped (\r,
+ * \t, \xNN), cut to 80 characters. */
 static const char *excerpt(const char *s) {
     static char buf[96];
     size_t w = 0;
@@ -2265,14 +2265,15 @@ static void narrow_rows(float *y, const float *x, size_t sx, const float *W, int
 /* y[k L + l] = <A[l], B[k]> (or y += it, with acc) for the first n of the L rows of A (at
  * stride sa; the rest of y untouched) and the K rows of B, each D long: K x n dot products,
  * each summed over d ascending as dotf, done as one product t (n, K) = A B^T (narrow_rows
- * for K <= NARROW_OUT, else the matrix kernel; dots would walk each sum alone). per_k: A holds a row for each interest instead,
- * y[k L + l] = <A[l K + k], B[k]>: the product t (n K, K) then makes K sums per row and y
+ * for K <= NARROW_OUT, else the matrix kernel; dots would walk each sum alone). per_k: A
+ * holds a row for each interest instead, y[k L + l] = <A[l K + k], B[k]>: the product t (n K, K) then makes K sums per row and y
  * takes one (ComiRec-DR's u_hat; a quarter of the kernel's work is kept at K 4, still twice
  * as fast as dots). */
 static void dots_kl(float *y, const float *A, int sa, const float *B, int K, int L, int n, int D, int per_k, int acc) {
     int rows = per_k ? n * K : n;
-    float *bt = thread_scratch(SCRATCH_DOTS, (size_t)D * (K > VW ? K : VW) + (size_t)rows * K), *t = bt + (size_t)D * (K > VW ? K : VW);
-    if (K <= NARROW_OUT) narrow_rows(t, A, (size_t)sa, B, 0, rows, D, K, bt); /* bt: the packed rows */
+    size_t nbt = (size_t)D * (K > VW ? K : VW); /* B^T, or narrow_rows' packed rows */
+    float *bt = thread_scratch(SCRATCH_DOTS, nbt + (size_t)rows * K), *t = bt + nbt;
+    if (K <= NARROW_OUT) narrow_rows(t, A, (size_t)sa, B, 0, rows, D, K, bt);
     else {
         transpose(bt, B, K, D);
         gemm_run((Gemm){ t, K, A, sa, 1, bt, K, rows, K, D, 0 }, 0);
@@ -2628,13 +2629,14 @@ static void posadd_backward(float *dx, float *dP, const float *dxt, int nb, int 
     posadd_backward_part(dx, dP, dxt, NULL, nb, L, D, 0, nb, 0, (size_t)L * D);
 }
 
-/* Bias-free nn.Linear: y = x W^T.  y (rows, out), x (rows, in), W (out, in), wt scratch (in, out). */
 typedef struct { float *y; const float *x, *W; int rows, in, out; } NarrowCtx;
 static void narrow_task(void *ctx, int lo, int hi) { /* row tiles [lo, hi) of VW rows */
     const NarrowCtx *c = ctx;
     int r1 = hi * VW < c->rows ? hi * VW : c->rows;
     narrow_rows(c->y, c->x, (size_t)c->in, c->W, lo * VW, r1, c->in, c->out, thread_scratch(SCRATCH_GEMM, (size_t)c->in * VW));
 }
+
+/* Bias-free nn.Linear: y = x W^T.  y (rows, out), x (rows, in), W (out, in), wt scratch (in, out). */
 static void linear_forward(float *y, const float *x, const float *W, float *wt, int rows, int in, int out) {
     if (out <= NARROW_OUT) {
         NarrowCtx c = { y, x, W, rows, in, out };
@@ -4598,7 +4600,7 @@ static void check_config(Config *c) {
         fprintf(stderr, "remi: note: --interests has no effect: --model %s has one user vector\n", c->model);
     const struct { const void *dst; const char *name; } pop_unused[] = {
         { &c->D, "--hidden" }, { &c->lr, "--lr" }, { &c->M, "--neg" }, { &c->adam, "--adam" } };
-    for (int i = 0; i < 4 && c->enc == ENC_POP; i++)
+    for (size_t i = 0; i < sizeof pop_unused / sizeof *pop_unused && c->enc == ENC_POP; i++)
         if (flag_given(pop_unused[i].dst))
             fprintf(stderr, "remi: note: %s has no effect: --model pop counts the training targets\n", pop_unused[i].name);
 }
@@ -6934,31 +6936,32 @@ static void fuzz_target(FuzzKind k, const char *path, const char *dir) {
 /* Valid inputs of each kind: fixtures from `expected`, a model and a checkpoint made here. */
 static void fuzz_fixtures(Bytes *fx, const char *expected, const char *dir) {
     char path[4200];
+    const char *hint = "fuzz reads its fixtures from --expected";
     snprintf(path, sizeof path, "%s/tiny/tiny_valid.txt", expected);
-    fx[FZ_SPLIT] = read_all(path, "fuzz reads its fixtures from --expected");
+    fx[FZ_SPLIT] = read_all(path, hint);
     if (fx[FZ_SPLIT].n > 3000) fx[FZ_SPLIT].n = 3000; /* whole lines: cut after a newline */
     while (fx[FZ_SPLIT].n && fx[FZ_SPLIT].p[fx[FZ_SPLIT].n - 1] != '\n') fx[FZ_SPLIT].n--;
     Bytes map = { xmalloc(1024), 0 }; /* items 1..40 with raw ids, as prep writes them */
     for (int i = 1; i <= 40; i++) map.n += (size_t)snprintf(map.p + map.n, 1024 - map.n, "r%d,%d\n", 7 * i, i);
     fx[FZ_ITEM_MAP] = map;
     snprintf(path, sizeof path, "%s/prep/a_pairs_time.csv", expected);
-    fx[FZ_PREP_PAIRS] = read_all(path, "fuzz reads its fixtures from --expected");
+    fx[FZ_PREP_PAIRS] = read_all(path, hint);
     snprintf(path, sizeof path, "%s/prep/b_sequence.txt", expected);
-    fx[FZ_PREP_SEQ] = read_all(path, "fuzz reads its fixtures from --expected");
+    fx[FZ_PREP_SEQ] = read_all(path, hint);
     snprintf(path, sizeof path, "%s/prep/e_book.json", expected);
-    fx[FZ_PREP_JSON] = read_all(path, "fuzz reads its fixtures from --expected");
+    fx[FZ_PREP_JSON] = read_all(path, hint);
     Config c = default_config();
     c.D = 4; c.K = 2; c.L = 3; c.enc = ENC_MIND; c.model = "mind"; c.relu = 1;
     Model m;
     model_init(&m, 9, &c);
     snprintf(path, sizeof path, "%s/model.bin", dir);
     model_save(&m, m.mem, c.seed, path);
-    fx[FZ_MODEL] = read_all(path, "fuzz reads its fixtures from --expected");
+    fx[FZ_MODEL] = read_all(path, hint);
     int perm[3] = { 2, 0, 1 };
     TrainState st = { .it = 5, .pass = 1, .rng = 3, .perm = perm, .best = m.mem };
     snprintf(path, sizeof path, "%s/checkpoint.bin", dir);
     ckpt_write(path, &c, &m, &st, 3);
-    fx[FZ_CKPT] = read_all(path, "fuzz reads its fixtures from --expected");
+    fx[FZ_CKPT] = read_all(path, hint);
 }
 
 static int remove_entry(const char *path, const struct stat *sb, int flag, struct FTW *ftw) {
