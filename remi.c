@@ -5171,7 +5171,7 @@ static int parse_int_list(int **out, const char *text, long lo, long hi, const c
 int cmd_recommend(int argc, char **argv) {
     Config c = default_config();
     const char *model_file = "out/model.bin", *history = NULL;
-    int topn = 20;
+    int topn = 20, exclude = 0;
     Flag flags[] = {
         { "--model-file", F_STR, &model_file, "model written by remi train" },
         { "--history", F_STR, &history, "the user's items, oldest first, e.g. \"12 7 403\" (required)" },
@@ -5179,6 +5179,7 @@ int cmd_recommend(int argc, char **argv) {
         { "--data", F_STR, &c.data, "folder of NAME_item_map.txt, to show raw item ids (optional)" },
         { "--name", F_STR, &c.name, "dataset name (file prefix)" },
         { "--mind-eval", F_STR, &c.mind_eval, "MIND's routing logits: fixed (the draws of train --mind-eval fixed) or fresh" },
+        { "--exclude-history", F_BOOL, &exclude, "leave the history's items out of the list (evaluation keeps them, as the reference)" },
     };
     c.mind_eval = "fixed";
     c.data = NULL;
@@ -5191,6 +5192,10 @@ int cmd_recommend(int argc, char **argv) {
     check_range("--topn", topn, 1, m.N - 1);
     int *h, n = parse_int_list(&h, history, 1, m.N - 1, "--history", "an item id"), K = m.K, D = m.D, N = m.N;
     if (n == 0) die("--history: give at least one item id, e.g. --history \"12 7 403\"");
+    unsigned char *skip = xcalloc((size_t)N, 1); /* with --exclude-history, the history's items */
+    int n_skip = 0;
+    for (int i = 0; i < n && exclude; i++) n_skip += !skip[h[i]]++;
+    if (topn > N - 1 - n_skip) die("--topn %d: only %d items are not in the history", topn, N - 1 - n_skip);
     char **raw = load_item_names(c.data, c.name, N, 1);
     pool_start(1);
     Acts a;
@@ -5201,7 +5206,8 @@ int cmd_recommend(int argc, char **argv) {
     uint64_t *hk = xmalloc((size_t)topn * sizeof(uint64_t));
     for (int k = 0; k < K; k++) { /* each interest's exact top-N of the items (not the padding id 0), best first */
         int hn = 0;
-        for (int j = 1; j < N; j++) heap_push(hk, &hn, topn, hit_key(dotf(a.v + (size_t)k * D, m.p.item_emb + (size_t)j * D, D), j));
+        for (int j = 1; j < N; j++)
+            if (!skip[j]) heap_push(hk, &hn, topn, hit_key(dotf(a.v + (size_t)k * D, m.p.item_emb + (size_t)j * D, D), j));
         heap_finish(lists + (size_t)k * topn, hk, hn);
     }
     free(hk);

@@ -453,6 +453,12 @@ raw_ok=$(awk -F'\t' 'NR > 2 && $3 == "raw" $2 { n++ } END { print n + 0 }' "$TMP
 if [ "$raw_ok" -eq 5 ] && ! "$REMI" recommend --model-file "$m" --history "3 9 27" --data "$TMP" --name tiny >"$TMP/rec2.log" 2>&1 &&
    grep -q "no item map $TMP/tiny_item_map.txt" "$TMP/rec2.log"; then pass "recommend --data: raw ids from the item map; a folder without one refused"
 else fail "recommend --data" "$raw_ok of 5 raw ids; $(head -c 200 "$TMP/rec2.log")"; fi
+# --exclude-history: every item but the history's (given twice), once each; one more than that refused
+"$REMI" recommend --model-file "$m" --history "3 9 27 9" --topn 397 --exclude-history >"$TMP/rec.log" 2>&1
+if [ "$(awk 'NR > 2 && $2 > 0 && $2 != 3 && $2 != 9 && $2 != 27' "$TMP/rec.log" | sort -u -k2,2n | wc -l)" -eq 397 ] &&
+   ! "$REMI" recommend --model-file "$m" --history "3 9 27 9" --topn 398 --exclude-history >"$TMP/rec2.log" 2>&1 &&
+   grep -q "only 397 items are not in the history" "$TMP/rec2.log"; then pass "recommend --exclude-history: the 397 other items; --topn 398 refused"
+else fail "recommend --exclude-history" "$(head -c 200 "$TMP/rec.log") / $(head -c 200 "$TMP/rec2.log")"; fi
 
 # ---------------------------------------------------------------- routing collapse
 # RR exists to stop interests collapsing onto one item: the tiny SA model trained with RR
