@@ -1376,12 +1376,14 @@ static void prep_parse_json(PrepData *d, const PrepOpts *o, long lineno, const c
                           "Python cannot write as UTF-8", what, keys[k]);
         if (v[k].len == 0) prep_bad_line(o, lineno, line, "the %s id \"%s\" is empty", what, keys[k]);
     }
-    double t = v[2].num;
-    int ok = v[2].type == '#' ? isfinite(t) && fabs(t) < 9223372036854775808.0
-           : v[2].type == 's' && prep_parse_float(v[2].s, v[2].len, &t) == 1;
-    if (!ok)
-        prep_bad_line(o, lineno, line, "the time \"%s\" is %s, not a finite number below 2^63 or a "
-                      "string holding one", keys[2], v[2].type == '#' || v[2].type == 's' ? "out of range or not numeric" : prep_json_type(v[2].type));
+    double t = v[2].num; /* got: 1, 0 (not a number), -1 (beyond +-2^63, infinities too), as prep_parse_float */
+    int got = v[2].type == '#' ? (isnan(t) ? 0 : fabs(t) < 9223372036854775808.0 ? 1 : -1)
+            : v[2].type == 's' ? prep_parse_float(v[2].s, v[2].len, &t) : 0;
+    if (got < 0)
+        prep_bad_line(o, lineno, line, "the time \"%s\" is out of range: times lie strictly between -2^63 and 2^63", keys[2]);
+    if (!got)
+        prep_bad_line(o, lineno, line, "the time \"%s\" is %s; it must be a finite number or a string holding one", keys[2],
+                      v[2].type == '#' ? "NaN" : v[2].type == 's' ? "a string that is not a number" : prep_json_type(v[2].type));
     int user = prep_intern(d, &d->users, o, v[0].s, v[0].len, lineno, line, "user");
     prep_add(d, user, prep_intern(d, &d->items, o, v[1].s, v[1].len, lineno, line, "item"), t);
 }

@@ -108,6 +108,10 @@ test_prep() {
     if ! "$REMI" prep --input "$tmp/big-time.txt" --sep comma --time-col 2 --name big --out "$tmp/big-out" >"$tmp/big.log" 2>&1 &&
        grep -qF "big-time.txt:2: time column 2 (\"9300000000000000000\") is out of range" "$tmp/big.log"; then pass "prep bad time beyond 2^63: out of range"
     else fail "prep time beyond 2^63" "$(head -c 200 "$tmp/big.log")"; fi
+    printf '{"reviewerID": "u2", "asin": "i2", "unixReviewTime": 1e19}\n' >"$tmp/big-time.json"
+    if ! "$REMI" prep --input "$tmp/big-time.json" --preset book --name big --out "$tmp/big-out" >"$tmp/big.log" 2>&1 &&
+       grep -qF 'big-time.json:1: the time "unixReviewTime" is out of range' "$tmp/big.log"; then pass "prep bad JSON time 1e19: out of range"
+    else fail "prep JSON time 1e19" "$(head -c 200 "$tmp/big.log")"; fi
     prep_bad blank-line "$tmp" 'u1\ti1\n\nu2\ti2\n' 2
     prep_bad trailing-blank "$tmp" 'u1\ti1\nu2\ti2\n\n' 3
     prep_bad seq-no-items "$tmp" 'u1 i1 i2\nu2\n' 2 --format sequence
@@ -510,6 +514,11 @@ bad_metrics "recall NaN" "$nm" '$s/"recall":[0-9.]*/"recall":nan/'
 bad_metrics "hit rate 1.5" "$nm" '$s/"hitrate":[0-9.]*/"hitrate":1.5/'
 bad_metrics "a final line at N = 30" "$nm" '$s/"topn":50/"topn":30/'
 bad_metrics "a second config line" 2 '1p'
+bad_metrics "an empty line" 3 '3i\\'
+bad_metrics "NDCG infinite" "$nm" '$s/"ndcg":[0-9.]*/"ndcg":inf/'
+bad_metrics "best_iter 2.5" "$nm" '$s/"best_iter":[0-9]*/"best_iter":2.5/'
+bad_metrics "the two test lines swapped" "$((nm - 1))" "$((nm - 1)){h;d};\${G}"
+bad_metrics "a third final test line" "$((nm + 1))" '$p'
 
 # ---------------------------------------------------------------- make reproduce
 # The study's make target on the tiny slice: each run gets its config's flags (beta of the
