@@ -271,12 +271,12 @@ static void usage(const char *cmd, const char *what, const Flag *flags, int nf) 
     }
 }
 
-/* Where the flags given on the command line store their values (parse_flags), for the
- * notes on flags a setting ignores. */
-static const void *flags_given[64];
+/* The flags given on the command line (parse_flags; entries of the command's table), for
+ * the notes on flags a setting ignores and the flags a resumed run refuses. */
+static const Flag *flags_given[64];
 static int n_flags_given;
 static int flag_given(const void *dst) {
-    for (int i = 0; i < n_flags_given; i++) if (flags_given[i] == dst) return 1;
+    for (int i = 0; i < n_flags_given; i++) if (flags_given[i]->dst == dst) return 1;
     return 0;
 }
 
@@ -286,7 +286,7 @@ static void parse_flags(int argc, char **argv, const char *cmd, const char *what
         const Flag *f = NULL;
         for (int j = 0; j < nf && !f; j++) if (!strcmp(argv[i], flags[j].name)) f = &flags[j];
         if (!f) die("%s: unknown flag '%s'; see `remi %s --help`", cmd, argv[i], cmd);
-        if (n_flags_given < 64) flags_given[n_flags_given++] = f->dst;
+        if (n_flags_given < 64) flags_given[n_flags_given++] = f;
         if (f->type == F_BOOL) { *(int *)f->dst = 1; continue; }
         if (i + 1 >= argc) die("%s: flag %s needs a value", cmd, f->name);
         const char *v = argv[++i];
@@ -4969,9 +4969,11 @@ int cmd_train(int argc, char **argv) {
     char ckpt_path[4200];
     Stream ck = { 0 };
     if (resume) { /* the settings come from the checkpoint; only -t and --stop-after may be given */
-        for (int i = 1; i < argc; i += 2)
-            if (strcmp(argv[i], "--resume") && strcmp(argv[i], "-t") && strcmp(argv[i], "--stop-after"))
-                die("train --resume takes the run's settings from its checkpoint; %s cannot be changed", argv[i]);
+        for (int i = 0; i < n_flags_given; i++) {
+            const void *dst = flags_given[i]->dst;
+            if (dst != &resume && dst != &c.threads && dst != &stop_after)
+                die("train --resume takes the run's settings from its checkpoint; %s cannot be changed", flags_given[i]->name);
+        }
         path_printf(ckpt_path, sizeof ckpt_path, "%s/checkpoint.bin", resume);
         ck = ckpt_open(ckpt_path, &c);
         c.out = resume;
