@@ -4558,9 +4558,6 @@ static void load_model_data(Model *m, Dataset *ds, Config *c, const char *model_
     if (ds->N != m->N) die("%s has %d items but the model was trained with %d", c->data, ds->N - 1, m->N - 1);
 }
 
-/* Validates the flags and resolves the per-model defaults: the multi-interest encoders
- * train REMI (beta 0.1, lambda 100; beta chosen on Beauty's validation split), the
- * single-vector ones their plain baseline. */
 /* --neg 0: full softmax, every item a "negative" (REMI-SPEC d.6), so M = N. */
 static void resolve_negatives(Config *c, int N) {
     if (c->M == 0) { c->full_softmax = 1; c->M = N; }
@@ -4573,6 +4570,9 @@ static void check_batch_users(const Split *train, int B, const char *data, const
             name, train->n_users, B);
 }
 
+/* Validates the flags and resolves the per-model defaults: the multi-interest encoders
+ * train REMI (beta 0.1, lambda 100; beta chosen on Beauty's validation split), the
+ * single-vector ones their plain baseline. */
 static void check_config(Config *c) {
     c->enc = N_ENCODERS;
     for (int e = 0; e < N_ENCODERS; e++) if (!strcmp(c->model, ENC_NAMES[e])) c->enc = (Encoder)e;
