@@ -306,11 +306,11 @@ static void parse_flags(int argc, char **argv, const char *cmd, const char *what
 }
 
 static void check_range(const char *flag, double v, double lo, double hi) {
-    if (!(v >= lo && v <= hi)) die("%s = %g is out of range [%g, %g]", flag, v, lo, hi);
+    if (!(v >= lo && v <= hi)) die("%s = %.15g is out of range [%.15g, %.15g]", flag, v, lo, hi);
 }
 /* A float flag: its bounds rounded to float as its value was (--dropout 0.99 is 0.99f) */
 static void check_range_float(const char *flag, float v, double lo, double hi) {
-    check_range(flag, v, (float)lo, (float)hi);
+    if (!(v >= (float)lo && v <= (float)hi)) die("%s = %g is out of range [%g, %g]", flag, v, lo, hi);
 }
 
 /* ======================================================================== thread pool
@@ -535,7 +535,7 @@ static const char *control_name(unsigned char c) {
 /* NAME_item_map.txt: one line "raw id,item" per item (as prep writes it), the items 1..n
  * each once, where n is the number of lines; lines end in \n or \r\n, the last one may not.
  * Returns n, or -1 when the file does not exist. With names (N slots), names[item] = its
- * raw id, and the items may run up to N - 1 (a model's N). Any other line (an empty raw id,
+ * raw id, and the map must hold N - 1 items (a model's N). Any other line (an empty raw id,
  * a control character), an item out of range or given twice, and an empty map are errors
  * that name the file (and the line). */
 static int read_item_map(const char *path, char **names, int N) {
@@ -546,6 +546,8 @@ static int read_item_map(const char *path, char **names, int N) {
     for (size_t i = 0; i < b.n; i++) n += b.p[i] == '\n';
     n += b.n > 0 && b.p[b.n - 1] != '\n';
     if (n == 0) die("%s: empty file; an item map holds a line 'raw id,item' per item", path);
+    if (names && n != N - 1)
+        die("%s has %d items but the model was trained with %d: the map of another dataset?", path, n, N - 1);
     int hi = names ? N - 1 : n;
     unsigned char *seen = xcalloc((size_t)hi + 1, 1);
     char *line = b.p;
@@ -4555,7 +4557,9 @@ static void check_mind_eval(const char *mode) {
 static void load_model_data(Model *m, Dataset *ds, Config *c, const char *model_file) {
     model_load(m, c, model_file);
     load_dataset(ds, c->data, c->name);
-    if (ds->N != m->N) die("%s has %d items but the model was trained with %d", c->data, ds->N - 1, m->N - 1);
+    if (ds->N != m->N)
+        die("%s/%s has %d items but the model was trained with %d; give the --data and --name it was trained on",
+            c->data, c->name, ds->N - 1, m->N - 1);
 }
 
 /* --neg 0: full softmax, every item a "negative" (REMI-SPEC d.6), so M = N. */
@@ -4614,6 +4618,10 @@ static void check_config(Config *c) {
     check_range("-t", c->threads, 1, 256);
     /* flags the model takes nothing from: a note, not an error, as a sweep gives every model
      * one set of flags (the reference's argparse takes them all too) */
+    if (c->enc != ENC_MIND && flag_given(&c->mind_eval)) { /* recorded as the default: report's rows stay one */
+        fprintf(stderr, "remi: note: --mind-eval has no effect: only MIND draws at evaluation\n");
+        c->mind_eval = "fresh";
+    }
     if (!multi && flag_given(&c->K))
         fprintf(stderr, "remi: note: --interests has no effect: --model %s has one user vector\n", c->model);
     const struct { const void *dst; const char *name; } pop_unused[] = {
@@ -5033,9 +5041,11 @@ int cmd_train(int argc, char **argv) {
         json_escape(jname, sizeof jname, c.name);
         log_line(&st.log, "{\"config\":{\"data\":\"%s\",\"name\":\"%s\",\"model\":\"%s\",\"D\":%d,\"K\":%d,\"L\":%d,"
                  "\"B\":%d,\"M\":%d,\"lr\":%g,\"rbeta\":%g,\"rlambda\":%g,\"relu\":%d,\"dropout\":%g,"
-                 "\"mind_eval\":\"%s\",\"adam\":\"%s\",\"remove_hits\":\"%s\",\"seed\":%llu,\"N\":%d,\"train_users\":%d}}",
+                 "\"mind_eval\":\"%s\",\"adam\":\"%s\",\"remove_hits\":\"%s\",\"seed\":%llu,\"N\":%d,\"train_users\":%d,"
+                 "\"iters\":%ld,\"eval_every\":%d,\"patience\":%d,\"topn\":%d}}",
                  jdata, jname, c.model, m.D, m.K, c.L, c.B, c.full_softmax ? 0 : c.M, c.lr, c.rbeta, c.rlambda, m.relu, c.dropout,
-                 c.mind_eval, c.adam, c.remove_hits, (unsigned long long)c.seed, ds.N, U);
+                 c.mind_eval, c.adam, c.remove_hits, (unsigned long long)c.seed, ds.N, U, c.iters, c.eval_every, c.patience,
+                 c.topn);
     }
     signal(SIGINT, on_stop_signal);
     signal(SIGTERM, on_stop_signal);
@@ -5427,7 +5437,8 @@ int cmd_inspect(int argc, char **argv) {
  * stands for a file that predates the field ("?": never written). */
 static const struct { const char *key, *dflt; } RUN_MORE[] = {
     { "D", "?" }, { "K", "?" }, { "L", "?" }, { "B", "?" }, { "lr", "?" }, { "dropout", "0.2" },
-    { "mind_eval", "fresh" }, { "N", "?" }, { "train_users", "?" } };
+    { "mind_eval", "fresh" }, { "N", "?" }, { "train_users", "?" }, { "iters", "?" }, { "eval_every", "?" },
+    { "patience", "?" }, { "topn", "?" } };
 #define N_RUN_MORE (int)(sizeof RUN_MORE / sizeof *RUN_MORE)
 typedef struct {
     char name[256], model[32], adam[16], hits[16]; /* adam, hits: "dense", "none" when the file predates them */
@@ -5636,6 +5647,7 @@ int cmd_report(int argc, char **argv) {
         steps[2 * r] += runs[i].best_iter;
         steps[2 * r + 1] += runs[i].last_iter;
     }
+    if (n_rows == 0) die("report: none of the %d run(s) has finished: nothing to tabulate", n);
     printf("| data | model | beta | lambda | M | seeds | R@20 | NDCG@20 | ndcg_ref@20 | HR@20 | R@50 | NDCG@50 | ndcg_ref@50 | HR@50 | steps: best / last |\n");
     printf("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     for (int r = 0; r < n_rows; r++) {

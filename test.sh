@@ -457,6 +457,10 @@ raw_ok=$(awk -F'\t' 'NR > 2 && $3 == "raw" $2 { n++ } END { print n + 0 }' "$TMP
 if [ "$raw_ok" -eq 5 ] && ! "$REMI" recommend --model-file "$m" --history "3 9 27" --data "$TMP" --name tiny >"$TMP/rec2.log" 2>&1 &&
    grep -q "no item map $TMP/tiny_item_map.txt" "$TMP/rec2.log"; then pass "recommend --data: raw ids from the item map; a folder without one refused"
 else fail "recommend --data" "$raw_ok of 5 raw ids; $(head -c 200 "$TMP/rec2.log")"; fi
+sed -i '$d' "$TMP/rmap/tiny_item_map.txt" # a map of 399 items, for a model of 400: another dataset's
+if ! "$REMI" recommend --model-file "$m" --history "3 9 27" --data "$TMP/rmap" --name tiny >"$TMP/rec2.log" 2>&1 &&
+   grep -q "tiny_item_map.txt has 399 items but the model was trained with 400" "$TMP/rec2.log"; then pass "recommend --data: a map of another size refused"
+else fail "recommend --data, map size" "$(head -c 200 "$TMP/rec2.log")"; fi
 # --exclude-history: every item but the history's (given twice), once each; one more than that refused
 "$REMI" recommend --model-file "$m" --history "3 9 27 9" --topn 397 --exclude-history >"$TMP/rec.log" 2>&1
 if [ "$(awk 'NR > 2 && $2 > 0 && $2 != 3 && $2 != 9 && $2 != 27' "$TMP/rec.log" | sort -u -k2,2n | wc -l)" -eq 397 ] &&
@@ -519,6 +523,16 @@ bad_metrics "NDCG infinite" "$nm" '$s/"ndcg":[0-9.]*/"ndcg":inf/'
 bad_metrics "best_iter 2.5" "$nm" '$s/"best_iter":[0-9]*/"best_iter":2.5/'
 bad_metrics "the two test lines swapped" "$((nm - 1))" "$((nm - 1)){h;d};\${G}"
 bad_metrics "a third final test line" "$((nm + 1))" '$p'
+# runs with another step budget are rows of their own (the config line records iters, eval_every, patience, topn);
+# --mind-eval on SA runs with a note and is recorded as the default; only unfinished runs: an error, no table
+"$REMI" train "${TINY[@]}" ${MODEL_ARGS[sa]} --iters 200 --seed 9 --mind-eval fixed -t 2 --out "$TMP/rep-i200" >"$TMP/rep-i200.log" 2>&1
+"$REMI" report "$TMP/tiny-sa-t2" "$TMP/rep-i200" >"$TMP/report4.md" 2>&1
+mkdir -p "$TMP/rep-unfinished"; head -n 2 "$TMP/tiny-sa-t2/metrics.jsonl" >"$TMP/rep-unfinished/metrics.jsonl"
+if [ "$(grep -c '^| tiny | sa, iters 200 |' "$TMP/report4.md")" = 1 ] && [ "$(grep -c '^| tiny | sa, iters 300 |' "$TMP/report4.md")" = 1 ] &&
+   grep -q "note: --mind-eval has no effect" "$TMP/rep-i200.log" && grep -q '"mind_eval":"fresh"' "$TMP/rep-i200/metrics.jsonl" &&
+   ! "$REMI" report "$TMP/rep-unfinished" >"$TMP/report5.md" 2>&1 && grep -q "none of the 1 run(s) has finished" "$TMP/report5.md"; then
+    pass "report: another --iters is a row of its own; --mind-eval on SA a note; only unfinished runs refused"
+else fail "report: iters / unfinished" "$(head -c 300 "$TMP/report4.md") / $(head -c 200 "$TMP/report5.md")"; fi
 
 # ---------------------------------------------------------------- make reproduce
 # The study's make target on the tiny slice: each run gets its config's flags (beta of the
