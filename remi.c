@@ -4441,9 +4441,10 @@ void evaluate(Metrics *out, const int *cuts, int n_cut, const Model *m, Acts *a,
 }
 
 /* ======================================================================== model files
- * Layout: magic, version, encoder, N, D, K, L, add_pos, relu, 0 (int32 each), the
+ * Layout: magic, version, encoder, N, D, K, L, add_pos, relu, mind_fixed (int32 each), the
  * training seed and n_params (uint64), the parameters (float32, Params order), FNV-1a 64
- * checksum of the parameter bytes. */
+ * checksum of the header and parameter bytes. mind_fixed is 1 for a MIND model trained with
+ * --mind-eval fixed (0 otherwise): eval's default, so it reproduces the metrics train printed. */
 static uint64_t fnv1a_update(uint64_t h, const void *p, size_t n) {
     const unsigned char *c = p;
     for (size_t i = 0; i < n; i++) h = (h ^ c[i]) * 0x100000001b3ull;
@@ -4457,11 +4458,11 @@ static uint64_t model_sum(const int32_t hdr[10], const uint64_t meta[2], const f
     return fnv1a_update(h, params, n * sizeof *params);
 }
 
-static void model_save(const Model *m, const float *params, uint64_t seed, const char *path) {
+static void model_save(const Model *m, const float *params, const Config *c, const char *path) {
     FILE *f = atomic_open(path);
     int32_t hdr[10] = { (int32_t)REMI_MODEL_MAGIC, REMI_MODEL_VERSION, m->enc, m->N, m->D, m->K, m->L, m->add_pos,
-                        m->relu, 0 };
-    uint64_t meta[2] = { seed, m->n_params }, sum = model_sum(hdr, meta, params, m->n_params);
+                        m->relu, m->enc == ENC_MIND && !strcmp(c->mind_eval, "fixed") };
+    uint64_t meta[2] = { c->seed, m->n_params }, sum = model_sum(hdr, meta, params, m->n_params);
     fwrite(hdr, sizeof hdr, 1, f);
     fwrite(meta, sizeof meta, 1, f);
     fwrite(params, sizeof(float), m->n_params, f);
@@ -4469,7 +4470,8 @@ static void model_save(const Model *m, const float *params, uint64_t seed, const
     atomic_commit(f);
 }
 
-/* Reads a model file into a fresh Model; the encoder, dimensions and seed come from the file. */
+/* Reads a model file into a fresh Model; the encoder, dimensions and seed come from the file,
+ * and --mind-eval too where the command was not given one and the file says fixed. */
 static void model_load(Model *m, Config *c, const char *path) {
     FILE *f = xfopen(path, "rb", "train a model first with `remi train --out DIR` (it writes DIR/model.bin)");
     int32_t hdr[10];
@@ -4479,10 +4481,11 @@ static void model_load(Model *m, Config *c, const char *path) {
         die("%s: model file version %d, this remi reads version %d (retrain it)", path, hdr[1], REMI_MODEL_VERSION);
     if (fread(hdr + 2, 4, 8, f) != 8 || fread(meta, sizeof meta, 1, f) != 1) die("%s: truncated model file", path);
     if (hdr[2] < 0 || hdr[2] >= N_ENCODERS || hdr[3] < 2 || hdr[4] < 1 || hdr[5] < 1 || hdr[6] < 1 ||
-        hdr[4] > 4096 || hdr[5] > 64 || hdr[6] > 10000 || (hdr[7] | hdr[8]) & ~1 || hdr[9])
+        hdr[4] > 4096 || hdr[5] > 64 || hdr[6] > 10000 || (hdr[7] | hdr[8] | hdr[9]) & ~1 || (hdr[9] && hdr[2] != ENC_MIND))
         die("%s: corrupt header", path);
     c->enc = (Encoder)hdr[2]; c->model = ENC_NAMES[c->enc];
     c->D = hdr[4]; c->K = hdr[5]; c->L = hdr[6]; c->add_pos = hdr[7]; c->relu = hdr[8]; c->seed = meta[0];
+    if (hdr[9] && !flag_given(&c->mind_eval)) c->mind_eval = "fixed";
     TensorInit t[N_PARAM_TENSORS];
     model_shape(m, t, hdr[3], c); /* check the sizes against the file before allocating */
     struct stat sb;
@@ -4950,7 +4953,7 @@ static void validate(const Config *c, const Model *m, Acts *a, const Split *vali
     if (improved) {
         st->best_recall = mv.recall; st->best_iter = it; st->trials = 0;
         memcpy(st->best, m->mem, m->n_params * sizeof(float));
-        model_save(m, st->best, c->seed, out->model);
+        model_save(m, st->best, c, out->model);
     } else st->trials++;
     double loss = st->loss_sum / steps;
     printf("iter %8ld  loss %.4f  valid recall@%d %.6f  ndcg %.6f  ndcg_ref %.6f  hitrate %.6f%s  %6.1f it/s  %7.1f s\n",
@@ -5090,7 +5093,7 @@ int cmd_train(int argc, char **argv) {
     if (st.best_iter == 0) {
         printf("no validation improvement over recall 0: reporting the last parameters\n");
         memcpy(st.best, m.mem, m.n_params * sizeof(float));
-        model_save(&m, st.best, c.seed, out_dir.model);
+        model_save(&m, st.best, &c, out_dir.model);
     }
     memcpy(m.mem, st.best, m.n_params * sizeof(float));
     Metrics mv, mt[2];
@@ -5125,7 +5128,7 @@ int cmd_eval(int argc, char **argv) {
         { "--name", F_STR, &c.name, "dataset name (file prefix)" },
         { "--split", F_STR, &split, "valid or test" },
         { "--topn", F_INT, &topn, "one cut-off N (0 = both 20 and 50)" },
-        { "--mind-eval", F_STR, &c.mind_eval, "MIND's routing logits: fresh (new draws, seeded) or fixed (the draws train used with --mind-eval fixed)" },
+        { "--mind-eval", F_STR, &c.mind_eval, "MIND's routing logits: fresh (new draws, seeded) or fixed (the draws train used with --mind-eval fixed; the default for a model trained so)" },
         { "-t", F_INT, &c.threads, "threads (results do not depend on it)" },
     };
     parse_flags(argc, argv, "eval", "Evaluate a saved model on the valid or test users.", flags, sizeof flags / sizeof *flags);
@@ -6952,8 +6955,13 @@ static void mutate(Bytes *b, uint64_t *rng) {
     } }
 }
 
-typedef enum { FZ_SPLIT, FZ_ITEM_MAP, FZ_PREP_PAIRS, FZ_PREP_SEQ, FZ_PREP_JSON, FZ_MODEL, FZ_CKPT, N_FZ } FuzzKind;
-static const char *FZ_NAMES[N_FZ] = { "split file", "item map", "prep pairs", "prep sequence", "prep json", "model file", "checkpoint" };
+typedef enum { FZ_SPLIT, FZ_ITEM_MAP, FZ_PREP_PAIRS, FZ_PREP_SEQ, FZ_PREP_JSON, FZ_MODEL, FZ_CKPT, FZ_METRICS, N_FZ } FuzzKind;
+static const char *FZ_NAMES[N_FZ] = { "split file", "item map", "prep pairs", "prep sequence", "prep json", "model file",
+                                      "checkpoint", "metrics.jsonl" };
+/* Where a kind's input is written under the fuzz folder: report reads a run folder's metrics.jsonl. */
+static void fuzz_input_path(char *path, size_t cap, const char *dir, FuzzKind k) {
+    snprintf(path, cap, k == FZ_METRICS ? "%s/run/metrics.jsonl" : "%s/input", dir);
+}
 
 /* The reader of one kind on `path`, in the child. */
 static void fuzz_target(FuzzKind k, const char *path, const char *dir) {
@@ -6984,6 +6992,14 @@ static void fuzz_target(FuzzKind k, const char *path, const char *dir) {
     }
     case FZ_MODEL: model_load(&m, &c, path); break;
     case FZ_CKPT: { Stream st = ckpt_open(path, &c); fclose(st.f); check_config(&c); break; }
+    case FZ_METRICS: { /* the whole report: the reader, the table and the negatives figure */
+        char run[4200], svg[4200];
+        snprintf(run, sizeof run, "%s/run", dir);
+        snprintf(svg, sizeof svg, "%s/negatives.svg", dir);
+        char *argv[] = { "report", "--negatives-svg", svg, run };
+        cmd_report(sizeof argv / sizeof *argv, argv);
+        break;
+    }
     default: break;
     }
 }
@@ -7010,13 +7026,17 @@ static void fuzz_fixtures(Bytes *fx, const char *expected, const char *dir) {
     Model m;
     model_init(&m, 9, &c);
     snprintf(path, sizeof path, "%s/model.bin", dir);
-    model_save(&m, m.mem, c.seed, path);
+    model_save(&m, m.mem, &c, path);
     fx[FZ_MODEL] = read_all(path, hint);
     int perm[3] = { 2, 0, 1 };
     TrainState st = { .it = 5, .pass = 1, .rng = 3, .perm = perm, .best = m.mem };
     snprintf(path, sizeof path, "%s/checkpoint.bin", dir);
     ckpt_write(path, &c, &m, &st, 3);
     fx[FZ_CKPT] = read_all(path, hint);
+    snprintf(path, sizeof path, "%s/tiny_sa_metrics.jsonl", expected);
+    fx[FZ_METRICS] = read_all(path, hint);
+    snprintf(path, sizeof path, "%s/run", dir);
+    if (mkdir(path, 0777) != 0) die("fuzz: cannot create %s: %s", path, strerror(errno));
 }
 
 static int remove_entry(const char *path, const struct stat *sb, int flag, struct FTW *ftw) {
@@ -7042,9 +7062,9 @@ int cmd_fuzz(int argc, char **argv) {
     uint64_t rng = seed;
     int crashes = 0, clean[2] = { 0, 0 };
     char path[4200];
-    snprintf(path, sizeof path, "%s/input", dir);
     for (int i = 0; i < iters; i++) {
         FuzzKind k = (FuzzKind)(i % N_FZ);
+        fuzz_input_path(path, sizeof path, dir, k);
         Bytes b = { xmalloc(fx[k].n + 1), fx[k].n };
         memcpy(b.p, fx[k].p, b.n);
         for (int e = 1 + (int)rng_below(&rng, 3); e > 0; e--) mutate(&b, &rng);
@@ -7371,12 +7391,16 @@ static void bench_dataset(const char *label, const Dataset *ds, Config c, int st
     double step[2], phase[2][4], real = 0, ev[2], evp[2][4];
     long again = 0;
     int rows = 0;
-    int nt[2] = { 1, threads };
+    int nt[2] = { 1, threads }, ns = threads > 1 ? 2 : 1; /* the settings: 1 thread, and -t if it is more */
     char reg[2][2048];
-    for (int i = 1; i >= 0; i--) { /* -t first: after a long single-thread phase the workers wake slowly */
+    for (int i = ns - 1; i >= 0; i--) { /* -t first: after a long single-thread phase the workers wake slowly */
         pool.n = nt[i];
         step[i] = bench_steps(&m, &a, &ds->train, &c, steps, phase[i], &real, &rows, regions ? reg[i] : NULL, sizeof reg[i]);
         ev[i] = bench_eval(&m, &a, &ds->valid, &c, evp[i], &again);
+    }
+    if (ns == 1) { /* -t 1: index 1 (the -t figures) is the 1-thread run */
+        step[1] = step[0], ev[1] = ev[0];
+        memcpy(phase[1], phase[0], sizeof phase[0]), memcpy(evp[1], evp[0], sizeof evp[0]);
     }
     pool.n = threads;
     /* Adam's bytes: parameter and both moments read and written, the gradient read and zeroed
@@ -7389,9 +7413,10 @@ static void bench_dataset(const char *label, const Dataset *ds, Config c, int st
                "real_span); the "
                "step's arithmetic %.2f GFLOP, %.2f with every position\n", real, m.L, flops / 1e9,
                step_flops(&m, &c, m.L) / 1e9);
-    printf("train step (median of %d): %.2f ms on 1 thread, %.2f ms on %d: scaling %.2fx; %.0f sequences/s\n", steps,
-           step[0], step[1], threads, step[0] / step[1], c.B / step[1] * 1e3);
-    for (int i = 0; i < 2; i++) {
+    printf("train step (median of %d): %.2f ms on 1 thread", steps, step[0]);
+    if (ns > 1) printf(", %.2f ms on %d: scaling %.2fx", step[1], threads, step[0] / step[1]);
+    printf("; %.0f sequences/s\n", c.B / step[1] * 1e3);
+    for (int i = 0; i < ns; i++) {
         double fl = flops / (peak[i] * 1e9) * 1e3, fa = adam_bytes / (bw[i] * 1e9) * 1e3;
         printf("  %d thread(s): batch %.2f  forward + backward %.2f ms (%.1f GFLOP/s)  Adam %.2f ms (%.1f GB/s)\n", nt[i],
                phase[i][0], phase[i][1] + phase[i][2], flops / ((phase[i][1] + phase[i][2]) * 1e-3) / 1e9, phase[i][3],
@@ -7402,10 +7427,12 @@ static void bench_dataset(const char *label, const Dataset *ds, Config c, int st
                    adam_bytes / 1e6, bw[i], step[i] / (fl + fa), step[i] / (flops / (kern[i] * 1e9) * 1e3 + fa));
         if (regions) printf("    parallel regions, ms per step (%s)\n", reg[i]);
     }
-    printf("evaluation: %.3f s on 1 thread, %.3f s on %d: scaling %.2fx; scoring %.1f GFLOP/s = %.0f%% of the %.0f GFLOP/s peak\n",
-           ev[0], ev[1], threads, ev[0] / ev[1], eflops / ev[1] / 1e9, 100.0 * eflops / ev[1] / 1e9 / peak[1], peak[1]);
+    printf("evaluation: %.3f s on 1 thread", ev[0]);
+    if (ns > 1) printf(", %.3f s on %d: scaling %.2fx", ev[1], threads, ev[0] / ev[1]);
+    printf("; scoring %.1f GFLOP/s = %.0f%% of the %.0f GFLOP/s peak\n", eflops / ev[1] / 1e9,
+           100.0 * eflops / ev[1] / 1e9 / peak[1], peak[1]);
     int packs = eval_packs(m.K);
-    for (int i = 0; i < 2; i++) { /* the threads' time by phase; the products' own speed against the per-thread peak */
+    for (int i = 0; i < ns; i++) { /* the threads' time by phase; the products' own speed against the per-thread peak */
         double *p = evp[i], busy = p[1] + p[2] + p[3], rate = eflops / p[1] * nt[i] / 1e9;
         printf("  %d thread(s): interest vectors %.3f s; threads' time: products %.0f%% (%.1f GFLOP/s = %.0f%% of peak, "
                "%.0f%% of the %skernel's), top-k %.0f%%, merge + metrics %.0f%%\n", nt[i], p[0], 100 * p[1] / busy, rate,
@@ -7448,8 +7475,8 @@ int cmd_bench(int argc, char **argv) {
     cpu_name(cpu, sizeof cpu);
     printf("remi bench: %s, -t %d, flags: %s\n", cpu, c.threads, REMI_CFLAGS);
     double peak[2], kern[2], kpack[2], bw[2], muladd[2];
-    int nt[2] = { 1, c.threads };
-    for (int i = 0; i < 2; i++) {
+    int nt[2] = { 1, c.threads }, ns = c.threads > 1 ? 2 : 1;
+    for (int i = 0; i < ns; i++) {
         pool.n = nt[i];
         peak[i] = kern[i] = kpack[i] = muladd[i] = 0;
         for (int round = 0; round < 3; round++) { /* best of three rounds a moment apart: a host that holds
@@ -7470,6 +7497,7 @@ int cmd_bench(int argc, char **argv) {
         if (!PRODUCTS_FUSED) printf(", %.0f%% of multiply and add", 100 * kern[i] / muladd[i]);
         printf("; with A packed (evaluation): %.1f GFLOP/s = %.0f%%\n", kpack[i], 100 * kpack[i] / peak[i]);
     }
+    if (ns == 1) peak[1] = peak[0], kern[1] = kern[0], kpack[1] = kpack[0], bw[1] = bw[0], muladd[1] = muladd[0];
     pool.n = c.threads;
     char label[4200];
     snprintf(label, sizeof label, "%s/%s", c.data, c.name);

@@ -287,6 +287,8 @@ eval_matches "eval of a single-vector model (gru4rec) reproduces train's test me
 "$REMI" train "${TINY[@]}" --model mind --iters 100 --mind-eval fixed -t 2 --out "$TMP/tiny-mind-fixed" \
     >"$TMP/tiny-mind-fixed.log" 2>&1
 eval_matches "MIND --mind-eval fixed: eval reproduces train's test metrics" "$TMP/tiny-mind-fixed" --mind-eval fixed
+# the model file records it: eval's default for that model is fixed
+eval_matches "MIND --mind-eval fixed: eval reproduces them with no --mind-eval (the model file's default)" "$TMP/tiny-mind-fixed"
 
 # full softmax (--neg 0): an untrained model's first loss is log N (N = 401 ids), and training runs
 "$REMI" train "${TINY[@]}" --neg 0 --rbeta 0 --rlambda 0 --iters 1 --eval-every 1 -t 2 --out "$TMP/full1" >"$TMP/full1.log" 2>&1
@@ -716,11 +718,11 @@ if ! cmp -s "$TMP/seed.bin" "$TMP/tiny-sa-t2/model.bin" && ! "$REMI" eval --mode
 else fail "model header checksum" "$(cat "$TMP/m.log")"; fi
 
 # ---------------------------------------------------------------- fuzzing every reader
-if "$REMI" fuzz --iters 500 --keep "$TMP" >"$TMP/fuzz.log" 2>&1; then pass "$(tail -n 1 "$TMP/fuzz.log")"
+if "$REMI" fuzz --iters 560 --keep "$TMP" >"$TMP/fuzz.log" 2>&1; then pass "$(tail -n 1 "$TMP/fuzz.log")"
 else fail "fuzz" "$(grep -v '^fuzz: [0-9]' "$TMP/fuzz.log" | head -n 3)"; fi
 # under AddressSanitizer and UBSan too, when a compiler is at hand (REMI_TEST_ASAN=0 skips it)
 if [ "${REMI_TEST_ASAN:-1}" != 0 ] && command -v "${CC:-cc}" >/dev/null && make -s remi-asan >"$TMP/asan-build.log" 2>&1; then
-    if ./remi-asan fuzz --iters 150 --seed 2 --keep "$TMP" >"$TMP/fuzz-asan.log" 2>&1; then
+    if ./remi-asan fuzz --iters 160 --seed 2 --keep "$TMP" >"$TMP/fuzz-asan.log" 2>&1; then
         pass "under the sanitizers, $(tail -n 1 "$TMP/fuzz-asan.log")"
     else fail "fuzz under the sanitizers" "$(grep -v '^fuzz: [0-9]' "$TMP/fuzz-asan.log" | head -n 3)"; fi
     # the kernels against their twins, built for this CPU as ./remi is (AVX-512 paths included)
@@ -746,6 +748,14 @@ if [ "$(grep -c 'parallel regions, ms per step (mean' "$TMP/bench.log")" = 4 ] &
        END { exit bad }'; then
     pass "bench --regions: $(grep -m1 'parallel regions' "$TMP/bench.log" | cut -c1-90)..."
 else fail "bench --regions" "$(grep 'parallel regions' "$TMP/bench.log" | head -c 300)"; fi
+# on -t 1 each figure is printed once: one ceilings line, one per-thread line of each phase, no scaling
+"$REMI" bench --data expected/tiny --name tiny --synthetic-items 0 --steps 2 --regions --batch 32 --neg 256 -t 1 \
+    >"$TMP/bench1.log" 2>&1
+if [ "$(grep -c '^ceilings' "$TMP/bench1.log")" = 1 ] && [ "$(grep -c 'parallel regions' "$TMP/bench1.log")" = 1 ] &&
+   [ "$(grep -c '^  1 thread(s): interest vectors' "$TMP/bench1.log")" = 1 ] && ! grep -q 'scaling' "$TMP/bench1.log" &&
+   grep -q '^train step (median of 2): [0-9.]* ms on 1 thread; ' "$TMP/bench1.log"; then
+    pass "bench -t 1 prints each figure once"
+else fail "bench -t 1" "$(head -c 400 "$TMP/bench1.log")"; fi
 # a batch of more distinct users than a dataset holds is refused by bench too, before any step
 if ! "$REMI" bench --data expected/tiny --name tiny --synthetic-items 0 --steps 1 --batch 601 >"$TMP/bb.log" 2>&1 &&
    grep -q "tiny_train.txt has 600 users, fewer than --batch 601" "$TMP/bb.log" && ! grep -q "ceilings" "$TMP/bb.log"; then
