@@ -123,8 +123,7 @@ typedef struct {
     float *v;      /* (B, K, D) interests V = A x */
     int *sel;      /* (B) k* of the hard readout */
     float *r;      /* (B, D) readout V[k*] */
-    float *en;     /* (M, D) negative embeddings */
-    float *ent;    /* (D, M) the same, transposed */
+    float *en;     /* (M, D) negative embeddings, then (D, M) the same transposed (neg_rows) */
     float *logit;  /* (B, M) r . E[neg] */
     float *pos;    /* (B) r . E[target] */
     float *dlogit; /* (B, M) written over logit, by the loss's forward pass */

@@ -226,6 +226,15 @@ for mdl in "${MODELS[@]}"; do
     else fail "tiny $mdl -t 1 vs -t 2" "outputs differ"; fi
 done
 
+# 5,000 negatives (2.6 MB of gathered rows, over NEG_OWN_BYTES): the threads gather one shared copy,
+# where 256 (above) have each thread gather its own; the same bits on 1 and 3 threads either way
+for t in 1 3; do
+    "$REMI" train "${TINY[@]}" --neg 5000 --iters 40 --eval-every 40 -t $t --out "$TMP/neg5k-t$t" >/dev/null 2>&1
+done
+if [ -s "$TMP/neg5k-t1/model.bin" ] && same_run "$TMP/neg5k-t1" "$TMP/neg5k-t3"; then
+    pass "--neg 5000 (negatives gathered once, shared): -t 1 and -t 3 give identical model and metrics"
+else fail "--neg 5000 -t 1 vs -t 3" "outputs differ"; fi
+
 "$REMI" train "${TINY[@]}" ${MODEL_ARGS[sa]} -t 2 --out "$TMP/tiny-again" >"$TMP/tiny-again.log" 2>&1
 if same_run "$TMP/tiny-sa-t2" "$TMP/tiny-again"; then pass "same seed twice: identical model and metrics"
 else fail "same seed twice" "outputs differ"; fi
