@@ -4691,14 +4691,15 @@ static void json_escape(char *dst, size_t n, const char *s) {
 typedef struct { char *buf; size_t len, cap; char path[4096]; } Log;
 
 static void log_line(Log *lg, const char *fmt, ...) {
-    char line[2048];
-    va_list ap;
+    va_list ap, again;
     va_start(ap, fmt);
-    int n = vsnprintf(line, sizeof line, fmt, ap);
+    va_copy(again, ap);
+    int n = vsnprintf(NULL, 0, fmt, ap); /* its length, then the line itself in place */
     va_end(ap);
-    if (n < 0 || (size_t)n >= sizeof line - 1) die("internal: log line too long");
+    if (n < 0) die("internal: cannot format a log line");
     if (lg->len + n + 2 > lg->cap) { lg->cap = 2 * (lg->len + n + 2) + 4096; lg->buf = xrealloc(lg->buf, lg->cap); }
-    memcpy(lg->buf + lg->len, line, n);
+    vsnprintf(lg->buf + lg->len, (size_t)n + 1, fmt, again);
+    va_end(again);
     lg->len += n;
     lg->buf[lg->len++] = '\n';
     FILE *f = atomic_open(lg->path);
@@ -4710,11 +4711,11 @@ static void log_line(Log *lg, const char *fmt, ...) {
  * Everything the training loop carries from one step to the next. A checkpoint holds all
  * of it, so a run resumed from one continues with the bits of the run left alone. It is
  * written (temporary file + rename) after every evaluation and when the run is
- * interrupted. Layout: magic, version, the settings, the dataset's size, the state
- * below, parameters, Adam's moments and step, the best parameters, the metrics log; then
- * the FNV-1a 64 checksum of every byte before it. */
+ * interrupted. Layout: magic, version, the settings, the dataset's size and fingerprint
+ * (data_sum), the state below, parameters, Adam's moments and step, the best parameters,
+ * the metrics log; then the FNV-1a 64 checksum of every byte before it. */
 #define REMI_CKPT_MAGIC 0x504b4352u /* "RCKP" */
-#define REMI_CKPT_VERSION 2
+#define REMI_CKPT_VERSION 3
 
 typedef struct { long iter; double loss, recall, ndcg; } CurvePoint;
 
@@ -4759,7 +4760,23 @@ static void get_str(Stream *s, char *x, size_t cap) {
                      &(c)->eval_every, &(c)->patience, &(c)->topn, &(c)->eval_batch
 #define CKPT_FLOATS(c) &(c)->lr, &(c)->rbeta, &(c)->rlambda, &(c)->dropout
 
-static void ckpt_write(const char *path, const Config *c, const Model *m, const TrainState *st, int n_users) {
+/* The three splits' users and items (FNV-1a 64): a resumed run checks that its data is the
+ * one it started on, not a new prep of the same sizes. */
+static uint64_t data_sum(const Dataset *ds) {
+    const Split *sp[3] = { &ds->train, &ds->valid, &ds->test };
+    uint64_t h = fnv1a(&ds->N, sizeof ds->N);
+    for (int i = 0; i < 3; i++) {
+        const Split *x = sp[i];
+        h = fnv1a_update(h, &x->n_users, sizeof x->n_users);
+        h = fnv1a_update(h, x->user_id, (size_t)x->n_users * sizeof *x->user_id);
+        h = fnv1a_update(h, x->off, (size_t)(x->n_users + 1) * sizeof *x->off);
+        h = fnv1a_update(h, x->items, (size_t)x->off[x->n_users] * sizeof *x->items);
+    }
+    return h;
+}
+
+static void ckpt_write(const char *path, const Config *c, const Model *m, const TrainState *st, int n_users,
+                       uint64_t data) {
     Stream s = { atomic_open(path), 0xcbf29ce484222325ull, path };
     uint32_t hdr[2] = { REMI_CKPT_MAGIC, REMI_CKPT_VERSION };
     put(&s, hdr, sizeof hdr);
@@ -4769,7 +4786,7 @@ static void ckpt_write(const char *path, const Config *c, const Model *m, const 
     for (size_t i = 0; i < sizeof ints / sizeof *ints; i++) put(&s, ints[i], sizeof(int));
     const float *floats[] = { CKPT_FLOATS(c) };
     for (size_t i = 0; i < sizeof floats / sizeof *floats; i++) put(&s, floats[i], sizeof(float));
-    int64_t meta[5] = { c->iters, (int64_t)c->seed, m->N, n_users, (int64_t)m->n_params };
+    int64_t meta[6] = { c->iters, (int64_t)c->seed, m->N, n_users, (int64_t)m->n_params, (int64_t)data };
     put(&s, meta, sizeof meta);
     int64_t counters[6] = { st->it, st->pass, st->best_iter, st->trials, m->step, st->n_curve };
     double sums[4] = { st->best_recall, st->loss_sum, st->elapsed, st->t_train };
@@ -4827,13 +4844,16 @@ static Stream ckpt_open(const char *path, Config *c) {
 }
 
 /* Reads the rest of a checkpoint into a model and a state made for its settings and data. */
-static void ckpt_read_state(Stream *s, Model *m, TrainState *st, int n_users) {
-    int64_t meta[3], counters[6];
+static void ckpt_read_state(Stream *s, Model *m, TrainState *st, int n_users, uint64_t data, const char *where) {
+    int64_t meta[4], counters[6];
     double sums[4];
     get(s, meta, sizeof meta);
     if (meta[0] != m->N || meta[1] != n_users || meta[2] != (int64_t)m->n_params)
         die("%s: the checkpoint's data has %lld items and %lld training users, %s has %d and %d",
-            s->path, (long long)meta[0] - 1, (long long)meta[1], "the data now", m->N - 1, n_users);
+            s->path, (long long)meta[0] - 1, (long long)meta[1], where, m->N - 1, n_users);
+    if ((uint64_t)meta[3] != data)
+        die("%s: %s is not the data this run started on (the same numbers of items and training users, "
+            "other users or items in its splits: was prep run again?)", s->path, where);
     get(s, counters, sizeof counters);
     get(s, sums, sizeof sums);
     if (counters[0] < 0 || counters[5] < 0 || counters[5] > counters[0] + 2) die("%s: corrupt checkpoint", s->path);
@@ -5032,6 +5052,7 @@ int cmd_train(int argc, char **argv) {
     load_dataset(&ds, c.data, c.name);
     check_batch_users(&ds.train, c.B, c.data, c.name);
     int U = ds.train.n_users, cut = c.topn;
+    uint64_t fingerprint = data_sum(&ds);
     resolve_negatives(&c, ds.N);
     Model m;
     model_init(&m, ds.N, &c);
@@ -5057,10 +5078,15 @@ int cmd_train(int argc, char **argv) {
            (unsigned long long)c.seed, c.threads);
     fflush(stdout); /* a log shows the run has started (and holds its --out) */
     if (resume) {
-        ckpt_read_state(&ck, &m, &st, U);
+        char where[4400];
+        snprintf(where, sizeof where, "%s/%s", c.data, c.name);
+        ckpt_read_state(&ck, &m, &st, U, fingerprint, where);
         if (stop_after > 0 && stop_after <= st.it)
             die("--stop-after %ld: %s is at step %ld already; give a later step", stop_after, ckpt_path, st.it);
         printf("resumed from %s at iteration %ld\n", ckpt_path, st.it);
+        if (st.it >= c.iters || st.trials > c.patience)
+            printf("the run had finished (%s): its final evaluation again\n",
+                   st.it >= c.iters ? "its last step" : "early stop");
     } else {
         /* a new run replaces the folder's previous one whole: its checkpoint, model and curves go
          * before the new metrics.jsonl starts, so that no file of it is taken for the new run's */
@@ -5069,7 +5095,7 @@ int cmd_train(int argc, char **argv) {
             if (unlink(old_run[i]) != 0 && errno != ENOENT) die("cannot remove %s: %s", old_run[i], strerror(errno));
         memcpy(st.best, m.mem, m.n_params * sizeof(float));
         for (int u = 0; u < U; u++) st.perm[u] = u;
-        char jdata[1024], jname[256];
+        char jdata[6 * 4096 + 1], jname[6 * 256 + 1]; /* the longest paths and names the flags take, escaped */
         json_escape(jdata, sizeof jdata, c.data);
         json_escape(jname, sizeof jname, c.name);
         log_line(&st.log, "{\"config\":{\"data\":\"%s\",\"name\":\"%s\",\"model\":\"%s\",\"D\":%d,\"K\":%d,\"L\":%d,"
@@ -5106,7 +5132,7 @@ int cmd_train(int argc, char **argv) {
             if (nonfinite_tensor(&m, m.mem, &bad)) die_nonfinite(&m, it, NAN, ckpt_path, ckpt_it);
         }
         st.elapsed = now_sec() - t0;
-        ckpt_write(ckpt_path, &c, &m, &st, U);
+        ckpt_write(ckpt_path, &c, &m, &st, U, fingerprint);
         ckpt_it = it;
         if (stop_signal || it == stop_after) {
             if (tty) printf("\r\033[K");
@@ -5124,6 +5150,10 @@ int cmd_train(int argc, char **argv) {
         printf("no validation improvement over recall 0: reporting the last parameters\n");
         memcpy(st.best, m.mem, m.n_params * sizeof(float));
         model_save(&m, st.best, &c, out_dir.model);
+    }
+    if (resume) { /* the folder may hold the checkpoint alone: the files a run ends with */
+        model_save(&m, st.best, &c, out_dir.model);
+        if (st.n_curve) write_curves(out_dir.curves, st.curve, st.n_curve, cut);
     }
     memcpy(m.mem, st.best, m.n_params * sizeof(float));
     Metrics mv, mt[2];
@@ -7061,7 +7091,7 @@ static void fuzz_fixtures(Bytes *fx, const char *expected, const char *dir) {
     int perm[3] = { 2, 0, 1 };
     TrainState st = { .it = 5, .pass = 1, .rng = 3, .perm = perm, .best = m.mem };
     snprintf(path, sizeof path, "%s/checkpoint.bin", dir);
-    ckpt_write(path, &c, &m, &st, 3);
+    ckpt_write(path, &c, &m, &st, 3, 0);
     fx[FZ_CKPT] = read_all(path, hint);
     snprintf(path, sizeof path, "%s/tiny_sa_metrics.jsonl", expected);
     fx[FZ_METRICS] = read_all(path, hint);

@@ -351,6 +351,32 @@ resume_matches "resume: SA stopped at step 150 (between evaluations) = the run l
 resume_matches "resume: GRU4Rec stopped at step 200 (at an evaluation) = the run left alone" gru4rec 200
 resume_matches "resume: MIND stopped at step 77 = the run left alone" mind 77
 
+# a finished run's checkpoint copied alone into a folder: resumed, it ends with the files of the
+# run (model.bin and curves.svg included, though no step runs), and says the run had finished
+"$REMI" train --data expected/tiny --name tiny --iters 300 --eval-every 100 --out "$TMP/ck-whole" >/dev/null 2>&1
+mkdir -p "$TMP/ck-copy"; cp "$TMP/ck-whole/checkpoint.bin" "$TMP/ck-copy/"
+"$REMI" train --resume "$TMP/ck-copy" >"$TMP/ck-copy.log" 2>&1
+if same_run "$TMP/ck-copy" "$TMP/ck-whole" && cmp -s "$TMP/ck-copy/curves.svg" "$TMP/ck-whole/curves.svg" &&
+   grep -q "the run had finished (its last step)" "$TMP/ck-copy.log"; then
+    pass "resume from a folder holding only the checkpoint: model.bin, curves.svg and metrics.jsonl of the run left alone"
+else fail "resume from the checkpoint alone" "$(ls "$TMP/ck-copy" | tr '\n' ' ') $(tail -n 1 "$TMP/ck-copy.log")"; fi
+# the data changed under a stopped run (one test item, the same counts): the resume is refused
+mkdir -p "$TMP/chg"; cp expected/tiny/tiny_* "$TMP/chg/"
+"$REMI" train --data "$TMP/chg" --name tiny --iters 300 --eval-every 100 --stop-after 150 --out "$TMP/chg-run" >/dev/null 2>&1
+awk -F, 'BEGIN { OFS = "," } NR == 1 { $2 = $2 % 400 + 1 } { print }' expected/tiny/tiny_test.txt >"$TMP/chg/tiny_test.txt"
+if ! "$REMI" train --resume "$TMP/chg-run" >"$TMP/chg.log" 2>&1 && grep -q "is not the data this run started on" "$TMP/chg.log"; then
+    pass "resume on changed data of the same sizes refused: $(grep -o 'is not the data.*started on' "$TMP/chg.log")"
+else fail "resume on changed data" "$(tail -n 1 "$TMP/chg.log")"; fi
+
+# a data folder's path of 1,300 characters is recorded whole in the config line (it was cut at 1,017)
+long=$TMP/$(printf 'd%.0s' $(seq 200))
+for _ in 1 2 3 4 5 6; do long=$long/$(printf 'e%.0s' $(seq 200)); done
+mkdir -p "$long"; cp expected/tiny/tiny_* "$long/"
+"$REMI" train --data "$long" --name tiny --iters 10 --eval-every 10 --out "$TMP/longpath" >/dev/null 2>&1
+if [ "${#long}" -gt 1300 ] && head -n 1 "$TMP/longpath/metrics.jsonl" 2>/dev/null | grep -qF "\"data\":\"$long\","; then
+    pass "a data path of ${#long} characters is recorded whole in metrics.jsonl"
+else fail "long data path" "$(head -c 200 "$TMP/longpath/metrics.jsonl" 2>&1)"; fi
+
 # Adam's mode and --remove-hits are settings of the run: they travel in the checkpoint
 LH=("${TINY[@]}" --model sa --adam lazy --remove-hits history)
 "$REMI" train "${LH[@]}" -t 2 --out "$TMP/lh" >/dev/null 2>&1
