@@ -64,6 +64,23 @@ void die(const char *fmt, ...) {
     exit(1);
 }
 
+/* SIGINT, SIGTERM or SIGHUP (unless train's loop takes them over, on_stop_signal): the files
+ * being written are removed (unlink is signal-safe), and the process ends as the signal
+ * would have ended it. A signal the process was started with ignored stays ignored. */
+static void on_fatal_signal(int sig) {
+    for (int i = 0; i < MAX_PENDING; i++)
+        if (pending[i].f) unlink(pending[i].tmp);
+    signal(sig, SIG_DFL);
+    raise(sig);
+}
+static void catch_fatal_signals(void) {
+    const int sigs[3] = { SIGINT, SIGTERM, SIGHUP };
+    for (int i = 0; i < 3; i++) {
+        struct sigaction old;
+        if (sigaction(sigs[i], NULL, &old) == 0 && old.sa_handler != SIG_IGN) signal(sigs[i], on_fatal_signal);
+    }
+}
+
 void *xmalloc(size_t n) {
     void *p = malloc(n ? n : 1);
     if (!p) die("out of memory allocating %zu bytes (%.1f MiB); lower --batch, --eval-batch, --neg, --hidden, --len "
@@ -150,6 +167,32 @@ void atomic_commit(FILE *f) {
         unlink(pending[i].tmp);
         die("cannot rename %s to %s: %s", pending[i].tmp, pending[i].path, strerror(errno));
     }
+}
+
+/* s as one shell word (for a command to paste): as it is if plain, else in single quotes. */
+static const char *shell_word(char *buf, size_t n, const char *s) {
+    if (*s && strspn(s, "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_./+,:@%=-") == strlen(s)) return s;
+    size_t k = 0;
+    if (k + 1 < n) buf[k++] = '\'';
+    for (; *s && k + 5 < n; s++) {
+        if (*s == '\'') { memcpy(buf + k, "'\\''", 4); k += 4; }
+        else buf[k++] = *s;
+    }
+    if (k + 1 < n) buf[k++] = '\'';
+    buf[k] = 0;
+    return buf;
+}
+
+/* Files that belong together (prep's five, export's two): each written out and checked
+ * before the first is renamed, so that an error (a full disk) leaves the old set whole. */
+static void atomic_commit_all(FILE **f, int n) {
+    for (int k = 0; k < n; k++) {
+        int i = 0;
+        while (i < MAX_PENDING && pending[i].f != f[k]) i++;
+        if (i == MAX_PENDING) die("internal: atomic_commit_all on an unknown file");
+        if (fflush(f[k]) != 0 || ferror(f[k])) die("error writing %s (disk full?)", pending[i].path);
+    }
+    for (int k = 0; k < n; k++) atomic_commit(f[k]);
 }
 
 /* A file's path into buf (n bytes), or a clear error where it would not fit (snprintf would
@@ -273,7 +316,7 @@ static void usage(const char *cmd, const char *what, const Flag *flags, int nf) 
 
 /* The flags given on the command line (parse_flags; entries of the command's table), for
  * the notes on flags a setting ignores and the flags a resumed run refuses. */
-static const Flag *flags_given[64];
+static const Flag **flags_given;
 static int n_flags_given;
 static int flag_given(const void *dst) {
     for (int i = 0; i < n_flags_given; i++) if (flags_given[i]->dst == dst) return 1;
@@ -281,12 +324,13 @@ static int flag_given(const void *dst) {
 }
 
 static void parse_flags(int argc, char **argv, const char *cmd, const char *what, const Flag *flags, int nf) {
+    flags_given = xrealloc(flags_given, (size_t)(n_flags_given + argc) * sizeof *flags_given);
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) { usage(cmd, what, flags, nf); exit(0); }
         const Flag *f = NULL;
         for (int j = 0; j < nf && !f; j++) if (!strcmp(argv[i], flags[j].name)) f = &flags[j];
         if (!f) die("%s: unknown flag '%s'; see `remi %s --help`", cmd, argv[i], cmd);
-        if (n_flags_given < 64) flags_given[n_flags_given++] = f;
+        flags_given[n_flags_given++] = f;
         if (f->type == F_BOOL) { *(int *)f->dst = 1; continue; }
         if (i + 1 >= argc) die("%s: flag %s needs a value", cmd, f->name);
         const char *v = argv[++i];
@@ -1686,10 +1730,7 @@ int cmd_prep(int argc, char **argv) {
             fprintf(out[k], "%d,%d,%d,%lld\n", p, kept[i].item, i, (long long)kept[i].time); /* '%d' truncates */
         n_split[k] += (size_t)n;
     }
-    for (int k = 0; k < 5; k++)
-        if (fflush(out[k]) != 0 || ferror(out[k]))
-            die("error writing %s/%s_%s.txt (disk full?)", o.out, o.name, suffix[k]);
-    for (int k = 0; k < 5; k++) atomic_commit(out[k]);
+    atomic_commit_all(out, 5);
 
     printf("prep %s: read %zu interactions, %d users, %d items from %s", o.name, d.n_ev, n_users, n_items, o.input);
     if (o.keep_col >= 0) printf(" (%zu lines without %s in column %d skipped)", d.n_skipped, o.keep_value, o.keep_col);
@@ -4516,6 +4557,8 @@ static void model_load(Model *m, Config *c, const char *path) {
     c->enc = (Encoder)hdr[2]; c->model = ENC_NAMES[c->enc];
     c->D = hdr[4]; c->K = hdr[5]; c->L = hdr[6]; c->add_pos = hdr[7]; c->relu = hdr[8]; c->seed = meta[0];
     if (hdr[9] && !flag_given(&c->mind_eval)) c->mind_eval = "fixed";
+    if (c->enc != ENC_MIND && flag_given(&c->mind_eval))
+        fprintf(stderr, "remi: note: --mind-eval has no effect: only MIND draws at evaluation\n");
     TensorInit t[N_PARAM_TENSORS];
     model_shape(m, t, hdr[3], c); /* check the sizes against the file before allocating */
     struct stat sb;
@@ -4644,6 +4687,7 @@ static void check_config(Config *c) {
     check_range_float("--lr", c->lr, 1e-12, 10);
     check_range_float("--rlambda", c->rlambda, 0, 1e9);
     check_range_float("--rbeta", c->rbeta, -1e4, 1e4);
+    c->rbeta += 0.0f, c->rlambda += 0.0f; /* -0 trains as 0: recorded as 0 (report's rows) */
     check_range("--iters", (double)c->iters, 1, 1e12);
     check_range("--eval-every", c->eval_every, 1, 1e9);
     check_range("--patience", c->patience, 0, 1e9);
@@ -5053,6 +5097,9 @@ int cmd_train(int argc, char **argv) {
     check_batch_users(&ds.train, c.B, c.data, c.name);
     int U = ds.train.n_users, cut = c.topn;
     uint64_t fingerprint = data_sum(&ds);
+    if (c.topn >= ds.N - 1) /* every validation list would hold (almost) every item: recall 1, no best model */
+        die("--topn %d: %s/%s has %d items, and validation at that cut-off cannot tell models apart; give a --topn "
+            "below %d", c.topn, c.data, c.name, ds.N - 1, ds.N - 1);
     resolve_negatives(&c, ds.N);
     Model m;
     model_init(&m, ds.N, &c);
@@ -5136,10 +5183,11 @@ int cmd_train(int argc, char **argv) {
         ckpt_it = it;
         if (stop_signal || it == stop_after) {
             if (tty) printf("\r\033[K");
+            char word[4 * 4200];
             printf("%s after iteration %ld: wrote %s; continue with `remi train --resume %s`\n",
                    stop_signal == SIGINT ? "interrupted (SIGINT)" : stop_signal == SIGTERM ? "terminated (SIGTERM)"
                                                                                        : "stopped (--stop-after)",
-                   it, ckpt_path, c.out);
+                   it, ckpt_path, shell_word(word, sizeof word, c.out));
             return stop_signal ? 128 + stop_signal : 0;
         }
         if (st.trials > c.patience) printf("early stop: %d evaluations without improvement\n", st.trials);
@@ -5273,6 +5321,7 @@ int cmd_recommend(int argc, char **argv) {
     int n_skip = 0;
     for (int i = 0; i < n && exclude; i++) n_skip += !skip[h[i]]++;
     if (topn > N - 1 - n_skip) die("--topn %d: only %d items are not in the history", topn, N - 1 - n_skip);
+    if (!c.data && flag_given(&c.name)) fprintf(stderr, "remi: note: --name has no effect without --data\n");
     char **raw = load_item_names(c.data, c.name, N, 1);
     pool_start(1);
     Acts a;
@@ -5337,9 +5386,9 @@ int cmd_export(int argc, char **argv) {
         for (int d = 0; d < m.D; d++) fprintf(f, "\t%.9g", m.p.item_emb[(size_t)j * m.D + d]);
     }
     fputc('\n', f);
-    atomic_commit(f);
     path_printf(path, sizeof path, "%s/users.tsv", out);
-    f = atomic_open(path);
+    FILE *files[2] = { f, NULL };
+    f = files[1] = atomic_open(path);
     fprintf(f, "split\tuser\tinterest");
     for (int d = 0; d < m.D; d++) fprintf(f, "\tv%d", d);
     fputc('\n', f);
@@ -5363,7 +5412,7 @@ int cmd_export(int argc, char **argv) {
                     fputc('\n', f);
                 }
         }
-    atomic_commit(f);
+    atomic_commit_all(files, 2); /* the pair, or neither: the folder never mixes two models' files */
     printf("wrote %s/items.tsv (%d items) and %s/users.tsv (%d users x %d vectors)\n", out, m.N, out,
            ds.train.n_users + ds.valid.n_users + ds.test.n_users, m.K);
     return 0;
@@ -5440,8 +5489,10 @@ int cmd_inspect(int argc, char **argv) {
     if (!m.multi) die("inspect: --model %s has no routing matrix (it needs sa, dr or mind)", ENC_NAMES[m.enc]);
     const Split *s = strcmp(split, "test") ? &ds.valid : &ds.test;
     int U = s->n_users, K = m.K, L = m.L, n_draw = 0, *draw;
-    if (users) n_draw = parse_int_list(&draw, users, 0, U - 1, "--users", "a user row");
-    else {
+    if (users) {
+        n_draw = parse_int_list(&draw, users, 0, U - 1, "--users", "a user row");
+        if (n_draw == 0) die("--users: give at least one user row, e.g. --users \"0 7\"");
+    } else {
         draw = xmalloc(4 * sizeof(int));
         for (int u = 0; u < U && n_draw < 4; u++)
             if (eval_split_point(s->off[u + 1] - s->off[u]) >= 8) draw[n_draw++] = u;
@@ -6501,7 +6552,9 @@ static int st_merge_random(uint64_t *rng) { /* the merge against concatenate + s
 
 static int st_set_order(const char *path) {
     FILE *f = fopen(path, "rb");
-    if (!f) return st_report("CPython set order", 0, "cannot open expected file");
+    char why[4300];
+    snprintf(why, sizeof why, "cannot open %s (run from the repository, or give --expected DIR)", path);
+    if (!f) return st_report("CPython set order", 0, why);
     char *line = NULL;
     size_t cap = 0;
     int lines = 0, ok = 1;
@@ -7597,6 +7650,7 @@ static void main_usage(void) {
 
 int main(int argc, char **argv) {
     if (argc < 2 || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h")) { main_usage(); return argc < 2; }
+    catch_fatal_signals();
     struct { const char *name; int (*fn)(int, char **); } cmds[] = {
         { "train", cmd_train }, { "eval", cmd_eval }, { "prep", cmd_prep }, { "gradcheck", cmd_gradcheck },
         { "selftest", cmd_selftest }, { "bench", cmd_bench }, { "fuzz", cmd_fuzz },

@@ -475,6 +475,25 @@ else fail "export" "$(tail -n 1 "$TMP/export.log")"; fi
 n_users=$(($(cut -d, -f1 expected/tiny/tiny_{train,valid,test}.txt | sort -u | wc -l)))
 if [ "$(($(wc -l <"$TMP/export/users.tsv") - 1))" -eq "$n_users" ] && [ "$(($(wc -l <"$TMP/export/items.tsv") - 1))" -eq 401 ]; then
     pass "export: one row per item (401) and per user ($n_users)"; else fail "export rows" "$(wc -l "$TMP"/export/*.tsv | tr '\n' ' ')"; fi
+# export writes its two files as a pair: users.tsv failing (a 1 MB file size limit) leaves the folder's
+# previous pair as it was, and no temporary file
+cp -r "$TMP/export" "$TMP/export-full"
+(trap '' XFSZ; ulimit -f 1000; "$REMI" export --model-file "$TMP/tiny-sa-t2/model.bin" --data expected/tiny --name tiny \
+    --out "$TMP/export-full" >"$TMP/export-full.log" 2>&1); rc=$?
+if [ "$rc" = 1 ] && grep -q "error writing $TMP/export-full/users.tsv (disk full?)" "$TMP/export-full.log" &&
+   cmp -s "$TMP/export/items.tsv" "$TMP/export-full/items.tsv" && cmp -s "$TMP/export/users.tsv" "$TMP/export-full/users.tsv" &&
+   [ "$(ls "$TMP/export-full" | wc -l)" = 2 ]; then pass "export: a failed users.tsv leaves the previous pair whole, no temporary file"
+else fail "export pair" "exit $rc: $(head -c 200 "$TMP/export-full.log"); $(ls "$TMP/export-full" | tr '\n' ' ')"; fi
+# SIGTERM while export writes (a D 1024 model: 56 MB of text) removes the files being written
+"$REMI" train --data expected/tiny --name tiny --hidden 1024 --iters 1 --eval-every 1 --out "$TMP/wide" >/dev/null 2>&1
+"$REMI" export --model-file "$TMP/wide/model.bin" --data expected/tiny --name tiny --out "$TMP/export-sig" >/dev/null 2>&1 &
+pid=$!
+for _ in $(seq 1000); do ls "$TMP"/export-sig/*.tmp.* >/dev/null 2>&1 && break; sleep 0.01; done
+seen=$(ls "$TMP"/export-sig/ 2>/dev/null | tr '\n' ' ')
+kill -TERM $pid; wait $pid; rc=$?
+if [ "$rc" = 143 ] && [ -n "$seen" ] && [ -z "$(ls "$TMP/export-sig")" ]; then
+    pass "SIGTERM during export (writing $seen): exit 143, no file left"
+else fail "SIGTERM during export" "exit $rc, saw '$seen', left: $(ls "$TMP/export-sig" | tr '\n' ' ')"; fi
 "$REMI" recommend --model-file "$TMP/tiny-mind-t2/model.bin" --history "3 9 27" --topn 10 >"$TMP/rec.log" 2>&1
 if [ "$(awk 'NR > 2 && $5 >= 0 && $5 < 4' "$TMP/rec.log" | wc -l)" -eq 10 ]; then pass "recommend (MIND): 10 items, each with its interest"
 else fail "recommend MIND" "$(head -c 200 "$TMP/rec.log")"; fi
@@ -737,6 +756,29 @@ if "$REMI" train --data expected/tiny --name tiny --model pop --interests 8 --lr
    "$REMI" train --data expected/tiny --name tiny --interests 8 --iters 1 --eval-every 1 --out "$TMP/note2" >"$TMP/note2.log" 2>&1 &&
    ! grep -q "note:" "$TMP/note2.log"; then pass "flags a model ignores (--interests, --lr with pop): run, with a note; none for SA"
 else fail "notes on ignored flags" "$(grep note "$TMP/note.log" | head -c 200)"; fi
+# --topn at the catalogue's size: every validation list would hold every item (recall 1), refused
+if ! "$REMI" train --data expected/tiny --name tiny --topn 400 --out "$TMP/topn-all" >"$TMP/topn.log" 2>&1 &&
+   grep -q -- "--topn 400: expected/tiny/tiny has 400 items" "$TMP/topn.log" && [ ! -e "$TMP/topn-all" ]; then
+    pass "train --topn 400 on 400 items refused"; else fail "train --topn at the catalogue size" "$(head -c 200 "$TMP/topn.log")"; fi
+# more flags than any fixed table: the 70th (--lr, after 68 others) is still refused by --resume
+many=$(for _ in $(seq 68); do printf -- '-t 2 '; done)
+# shellcheck disable=SC2086  # the repeated flags are meant to split
+if ! "$REMI" train --resume "$TMP/resume-sa-150" $many --lr 0.5 >"$TMP/many.log" 2>&1 && grep -q -- "--lr cannot be changed" "$TMP/many.log"; then
+    pass "--resume refuses --lr given after 68 other flags"; else fail "flags after the 64th" "$(head -c 200 "$TMP/many.log")"; fi
+# -0 is recorded as 0 (one report row); --mind-eval on a model without draws, in eval too: a note;
+# inspect --users with no row refused; a resume hint pastes as one word with a blank in the folder
+"$REMI" train --data expected/tiny --name tiny --rbeta -0 --iters 1 --eval-every 1 --stop-after 1 --out "$TMP/sp ace" >"$TMP/misc.log" 2>&1
+"$REMI" eval --model-file "$TMP/tiny-sa-t2/model.bin" --data expected/tiny --name tiny --mind-eval fixed >"$TMP/misc2.log" 2>&1
+if grep -q '"rbeta":0,' "$TMP/sp ace/metrics.jsonl" && grep -q "resume '$TMP/sp ace'\`" "$TMP/misc.log" &&
+   grep -q "note: --mind-eval has no effect" "$TMP/misc2.log" &&
+   ! "$REMI" inspect --model-file "$TMP/tiny-sa-t2/model.bin" --data expected/tiny --name tiny --users " " --out "$TMP/insp-none" >"$TMP/misc3.log" 2>&1 &&
+   grep -q -- "--users: give at least one user row" "$TMP/misc3.log"; then
+    pass "--rbeta -0 recorded as 0; eval's note on --mind-eval; inspect --users \" \" refused; resume hint quoted"
+else fail "small flags" "$(tail -n 1 "$TMP/misc.log") / $(head -c 100 "$TMP/misc2.log") / $(head -c 100 "$TMP/misc3.log")"; fi
+# selftest away from the repository names the file it misses and the flag that finds it
+if ! (cd "$TMP" && "$remi_abs" selftest >"$TMP/st-away.log" 2>&1) && grep -q "cannot open expected/setorder.txt (.*--expected DIR)" "$TMP/st-away.log"; then
+    pass "selftest from another folder names expected/setorder.txt and --expected"
+else fail "selftest away" "$(grep FAIL "$TMP/st-away.log" | head -c 200)"; fi
 # a number after a blank: strtoull would wrap " -1" to 2^64 - 1
 if ! "$REMI" train --seed " -1" --out "$TMP/flag-out" >"$TMP/flag.log" 2>&1 && grep -q "bad value ' -1' for --seed" "$TMP/flag.log" &&
    [ ! -e "$TMP/flag-out" ]; then pass "bad flag: --seed \" -1\" (a leading blank)"; else fail "bad flag: --seed \" -1\"" "accepted"; fi
