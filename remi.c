@@ -5795,8 +5795,13 @@ int cmd_report(int argc, char **argv) {
  * gradient: |fd - an| <= GC_ATOL + GC_RTOL |an|. The forward passes run in float, so eps
  * is large enough that float rounding (~1e-7 relative) stays far below the tolerance.
  * A whole model has kinks (MIND's ReLU, the readout's argmax): an element whose +-eps
- * steps move any of them is skipped and counted, since its difference quotient measures
- * the jump, not the derivative; a check that skips most of its elements fails. */
+ * steps move any of them is tried again at eps / 4, and skipped and counted if those move
+ * one too, since its difference quotient measures the jump, not the derivative; a check
+ * that keeps fewer than 4 elements (or fewer than all, if it tries fewer) fails. An
+ * element whose difference misses the tolerance is tried at eps / 4 as well, and the closer
+ * of the two counts: a curved objective's truncation error (16-fold smaller there) no
+ * longer fails a right gradient on some seeds, while a wrong one misses at both steps.
+ * (Smaller steps drown in the float rounding of a whole model's loss.) */
 #define GC_EPS 1e-2
 #define GC_ATOL 2e-3
 #define GC_RTOL 2e-2
@@ -5827,28 +5832,38 @@ static double gc_dot(const float *c, const float *y, size_t n) {
 typedef double (*GcObj)(GcState *g);
 
 /* Compare the analytic gradient of obj w.r.t. x (n elements) with central differences. */
+/* Element i's error against the tolerance at step eps, or -1 if the steps move a kink. */
+static double gc_error(GcObj obj, GcState *g, float *x, size_t i, double an, double eps, uint64_t base) {
+    float orig = x[i];
+    x[i] = (float)(orig + eps);
+    double hp = (double)x[i] - orig, fp = obj(g);
+    int moved = g->kinks && g->kinks(g) != base;
+    x[i] = (float)(orig - eps);
+    double hm = orig - (double)x[i], fm = obj(g);
+    moved |= g->kinks && g->kinks(g) != base;
+    x[i] = orig;
+    if (moved) return -1;
+    double fd = (fp - fm) / (hp + hm), r = fabs(fd - an) / (GC_ATOL + GC_RTOL * fabs(an));
+    return r == r ? r : INFINITY; /* a NaN fails */
+}
 static int gc_check(const char *what, GcObj obj, GcState *g, float *x, const float *an, size_t n) {
     double worst = 0;
     size_t checked = 0, skipped = 0;
     size_t step = n > 200 ? n / 200 : 1;
     uint64_t base = g->kinks ? (obj(g), g->kinks(g)) : 0;
     for (size_t i = 0; i < n; i += step) {
-        float orig = x[i];
-        x[i] = (float)(orig + GC_EPS);
-        double hp = (double)x[i] - orig, fp = obj(g);
-        int moved = g->kinks && g->kinks(g) != base;
-        x[i] = (float)(orig - GC_EPS);
-        double hm = orig - (double)x[i], fm = obj(g);
-        moved |= g->kinks && g->kinks(g) != base;
-        x[i] = orig;
-        if (moved) { skipped++; continue; }
-        double fd = (fp - fm) / (hp + hm);
-        double r = fabs(fd - an[i]) / (GC_ATOL + GC_RTOL * fabs(an[i]));
-        if (!(r <= worst)) worst = r; /* a NaN stays, and fails */
+        double r = -1;
+        for (double eps = GC_EPS; eps >= GC_EPS / 4 && (r < 0 || r > 1); eps /= 4) { /* a kink or a miss: a smaller step */
+            double e = gc_error(obj, g, x, i, an[i], eps, base);
+            r = r < 0 ? e : e < 0 ? r : fmin(r, e);
+        }
+        if (r < 0) { skipped++; continue; }
+        if (r > worst) worst = r;
         checked++;
     }
     obj(g); /* restore the activations of the unperturbed point */
-    int ok = worst <= 1.0 && checked > skipped;
+    size_t tried = checked + skipped;
+    int ok = worst <= 1.0 && checked >= (tried < 4 ? tried : 4) && checked > 0; /* 4 elements at least (or all) */
     printf("  %-38s %5zu elements  worst err/tol %.3f  %s", what, checked, worst, ok ? "ok" : "FAIL");
     if (skipped) printf("  (%zu more skipped at a kink)", skipped);
     printf("\n");
@@ -5891,9 +5906,11 @@ static double gc_rr(GcState *g) { /* buf0 att (B,K,L), buf1 rr_d (B,K); 1e3 RR, 
     return 1e3 * rr_forward(g->buf[1], g->buf[0], g->B, g->K, g->L, g->D);
 }
 static double gc_model(GcState *g) { return step_forward(&g->m, &g->a, &g->cfg, 0); }
+/* The readout's kinks: each row's chosen interest. */
+static uint64_t gc_sel_kinks(const GcState *g) { return fnv1a(g->a.sel, (size_t)g->B * sizeof(int)); }
 /* The model's kinks: each row's chosen interest and, for MIND with --relu, the ReLU's signs. */
 static uint64_t gc_model_kinks(const GcState *g) {
-    uint64_t h = fnv1a(g->a.sel, (size_t)g->B * sizeof(int));
+    uint64_t h = gc_sel_kinks(g);
     if (g->m.relu)
         for (size_t i = 0; i < (size_t)g->B * g->m.K * g->m.D; i++) h = (h ^ (g->a.v[i] > 0.0f)) * 0x100000001b3ull;
     return h;
@@ -6057,7 +6074,9 @@ int cmd_gradcheck(int argc, char **argv) {
     gc_readout(&g);
     ZERO(an[0], (size_t)B * K * D);
     readout_backward(an[0], g.c, g.a.sel, B, K, D);
+    g.kinks = gc_sel_kinks;
     ok &= gc_check("hard readout: d/dV", gc_readout, &g, g.buf[0], an[0], (size_t)B * K * D);
+    g.kinks = NULL;
 
     /* sampled logits: r and E */
     gc_fill(g.buf[0], (size_t)B * D, 1.0, &g.rng);
