@@ -23,6 +23,7 @@
 #include "remi.h"
 
 #include <ctype.h>
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <float.h>
@@ -224,6 +225,26 @@ static void lock_out_dir(const char *dir) {
     if (fd < 0) die("cannot open folder %s: %s", dir, strerror(errno));
     if (flock(fd, LOCK_EX | LOCK_NB) != 0 && errno == EWOULDBLOCK)
         die("%s is in use by another remi train; wait for it to end, or pick another --out", dir);
+}
+
+/* Under the lock of lock_out_dir: temporary files of train's outputs (NAME.tmp.PID) left by
+ * a run that was killed (SIGKILL, a power cut) before it could remove them. */
+static void remove_stale_temps(const char *dir) {
+    static const char *names[] = { "model.bin", "checkpoint.bin", "metrics.jsonl", "curves.svg" };
+    DIR *d = opendir(dir);
+    if (!d) return;
+    for (struct dirent *e; (e = readdir(d));)
+        for (size_t i = 0; i < sizeof names / sizeof *names; i++) {
+            size_t n = strlen(names[i]);
+            const char *pid = e->d_name + n + 5;
+            if (strncmp(e->d_name, names[i], n) || strncmp(e->d_name + n, ".tmp.", 5) || !*pid ||
+                strspn(pid, "0123456789") != strlen(pid))
+                continue;
+            char path[8300];
+            snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
+            unlink(path);
+        }
+    closedir(d);
 }
 
 static double now_sec(void) {
@@ -5111,6 +5132,7 @@ int cmd_train(int argc, char **argv) {
     st.curve = xmalloc(sizeof *st.curve);
     mkdir_p(c.out);
     lock_out_dir(c.out);
+    remove_stale_temps(c.out);
     snprintf(st.log.path, sizeof st.log.path, "%s/metrics.jsonl", c.out);
     snprintf(ckpt_path, sizeof ckpt_path, "%s/checkpoint.bin", c.out);
     OutFiles out_dir;

@@ -398,6 +398,14 @@ if ! (cd / && "$remi_abs" train --resume "$TMP/rel" >"$TMP/rel.log" 2>&1) && gre
     pass "--resume elsewhere with a relative data folder: says to run it from the run's folder"
 else fail "resume elsewhere" "$(tail -n 1 "$TMP/rel.log")"; fi
 
+# temporary files of a killed run (kill -9 leaves model.bin.tmp.PID) are removed by the next train
+# in the folder, which holds its lock; other files stay
+touch "$TMP/rel/model.bin.tmp.4242" "$TMP/rel/checkpoint.bin.tmp.17" "$TMP/rel/notes.tmp.1"
+"$REMI" train --resume "$TMP/rel" >/dev/null 2>&1
+if [ ! -e "$TMP/rel/model.bin.tmp.4242" ] && [ ! -e "$TMP/rel/checkpoint.bin.tmp.17" ] && [ -e "$TMP/rel/notes.tmp.1" ] &&
+   [ -s "$TMP/rel/model.bin" ]; then pass "a killed run's temporary files are removed by the next train in its folder"
+else fail "stale temporary files" "$(ls "$TMP/rel" | tr '\n' ' ')"; fi
+
 # one remi train at a time in an output folder: a second is refused while the first runs
 d=$TMP/locked
 "$REMI" train --data expected/tiny --name tiny --iters 100000000 --eval-every 100000000 --out "$d" >"$d.log" 2>&1 &
