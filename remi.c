@@ -734,8 +734,9 @@ static int make_eval_row(int *hist, float *mask, const Split *s, int u, int L) {
  *     below bit for bit, so --seed 1230 gives the reference's split byte for byte;
  *   - the split is by user (8:1:1), not by time; duplicates are kept.
  *
- * Input is "pairs" (one interaction per line: user, item and optional time columns) or
- * "sequence" (one user per line: user item item ...). Ids stay strings and are written
+ * Input is "pairs" (one interaction per line: user, item and optional time columns),
+ * "sequence" (one user per line: user item item ...) or "sessions" (item item ...: the
+ * user is the line number). Ids stay strings and are written
  * back exactly as read. The whole file is read and validated before the first output is
  * opened, and outputs go through atomic_open/atomic_commit, so bad input never leaves a
  * partial file behind.
@@ -892,11 +893,11 @@ static void prep_ids_free(PrepIds *t) {
 }
 
 /* ------------------------------------------------------------------ reading */
-enum { PREP_PAIRS, PREP_SEQUENCE, PREP_JSON };
+enum { PREP_PAIRS, PREP_SEQUENCE, PREP_JSON, PREP_SESSIONS };
 
 typedef struct {
     const char *input, *name, *out;
-    int format;        /* PREP_PAIRS, PREP_SEQUENCE or PREP_JSON */
+    int format;        /* PREP_PAIRS, PREP_SEQUENCE, PREP_JSON or PREP_SESSIONS */
     int sep;           /* 0: runs of spaces/tabs, else this exact byte */
     int header;        /* skip the first line */
     int ucol, icol, tcol; /* 0-based columns (pairs); tcol -1 = no time column */
@@ -1374,19 +1375,26 @@ static void prep_parse_pair(PrepData *d, const PrepOpts *o, long lineno, const c
 }
 
 /* One "sequence" line: user item item ...; the time of each interaction is a running
- * 1-based counter over the whole file, so file order is time order. */
+ * 1-based counter over the whole file, so file order is time order. A "sessions" line holds
+ * items only: its user is the 1-based line number (header included, as awk's NR). */
 static void prep_parse_sequence(PrepData *d, const PrepOpts *o, long lineno, const char *line,
                                 size_t n, double *counter) {
     PrepFields f = {line, line + n, o->sep, 0};
     const char *s;
     size_t len;
-    prep_next_field(&f, &s, &len); /* the line is not blank, so there is a first field */
-    if (len == 0) prep_bad_line(o, lineno, line, "empty user id (first field)");
-    int user = prep_intern(d, &d->users, o, s, len, lineno, line, "user");
+    int sessions = o->format == PREP_SESSIONS, user;
+    if (sessions) {
+        char id[24];
+        user = prep_intern(d, &d->users, o, id, (size_t)snprintf(id, sizeof id, "%ld", lineno), lineno, line, "user");
+    } else {
+        prep_next_field(&f, &s, &len); /* the line is not blank, so there is a first field */
+        if (len == 0) prep_bad_line(o, lineno, line, "empty user id (first field)");
+        user = prep_intern(d, &d->users, o, s, len, lineno, line, "user");
+    }
     int n_items = 0;
     while (prep_next_field(&f, &s, &len)) {
         if (len == 0)
-            prep_bad_line(o, lineno, line, "empty item id (field %d, separator %s)", n_items + 2,
+            prep_bad_line(o, lineno, line, "empty item id (field %d, separator %s)", n_items + 2 - sessions,
                           prep_sep_name(o->sep));
         prep_add(d, user, prep_intern(d, &d->items, o, s, len, lineno, line, "item"), ++*counter);
         n_items++;
@@ -1477,7 +1485,7 @@ static void prep_read(PrepData *d, const PrepOpts *o) {
                           "(Python's reader would end a line at a lone \\r)");
         if (strspn(line, " \t") == n)
             prep_bad_line(o, lineno, line, "blank line; remove it (only a single newline may end the file)");
-        if (o->format == PREP_SEQUENCE) prep_parse_sequence(d, o, lineno, line, n, &counter);
+        if (o->format == PREP_SEQUENCE || o->format == PREP_SESSIONS) prep_parse_sequence(d, o, lineno, line, n, &counter);
         else if (o->format == PREP_JSON) prep_parse_json(d, o, lineno, line, n);
         else prep_parse_pair(d, o, lineno, line, n);
     }
@@ -1543,7 +1551,7 @@ static const char *PREP_WHAT =
     "(REMI-SPEC b.2): items with >= --min interactions, then users with >= --min\n"
     "interactions on those items, users shuffled (Python random, --seed) and split 8:1:1.\n"
     "Without a time column the time is the 1-based line number, header included (pairs),\n"
-    "or a running 1-based interaction counter (sequence); ties in time keep file order.\n"
+    "or a running 1-based interaction counter (sequence, sessions); ties in time keep file order.\n"
     "Output lines: user_id,item_id,index,timestamp; maps: raw_id,new_id.\n"
     "\n"
     "Presets (--preset NAME; flags given beside it override it):\n"
@@ -1590,12 +1598,13 @@ static int prep_parse_format(const char *format) {
     if (!strcmp(format, "pairs")) return PREP_PAIRS;
     if (!strcmp(format, "sequence")) return PREP_SEQUENCE;
     if (!strcmp(format, "json")) return PREP_JSON;
-    die("prep: --format must be pairs, sequence or json, got \"%s\"", format);
+    if (!strcmp(format, "sessions")) return PREP_SESSIONS;
+    die("prep: --format must be pairs, sequence, sessions or json, got \"%s\"", format);
     return -1; /* not reached */
 }
 
 static int prep_parse_sep(const char *sep, int format) {
-    if (!sep) return format == PREP_SEQUENCE ? 0 : '\t';
+    if (!sep) return format == PREP_SEQUENCE || format == PREP_SESSIONS ? 0 : '\t';
     if (!strcmp(sep, "tab")) return '\t';
     if (!strcmp(sep, "comma")) return ',';
     if (!strcmp(sep, "semicolon")) return ';';
@@ -1638,9 +1647,10 @@ int cmd_prep(int argc, char **argv) {
         { "--name", F_STR, &o.name, "dataset name, prefix of the output files (required)" },
         { "--out", F_STR, &o.out, "output folder, created if missing" },
         { "--preset", F_STR, &preset, "options of a paper file: book, gowalla, gowalla10, rocket, rocket-events, gowalla-snap" },
-        { "--format", F_STR, &format, "pairs (user, item[, time] columns), sequence (user item item ...) or json (one object a line)" },
+        { "--format", F_STR, &format, "pairs (user, item[, time] columns), sequence (user item item ...), sessions "
+                                      "(item item ...: the user is the line number) or json (one object a line)" },
         { "--sep", F_STR, &sep, "tab, comma, semicolon, space (runs of blanks) or one character;"
-                                " none: tab for pairs, space for sequence" },
+                                " none: tab for pairs, space for sequence and sessions" },
         { "--header", F_BOOL, &o.header, "skip the first line" },
         { "--user-col", F_INT, &o.ucol, "0-based user column (pairs)" },
         { "--item-col", F_INT, &o.icol, "0-based item column (pairs)" },

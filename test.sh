@@ -75,6 +75,18 @@ test_prep() {
     prep_fixture a a "$tmp" --input "$exp/a_pairs_time.csv" --sep comma --header --time-col 3
     # (b) sequence lines, runs of spaces/tabs, one user spread over two lines
     prep_fixture b b "$tmp" --input "$exp/b_sequence.txt" --format sequence
+    # (b') sessions: the same lines without their user field give the outputs of the lines with
+    #      the line number as their user (awk '{ print NR, $0 }'), byte for byte
+    sed 's/^[^ \t]*[ \t]*//' "$exp/b_sequence.txt" >"$tmp/b_sessions.txt"
+    awk '{ print NR, $0 }' "$tmp/b_sessions.txt" >"$tmp/b_numbered.txt"
+    "$REMI" prep --input "$tmp/b_sessions.txt" --name s --format sessions --min 2 --out "$tmp/sess" >/dev/null 2>&1
+    "$REMI" prep --input "$tmp/b_numbered.txt" --name s --format sequence --min 2 --out "$tmp/numb" >/dev/null 2>&1
+    why=""
+    for f in train valid test user_map item_map; do
+        [ -s "$tmp/sess/s_$f.txt" ] && cmp -s "$tmp/sess/s_$f.txt" "$tmp/numb/s_$f.txt" || why="$why $f"
+    done
+    if [ -z "$why" ]; then pass "prep --format sessions = sequence with the line number as the user"
+    else fail "prep sessions" "differ:$why"; fi
     # (c) pairs: tab, no time column (time = line number), CRLF line endings, extra column
     prep_fixture c c "$tmp" --input "$exp/c_pairs_notime.tsv"
     # (d) fixture (a) with --min 4 and a seed wider than 32 bits (two-word random.seed key)
