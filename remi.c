@@ -2296,9 +2296,10 @@ static void weighted_sum(float *y, const float *a, size_t sa, const float *x, si
     }
 }
 
-/* dst (cols, rows) = src (rows, cols)^T; with AVX-512, 16 x 16 blocks through the vector
- * registers (ComiRec-DR's L maps each step: its forward 2x faster). */
-static void transpose(float *dst, const float *src, int rows, int cols) {
+/* dst (cols, rows) = src (rows, cols)^T, dst's rows ld floats apart (rows, or more for a
+ * share of a wider matrix); with AVX-512, 16 x 16 blocks through the vector registers
+ * (ComiRec-DR's L maps each step: its forward 2x faster). */
+static void transpose_ld(float *dst, size_t ld, const float *src, int rows, int cols) {
     int i = 0;
 #if VW == 16 && MR == 16
     for (; i + 16 <= rows; i += 16) {
@@ -2307,15 +2308,16 @@ static void transpose(float *dst, const float *src, int rows, int cols) {
             vfw x[16];
             for (int r = 0; r < 16; r++) x[r] = *(const vfw *)(src + (size_t)(i + r) * cols + j);
             transpose16(x);
-            for (int q = 0; q < 16; q++) *(vfw *)(dst + (size_t)(j + q) * rows + i) = x[q];
+            for (int q = 0; q < 16; q++) *(vfw *)(dst + (size_t)(j + q) * ld + i) = x[q];
         }
         for (; j < cols; j++)
-            for (int r = 0; r < 16; r++) dst[(size_t)j * rows + i + r] = src[(size_t)(i + r) * cols + j];
+            for (int r = 0; r < 16; r++) dst[(size_t)j * ld + i + r] = src[(size_t)(i + r) * cols + j];
     }
 #endif
     for (; i < rows; i++)
-        for (int j = 0; j < cols; j++) dst[(size_t)j * rows + i] = src[(size_t)i * cols + j];
+        for (int j = 0; j < cols; j++) dst[(size_t)j * ld + i] = src[(size_t)i * cols + j];
 }
+static void transpose(float *dst, const float *src, int rows, int cols) { transpose_ld(dst, (size_t)rows, src, rows, cols); }
 
 /* Products with few outputs, y (rows, out) = x (rows, in) W^T for W (out, in) and out <=
  * NARROW_OUT (SA's K attention logits, the K x n dot products of dots_kl): the matrix
@@ -3617,8 +3619,7 @@ static void gather_rows(const NegRows *c, float *en, int lo, int hi) { /* negati
     size_t D = c->D, M = c->M;
     float *ent = en + M * D;
     for (int j = lo; j < hi; j++) memcpy(en + j * D, c->E + (size_t)c->neg[j] * D, D * sizeof(float));
-    for (size_t d = 0; d < D; d++)
-        for (int j = lo; j < hi; j++) ent[d * M + j] = en[j * D + d];
+    transpose_ld(ent + lo, M, en + (size_t)lo * D, hi - lo, (int)D);
 }
 static void gather_task(void *ctx, int lo, int hi) { /* shared: negatives [lo, hi); own: one task a thread, all */
     const NegRows *c = ctx;
@@ -7034,14 +7035,20 @@ static int st_transpose(void) {
     int ok = 1;
     for (size_t s = 0; s < sizeof shapes / sizeof *shapes; s++) {
         int rows = shapes[s][0], cols = shapes[s][1];
-        float *a = xmalloc((size_t)rows * cols * 4), *t = xmalloc((size_t)rows * cols * 4);
+        size_t ld = (size_t)rows + 7; /* transpose_ld: a share of a wider matrix, the rest untouched */
+        float *a = xmalloc((size_t)rows * cols * 4), *t = xmalloc((size_t)rows * cols * 4), *w = xmalloc(ld * cols * 4);
         gc_fill(a, (size_t)rows * cols, 1, &rng);
         transpose(t, a, rows, cols);
-        for (int i = 0; i < rows; i++)
-            for (int j = 0; j < cols; j++) ok &= t[(size_t)j * rows + i] == a[(size_t)i * cols + j];
-        free(a); free(t);
+        for (size_t i = 0; i < ld * cols; i++) w[i] = -7.0f;
+        transpose_ld(w + 3, ld, a, rows, cols);
+        for (int j = 0; j < cols; j++)
+            for (size_t i = 0; i < ld; i++) {
+                float want = i >= 3 && i < 3 + (size_t)rows ? a[(i - 3) * cols + j] : -7.0f;
+                ok &= (i < (size_t)rows ? t[(size_t)j * rows + i] == a[i * cols + j] : 1) && w[j * ld + i] == want;
+            }
+        free(a); free(t); free(w);
     }
-    return st_report("transpose vs element by element", ok, "8 shapes, blocks of 16 and the edges");
+    return st_report("transpose vs element by element", ok, "8 shapes, blocks of 16 and the edges; into a wider matrix");
 }
 
 int cmd_selftest(int argc, char **argv) {
