@@ -3607,7 +3607,7 @@ static void pop_count(Model *m, const Acts *a, int nb) {
  * product reads ent whole on every thread, and dr's product en. On several threads, when
  * they are small (NEG_OWN_BYTES), each thread gathers all of them into its own scratch:
  * reading lines that another core has just written costs more than gathering them again
- * (the Beauty SA step on 2 threads: 2.93 -> 2.76 ms, medians of 300); otherwise the threads
+ * (the Beauty SA step on 2 threads 2-5% faster, 1 thread unchanged); otherwise the threads
  * gather a share each into shared (M, D) + (D, M) floats. The same values either way. */
 #define NEG_OWN_BYTES ((size_t)2 << 20)
 typedef struct { float *shared; const float *E; const int *neg; int M, D, own; } NegRows;
