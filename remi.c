@@ -162,11 +162,12 @@ void atomic_commit(FILE *f) {
     if (i == MAX_PENDING) die("internal: atomic_commit on an unknown file");
     int bad = ferror(f);
     if (fclose(f) != 0) bad = 1;
-    pending[i].f = NULL;
-    if (bad) { unlink(pending[i].tmp); die("error writing %s (disk full?)", pending[i].path); }
-    if (rename(pending[i].tmp, pending[i].path) != 0) {
+    if (bad) { pending[i].f = NULL; unlink(pending[i].tmp); die("error writing %s (disk full?)", pending[i].path); }
+    int moved = rename(pending[i].tmp, pending[i].path) == 0, err = errno;
+    pending[i].f = NULL; /* after the rename: a signal before it still removes the temporary file */
+    if (!moved) {
         unlink(pending[i].tmp);
-        die("cannot rename %s to %s: %s", pending[i].tmp, pending[i].path, strerror(errno));
+        die("cannot rename %s to %s: %s", pending[i].tmp, pending[i].path, strerror(err));
     }
 }
 
@@ -184,8 +185,19 @@ static const char *shell_word(char *buf, size_t n, const char *s) {
     return buf;
 }
 
+/* The signals that end a command (catch_fatal_signals), to hold back while a set of files
+ * is renamed, and in the worker threads for good (so that the main thread takes them). */
+static sigset_t fatal_signals(void) {
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGINT); sigaddset(&set, SIGTERM); sigaddset(&set, SIGHUP);
+    return set;
+}
+
 /* Files that belong together (prep's five, export's two): each written out and checked
- * before the first is renamed, so that an error (a full disk) leaves the old set whole. */
+ * before the first is renamed, so that an error (a full disk) leaves the old set whole,
+ * and renamed with the fatal signals held back, so that one arriving then ends the process
+ * only after the whole set. */
 static void atomic_commit_all(FILE **f, int n) {
     for (int k = 0; k < n; k++) {
         int i = 0;
@@ -193,7 +205,10 @@ static void atomic_commit_all(FILE **f, int n) {
         if (i == MAX_PENDING) die("internal: atomic_commit_all on an unknown file");
         if (fflush(f[k]) != 0 || ferror(f[k])) die("error writing %s (disk full?)", pending[i].path);
     }
+    sigset_t set = fatal_signals(), old;
+    pthread_sigmask(SIG_BLOCK, &set, &old);
     for (int k = 0; k < n; k++) atomic_commit(f[k]);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
 }
 
 /* A file's path into buf (n bytes), or a clear error where it would not fit (snprintf would
@@ -228,7 +243,8 @@ static void lock_out_dir(const char *dir) {
 }
 
 /* Under the lock of lock_out_dir: temporary files of train's outputs (NAME.tmp.PID) left by
- * a run that was killed (SIGKILL, a power cut) before it could remove them. */
+ * a run that was killed (SIGKILL, a power cut) before it could remove them; those of a live
+ * process stay (a file system without locks lets two runs in). */
 static void remove_stale_temps(const char *dir) {
     static const char *names[] = { "model.bin", "checkpoint.bin", "metrics.jsonl", "curves.svg" };
     DIR *d = opendir(dir);
@@ -238,8 +254,9 @@ static void remove_stale_temps(const char *dir) {
             size_t n = strlen(names[i]);
             const char *pid = e->d_name + n + 5;
             if (strncmp(e->d_name, names[i], n) || strncmp(e->d_name + n, ".tmp.", 5) || !*pid ||
-                strspn(pid, "0123456789") != strlen(pid))
+                strspn(pid, "0123456789") != strlen(pid) || strlen(pid) > 9)
                 continue;
+            if (kill((pid_t)atol(pid), 0) == 0 || errno == EPERM) continue; /* its writer is alive */
             char path[8300];
             snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
             unlink(path);
@@ -435,9 +452,12 @@ static void pool_start(int n) {
     if (n < 1) n = 1;
     if (n > 256) n = 256;
     pool.n = n;
+    sigset_t set = fatal_signals(), old; /* the workers start with them blocked: the main thread takes them */
+    pthread_sigmask(SIG_BLOCK, &set, &old);
     for (int t = 1; t < n; t++)
         if (pthread_create(&pool.th[t], NULL, pool_worker, (void *)(intptr_t)t) != 0)
             die("cannot start thread %d of %d; lower -t", t + 1, n);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
 }
 
 static void parallel_run(int total, task_fn fn, void *ctx) {
@@ -4884,7 +4904,7 @@ static void ckpt_write(const char *path, const Config *c, const Model *m, const 
 /* Opens a checkpoint, checks its checksum, magic and version, and reads its settings into
  * c (the strings live in static storage). The stream is left at the dataset's size. */
 static Stream ckpt_open(const char *path, Config *c) {
-    static char data[4096], name[256], model[32], mind_eval[32], adam[32], remove_hits[32];
+    static char data[4096], name[4096], model[32], mind_eval[32], adam[32], remove_hits[32];
     FILE *f = xfopen(path, "rb", "the folder holds no checkpoint: `remi train --out DIR` writes DIR/checkpoint.bin");
     struct stat sb;
     if (fstat(fileno(f), &sb) != 0 || sb.st_size < 16) die("%s: not a remi checkpoint (too short)", path);
@@ -5175,7 +5195,7 @@ int cmd_train(int argc, char **argv) {
             if (unlink(old_run[i]) != 0 && errno != ENOENT) die("cannot remove %s: %s", old_run[i], strerror(errno));
         memcpy(st.best, m.mem, m.n_params * sizeof(float));
         for (int u = 0; u < U; u++) st.perm[u] = u;
-        char jdata[6 * 4096 + 1], jname[6 * 256 + 1]; /* the longest paths and names the flags take, escaped */
+        char jdata[6 * 4096 + 1], jname[6 * 4096 + 1]; /* the longest paths and names the flags take, escaped */
         json_escape(jdata, sizeof jdata, c.data);
         json_escape(jname, sizeof jname, c.name);
         log_line(&st.log, "{\"config\":{\"data\":\"%s\",\"name\":\"%s\",\"model\":\"%s\",\"D\":%d,\"K\":%d,\"L\":%d,"
@@ -5588,7 +5608,7 @@ static const struct { const char *key, *dflt; } RUN_MORE[] = {
     { "patience", "?" }, { "topn", "?" } };
 #define N_RUN_MORE (int)(sizeof RUN_MORE / sizeof *RUN_MORE)
 typedef struct {
-    char name[256], model[32], adam[16], hits[16]; /* adam, hits: "dense", "none" when the file predates them */
+    char name[4096], model[32], adam[16], hits[16]; /* adam, hits: "dense", "none" when the file predates them */
     double rbeta, rlambda, M, relu, seed, v[8]; /* v: test @20 recall ndcg ndcg_ref hitrate, then @50 */
     double best_iter, last_iter;                /* the best model's step, the last validation's */
     char more[N_RUN_MORE][32];                  /* RUN_MORE's values */

@@ -385,14 +385,18 @@ if ! "$REMI" train --resume "$TMP/chg-run" >"$TMP/chg.log" 2>&1 && grep -q "is n
     pass "resume on changed data of the same sizes refused: $(grep -o 'is not the data.*started on' "$TMP/chg.log")"
 else fail "resume on changed data" "$(tail -n 1 "$TMP/chg.log")"; fi
 
-# a data folder's path of 1,300 characters is recorded whole in the config line (it was cut at 1,017)
-long=$TMP/$(printf 'd%.0s' $(seq 200))
-for _ in 1 2 3 4 5 6; do long=$long/$(printf 'e%.0s' $(seq 200)); done
-mkdir -p "$long"; cp expected/tiny/tiny_* "$long/"
-"$REMI" train --data "$long" --name tiny --iters 10 --eval-every 10 --out "$TMP/longpath" >/dev/null 2>&1
-if [ "${#long}" -gt 1300 ] && head -n 1 "$TMP/longpath/metrics.jsonl" 2>/dev/null | grep -qF "\"data\":\"$long\","; then
-    pass "a data path of ${#long} characters is recorded whole in metrics.jsonl"
-else fail "long data path" "$(head -c 200 "$TMP/longpath/metrics.jsonl" 2>&1)"; fi
+# a data folder's path of 1,200 characters and a --name of 1,200 (with folders in it) are recorded
+# whole in the config line (the path was cut at 1,017), the run resumes, and report reads it
+long=$TMP/$(printf 'd%.0s' $(seq 200)); sub=""
+for _ in 1 2 3 4 5 6; do long=$long/$(printf 'e%.0s' $(seq 200)); sub=$sub$(printf 'n%.0s' $(seq 200))/; done
+mkdir -p "$long/$sub"; cp expected/tiny/tiny_* "$long/$sub"
+"$REMI" train --data "$long" --name "${sub}tiny" --iters 20 --eval-every 10 --stop-after 10 --out "$TMP/longpath" >/dev/null 2>&1
+"$REMI" train --resume "$TMP/longpath" >/dev/null 2>&1
+if [ "${#long}" -gt 1200 ] && [ "${#sub}" -gt 1200 ] &&
+   head -n 1 "$TMP/longpath/metrics.jsonl" 2>/dev/null | grep -qF "\"data\":\"$long\",\"name\":\"${sub}tiny\"," &&
+   "$REMI" report "$TMP/longpath" 2>&1 | grep -qF "| ${sub}tiny | sa |"; then
+    pass "a data path and a --name of 1,200+ characters: recorded whole, resumed, reported"
+else fail "long data path and name" "$(head -c 200 "$TMP/longpath/metrics.jsonl" 2>&1)"; fi
 
 # Adam's mode and --remove-hits are settings of the run: they travel in the checkpoint
 LH=("${TINY[@]}" --model sa --adam lazy --remove-hits history)
@@ -411,12 +415,15 @@ if ! (cd / && "$remi_abs" train --resume "$TMP/rel" >"$TMP/rel.log" 2>&1) && gre
 else fail "resume elsewhere" "$(tail -n 1 "$TMP/rel.log")"; fi
 
 # temporary files of a killed run (kill -9 leaves model.bin.tmp.PID) are removed by the next train
-# in the folder, which holds its lock; other files stay
-touch "$TMP/rel/model.bin.tmp.4242" "$TMP/rel/checkpoint.bin.tmp.17" "$TMP/rel/notes.tmp.1"
+# in the folder, which holds its lock; other files, and those of a live process, stay
+dead=$(sh -c 'echo $$')
+touch "$TMP/rel/model.bin.tmp.$dead" "$TMP/rel/checkpoint.bin.tmp.$dead" "$TMP/rel/notes.tmp.1" "$TMP/rel/curves.svg.tmp.$$"
 "$REMI" train --resume "$TMP/rel" >/dev/null 2>&1
-if [ ! -e "$TMP/rel/model.bin.tmp.4242" ] && [ ! -e "$TMP/rel/checkpoint.bin.tmp.17" ] && [ -e "$TMP/rel/notes.tmp.1" ] &&
-   [ -s "$TMP/rel/model.bin" ]; then pass "a killed run's temporary files are removed by the next train in its folder"
+if [ ! -e "$TMP/rel/model.bin.tmp.$dead" ] && [ ! -e "$TMP/rel/checkpoint.bin.tmp.$dead" ] && [ -e "$TMP/rel/notes.tmp.1" ] &&
+   [ -e "$TMP/rel/curves.svg.tmp.$$" ] && [ -s "$TMP/rel/model.bin" ]; then
+    pass "a killed run's temporary files are removed by the next train in its folder (a live process's stay)"
 else fail "stale temporary files" "$(ls "$TMP/rel" | tr '\n' ' ')"; fi
+rm -f "$TMP/rel/curves.svg.tmp.$$"
 
 # one remi train at a time in an output folder: a second is refused while the first runs
 d=$TMP/locked
