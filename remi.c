@@ -68,9 +68,12 @@ void die(const char *fmt, ...) {
 /* SIGINT, SIGTERM or SIGHUP (unless train's loop takes them over, on_stop_signal): the files
  * being written are removed (unlink is signal-safe), and the process ends as the signal
  * would have ended it. A signal the process was started with ignored stays ignored. */
-static void on_fatal_signal(int sig) {
+static void unlink_pending(void) { /* signal-safe: unlink only */
     for (int i = 0; i < MAX_PENDING; i++)
         if (pending[i].f) unlink(pending[i].tmp);
+}
+static void on_fatal_signal(int sig) {
+    unlink_pending();
     signal(sig, SIG_DFL);
     raise(sig);
 }
@@ -5036,9 +5039,8 @@ static const char *TRAIN_WHAT =
 
 static volatile sig_atomic_t stop_signal;
 static void on_stop_signal(int sig) {
-    if (stop_signal) { /* a second Ctrl-C: quit at once, without the files being written (unlink is signal-safe) */
-        for (int i = 0; i < MAX_PENDING; i++)
-            if (pending[i].f) unlink(pending[i].tmp);
+    if (stop_signal) { /* a second Ctrl-C: quit at once, without the files being written */
+        unlink_pending();
         _exit(128 + sig);
     }
     stop_signal = sig;
