@@ -5144,6 +5144,8 @@ int cmd_train(int argc, char **argv) {
     check_config(&c);
     check_range("--eval-batch", c.eval_batch, 1, 1 << 16);
     check_range("--stop-after", (double)stop_after, 0, 1e12);
+    if (stop_after > c.iters)
+        fprintf(stderr, "remi: note: --stop-after %ld has no effect: the run ends at --iters %ld\n", stop_after, c.iters);
     pool_start(c.threads);
 
     Dataset ds;
@@ -5797,6 +5799,9 @@ int cmd_report(int argc, char **argv) {
         else dirs[n++] = argv[i];
     }
     if (n == 0) die("report: give the --out folders of finished runs; see `remi report --help`");
+    struct stat sb;
+    if (svg && (!*svg || (stat(svg, &sb) == 0 && S_ISDIR(sb.st_mode)))) /* before the table is printed */
+        die("report: --negatives-svg \"%s\": give a file name (the figure is an SVG file)", svg);
     int n_rows = 0, *count = xcalloc(n, sizeof(int));
     RunResult *runs = xmalloc(n * sizeof *runs), *rows = xmalloc(n * sizeof *rows);
     double *sum = xcalloc((size_t)n * 8, sizeof(double)), *sq = xcalloc((size_t)n * 8, sizeof(double));

@@ -807,6 +807,15 @@ if grep -q '"rbeta":0,' "$TMP/sp ace/metrics.jsonl" && grep -q "resume '$TMP/sp 
    grep -q -- "--users: give at least one user row" "$TMP/misc3.log"; then
     pass "--rbeta -0 recorded as 0; eval's note on --mind-eval; inspect --users \" \" refused; resume hint quoted"
 else fail "small flags" "$(tail -n 1 "$TMP/misc.log") / $(head -c 100 "$TMP/misc2.log") / $(head -c 100 "$TMP/misc3.log")"; fi
+# report --negatives-svg with no file name, or a folder: refused before the table is printed;
+# --stop-after past --iters: a note
+"$REMI" report --negatives-svg "" "$TMP/tiny-sa-t2" >"$TMP/rsvg.out" 2>"$TMP/rsvg.err"; rc1=$?
+"$REMI" report --negatives-svg "$TMP" "$TMP/tiny-sa-t2" >>"$TMP/rsvg.out" 2>>"$TMP/rsvg.err"; rc2=$?
+"$REMI" train --data expected/tiny --name tiny --iters 10 --eval-every 10 --stop-after 20 --out "$TMP/sa20" >"$TMP/sa20.log" 2>&1
+if [ $rc1 = 1 ] && [ $rc2 = 1 ] && [ ! -s "$TMP/rsvg.out" ] && [ "$(grep -c "give a file name" "$TMP/rsvg.err")" = 2 ] &&
+   grep -q "note: --stop-after 20 has no effect: the run ends at --iters 10" "$TMP/sa20.log"; then
+    pass "report --negatives-svg \"\" or a folder refused before any table; --stop-after past --iters: a note"
+else fail "report svg path / stop-after note" "$(head -c 200 "$TMP/rsvg.err") $(head -c 100 "$TMP/rsvg.out")"; fi
 # selftest away from the repository names the file it misses and the flag that finds it
 if ! (cd "$TMP" && "$remi_abs" selftest >"$TMP/st-away.log" 2>&1) && grep -q "cannot open expected/setorder.txt (.*--expected DIR)" "$TMP/st-away.log"; then
     pass "selftest from another folder names expected/setorder.txt and --expected"
