@@ -147,6 +147,15 @@ FILE *xfopen(const char *path, const char *mode, const char *hint) {
 }
 
 /* Write to "<path>.tmp.<pid>", then atomic_commit() renames it over <path>. */
+/* The signals that end a command (catch_fatal_signals), to hold back while a file is created
+ * and registered or a set of files is renamed, and in the worker threads for good (so that the main thread takes them). */
+static sigset_t fatal_signals(void) {
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGINT); sigaddset(&set, SIGTERM); sigaddset(&set, SIGHUP);
+    return set;
+}
+
 FILE *atomic_open(const char *path) {
     int i = 0;
     while (i < MAX_PENDING && pending[i].f) i++;
@@ -154,8 +163,12 @@ FILE *atomic_open(const char *path) {
     if (strlen(path) + 32 > sizeof pending[i].tmp) die("output path too long: %s", path);
     snprintf(pending[i].tmp, sizeof pending[i].tmp, "%s.tmp.%d", path, (int)getpid());
     snprintf(pending[i].path, sizeof pending[i].path, "%s", path);
+    sigset_t set = fatal_signals(), old; /* a signal finds the file registered once it exists */
+    pthread_sigmask(SIG_BLOCK, &set, &old);
     pending[i].f = fopen(pending[i].tmp, "wb");
-    if (!pending[i].f) die("cannot write %s: %s", pending[i].tmp, strerror(errno));
+    int err = errno;
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (!pending[i].f) die("cannot write %s: %s", pending[i].tmp, strerror(err));
     return pending[i].f;
 }
 
@@ -176,7 +189,7 @@ void atomic_commit(FILE *f) {
 
 /* s as one shell word (for a command to paste): as it is if plain, else in single quotes. */
 static const char *shell_word(char *buf, size_t n, const char *s) {
-    if (*s && strspn(s, "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_./+,:@%=-") == strlen(s)) return s;
+    if (*s && strspn(s, "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_./+,:@%-") == strlen(s)) return s;
     size_t k = 0;
     if (k + 1 < n) buf[k++] = '\'';
     for (; *s && k + 5 < n; s++) {
@@ -186,15 +199,6 @@ static const char *shell_word(char *buf, size_t n, const char *s) {
     if (k + 1 < n) buf[k++] = '\'';
     buf[k] = 0;
     return buf;
-}
-
-/* The signals that end a command (catch_fatal_signals), to hold back while a set of files
- * is renamed, and in the worker threads for good (so that the main thread takes them). */
-static sigset_t fatal_signals(void) {
-    sigset_t set;
-    sigemptyset(&set);
-    sigaddset(&set, SIGINT); sigaddset(&set, SIGTERM); sigaddset(&set, SIGHUP);
-    return set;
 }
 
 /* Files that belong together (prep's five, export's two): each written out and checked
@@ -380,7 +384,12 @@ static void parse_flags(int argc, char **argv, const char *cmd, const char *what
         switch (f->type) {
         case F_INT: { long x = strtol(v, &end, 10); if (x < INT_MIN || x > INT_MAX) errno = ERANGE; *(int *)f->dst = (int)x; break; }
         case F_LONG: *(long *)f->dst = strtol(v, &end, 10); break;
-        case F_FLOAT: { float x = strtof(v, &end); if (!isfinite(x)) errno = ERANGE; *(float *)f->dst = x; break; }
+        case F_FLOAT: { /* decimal only, as the integer flags: strtof would also read hex (0x1p-10) */
+            float x = strtof(v, &end);
+            if (!isfinite(x) || strpbrk(v, "xX")) errno = ERANGE;
+            *(float *)f->dst = x;
+            break;
+        }
         case F_U64: *(uint64_t *)f->dst = strtoull(v, &end, 10); if (v[0] == '-') errno = ERANGE; break;
         case F_STR: *(const char **)f->dst = v; end = (char *)v + strlen(v); break;
         case F_BOOL: break;

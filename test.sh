@@ -775,7 +775,7 @@ for flag in "--model gru4rec --dropout 0.99" "--lr 1e-12"; do # a float flag at 
 done
 for flag in "--interests 0" "--hidden 0" "--lr -1" "--batch x" "--bogus 1" "--model bert" "--model dnn --rlambda 5" \
             "--model pop --rbeta 1" "--model sa --relu" "--model gru4rec --dropout 1" "--model sa --dropout 0.5" \
-            "--mind-eval sometimes" \
+            "--mind-eval sometimes" "--lr 0x1p-10" \
             "--remove-hits all" "--neg 0 --rbeta 0 --remove-hits target" "--model pop --remove-hits target"; do
     if ! "$REMI" train $flag --out "$TMP/flag-out" >"$TMP/flag.log" 2>&1 && [ ! -e "$TMP/flag-out" ]; then
         pass "bad flag: $flag ($(head -c 70 "$TMP/flag.log"))"
