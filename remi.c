@@ -65,13 +65,14 @@ void die(const char *fmt, ...) {
     exit(1);
 }
 
-/* SIGINT, SIGTERM or SIGHUP (unless train's loop takes them over, on_stop_signal): the files
- * being written are removed (unlink is signal-safe), and the process ends as the signal
- * would have ended it. A signal the process was started with ignored stays ignored. */
-static void unlink_pending(void) { /* signal-safe: unlink only */
+/* The temporary files being written, removed; signal-safe (unlink only). */
+static void unlink_pending(void) {
     for (int i = 0; i < MAX_PENDING; i++)
         if (pending[i].f) unlink(pending[i].tmp);
 }
+/* SIGINT, SIGTERM or SIGHUP (unless train's loop takes them over, on_stop_signal): the files
+ * being written are removed, and the process ends as the signal would have ended it. A
+ * signal the process was started with ignored stays ignored. */
 static void on_fatal_signal(int sig) {
     unlink_pending();
     signal(sig, SIG_DFL);
@@ -146,9 +147,9 @@ FILE *xfopen(const char *path, const char *mode, const char *hint) {
     return f;
 }
 
-/* Write to "<path>.tmp.<pid>", then atomic_commit() renames it over <path>. */
 /* The signals that end a command (catch_fatal_signals), to hold back while a file is created
- * and registered or a set of files is renamed, and in the worker threads for good (so that the main thread takes them). */
+ * and registered or a set of files is renamed, and in the worker threads for good (so that
+ * the main thread takes them). */
 static sigset_t fatal_signals(void) {
     sigset_t set;
     sigemptyset(&set);
@@ -156,6 +157,15 @@ static sigset_t fatal_signals(void) {
     return set;
 }
 
+/* The pending entry of an output file that atomic_open returned. */
+static int pending_slot(FILE *f) {
+    int i = 0;
+    while (i < MAX_PENDING && pending[i].f != f) i++;
+    if (i == MAX_PENDING) die("internal: an output file atomic_open did not open");
+    return i;
+}
+
+/* Write to "<path>.tmp.<pid>", then atomic_commit() renames it over <path>. */
 FILE *atomic_open(const char *path) {
     int i = 0;
     while (i < MAX_PENDING && pending[i].f) i++;
@@ -173,10 +183,7 @@ FILE *atomic_open(const char *path) {
 }
 
 void atomic_commit(FILE *f) {
-    int i = 0;
-    while (i < MAX_PENDING && pending[i].f != f) i++;
-    if (i == MAX_PENDING) die("internal: atomic_commit on an unknown file");
-    int bad = ferror(f);
+    int i = pending_slot(f), bad = ferror(f);
     if (fclose(f) != 0) bad = 1;
     if (bad) { pending[i].f = NULL; unlink(pending[i].tmp); die("error writing %s (disk full?)", pending[i].path); }
     int moved = rename(pending[i].tmp, pending[i].path) == 0, err = errno;
@@ -206,12 +213,8 @@ static const char *shell_word(char *buf, size_t n, const char *s) {
  * and renamed with the fatal signals held back, so that one arriving then ends the process
  * only after the whole set. */
 static void atomic_commit_all(FILE **f, int n) {
-    for (int k = 0; k < n; k++) {
-        int i = 0;
-        while (i < MAX_PENDING && pending[i].f != f[k]) i++;
-        if (i == MAX_PENDING) die("internal: atomic_commit_all on an unknown file");
-        if (fflush(f[k]) != 0 || ferror(f[k])) die("error writing %s (disk full?)", pending[i].path);
-    }
+    for (int k = 0; k < n; k++)
+        if (fflush(f[k]) != 0 || ferror(f[k])) die("error writing %s (disk full?)", pending[pending_slot(f[k])].path);
     sigset_t set = fatal_signals(), old;
     pthread_sigmask(SIG_BLOCK, &set, &old);
     for (int k = 0; k < n; k++) atomic_commit(f[k]);
@@ -3678,11 +3681,11 @@ static void logits_forward(float *pos, float *logit, const NegRows *neg, const f
 }
 /* dr += dlogit en + dpos E[t];  dE[n_j] += sum_b dlogit[b,j] r_b;  dE[t_b] += dpos_b r_b */
 static void logits_backward(float *dr, ItemGrad *dE, float *den, const float *dpos, const float *dlogit,
-                            const float *r, const NegRows *en, const int *target, int nb) {
-    int M = en->M, D = en->D;
-    const float *E = en->E;
-    const int *neg = en->neg;
-    neg_gemm(en, 0, (Gemm){ dr, D, dlogit, M, 1, NULL, D, nb, D, M, 1 }); /* (nb, M) x en (M, D), as gathered */
+                            const float *r, const NegRows *rows, const int *target, int nb) {
+    int M = rows->M, D = rows->D;
+    const float *E = rows->E;
+    const int *neg = rows->neg;
+    neg_gemm(rows, 0, (Gemm){ dr, D, dlogit, M, 1, NULL, D, nb, D, M, 1 }); /* (nb, M) x en (M, D), as gathered */
     gemm_tn(den, dlogit, r, M, D, nb, 0);     /* (M, nb) x (nb, D) */
     for (int b = 0; b < nb; b++) axpyf(dr + (size_t)b * D, dpos[b], E + (size_t)target[b] * D, D);
     item_grad_scatter(&(Scatter){ dE, neg, NULL, NULL, den, NULL, M, D });
@@ -4605,6 +4608,14 @@ static void model_save(const Model *m, const float *params, const Config *c, con
     atomic_commit(f);
 }
 
+/* --mind-eval given for a model that draws nothing at evaluation (any but MIND): a note;
+ * returns whether it was. */
+static int note_mind_eval_unused(const Config *c) {
+    if (c->enc == ENC_MIND || !flag_given(&c->mind_eval)) return 0;
+    fprintf(stderr, "remi: note: --mind-eval has no effect: only MIND draws at evaluation\n");
+    return 1;
+}
+
 /* Reads a model file into a fresh Model; the encoder, dimensions and seed come from the file,
  * and --mind-eval too where the command was not given one and the file says fixed. */
 static void model_load(Model *m, Config *c, const char *path) {
@@ -4621,8 +4632,7 @@ static void model_load(Model *m, Config *c, const char *path) {
     c->enc = (Encoder)hdr[2]; c->model = ENC_NAMES[c->enc];
     c->D = hdr[4]; c->K = hdr[5]; c->L = hdr[6]; c->add_pos = hdr[7]; c->relu = hdr[8]; c->seed = meta[0];
     if (hdr[9] && !flag_given(&c->mind_eval)) c->mind_eval = "fixed";
-    if (c->enc != ENC_MIND && flag_given(&c->mind_eval))
-        fprintf(stderr, "remi: note: --mind-eval has no effect: only MIND draws at evaluation\n");
+    note_mind_eval_unused(c);
     TensorInit t[N_PARAM_TENSORS];
     model_shape(m, t, hdr[3], c); /* check the sizes against the file before allocating */
     struct stat sb;
@@ -4759,10 +4769,7 @@ static void check_config(Config *c) {
     check_range("-t", c->threads, 1, 256);
     /* flags the model takes nothing from: a note, not an error, as a sweep gives every model
      * one set of flags (the reference's argparse takes them all too) */
-    if (c->enc != ENC_MIND && flag_given(&c->mind_eval)) { /* recorded as the default: report's rows stay one */
-        fprintf(stderr, "remi: note: --mind-eval has no effect: only MIND draws at evaluation\n");
-        c->mind_eval = "fresh";
-    }
+    if (note_mind_eval_unused(c)) c->mind_eval = "fresh"; /* recorded as the default: report's rows stay one */
     if (!multi && flag_given(&c->K))
         fprintf(stderr, "remi: note: --interests has no effect: --model %s has one user vector\n", c->model);
     const struct { const void *dst; const char *name; } pop_unused[] = {
@@ -5263,12 +5270,10 @@ int cmd_train(int argc, char **argv) {
     if (st.best_iter == 0) {
         printf("no validation improvement over recall 0: reporting the last parameters\n");
         memcpy(st.best, m.mem, m.n_params * sizeof(float));
-        model_save(&m, st.best, &c, out_dir.model);
     }
-    if (resume) { /* the folder may hold the checkpoint alone: the files a run ends with */
-        model_save(&m, st.best, &c, out_dir.model);
-        if (st.n_curve) write_curves(out_dir.curves, st.curve, st.n_curve, cut);
-    }
+    /* a resumed run's folder may hold the checkpoint alone: it gets the files a run ends with */
+    if (st.best_iter == 0 || resume) model_save(&m, st.best, &c, out_dir.model);
+    if (resume && st.n_curve) write_curves(out_dir.curves, st.curve, st.n_curve, cut);
     memcpy(m.mem, st.best, m.n_params * sizeof(float));
     Metrics mv, mt[2];
     int cuts[2] = { 20, 50 };
@@ -5900,7 +5905,6 @@ static double gc_dot(const float *c, const float *y, size_t n) {
 
 typedef double (*GcObj)(GcState *g);
 
-/* Compare the analytic gradient of obj w.r.t. x (n elements) with central differences. */
 /* Element i's error against the tolerance at step eps, or -1 if the steps move a kink. */
 static double gc_error(GcObj obj, GcState *g, float *x, size_t i, double an, double eps, uint64_t base) {
     float orig = x[i];
@@ -5915,6 +5919,7 @@ static double gc_error(GcObj obj, GcState *g, float *x, size_t i, double an, dou
     double fd = (fp - fm) / (hp + hm), r = fabs(fd - an) / (GC_ATOL + GC_RTOL * fabs(an));
     return r == r ? r : INFINITY; /* a NaN fails */
 }
+/* Compare the analytic gradient of obj w.r.t. x (n elements) with central differences. */
 static int gc_check(const char *what, GcObj obj, GcState *g, float *x, const float *an, size_t n) {
     double worst = 0;
     size_t checked = 0, skipped = 0;
