@@ -124,6 +124,19 @@ static void *big_calloc(size_t bytes) {
 #endif
     return q;
 }
+/* Memory a run reserves, checked against the machine's before it is touched: Linux grants
+ * more than it has (overcommit), and a run that outgrows it is killed partway with no
+ * message, where a refusal can say what to lower. Over half: a note. */
+static void check_fits(double bytes, const char *what) {
+    long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
+    double have = (double)pages * page;
+    if (pages <= 0 || page <= 0) return;
+    if (bytes > have)
+        die("%s need %.1f GB, more than this machine's %.1f GB of memory; lower --len, --hidden, --interests, "
+            "--batch, --eval-batch or --neg", what, bytes / 1e9, have / 1e9);
+    if (bytes > have / 2)
+        fprintf(stderr, "remi: note: %s may take up to %.1f GB of this machine's %.1f GB of memory\n", what, bytes / 1e9, have / 1e9);
+}
 static void big_free(void *p, size_t bytes) {
     if (!p) return;
     if (!BIG_MAPPED || bytes < BIG_PAGE) free(p);
@@ -2526,6 +2539,7 @@ static void model_shape(Model *m, TensorInit *t, int N, const Config *c) {
 void model_init(Model *m, int N, const Config *c) {
     TensorInit t[N_PARAM_TENSORS];
     model_shape(m, t, N, c);
+    check_fits(4.0 * m->n_params * sizeof(float), "the parameters, their gradient and Adam's two moments");
     m->mem = big_calloc(m->n_params * sizeof(float));
     m->gmem = xcalloc(m->n_params, sizeof(float)); /* mostly untouched (the item rows are kept by ItemGrad) */
     m->mmem = big_calloc(m->n_params * sizeof(float));
@@ -2639,6 +2653,9 @@ void acts_init(Acts *a, const Model *m, int cap_b, int M) {
         a->dglast = acts_calloc(a, B * G, sizeof(float));
         a->gwt = acts_calloc(a, 3 * G * G, sizeof(float));
     }
+    double bytes = 4.0 * m->n_params * sizeof(float); /* reserved so far, untouched (the rows arrays: as written) */
+    for (int i = 0; i < a->n_owned; i++) bytes += a->owned_bytes[i];
+    check_fits(bytes, "the model with Adam's state and a batch's activations");
 }
 
 void acts_free(Acts *a) {
@@ -4773,7 +4790,7 @@ static void check_config(Config *c) {
     if (!multi && flag_given(&c->K))
         fprintf(stderr, "remi: note: --interests has no effect: --model %s has one user vector\n", c->model);
     const struct { const void *dst; const char *name; } pop_unused[] = {
-        { &c->D, "--hidden" }, { &c->lr, "--lr" }, { &c->M, "--neg" }, { &c->adam, "--adam" } };
+        { &c->D, "--hidden" }, { &c->L, "--len" }, { &c->lr, "--lr" }, { &c->M, "--neg" }, { &c->adam, "--adam" } };
     for (size_t i = 0; i < sizeof pop_unused / sizeof *pop_unused && c->enc == ENC_POP; i++)
         if (flag_given(pop_unused[i].dst))
             fprintf(stderr, "remi: note: %s has no effect: --model pop counts the training targets\n", pop_unused[i].name);
@@ -5190,12 +5207,14 @@ int cmd_train(int argc, char **argv) {
     snprintf(out_dir.model, sizeof out_dir.model, "%s/model.bin", c.out);
     snprintf(out_dir.curves, sizeof out_dir.curves, "%s/curves.svg", c.out);
 
-    printf("remi train: %s/%s  users %d/%d/%d  items %d  |  model %s%s  D %d K %d L %d B %d M %d lr %g  beta %g"
-           "  lambda %g%s%s%s%s  seed %llu  threads %d\n",
-           c.data, c.name, U, ds.valid.n_users, ds.test.n_users, ds.N - 1, c.model, m.relu ? "+relu" : "", m.D,
-           m.K, c.L, c.B, c.M, c.lr, c.rbeta, c.rlambda, c.hits ? "  remove-hits " : "", c.hits ? c.remove_hits : "",
-           strcmp(c.adam, "dense") ? "  adam " : "", strcmp(c.adam, "dense") ? c.adam : "", /* when not the default */
-           (unsigned long long)c.seed, c.threads);
+    char hyper[256]; /* Pop counts the batches' targets: only B matters to it */
+    if (m.enc == ENC_POP) snprintf(hyper, sizeof hyper, "B %d", c.B);
+    else snprintf(hyper, sizeof hyper, "D %d K %d L %d B %d M %d lr %g  beta %g  lambda %g", m.D, m.K, c.L, c.B, c.M,
+                  c.lr, c.rbeta, c.rlambda);
+    printf("remi train: %s/%s  users %d/%d/%d  items %d  |  model %s%s  %s%s%s%s%s  seed %llu  threads %d\n", c.data,
+           c.name, U, ds.valid.n_users, ds.test.n_users, ds.N - 1, c.model, m.relu ? "+relu" : "", hyper,
+           c.hits ? "  remove-hits " : "", c.hits ? c.remove_hits : "", strcmp(c.adam, "dense") ? "  adam " : "",
+           strcmp(c.adam, "dense") ? c.adam : "", /* when not the default */ (unsigned long long)c.seed, c.threads);
     fflush(stdout); /* a log shows the run has started (and holds its --out) */
     if (resume) {
         char where[4400];
@@ -5254,6 +5273,7 @@ int cmd_train(int argc, char **argv) {
         st.elapsed = now_sec() - t0;
         ckpt_write(ckpt_path, &c, &m, &st, U, fingerprint);
         ckpt_it = it;
+        if (st.trials > c.patience) printf("early stop: %d evaluations without improvement\n", st.trials);
         if (stop_signal || it == stop_after) {
             if (tty) printf("\r\033[K");
             char word[4 * 4200];
@@ -5263,7 +5283,6 @@ int cmd_train(int argc, char **argv) {
                    it, ckpt_path, shell_word(word, sizeof word, c.out));
             return stop_signal ? 128 + stop_signal : 0;
         }
-        if (st.trials > c.patience) printf("early stop: %d evaluations without improvement\n", st.trials);
         t_mark = now_sec();
         it_mark = it;
     }

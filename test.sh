@@ -377,6 +377,15 @@ if same_run "$TMP/ck-copy" "$TMP/ck-whole" && cmp -s "$TMP/ck-copy/curves.svg" "
    grep -q "the run had finished (its last step)" "$TMP/ck-copy.log"; then
     pass "resume from a folder holding only the checkpoint: model.bin, curves.svg and metrics.jsonl of the run left alone"
 else fail "resume from the checkpoint alone" "$(ls "$TMP/ck-copy" | tr '\n' ' ') $(tail -n 1 "$TMP/ck-copy.log")"; fi
+# stopped at the very step that stops it early: both runs say so, and the resume ends as the run left alone
+ES=(--data expected/tiny --name tiny --patience 0 --eval-every 5 --iters 200 -t 1)
+"$REMI" train "${ES[@]}" --out "$TMP/es-whole" >"$TMP/es-whole.log" 2>&1
+"$REMI" train "${ES[@]}" --stop-after 30 --out "$TMP/es-stop" >"$TMP/es-stop.log" 2>&1
+"$REMI" train --resume "$TMP/es-stop" >"$TMP/es-res.log" 2>&1
+if grep -q "best model: iter 25 of 30" "$TMP/es-whole.log" && grep -q "^early stop: 1 evaluations" "$TMP/es-stop.log" &&
+   grep -q "the run had finished (early stop)" "$TMP/es-res.log" && same_run "$TMP/es-stop" "$TMP/es-whole"; then
+    pass "stopped at the early-stop step: 'early stop' printed, the resume ends as the run left alone"
+else fail "stop at the early-stop step" "$(tail -n 2 "$TMP/es-stop.log" | head -c 200)"; fi
 # the data changed under a stopped run (one test item, the same counts): the resume is refused
 mkdir -p "$TMP/chg"; cp expected/tiny/tiny_* "$TMP/chg/"
 "$REMI" train --data "$TMP/chg" --name tiny --iters 300 --eval-every 100 --stop-after 150 --out "$TMP/chg-run" >/dev/null 2>&1
@@ -785,9 +794,16 @@ done
 if "$REMI" train --data expected/tiny --name tiny --model pop --interests 8 --lr 0.01 --iters 1 --eval-every 1 --out "$TMP/note" >"$TMP/note.log" 2>&1 &&
    grep -q "note: --interests has no effect: --model pop has one user vector" "$TMP/note.log" &&
    grep -q "note: --lr has no effect: --model pop counts the training targets" "$TMP/note.log" &&
+   grep -q "model pop  B 128  seed" "$TMP/note.log" && ! grep -q " lr " "$TMP/note.log" &&
    "$REMI" train --data expected/tiny --name tiny --interests 8 --iters 1 --eval-every 1 --out "$TMP/note2" >"$TMP/note2.log" 2>&1 &&
-   ! grep -q "note:" "$TMP/note2.log"; then pass "flags a model ignores (--interests, --lr with pop): run, with a note; none for SA"
+   ! grep -q "note:" "$TMP/note2.log"; then pass "flags a model ignores (--interests, --lr with pop): run, with a note, and not in its startup line; none for SA"
 else fail "notes on ignored flags" "$(grep note "$TMP/note.log" | head -c 200)"; fi
+# a model larger than the machine's memory (DR's position weights: L K D^2, 42e9 floats) is refused before
+# anything is reserved or written, where the overcommitted allocation would be killed while it trains
+if ! "$REMI" train --model dr --len 10000 --hidden 1024 --out "$TMP/huge" >"$TMP/huge.log" 2>&1 &&
+   grep -q "Adam's two moments need 671.4 GB, more than this machine's" "$TMP/huge.log" && [ ! -e "$TMP/huge" ]; then
+    pass "a model beyond the machine's memory refused, naming the flags to lower"
+else fail "model beyond memory" "$(head -c 200 "$TMP/huge.log")"; fi
 # --topn at the catalogue's size: every validation list would hold every item (recall 1), refused
 if ! "$REMI" train --data expected/tiny --name tiny --topn 400 --out "$TMP/topn-all" >"$TMP/topn.log" 2>&1 &&
    grep -q -- "--topn 400: expected/tiny/tiny has 400 items" "$TMP/topn.log" && [ ! -e "$TMP/topn-all" ]; then
