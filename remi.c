@@ -70,17 +70,18 @@ static void unlink_pending(void) {
     for (int i = 0; i < MAX_PENDING; i++)
         if (pending[i].f) unlink(pending[i].tmp);
 }
-/* SIGINT, SIGTERM or SIGHUP (unless train's loop takes them over, on_stop_signal): the files
- * being written are removed, and the process ends as the signal would have ended it. A
- * signal the process was started with ignored stays ignored. */
+/* SIGINT, SIGTERM, SIGHUP or SIGPIPE (output piped to a reader that quit, `| head`; unless
+ * train's loop takes SIGINT and SIGTERM over, on_stop_signal): the files being written are
+ * removed, and the process ends as the signal would have ended it. A signal the process was
+ * started with ignored stays ignored. */
 static void on_fatal_signal(int sig) {
     unlink_pending();
     signal(sig, SIG_DFL);
     raise(sig);
 }
 static void catch_fatal_signals(void) {
-    const int sigs[3] = { SIGINT, SIGTERM, SIGHUP };
-    for (int i = 0; i < 3; i++) {
+    const int sigs[4] = { SIGINT, SIGTERM, SIGHUP, SIGPIPE };
+    for (int i = 0; i < 4; i++) {
         struct sigaction old;
         if (sigaction(sigs[i], NULL, &old) == 0 && old.sa_handler != SIG_IGN) signal(sigs[i], on_fatal_signal);
     }
@@ -166,7 +167,7 @@ FILE *xfopen(const char *path, const char *mode, const char *hint) {
 static sigset_t fatal_signals(void) {
     sigset_t set;
     sigemptyset(&set);
-    sigaddset(&set, SIGINT); sigaddset(&set, SIGTERM); sigaddset(&set, SIGHUP);
+    sigaddset(&set, SIGINT); sigaddset(&set, SIGTERM); sigaddset(&set, SIGHUP); sigaddset(&set, SIGPIPE);
     return set;
 }
 
@@ -221,13 +222,17 @@ static const char *shell_word(char *buf, size_t n, const char *s) {
     return buf;
 }
 
-/* Files that belong together (prep's five, export's two): each written out and checked
- * before the first is renamed, so that an error (a full disk) leaves the old set whole,
- * and renamed with the fatal signals held back, so that one arriving then ends the process
- * only after the whole set. */
+/* Files that belong together (prep's five, export's two): each written out and checked,
+ * and each destination checked (a folder in its place would refuse its rename alone), before
+ * the first is renamed, so that an error leaves the old set whole; renamed with the fatal
+ * signals held back, so that one arriving then ends the process only after the whole set. */
 static void atomic_commit_all(FILE **f, int n) {
-    for (int k = 0; k < n; k++)
-        if (fflush(f[k]) != 0 || ferror(f[k])) die("error writing %s (disk full?)", pending[pending_slot(f[k])].path);
+    for (int k = 0; k < n; k++) {
+        const char *path = pending[pending_slot(f[k])].path;
+        struct stat st;
+        if (fflush(f[k]) != 0 || ferror(f[k])) die("error writing %s (disk full?)", path);
+        if (stat(path, &st) == 0 && S_ISDIR(st.st_mode)) die("cannot replace %s: it is a folder", path);
+    }
     sigset_t set = fatal_signals(), old;
     pthread_sigmask(SIG_BLOCK, &set, &old);
     for (int k = 0; k < n; k++) atomic_commit(f[k]);
@@ -559,7 +564,7 @@ void load_split(Split *s, const char *path, int max_item, const char *from, int 
     size_t n = 0, cap = 0, lcap = 0;
     char *line = NULL;
     ssize_t len;
-    int lineno = 0;
+    int lineno = 0, nf1 = 0; /* nf1: the first line's fields, which every line must have */
     while ((len = getline(&line, &lcap, f)) != -1) {
         lineno++;
         if (len > 0 && line[len - 1] == '\n') line[--len] = 0;
@@ -577,6 +582,9 @@ void load_split(Split *s, const char *path, int max_item, const char *from, int 
         if (!p || *p != 0 || nf < 3)
             die("%s:%d: expected 'user,item,index,timestamp' or 'user,item,time' (integers), got \"%s\"",
                 path, lineno, excerpt(line));
+        if (!nf1) nf1 = nf;
+        if (nf != nf1) /* a line cut short: its index would be read as the time */
+            die("%s:%d: %d fields where line 1 has %d (a file cut short?), got \"%s\"", path, lineno, nf, nf1, excerpt(line));
         if (v[1] < 1 || v[1] > max_item)
             die("%s:%d: item id %lld out of range 1..%d%s%s%s in \"%s\"", path, lineno, (long long)v[1], max_item,
                 from ? " (the items of " : "", from ? from : "", from ? ")" : "", excerpt(line));
@@ -659,9 +667,7 @@ static int read_item_map(const char *path, char **names, int N) {
     for (size_t i = 0; i < b.n; i++) n += b.p[i] == '\n';
     n += b.n > 0 && b.p[b.n - 1] != '\n';
     if (n == 0) die("%s: empty file; an item map holds a line 'raw id,item' per item", path);
-    if (names && n != N - 1)
-        die("%s has %d items but the model was trained with %d: the map of another dataset?", path, n, N - 1);
-    int hi = names ? N - 1 : n;
+    int hi = n; /* the lines are checked first, so that a bad line is named as such */
     unsigned char *seen = xcalloc((size_t)hi + 1, 1);
     char *line = b.p;
     for (int lineno = 1; lineno <= n; lineno++) {
@@ -683,9 +689,11 @@ static int read_item_map(const char *path, char **names, int N) {
         if (seen[id]) die("%s:%d: item %ld appears twice in the map, in \"%s\"", path, lineno, id, excerpt(line));
         seen[id] = 1;
         *comma = 0;
-        if (names && !(names[id] = strdup(line))) die("out of memory reading %s", path);
+        if (names && id < N && !(names[id] = strdup(line))) die("out of memory reading %s", path);
         line = next;
     }
+    if (names && n != N - 1)
+        die("%s has %d items but the model was trained with %d: the map of another dataset?", path, n, N - 1);
     free(seen);
     free(b.p);
     return n;
@@ -3917,6 +3925,14 @@ static void rr_backward(float *datt, const float *att, const float *rr_d, float 
  * and zeroed; the others are updated with the constant 0 in the same expressions, which
  * gives the same bits. --adam lazy (not the reference) updates the touched rows only. */
 typedef struct { Model *m; float step_size, sqrt_bc2; int lazy; } AdamCtx;
+/* REMI-SPEC f.3: Adam(betas=(0.9, 0.999), eps=1e-8). PyTorch takes 1 - beta in double and
+ * rounds it to float (0.1f, 0.001f; 1.0f - 0.999f would be 0.00099998713), and multiplies
+ * the squared gradient as (1 - beta2) g g, in that order (addcmul_). */
+#define ADAM_B1 0.9f
+#define ADAM_B2 0.999f
+#define ADAM_C1 0.1f   /* 1 - 0.9 */
+#define ADAM_C2 0.001f /* 1 - 0.999 */
+#define ADAM_EPS 1e-8f
 #define ADAM_CHUNK 8192
 
 static inline uint32_t float_bits(float x) { uint32_t u; memcpy(&u, &x, 4); return u; }
@@ -3926,11 +3942,11 @@ static inline int is_denormal(uint32_t x) { return (x & 0x7fffffff) - 1 < 0x007f
 /* Elements [i0, i1) with a zero gradient, as PyTorch computes them. */
 static void adam_range_zero(const AdamCtx *c, size_t i0, size_t i1) {
     float *p = c->m->mem, *mo = c->m->mmem, *v = c->m->vmem;
-    const float b1 = 0.9f, b2 = 0.999f, eps = 1e-8f, ss = c->step_size, sb = c->sqrt_bc2, zero = 0.0f;
+    const float ss = c->step_size, sb = c->sqrt_bc2, zero = 0.0f;
     for (size_t i = i0; i < i1; i++) {
-        mo[i] = mo[i] * b1 + zero * (1.0f - b1);
-        v[i] = v[i] * b2 + zero * zero * (1.0f - b2);
-        p[i] = p[i] - ss * (mo[i] / (sqrtf(v[i]) / sb + eps));
+        mo[i] = mo[i] * ADAM_B1 + zero * ADAM_C1;
+        v[i] = v[i] * ADAM_B2 + ADAM_C2 * zero * zero;
+        p[i] = p[i] - ss * (mo[i] / (sqrtf(v[i]) / sb + ADAM_EPS));
     }
 }
 
@@ -3961,16 +3977,16 @@ static float decay_denormal(uint32_t m) {
 #define ADAM_ROW 64 /* elements checked together for denormal first moments */
 static void adam_range_stuck(const AdamCtx *c, size_t i0, size_t i1) {
     float *p = c->m->mem, *mo = c->m->mmem, *v = c->m->vmem;
-    const float b1 = 0.9f, b2 = 0.999f, eps = 1e-8f, ss = c->step_size, sb = c->sqrt_bc2, zero = 0.0f;
+    const float ss = c->step_size, sb = c->sqrt_bc2, zero = 0.0f;
     for (size_t i = i0; i < i1; i++) {
         uint32_t mb = float_bits(mo[i]), keep = is_denormal(mb) ? 0 : ~0u; /* bits, not a select of floats:
                                                     GCC would multiply the denormal and select after */
         float m_in, mn;
         uint32_t kb = mb & keep;
         memcpy(&m_in, &kb, 4);
-        mn = m_in * b1 + zero * (1.0f - b1);
-        v[i] = v[i] * b2 + zero * zero * (1.0f - b2);
-        p[i] = p[i] - ss * (mn / (sqrtf(v[i]) / sb + eps));
+        mn = m_in * ADAM_B1 + zero * ADAM_C1;
+        v[i] = v[i] * ADAM_B2 + ADAM_C2 * zero * zero;
+        p[i] = p[i] - ss * (mn / (sqrtf(v[i]) / sb + ADAM_EPS));
         mo[i] = is_denormal(mb) ? decay_denormal(mb) : mn;
     }
 }
@@ -3994,13 +4010,13 @@ static void adam_range_nograd(const AdamCtx *c, size_t i0, size_t i1) {
 static void adam_range(const AdamCtx *c, size_t i0, size_t i1, float *g) {
     Model *m = c->m;
     float *p = m->mem, *mo = m->mmem, *v = m->vmem;
-    const float b1 = 0.9f, b2 = 0.999f, eps = 1e-8f, ss = c->step_size, sb = c->sqrt_bc2;
+    const float ss = c->step_size, sb = c->sqrt_bc2;
     if (g)
         for (size_t i = i0; i < i1; i++) {
             float gi = g[i - i0];
-            mo[i] = mo[i] * b1 + gi * (1.0f - b1);
-            v[i] = v[i] * b2 + gi * gi * (1.0f - b2);
-            p[i] = p[i] - ss * (mo[i] / (sqrtf(v[i]) / sb + eps));
+            mo[i] = mo[i] * ADAM_B1 + gi * ADAM_C1;
+            v[i] = v[i] * ADAM_B2 + ADAM_C2 * gi * gi;
+            p[i] = p[i] - ss * (mo[i] / (sqrtf(v[i]) / sb + ADAM_EPS));
             g[i - i0] = 0.0f;
         }
     else adam_range_nograd(c, i0, i1);
@@ -5169,10 +5185,11 @@ int cmd_train(int argc, char **argv) {
         path_printf(ckpt_path, sizeof ckpt_path, "%s/checkpoint.bin", resume);
         ck = ckpt_open(ckpt_path, &c);
         c.out = resume;
-        struct stat sb;
-        if (stat(c.data, &sb) != 0 || !S_ISDIR(sb.st_mode))
-            die("the run's data folder \"%s\" (as given when it started) is not found from here; run the --resume "
-                "from the folder the run started in", c.data);
+        char train_path[8300]; /* its split files: a relative --data is read from the current folder */
+        path_printf(train_path, sizeof train_path, "%s/%s_train.txt", c.data, c.name);
+        if (access(train_path, F_OK) != 0)
+            die("the run's data %s (as given when it started) is not found from here; %s", train_path,
+                c.data[0] == '/' ? "put the run's data back in that folder" : "run the --resume from the folder the run started in");
     }
     check_config(&c);
     check_range("--eval-batch", c.eval_batch, 1, 1 << 16);
@@ -6949,6 +6966,26 @@ static int st_adam_stuck(uint64_t *rng) {
     return st_report("Adam on denormal first moments vs plain", ok && stuck > 0, d);
 }
 
+/* Adam's first step from zero moments against PyTorch's (REMI-SPEC f.3): m = (1 - 0.9) g and
+ * v = ((1 - 0.999) g) g, with 1 - beta taken in double and rounded to float, and each
+ * parameter moving by lr sign(g) (the bias corrections cancel the moments' scale). */
+static int st_adam_first(void) {
+    float g[4] = { 1.0f, 3.0f, -0.5f, 1e-3f }, p[4] = { 0.5f, -0.25f, 1.0f, 0.0f }, mo[4] = { 0 }, v[4] = { 0 }, gc[4];
+    Model m = { .mem = p, .mmem = mo, .vmem = v };
+    memcpy(gc, g, sizeof g);
+    AdamCtx c = { &m, (float)(1e-3 / (1.0 - 0.9)), (float)sqrt(1.0 - 0.999), 0 };
+    adam_range(&c, 0, 4, gc);
+    const float c1 = (float)(1.0 - 0.9), c2 = (float)(1.0 - 0.999), p0[4] = { 0.5f, -0.25f, 1.0f, 0.0f };
+    int ok = 1;
+    for (int i = 0; i < 4; i++) {
+        float step = p0[i] - p[i], want = g[i] > 0 ? 1e-3f : -1e-3f;
+        ok &= mo[i] == c1 * g[i] && v[i] == c2 * g[i] * g[i] && fabsf(step - want) < 1e-3f * 1e-4f && gc[i] == 0.0f;
+    }
+    char d[96];
+    snprintf(d, sizeof d, "m %.9g v %.9g for g = 1 (PyTorch: 0.1f, 0.001f)", mo[0], v[0]);
+    return st_report("Adam's first step: PyTorch's float constants", ok, d);
+}
+
 /* Adam with the item gradient kept by rows (ItemGrad) against a dense item gradient and
  * Adam over every element (the same bits), and --adam lazy: the rows the batch touches
  * move (mark_rows: so the rows the backward wrote are exactly those), the others do not. */
@@ -7138,6 +7175,7 @@ int cmd_selftest(int argc, char **argv) {
     ok &= st_set_order(path);
     ok &= st_eval(&rng);
     ok &= st_threads(&rng, threads);
+    ok &= st_adam_first();
     ok &= st_adam(&rng);
     ok &= st_adam_stuck(&rng);
     ok &= st_real_rows(&rng);

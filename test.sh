@@ -187,6 +187,15 @@ for spec in "beauty --sep space" "cds --format sequence" "gowalla1k --time-col 2
         pass "prep regenerates data/${n}_* from data/${n}_raw.txt byte for byte"
     else fail "prep $n" "output differs from data/"; fi
 done
+# a folder in the place of one of the five: refused before any is replaced (the others stay as they were)
+rm "$TMP/beauty/beauty_user_map.txt"; mkdir -p "$TMP/beauty/beauty_user_map.txt/sub"
+if ! "$REMI" prep --input data/beauty_raw.txt --name beauty --sep space --min 10 --out "$TMP/beauty" >"$TMP/prep-dir.log" 2>&1 &&
+   grep -q "cannot replace .*beauty_user_map.txt: it is a folder" "$TMP/prep-dir.log" &&
+   cmp -s "$TMP/beauty/beauty_train.txt" data/beauty_train.txt && cmp -s "$TMP/beauty/beauty_test.txt" data/beauty_test.txt &&
+   cmp -s "$TMP/beauty/beauty_item_map.txt" data/beauty_item_map.txt &&
+   [ -z "$(find "$TMP/beauty" -name '*.tmp.*')" ]; then
+    pass "prep with a folder in place of an output: refused, the other four untouched"
+else fail "prep over a folder" "$(head -c 200 "$TMP/prep-dir.log")"; fi
 
 # ---------------------------------------------------------------- golden training runs
 # A fixed slice of data/ (expected/tiny: the 400 most popular items; 600 train, 150 valid,
@@ -422,6 +431,11 @@ remi_abs=$(cd "$(dirname "$REMI")" && pwd)/$(basename "$REMI")
 if ! (cd / && "$remi_abs" train --resume "$TMP/rel" >"$TMP/rel.log" 2>&1) && grep -q "from the folder the run started in" "$TMP/rel.log"; then
     pass "--resume elsewhere with a relative data folder: says to run it from the run's folder"
 else fail "resume elsewhere" "$(tail -n 1 "$TMP/rel.log")"; fi
+mkdir -p "$TMP/elsewhere/expected/tiny" # the folder is there, the split files are not
+if ! (cd "$TMP/elsewhere" && "$remi_abs" train --resume "$TMP/rel" >"$TMP/rel2.log" 2>&1) &&
+   grep -q "expected/tiny/tiny_train.txt (as given when it started) is not found from here; run the --resume from the folder" "$TMP/rel2.log"; then
+    pass "--resume where the relative data folder exists without the run's files: the same advice"
+else fail "resume elsewhere, empty data folder" "$(tail -n 1 "$TMP/rel2.log")"; fi
 
 # temporary files of a killed run (kill -9 leaves model.bin.tmp.PID) are removed by the next train
 # in the folder, which holds its lock; other files, and those of a live process, stay
@@ -558,6 +572,10 @@ sed -i '$d' "$TMP/rmap/tiny_item_map.txt" # a map of 399 items, for a model of 4
 if ! "$REMI" recommend --model-file "$m" --history "3 9 27" --data "$TMP/rmap" --name tiny >"$TMP/rec2.log" 2>&1 &&
    grep -q "tiny_item_map.txt has 399 items but the model was trained with 400" "$TMP/rec2.log"; then pass "recommend --data: a map of another size refused"
 else fail "recommend --data, map size" "$(head -c 200 "$TMP/rec2.log")"; fi
+printf 'raw400,400\n\n' >>"$TMP/rmap/tiny_item_map.txt" # 400 items and a blank line: the line is named
+if ! "$REMI" recommend --model-file "$m" --history "3 9 27" --data "$TMP/rmap" --name tiny >"$TMP/rec2.log" 2>&1 &&
+   grep -q "tiny_item_map.txt:401: expected 'raw id,item'" "$TMP/rec2.log"; then pass "recommend --data: a blank line in the map named, not called another dataset's"
+else fail "recommend --data, blank map line" "$(head -c 200 "$TMP/rec2.log")"; fi
 # --exclude-history: every item but the history's (given twice), once each; one more than that refused
 "$REMI" recommend --model-file "$m" --history "3 9 27 9" --topn 397 --exclude-history >"$TMP/rec.log" 2>&1
 if [ "$(awk 'NR > 2 && $2 > 0 && $2 != 3 && $2 != 9 && $2 != 27' "$TMP/rec.log" | sort -u -k2,2n | wc -l)" -eq 397 ] &&
@@ -576,6 +594,14 @@ if [ -n "$with" ] && [ -n "$without" ] && awk -v a="$with" -v b="$without" 'BEGI
 else fail "inspect collapse" "with RR: '$with', without: '$without'"; fi
 rects=$(grep -c "<rect x=" "$TMP/insp-rr/routing.svg")
 if [ "$rects" -gt 16 ]; then pass "inspect: routing.svg heatmap ($rects cells)"; else fail "routing.svg" "$rects cells"; fi
+# its output piped to a reader that has quit (SIGPIPE): no temporary file left (routing.svg whole or absent)
+"$REMI" inspect --model-file "$TMP/tiny-sa-t2/model.bin" --data expected/tiny --name tiny --users "$(seq -s ' ' 0 140)" \
+    --out "$TMP/insp-pipe" | true
+rc=${PIPESTATUS[0]}
+if [ -z "$(find "$TMP/insp-pipe" -name '*.tmp.*' 2>/dev/null)" ] &&
+   { { [ "$rc" = 141 ] && [ ! -e "$TMP/insp-pipe/routing.svg" ]; } || { [ "$rc" = 0 ] && grep -q '</svg>' "$TMP/insp-pipe/routing.svg"; }; }; then
+    pass "inspect into a closed pipe: exit $rc, no temporary file left"
+else fail "inspect into a closed pipe" "exit $rc: $(ls "$TMP/insp-pipe" 2>&1 | tr '\n' ' ')"; fi
 if ! "$REMI" inspect --model-file "$TMP/tiny-dnn-t2/model.bin" --data expected/tiny --name tiny --out "$TMP/insp-x" >"$TMP/insp.log" 2>&1 &&
    grep -q "no routing matrix" "$TMP/insp.log"; then pass "inspect refuses a single-vector model"
 else fail "inspect dnn" "$(head -c 200 "$TMP/insp.log")"; fi
@@ -719,6 +745,7 @@ bad_split "item id out of range" 2 '20892,43,0,1\n20892,0,1,2\n'
 bad_split "negative item id" 1 '20892,-3,0,1\n20892,5,1,2\n'
 bad_split "comma after the fourth field" 2 '20892,43,0,1\n20892,5,1,2,\n'
 bad_split "overflowing id" 1 '20892,99999999999999999999999,0,1\n'
+bad_split "last line cut short (3 fields after 4)" 3 '20892,43,0,1\n20892,5,1,2\n20892,7,2\n'
 bad_split "one-item user" 3 '20892,43,0,1\n20892,5,1,2\n20893,7,0,1\n'
 bad_split "empty file" "" ''
 bad_split "binary garbage" 1 '\x01\x02\x00\x7f\n'
