@@ -13,8 +13,14 @@ FLAGS    = $(strip $(CFLAGS) $(DEFS))
 all: remi
 
 # .flags: the flags of the last build, rewritten when they change, so that a change of
-# CFLAGS or FMA rebuilds remi
+# CFLAGS or FMA rebuilds remi; by the goals that build remi as such only, so that the others
+# (a binary beside it, the runs of reproduce) leave a remi of other flags as it is (make
+# asan, then test.sh's make calls)
+ifneq ($(filter all remi test bench,$(or $(MAKECMDGOALS),all)),)
 $(shell echo '$(FLAGS)' | cmp -s - .flags || echo '$(FLAGS)' > .flags)
+endif
+.flags:
+	echo '$(FLAGS)' > $@
 
 remi: remi.c remi.h .flags
 	$(CC) $(FLAGS) $(WARN) -DREMI_CFLAGS='"$(FLAGS)"' -o $@ remi.c $(LDLIBS)

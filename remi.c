@@ -127,15 +127,15 @@ static void *big_calloc(size_t bytes) {
 }
 /* Memory a run reserves, checked against the machine's before it is touched: Linux grants
  * more than it has (overcommit), and a run that outgrows it is killed partway with no
- * message, where a refusal can say what to lower. Over half: a note. */
-static void check_fits(double bytes, const char *what) {
+ * message, where a refusal can say what to lower. Over half, with note: a note. */
+static void check_fits(double bytes, const char *what, int note) {
     long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
     double have = (double)pages * page;
     if (pages <= 0 || page <= 0) return;
     if (bytes > have)
         die("%s need %.1f GB, more than this machine's %.1f GB of memory; lower --len, --hidden, --interests, "
             "--batch, --eval-batch or --neg", what, bytes / 1e9, have / 1e9);
-    if (bytes > have / 2)
+    if (note && bytes > have / 2)
         fprintf(stderr, "remi: note: %s may take up to %.1f GB of this machine's %.1f GB of memory\n", what, bytes / 1e9, have / 1e9);
 }
 static void big_free(void *p, size_t bytes) {
@@ -2547,7 +2547,7 @@ static void model_shape(Model *m, TensorInit *t, int N, const Config *c) {
 void model_init(Model *m, int N, const Config *c) {
     TensorInit t[N_PARAM_TENSORS];
     model_shape(m, t, N, c);
-    check_fits(4.0 * m->n_params * sizeof(float), "the parameters, their gradient and Adam's two moments");
+    check_fits(4.0 * m->n_params * sizeof(float), "the parameters, their gradient and Adam's two moments", 0);
     m->mem = big_calloc(m->n_params * sizeof(float));
     m->gmem = xcalloc(m->n_params, sizeof(float)); /* mostly untouched (the item rows are kept by ItemGrad) */
     m->mmem = big_calloc(m->n_params * sizeof(float));
@@ -2663,7 +2663,7 @@ void acts_init(Acts *a, const Model *m, int cap_b, int M) {
     }
     double bytes = 4.0 * m->n_params * sizeof(float); /* reserved so far, untouched (the rows arrays: as written) */
     for (int i = 0; i < a->n_owned; i++) bytes += a->owned_bytes[i];
-    check_fits(bytes, "the model with Adam's state and a batch's activations");
+    check_fits(bytes, "the model with Adam's state and a batch's activations", 1); /* the note: once, for both */
 }
 
 void acts_free(Acts *a) {
