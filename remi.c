@@ -5225,13 +5225,14 @@ int cmd_train(int argc, char **argv) {
     snprintf(out_dir.curves, sizeof out_dir.curves, "%s/curves.svg", c.out);
 
     char hyper[256]; /* Pop counts the batches' targets: only B matters to it */
+    int lazy = strcmp(c.adam, "dense") && m.enc != ENC_POP; /* shown when not the default */
     if (m.enc == ENC_POP) snprintf(hyper, sizeof hyper, "B %d", c.B);
     else snprintf(hyper, sizeof hyper, "D %d K %d L %d B %d M %d lr %g  beta %g  lambda %g", m.D, m.K, c.L, c.B, c.M,
                   c.lr, c.rbeta, c.rlambda);
     printf("remi train: %s/%s  users %d/%d/%d  items %d  |  model %s%s  %s%s%s%s%s  seed %llu  threads %d\n", c.data,
            c.name, U, ds.valid.n_users, ds.test.n_users, ds.N - 1, c.model, m.relu ? "+relu" : "", hyper,
-           c.hits ? "  remove-hits " : "", c.hits ? c.remove_hits : "", strcmp(c.adam, "dense") ? "  adam " : "",
-           strcmp(c.adam, "dense") ? c.adam : "", /* when not the default */ (unsigned long long)c.seed, c.threads);
+           c.hits ? "  remove-hits " : "", c.hits ? c.remove_hits : "", lazy ? "  adam " : "", lazy ? c.adam : "",
+           (unsigned long long)c.seed, c.threads);
     fflush(stdout); /* a log shows the run has started (and holds its --out) */
     if (resume) {
         char where[4400];

@@ -811,19 +811,20 @@ for flag in "--model gru4rec --dropout 0.99" "--lr 1e-12"; do # a float flag at 
 done
 for flag in "--interests 0" "--hidden 0" "--lr -1" "--batch x" "--bogus 1" "--model bert" "--model dnn --rlambda 5" \
             "--model pop --rbeta 1" "--model sa --relu" "--model gru4rec --dropout 1" "--model sa --dropout 0.5" \
-            "--mind-eval sometimes" "--lr 0x1p-10" \
+            "--mind-eval sometimes" "--lr 0x1p-10" "--batch 0x10" \
             "--remove-hits all" "--neg 0 --rbeta 0 --remove-hits target" "--model pop --remove-hits target"; do
     if ! "$REMI" train $flag --out "$TMP/flag-out" >"$TMP/flag.log" 2>&1 && [ ! -e "$TMP/flag-out" ]; then
         pass "bad flag: $flag ($(head -c 70 "$TMP/flag.log"))"
     else fail "bad flag: $flag" "accepted"; fi
 done
 # a flag the model takes nothing from is run with a note (a sweep gives every model one set of flags)
-if "$REMI" train --data expected/tiny --name tiny --model pop --interests 8 --lr 0.01 --iters 1 --eval-every 1 --out "$TMP/note" >"$TMP/note.log" 2>&1 &&
+if "$REMI" train --data expected/tiny --name tiny --model pop --interests 8 --lr 0.01 --hidden 32 --len 5 --neg 10 --adam lazy \
+       --iters 1 --eval-every 1 --out "$TMP/note" >"$TMP/note.log" 2>&1 &&
    grep -q "note: --interests has no effect: --model pop has one user vector" "$TMP/note.log" &&
-   grep -q "note: --lr has no effect: --model pop counts the training targets" "$TMP/note.log" &&
+   [ "$(grep -c "note: --\(hidden\|len\|lr\|neg\|adam\) has no effect: --model pop counts the training targets" "$TMP/note.log")" = 5 ] &&
    grep -q "model pop  B 128  seed" "$TMP/note.log" && ! grep -q " lr " "$TMP/note.log" &&
    "$REMI" train --data expected/tiny --name tiny --interests 8 --iters 1 --eval-every 1 --out "$TMP/note2" >"$TMP/note2.log" 2>&1 &&
-   ! grep -q "note:" "$TMP/note2.log"; then pass "flags a model ignores (--interests, --lr with pop): run, with a note, and not in its startup line; none for SA"
+   ! grep -q "note:" "$TMP/note2.log"; then pass "flags a model ignores (--interests, --hidden, --len, --lr, --neg, --adam with pop): run, with a note each, and not in its startup line; none for SA"
 else fail "notes on ignored flags" "$(grep note "$TMP/note.log" | head -c 200)"; fi
 # a model larger than the machine's memory (DR's position weights: L K D^2, 42e9 floats) is refused before
 # anything is reserved or written, where the overcommitted allocation would be killed while it trains
@@ -831,6 +832,10 @@ if ! "$REMI" train --model dr --len 10000 --hidden 1024 --out "$TMP/huge" >"$TMP
    grep -q "Adam's two moments need 671.4 GB, more than this machine's" "$TMP/huge.log" && [ ! -e "$TMP/huge" ]; then
     pass "a model beyond the machine's memory refused, naming the flags to lower"
 else fail "model beyond memory" "$(head -c 200 "$TMP/huge.log")"; fi
+# a batch larger than the training users (600): refused, nothing written
+if ! "$REMI" train --data expected/tiny --name tiny --batch 601 --out "$TMP/b601" >"$TMP/b601.log" 2>&1 &&
+   grep -q "600 users, fewer than --batch 601" "$TMP/b601.log" && [ ! -e "$TMP/b601" ]; then
+    pass "train --batch above the training users refused"; else fail "train --batch 601" "$(head -c 200 "$TMP/b601.log")"; fi
 # --topn at the catalogue's size: every validation list would hold every item (recall 1), refused
 if ! "$REMI" train --data expected/tiny --name tiny --topn 400 --out "$TMP/topn-all" >"$TMP/topn.log" 2>&1 &&
    grep -q -- "--topn 400: expected/tiny/tiny has 400 items" "$TMP/topn.log" && [ ! -e "$TMP/topn-all" ]; then
