@@ -2544,10 +2544,13 @@ static void model_shape(Model *m, TensorInit *t, int N, const Config *c) {
     for (int i = 0; i < N_PARAM_TENSORS; i++) { m->size[i] = t[i].size; m->n_params += t[i].size; }
 }
 
+/* The model's arrays: parameters, gradient and Adam's two moments. */
+static double model_bytes(const Model *m) { return 4.0 * m->n_params * sizeof(float); }
+
 void model_init(Model *m, int N, const Config *c) {
     TensorInit t[N_PARAM_TENSORS];
     model_shape(m, t, N, c);
-    check_fits(4.0 * m->n_params * sizeof(float), "the parameters, their gradient and Adam's two moments", 0);
+    check_fits(model_bytes(m), "the parameters, their gradient and Adam's two moments", 0);
     m->mem = big_calloc(m->n_params * sizeof(float));
     m->gmem = xcalloc(m->n_params, sizeof(float)); /* mostly untouched (the item rows are kept by ItemGrad) */
     m->mmem = big_calloc(m->n_params * sizeof(float));
@@ -2661,7 +2664,7 @@ void acts_init(Acts *a, const Model *m, int cap_b, int M) {
         a->dglast = acts_calloc(a, B * G, sizeof(float));
         a->gwt = acts_calloc(a, 3 * G * G, sizeof(float));
     }
-    double bytes = 4.0 * m->n_params * sizeof(float); /* reserved so far, untouched (the rows arrays: as written) */
+    double bytes = model_bytes(m); /* reserved so far, untouched (the rows arrays: as written) */
     for (int i = 0; i < a->n_owned; i++) bytes += a->owned_bytes[i];
     check_fits(bytes, "the model with Adam's state and a batch's activations", 1); /* the note: once, for both */
 }
