@@ -13,10 +13,10 @@ FLAGS    = $(strip $(CFLAGS) $(DEFS))
 all: remi
 
 # .flags: the flags of the last build, rewritten when they change, so that a change of
-# CFLAGS or FMA rebuilds remi; by the goals that build remi as such only, so that the others
-# (a binary beside it, the runs of reproduce) leave a remi of other flags as it is (make
-# asan, then test.sh's make calls)
-ifneq ($(filter all remi test bench,$(or $(MAKECMDGOALS),all)),)
+# CFLAGS or FMA rebuilds remi (for reproduce and the runs too); not by the binaries beside it,
+# so that building them leaves a remi of other flags (make asan) as it is
+BESIDE  := remi-asan remi-sse remi-avx remi-fma remi-fma-sse clean
+ifneq ($(filter-out $(BESIDE),$(or $(MAKECMDGOALS),all)),)
 $(shell echo '$(FLAGS)' | cmp -s - .flags || echo '$(FLAGS)' > .flags)
 endif
 .flags:

@@ -231,7 +231,7 @@ static void atomic_commit_all(FILE **f, int n) {
         const char *path = pending[pending_slot(f[k])].path;
         struct stat st;
         if (fflush(f[k]) != 0 || ferror(f[k])) die("error writing %s (disk full?)", path);
-        if (stat(path, &st) == 0 && S_ISDIR(st.st_mode)) die("cannot replace %s: it is a folder", path);
+        if (lstat(path, &st) == 0 && S_ISDIR(st.st_mode)) die("cannot replace %s: it is a folder", path);
     }
     sigset_t set = fatal_signals(), old;
     pthread_sigmask(SIG_BLOCK, &set, &old);
@@ -584,7 +584,8 @@ void load_split(Split *s, const char *path, int max_item, const char *from, int 
                 path, lineno, excerpt(line));
         if (!nf1) nf1 = nf;
         if (nf != nf1) /* a line cut short: its index would be read as the time */
-            die("%s:%d: %d fields where line 1 has %d (a file cut short?), got \"%s\"", path, lineno, nf, nf1, excerpt(line));
+            die("%s:%d: %d fields where line 1 has %d (every line has the same; a line cut short?), got \"%s\"", path,
+                lineno, nf, nf1, excerpt(line));
         if (v[1] < 1 || v[1] > max_item)
             die("%s:%d: item id %lld out of range 1..%d%s%s%s in \"%s\"", path, lineno, (long long)v[1], max_item,
                 from ? " (the items of " : "", from ? from : "", from ? ")" : "", excerpt(line));
@@ -2550,7 +2551,7 @@ static double model_bytes(const Model *m) { return 4.0 * m->n_params * sizeof(fl
 void model_init(Model *m, int N, const Config *c) {
     TensorInit t[N_PARAM_TENSORS];
     model_shape(m, t, N, c);
-    check_fits(model_bytes(m), "the parameters, their gradient and Adam's two moments", 0);
+    check_fits(m->n_params * sizeof(float), "the model's parameters", 0); /* what every command touches */
     m->mem = big_calloc(m->n_params * sizeof(float));
     m->gmem = xcalloc(m->n_params, sizeof(float)); /* mostly untouched (the item rows are kept by ItemGrad) */
     m->mmem = big_calloc(m->n_params * sizeof(float));
@@ -2664,9 +2665,14 @@ void acts_init(Acts *a, const Model *m, int cap_b, int M) {
         a->dglast = acts_calloc(a, B * G, sizeof(float));
         a->gwt = acts_calloc(a, 3 * G * G, sizeof(float));
     }
-    double bytes = model_bytes(m); /* reserved so far, untouched (the rows arrays: as written) */
+}
+
+/* Training's memory, before any step touches it: the model's arrays and the activations
+ * (the arrays of rows count as written, so not here). */
+static void check_train_fits(const Model *m, const Acts *a) {
+    double bytes = model_bytes(m);
     for (int i = 0; i < a->n_owned; i++) bytes += a->owned_bytes[i];
-    check_fits(bytes, "the model with Adam's state and a batch's activations", 1); /* the note: once, for both */
+    check_fits(bytes, "the parameters, their gradient, Adam's two moments and a batch's activations", 1);
 }
 
 void acts_free(Acts *a) {
@@ -5192,7 +5198,8 @@ int cmd_train(int argc, char **argv) {
         path_printf(train_path, sizeof train_path, "%s/%s_train.txt", c.data, c.name);
         if (access(train_path, F_OK) != 0)
             die("the run's data %s (as given when it started) is not found from here; %s", train_path,
-                c.data[0] == '/' ? "put the run's data back in that folder" : "run the --resume from the folder the run started in");
+                c.data[0] == '/' ? "put the run's data back in that folder"
+                                 : "run the --resume from the folder the run started in, or put the file back there");
     }
     check_config(&c);
     check_range("--eval-batch", c.eval_batch, 1, 1 << 16);
@@ -5214,6 +5221,7 @@ int cmd_train(int argc, char **argv) {
     model_init(&m, ds.N, &c);
     Acts a;
     acts_init(&a, &m, c.B > c.eval_batch ? c.B : c.eval_batch, c.M);
+    check_train_fits(&m, &a);
     TrainState st = { .rng = c.seed };
     st.perm = xmalloc(U * sizeof(int));
     st.best = xmalloc(m.n_params * sizeof(float));
