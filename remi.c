@@ -128,13 +128,12 @@ static void *big_calloc(size_t bytes) {
 /* Memory a run reserves, checked against the machine's before it is touched: Linux grants
  * more than it has (overcommit), and a run that outgrows it is killed partway with no
  * message, where a refusal can say what to lower. Over half, with note: a note. */
-static void check_fits(double bytes, const char *what, int note) {
+static void check_fits(double bytes, const char *what, const char *lower, int note) {
     long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
     double have = (double)pages * page;
     if (pages <= 0 || page <= 0) return;
     if (bytes > have)
-        die("%s need %.1f GB, more than this machine's %.1f GB of memory; lower --len, --hidden, --interests, "
-            "--batch, --eval-batch or --neg", what, bytes / 1e9, have / 1e9);
+        die("%s need %.1f GB, more than this machine's %.1f GB of memory; %s", what, bytes / 1e9, have / 1e9, lower);
     if (note && bytes > have / 2)
         fprintf(stderr, "remi: note: %s may take up to %.1f GB of this machine's %.1f GB of memory\n", what, bytes / 1e9, have / 1e9);
 }
@@ -2551,7 +2550,8 @@ static double model_bytes(const Model *m) { return 4.0 * m->n_params * sizeof(fl
 void model_init(Model *m, int N, const Config *c) {
     TensorInit t[N_PARAM_TENSORS];
     model_shape(m, t, N, c);
-    check_fits(m->n_params * sizeof(float), "the model's parameters", 0); /* what every command touches */
+    check_fits(m->n_params * sizeof(float), "the model's parameters", /* what every command touches */
+               "train one with a smaller --len, --hidden or --interests", 0);
     m->mem = big_calloc(m->n_params * sizeof(float));
     m->gmem = xcalloc(m->n_params, sizeof(float)); /* mostly untouched (the item rows are kept by ItemGrad) */
     m->mmem = big_calloc(m->n_params * sizeof(float));
@@ -2672,7 +2672,8 @@ void acts_init(Acts *a, const Model *m, int cap_b, int M) {
 static void check_train_fits(const Model *m, const Acts *a) {
     double bytes = model_bytes(m);
     for (int i = 0; i < a->n_owned; i++) bytes += a->owned_bytes[i];
-    check_fits(bytes, "the parameters, their gradient, Adam's two moments and a batch's activations", 1);
+    check_fits(bytes, "the parameters, their gradient, Adam's two moments and a batch's activations",
+               "lower --len, --hidden, --interests, --batch, --eval-batch or --neg", 1);
 }
 
 void acts_free(Acts *a) {
@@ -6982,12 +6983,14 @@ static int st_adam_stuck(uint64_t *rng) {
  * v = ((1 - 0.999) g) g, with 1 - beta taken in double and rounded to float, and each
  * parameter moving by lr sign(g) (the bias corrections cancel the moments' scale). */
 static int st_adam_first(void) {
-    float g[4] = { 1.0f, 3.0f, -0.5f, 1e-3f }, p[4] = { 0.5f, -0.25f, 1.0f, 0.0f }, mo[4] = { 0 }, v[4] = { 0 }, gc[4];
+    const float g[4] = { 1.0f, 3.0f, -0.5f, 1e-3f }, p0[4] = { 0.5f, -0.25f, 1.0f, 0.0f };
+    float p[4], mo[4] = { 0 }, v[4] = { 0 }, gc[4];
     Model m = { .mem = p, .mmem = mo, .vmem = v };
+    memcpy(p, p0, sizeof p0);
     memcpy(gc, g, sizeof g);
     AdamCtx c = { &m, (float)(1e-3 / (1.0 - 0.9)), (float)sqrt(1.0 - 0.999), 0 };
     adam_range(&c, 0, 4, gc);
-    const float c1 = (float)(1.0 - 0.9), c2 = (float)(1.0 - 0.999), p0[4] = { 0.5f, -0.25f, 1.0f, 0.0f };
+    const float c1 = (float)(1.0 - 0.9), c2 = (float)(1.0 - 0.999);
     int ok = 1;
     for (int i = 0; i < 4; i++) {
         float step = p0[i] - p[i], want = g[i] > 0 ? 1e-3f : -1e-3f;
