@@ -2547,11 +2547,14 @@ static void model_shape(Model *m, TensorInit *t, int N, const Config *c) {
 /* The model's arrays: parameters, gradient and Adam's two moments. */
 static double model_bytes(const Model *m) { return 4.0 * m->n_params * sizeof(float); }
 
+static void check_params_fit(const Model *m) { /* what every command touches */
+    check_fits(m->n_params * sizeof(float), "the model's parameters", "train one with a smaller --len, --hidden or --interests", 0);
+}
+
 void model_init(Model *m, int N, const Config *c) {
     TensorInit t[N_PARAM_TENSORS];
     model_shape(m, t, N, c);
-    check_fits(m->n_params * sizeof(float), "the model's parameters", /* what every command touches */
-               "train one with a smaller --len, --hidden or --interests", 0);
+    check_params_fit(m);
     m->mem = big_calloc(m->n_params * sizeof(float));
     m->gmem = xcalloc(m->n_params, sizeof(float)); /* mostly untouched (the item rows are kept by ItemGrad) */
     m->mmem = big_calloc(m->n_params * sizeof(float));
@@ -2667,11 +2670,20 @@ void acts_init(Acts *a, const Model *m, int cap_b, int M) {
     }
 }
 
-/* Training's memory, before any step touches it: the model's arrays and the activations
- * (the arrays of rows count as written, so not here). */
-static void check_train_fits(const Model *m, const Acts *a) {
-    double bytes = model_bytes(m);
-    for (int i = 0; i < a->n_owned; i++) bytes += a->owned_bytes[i];
+/* Training's memory on N items, checked against the machine's before anything is written:
+ * the model's arrays, a batch's activations (max(B, eval batch) rows, as acts_init reserves
+ * them; the arrays of rows count as written, so not here) and `copies` more copies of the
+ * parameters (train's best model). M as resolve_negatives leaves it. */
+static void check_train_fits(int N, const Config *c, int copies) {
+    Model m;
+    TensorInit t[N_PARAM_TENSORS];
+    model_shape(&m, t, N, c);
+    check_params_fit(&m);
+    Acts a;
+    acts_init(&a, &m, c->B > c->eval_batch ? c->B : c->eval_batch, c->M); /* reserved, not written */
+    double bytes = model_bytes(&m) + (double)copies * m.n_params * sizeof(float);
+    for (int i = 0; i < a.n_owned; i++) bytes += a.owned_bytes[i];
+    acts_free(&a);
     check_fits(bytes, "the parameters, their gradient, Adam's two moments and a batch's activations",
                "lower --len, --hidden, --interests, --batch, --eval-batch or --neg", 1);
 }
@@ -5218,11 +5230,11 @@ int cmd_train(int argc, char **argv) {
         die("--topn %d: %s/%s has %d items, and validation at that cut-off cannot tell models apart; give a --topn "
             "below %d", c.topn, c.data, c.name, ds.N - 1, ds.N - 1);
     resolve_negatives(&c, ds.N);
+    check_train_fits(ds.N, &c, 1);
     Model m;
     model_init(&m, ds.N, &c);
     Acts a;
     acts_init(&a, &m, c.B > c.eval_batch ? c.B : c.eval_batch, c.M);
-    check_train_fits(&m, &a);
     TrainState st = { .rng = c.seed };
     st.perm = xmalloc(U * sizeof(int));
     st.best = xmalloc(m.n_params * sizeof(float));
@@ -7754,6 +7766,12 @@ int cmd_bench(int argc, char **argv) {
     check_batch_users(&ds.train, c.B, c.data, c.name);
     if (book > 0 && c.B > SYN_USERS)
         die("the synthetic dataset has %d training users, fewer than --batch %d; lower --batch", SYN_USERS, c.B);
+    for (int i = 0; i < 1 + (book > 0); i++) { /* both datasets' memory */
+        Config ci = c;
+        int N = i ? book + 1 : ds.N;
+        resolve_negatives(&ci, N);
+        check_train_fits(N, &ci, 0);
+    }
     pool_start(c.threads);
     char cpu[256];
     cpu_name(cpu, sizeof cpu);

@@ -835,6 +835,18 @@ if ! "$REMI" train --model dr --len 10000 --hidden 1024 --out "$TMP/huge" >"$TMP
    grep -q "the model's parameters need 167.8 GB, more than this machine's" "$TMP/huge.log" && [ ! -e "$TMP/huge" ]; then
     pass "a model beyond the machine's memory refused, naming the flags to lower"
 else fail "model beyond memory" "$(head -c 200 "$TMP/huge.log")"; fi
+# parameters that fit (3/10 of the memory) but not with their gradient, Adam's moments and the
+# activations: train and bench refuse before writing them, and bench before measuring anything
+if mem=$(( $(getconf _PHYS_PAGES) * $(getconf PAGE_SIZE) )) && [ "$mem" -gt 0 ]; then
+    Lfit=$(( mem * 3 / 10 / (4 * 1024 * 1024 * 4) )) # DR's position weights: L K D^2 floats, K 4, D 1024
+    fits="the parameters, their gradient, Adam's two moments and a batch's activations need"
+    if ! "$REMI" train --model dr --hidden 1024 --len "$Lfit" --out "$TMP/fit" >"$TMP/fit.log" 2>&1 &&
+       grep -q "$fits" "$TMP/fit.log" && [ ! -e "$TMP/fit" ] &&
+       ! "$REMI" bench --model dr --hidden 1024 --len "$Lfit" --synthetic-items 0 >"$TMP/fitb.log" 2>&1 &&
+       grep -q "$fits" "$TMP/fitb.log" && ! grep -q "ceilings" "$TMP/fitb.log"; then
+        pass "training beyond the memory (parameters at 3/10 of it, --len $Lfit): train and bench refuse before writing anything"
+    else fail "training beyond memory" "$(head -c 200 "$TMP/fit.log") | $(head -c 200 "$TMP/fitb.log")"; fi
+fi
 # a batch larger than the training users (600): refused, nothing written
 if ! "$REMI" train --data expected/tiny --name tiny --batch 601 --out "$TMP/b601" >"$TMP/b601.log" 2>&1 &&
    grep -q "600 users, fewer than --batch 601" "$TMP/b601.log" && [ ! -e "$TMP/b601" ]; then
