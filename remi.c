@@ -7013,6 +7013,135 @@ static int st_adam_first(void) {
     return st_report("Adam's first step: PyTorch's float constants", ok, d);
 }
 
+/* Two Adam steps through adam_step against PyTorch's update computed in double
+ * (REMI-SPEC f.3), bias corrections included: a DNN's layer from zero with gradients g1,
+ * then g2; the item table, with no gradient and zero moments, stays where it was. */
+static int st_adam_steps(void) {
+    Config c = default_config();
+    c.enc = ENC_DNN; c.D = 2;
+    Model m;
+    model_init(&m, 3, &c);
+    size_t e0 = m.size[0], n = m.n_params - e0; /* the layer: D x D after the item table */
+    const double g[2][4] = { { 1.0, -3.0, 0.5, 1e-3 }, { -2.0, -1.0, 0.25, 4e-3 } }, lr = 1e-3;
+    double mo[4] = { 0 }, v[4] = { 0 }, want[4] = { 0 }, err = 0;
+    float table[6];
+    memcpy(table, m.mem, sizeof table);
+    memset(m.mem + e0, 0, n * sizeof(float));
+    int ok = n == 4;
+    for (int t = 1; t <= 2 && ok; t++) {
+        for (size_t i = 0; i < n; i++) m.gmem[e0 + i] = (float)g[t - 1][i];
+        adam_step(&m, (float)lr, 0);
+        double bc1 = 1.0 - pow(0.9, t), bc2 = sqrt(1.0 - pow(0.999, t));
+        for (size_t i = 0; i < n; i++) {
+            mo[i] = 0.9 * mo[i] + 0.1 * g[t - 1][i];
+            v[i] = 0.999 * v[i] + 0.001 * g[t - 1][i] * g[t - 1][i];
+            want[i] -= lr / bc1 * mo[i] / (sqrt(v[i]) / bc2 + 1e-8);
+            double d = fabs(m.mem[e0 + i] - want[i]) / fabs(want[i]);
+            err = d > err ? d : err;
+        }
+    }
+    ok &= err < 1e-5 && !memcmp(table, m.mem, sizeof table);
+    char d[96];
+    snprintf(d, sizeof d, "largest relative error %.1e after 2 steps", err);
+    model_free(&m);
+    return st_report("Adam through adam_step: two steps with bias corrections, as PyTorch in double", ok, d);
+}
+
+/* --remove-hits by hand: negatives holding the target, history items, id 0 and others,
+ * against a full history window (its last position one of the negatives) and a padded one
+ * (id 0 there is padding, not an item). */
+static int st_hits_keep(void) {
+    const int neg[8] = { 4, 0, 9, 7, 3, 9, 12, 5 }, full[4] = { 3, 5, 6, 12 }, padded[4] = { 5, 12, 0, 0 };
+    const float want[3][8] = { { 1, 1, 0, 1, 1, 0, 1, 1 },  /* target 9 */
+                               { 1, 1, 0, 1, 0, 0, 0, 0 },  /* and 3, 5, 12 of the full window */
+                               { 1, 1, 0, 1, 1, 0, 0, 0 } }; /* and 5, 12 of the padded one */
+    float keep[3][8];
+    hits_keep(keep[0], neg, 8, 9, full, 4, HITS_TARGET);
+    hits_keep(keep[1], neg, 8, 9, full, 4, HITS_HISTORY);
+    hits_keep(keep[2], neg, 8, 9, padded, 4, HITS_HISTORY);
+    return st_report("--remove-hits: the negatives kept, by hand (target; history, full and padded)",
+                     !memcmp(keep, want, sizeof want), "");
+}
+
+/* Training targets (REMI-SPEC f.4): a user of n >= 5 items gets a position k uniform in
+ * {4..n-1}, one of n < 5 the last; the history is the items before k. Users of 2 to 8
+ * items, whose items name their positions, in 300 batches: every k drawn is allowed, its
+ * history is right, and every allowed k is drawn. */
+static int st_train_targets(uint64_t *rng) {
+    enum { U = 7, L = 8 };
+    int off[U + 1], items[64], perm[U], hist[U * L], target[U], seen[U][L + 1] = { { 0 } }, ok = 1;
+    float mask[U * L];
+    off[0] = 0;
+    for (int u = 0; u < U; u++) {
+        off[u + 1] = off[u] + u + 2;
+        for (int i = 0; i < u + 2; i++) items[off[u] + i] = 100 * (u + 1) + i;
+        perm[u] = u;
+    }
+    Split s = { U, NULL, off, items };
+    Acts a = { .hist = hist, .mask = mask, .target = target };
+    for (int rep = 0; rep < 300; rep++) {
+        make_train_batch(&a, &s, perm, U, L, rng);
+        for (int b = 0; b < U; b++) {
+            int u = perm[b], n = u + 2, k = target[b] - 100 * (u + 1);
+            ok &= k >= (n < 5 ? n - 1 : 4) && k < n && history_len(mask + b * L, L) == k;
+            for (int l = 0; l < k && ok; l++) ok &= hist[b * L + l] == items[off[u] + l];
+            if (ok) seen[u][k] = 1;
+        }
+    }
+    for (int u = 0; u < U; u++)
+        for (int k = u + 2 < 5 ? u + 1 : 4; k < u + 2; k++) ok &= seen[u][k];
+    return st_report("training targets: the last item below 5 items, else uniform from the fifth on", ok, "");
+}
+
+/* user_metrics by hand (REMI-SPEC g.3): 4 retrieved, 6 targets (one twice), hits at
+ * positions 1 and 3: recall 2/6, NDCG (1/log2 3 + 1/log2 5) / (1 + 1/log2 3), hit 1; and
+ * targets none of which is retrieved: all 0. */
+static int st_user_metrics(void) {
+    const int R[4] = { 5, 9, 2, 7 }, T[6] = { 9, 3, 7, 11, 13, 3 };
+    double r[4], z[4], ndcg = (1 / log2(3.0) + 1 / log2(5.0)) / (1 + 1 / log2(3.0));
+    user_metrics(r, R, 4, T, 6, 1);
+    user_metrics(z, R, 4, T + 3, 3, 1);
+    int ok = fabs(r[0] - 2.0 / 6) < 1e-12 && fabs(r[1] - ndcg) < 1e-12 && fabs(r[2] - ndcg) < 1e-12 && r[3] == 1 &&
+             z[0] == 0 && z[1] == 0 && z[2] == 0 && z[3] == 0;
+    char d[96];
+    snprintf(d, sizeof d, "recall %.4f ndcg %.4f", r[0], r[1]);
+    return st_report("one user's metrics by hand: more targets than retrieved, a target twice", ok, d);
+}
+
+/* The full softmax (--neg 0) through step_forward against the cross-entropy over every item
+ * in double, the target once: mean over the batch of logsumexp_j (r E_j) - r E_t. */
+static int st_full_softmax(uint64_t *rng) {
+    Config c = default_config();
+    c.D = 8; c.K = 2; c.L = 5; c.B = 6; c.rbeta = 0; c.rlambda = 0;
+    Model m;
+    Split s;
+    st_random_data(&m, &s, &c, 40, 10, rng);
+    c.M = 0;
+    resolve_negatives(&c, m.N);
+    Acts a;
+    acts_init(&a, &m, c.B, c.M);
+    int perm[10];
+    for (int u = 0; u < 10; u++) perm[u] = u;
+    make_train_batch(&a, &s, perm, c.B, c.L, rng);
+    for (int j = 0; j < c.M; j++) a.neg[j] = j;
+    encoder_draws(&m, &a, &c, c.B, rng);
+    double loss = step_forward(&m, &a, &c, 0), want = 0;
+    for (int b = 0; b < c.B; b++) {
+        double z = 0, st = 0;
+        for (int j = 0; j < m.N; j++) {
+            double sj = 0;
+            for (int d = 0; d < m.D; d++) sj += (double)a.r[b * m.D + d] * m.p.item_emb[j * m.D + d];
+            z += exp(sj);
+            if (j == a.target[b]) st = sj;
+        }
+        want += (log(z) - st) / c.B;
+    }
+    char d[96];
+    snprintf(d, sizeof d, "loss %.6f, in double %.6f", loss, want);
+    acts_free(&a); model_free(&m); free_split(&s);
+    return st_report("full softmax: the loss as cross-entropy over every item, in double", fabs(loss - want) < 1e-5 * want, d);
+}
+
 /* Adam with the item gradient kept by rows (ItemGrad) against a dense item gradient and
  * Adam over every element (the same bits), and --adam lazy: the rows the batch touches
  * move (mark_rows: so the rows the backward wrote are exactly those), the others do not. */
@@ -7203,6 +7332,11 @@ int cmd_selftest(int argc, char **argv) {
     ok &= st_eval(&rng);
     ok &= st_threads(&rng, threads);
     ok &= st_adam_first();
+    ok &= st_adam_steps();
+    ok &= st_hits_keep();
+    ok &= st_train_targets(&rng);
+    ok &= st_user_metrics();
+    ok &= st_full_softmax(&rng);
     ok &= st_adam(&rng);
     ok &= st_adam_stuck(&rng);
     ok &= st_real_rows(&rng);

@@ -761,6 +761,23 @@ d=$TMP/crlf; mkdir -p "$d"; cp expected/tiny/tiny_*.txt "$d/"; sed -i 's/$/\r/' 
 "$REMI" eval --model-file "$TMP/tiny-sa-t2/model.bin" --data expected/tiny --name tiny >"$d/lf.log" 2>&1
 if grep -q '^test' "$d/lf.log" && cmp -s "$d/crlf.log" "$d/lf.log"; then pass "CRLF split file: the same metrics as LF"
 else fail "CRLF split file" "$(head -c 200 "$d/crlf.log")"; fi
+# lines in any order: each user's items are sorted by time (REMI-SPEC b), so split files with
+# the even lines first and then the odd ones (every user's items out of order) give the same
+# evaluation and train the same model
+d=$TMP/shuffled; mkdir -p "$d"
+for f in expected/tiny/tiny_*.txt; do { awk 'NR % 2 == 0' "$f"; awk 'NR % 2 == 1' "$f"; } >"$d/$(basename "$f")"; done
+"$REMI" eval --model-file "$TMP/tiny-sa-t2/model.bin" --data "$d" --name tiny >"$d/eval.log" 2>&1
+"$REMI" train "${TINY[@]}" --data "$d" --iters 100 -t 2 --out "$d/run" >"$d/train.log" 2>&1
+"$REMI" train "${TINY[@]}" --iters 100 -t 2 --out "$d/run-sorted" >/dev/null 2>&1
+if ! cmp -s "$d/tiny_test.txt" expected/tiny/tiny_test.txt && cmp -s "$d/eval.log" "$TMP/crlf/lf.log" &&
+   cmp -s "$d/run/model.bin" "$d/run-sorted/model.bin"; then
+    pass "split files with every user's lines out of order: the same metrics and the same model"
+else fail "split files out of order" "$(head -c 200 "$d/eval.log") $(tail -n 1 "$d/train.log")"; fi
+# every negative of a row removed (--neg 1 --remove-hits target: the one negative is often the
+# target): that row's loss is the target's alone, and the run stays finite
+if "$REMI" train "${TINY[@]}" --neg 1 --remove-hits target -t 2 --out "$TMP/neg1" >"$TMP/neg1.log" 2>&1 &&
+   grep -q '^test .*N=50' "$TMP/neg1.log"; then pass "--neg 1 --remove-hits target (rows with no negative left): trains, finite"
+else fail "rows with no negative left" "$(tail -n 2 "$TMP/neg1.log")"; fi
 d=$TMP/bad-missing; mkdir -p "$d"
 if "$REMI" train --data "$d" --name nosuch --out "$d/out" >"$d/log" 2>&1; then fail "bad input: missing file" "exit 0"
 elif grep -q "nosuch_train.txt" "$d/log" && grep -q "remi prep" "$d/log" && [ ! -e "$d/out" ]; then pass "bad input: missing file says what to run"
