@@ -7027,7 +7027,7 @@ static int st_adam_steps(void) {
     float table[6];
     memcpy(table, m.mem, sizeof table);
     memset(m.mem + e0, 0, n * sizeof(float));
-    int ok = n == 4;
+    int ok = e0 == 6 && n == 4;
     for (int t = 1; t <= 2 && ok; t++) {
         for (size_t i = 0; i < n; i++) m.gmem[e0 + i] = (float)g[t - 1][i];
         adam_step(&m, (float)lr, 0);
