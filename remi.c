@@ -2544,9 +2544,6 @@ static void model_shape(Model *m, TensorInit *t, int N, const Config *c) {
     for (int i = 0; i < N_PARAM_TENSORS; i++) { m->size[i] = t[i].size; m->n_params += t[i].size; }
 }
 
-/* The model's arrays: parameters, gradient and Adam's two moments. */
-static double model_bytes(const Model *m) { return 4.0 * m->n_params * sizeof(float); }
-
 static void check_params_fit(const Model *m) { /* what every command touches */
     check_fits(m->n_params * sizeof(float), "the model's parameters", "train one with a smaller --len, --hidden or --interests", 0);
 }
@@ -2670,18 +2667,21 @@ void acts_init(Acts *a, const Model *m, int cap_b, int M) {
     }
 }
 
+/* Rows of a training run's activations: a batch, or an evaluation chunk if larger. */
+static int train_rows(const Config *c) { return c->B > c->eval_batch ? c->B : c->eval_batch; }
+
 /* Training's memory on N items, checked against the machine's before anything is written:
- * the model's arrays, a batch's activations (max(B, eval batch) rows, as acts_init reserves
- * them; the arrays of rows count as written, so not here) and `copies` more copies of the
- * parameters (train's best model). M as resolve_negatives leaves it. */
+ * the model's arrays (parameters, gradient, Adam's two moments), a batch's activations (as
+ * acts_init reserves them; the arrays of rows count as written, so not here) and `copies`
+ * more copies of the parameters (train's best model). M as resolve_negatives leaves it. */
 static void check_train_fits(int N, const Config *c, int copies) {
     Model m;
     TensorInit t[N_PARAM_TENSORS];
     model_shape(&m, t, N, c);
     check_params_fit(&m);
     Acts a;
-    acts_init(&a, &m, c->B > c->eval_batch ? c->B : c->eval_batch, c->M); /* reserved, not written */
-    double bytes = model_bytes(&m) + (double)copies * m.n_params * sizeof(float);
+    acts_init(&a, &m, train_rows(c), c->M); /* reserved, not written */
+    double bytes = (4.0 + copies) * m.n_params * sizeof(float);
     for (int i = 0; i < a.n_owned; i++) bytes += a.owned_bytes[i];
     acts_free(&a);
     check_fits(bytes, "the parameters, their gradient, Adam's two moments and a batch's activations",
@@ -5234,7 +5234,7 @@ int cmd_train(int argc, char **argv) {
     Model m;
     model_init(&m, ds.N, &c);
     Acts a;
-    acts_init(&a, &m, c.B > c.eval_batch ? c.B : c.eval_batch, c.M);
+    acts_init(&a, &m, train_rows(&c), c.M);
     TrainState st = { .rng = c.seed };
     st.perm = xmalloc(U * sizeof(int));
     st.best = xmalloc(m.n_params * sizeof(float));
@@ -7815,7 +7815,7 @@ static void bench_dataset(const char *label, const Dataset *ds, Config c, int st
     Model m;
     model_init(&m, ds->N, &c);
     Acts a;
-    acts_init(&a, &m, c.B > c.eval_batch ? c.B : c.eval_batch, c.M);
+    acts_init(&a, &m, train_rows(&c), c.M);
     printf("\n== %s: %d items, %d training users, %d validation users; model %s, D %d K %d L %d B %d M %d\n", label,
            ds->N - 1, ds->train.n_users, ds->valid.n_users, c.model, m.D, m.K, c.L, c.B, c.M);
     double step[2], phase[2][4], real = 0, ev[2], evp[2][4];
