@@ -5158,7 +5158,13 @@ static void progress_line(const Config *c, const TrainState *st, double rate) {
     fflush(stdout);
 }
 
-typedef struct { char model[4200], curves[4200]; } OutFiles;
+/* The files of a run's --out folder. */
+typedef struct { char model[4200], curves[4200], ckpt[4200]; } OutFiles;
+static void out_files(OutFiles *o, const char *dir) {
+    path_printf(o->model, sizeof o->model, "%s/model.bin", dir);
+    path_printf(o->curves, sizeof o->curves, "%s/curves.svg", dir);
+    path_printf(o->ckpt, sizeof o->ckpt, "%s/checkpoint.bin", dir);
+}
 
 /* REMI-SPEC f.5: validate at step st->it; keep the model if its Recall@topn is strictly the
  * best so far, else count a trial; print and log the line; redraw the curves. */
@@ -5188,6 +5194,134 @@ static void validate(const Config *c, const Model *m, Acts *a, const Split *vali
     st->loss_sum = 0;
 }
 
+/* train --resume OUT: the run's settings from its checkpoint, whose stream is left at the
+ * state; the run's split files must be found from here as they were given. */
+static Stream resume_settings(Config *c, const char *resume, const OutFiles *out) {
+    Stream ck = ckpt_open(out->ckpt, c);
+    c->out = resume;
+    char train_path[8300]; /* a relative --data is read from the current folder */
+    path_printf(train_path, sizeof train_path, "%s/%s_train.txt", c->data, c->name);
+    if (access(train_path, F_OK) != 0)
+        die("the run's data %s (as given when it started) is not found from here; %s", train_path,
+            c->data[0] == '/' ? "put the run's data back in that folder"
+                              : "run the --resume from the folder the run started in, or put the file back there");
+    return ck;
+}
+
+/* The run's first line: data, sizes, model and settings. */
+static void print_train_header(const Config *c, const Model *m, const Dataset *ds) {
+    char hyper[256]; /* Pop counts the batches' targets: only B matters to it */
+    int lazy = strcmp(c->adam, "dense") && m->enc != ENC_POP; /* shown when not the default */
+    if (m->enc == ENC_POP) snprintf(hyper, sizeof hyper, "B %d", c->B);
+    else snprintf(hyper, sizeof hyper, "D %d K %d L %d B %d M %d lr %g  beta %g  lambda %g", m->D, m->K, c->L, c->B,
+                  c->M, c->lr, c->rbeta, c->rlambda);
+    printf("remi train: %s/%s  users %d/%d/%d  items %d  |  model %s%s  %s%s%s%s%s  seed %llu  threads %d\n", c->data,
+           c->name, ds->train.n_users, ds->valid.n_users, ds->test.n_users, ds->N - 1, c->model, m->relu ? "+relu" : "",
+           hyper, c->hits ? "  remove-hits " : "", c->hits ? c->remove_hits : "", lazy ? "  adam " : "",
+           lazy ? c->adam : "", (unsigned long long)c->seed, c->threads);
+    fflush(stdout); /* a log shows the run has started (and holds its --out) */
+}
+
+/* A new run replaces the folder's previous one whole: its checkpoint, model and curves go
+ * before the new metrics.jsonl starts with the settings, so that no file of it is taken for
+ * the new run's. */
+static void start_run(const Config *c, const Model *m, const Dataset *ds, TrainState *st, const OutFiles *out) {
+    const char *old_run[3] = { out->ckpt, out->model, out->curves };
+    for (int i = 0; i < 3; i++)
+        if (unlink(old_run[i]) != 0 && errno != ENOENT) die("cannot remove %s: %s", old_run[i], strerror(errno));
+    memcpy(st->best, m->mem, m->n_params * sizeof(float));
+    for (int u = 0; u < ds->train.n_users; u++) st->perm[u] = u;
+    char jdata[6 * 4096 + 1], jname[6 * 4096 + 1]; /* the longest paths and names the flags take, escaped */
+    json_escape(jdata, sizeof jdata, c->data);
+    json_escape(jname, sizeof jname, c->name);
+    log_line(&st->log, "{\"config\":{\"data\":\"%s\",\"name\":\"%s\",\"model\":\"%s\",\"D\":%d,\"K\":%d,\"L\":%d,"
+             "\"B\":%d,\"M\":%d,\"lr\":%g,\"rbeta\":%g,\"rlambda\":%g,\"relu\":%d,\"dropout\":%g,"
+             "\"mind_eval\":\"%s\",\"adam\":\"%s\",\"remove_hits\":\"%s\",\"seed\":%llu,\"N\":%d,\"train_users\":%d,"
+             "\"iters\":%ld,\"eval_every\":%d,\"patience\":%d,\"topn\":%d}}",
+             jdata, jname, c->model, m->D, m->K, c->L, c->B, c->full_softmax ? 0 : c->M, c->lr, c->rbeta, c->rlambda,
+             m->relu, c->dropout, c->mind_eval, c->adam, c->remove_hits, (unsigned long long)c->seed, ds->N,
+             ds->train.n_users, c->iters, c->eval_every, c->patience, c->topn);
+}
+
+/* Steps until --iters or early stop (returns -1), validating every --eval-every steps and
+ * checkpointing after each validation; on a signal or at --stop-after, checkpoints and
+ * returns the exit status. t0: the clock's reading at the run's step 0. */
+static int train_loop(const Config *c, Model *m, Acts *a, const Dataset *ds, TrainState *st, const OutFiles *out,
+                      long stop_after, uint64_t fingerprint, double t0) {
+    int tty = isatty(fileno(stdout));
+    double t_mark = now_sec(), t_shown = now_sec();
+    long it_mark = st->it, ckpt_it = st->it; /* a new run has no checkpoint: ckpt_it 0 */
+    while (st->it < c->iters && st->trials <= c->patience) {
+        long it = ++st->it;
+        float loss = train_step(m, a, &ds->train, c, &st->rng, st->perm);
+        if (!isfinite(loss)) die_nonfinite(m, it, loss, out->ckpt, ckpt_it);
+        st->loss_sum += loss;
+        int eval_now = it % c->eval_every == 0 || it == c->iters;
+        if (!eval_now && !stop_signal && it != stop_after) {
+            if (tty && (it & 15) == 0 && now_sec() - t_shown > 0.25) {
+                t_shown = now_sec();
+                progress_line(c, st, (it - it_mark) / (t_shown - t_mark));
+            }
+            continue;
+        }
+        st->t_train += now_sec() - t_mark;
+        if (eval_now) {
+            if (tty) printf("\r\033[K");
+            validate(c, m, a, &ds->valid, st, out, now_sec() - t0);
+            size_t bad;
+            if (nonfinite_tensor(m, m->mem, &bad)) die_nonfinite(m, it, NAN, out->ckpt, ckpt_it);
+        }
+        st->elapsed = now_sec() - t0;
+        ckpt_write(out->ckpt, c, m, st, ds->train.n_users, fingerprint);
+        ckpt_it = it;
+        if (st->trials > c->patience) printf("early stop: %d evaluations without improvement\n", st->trials);
+        if (stop_signal || it == stop_after) {
+            if (tty) printf("\r\033[K");
+            char word[4 * 4200];
+            printf("%s after iteration %ld: wrote %s; continue with `remi train --resume %s`\n",
+                   stop_signal == SIGINT ? "interrupted (SIGINT)" : stop_signal == SIGTERM ? "terminated (SIGTERM)"
+                                                                                       : "stopped (--stop-after)",
+                   it, out->ckpt, shell_word(word, sizeof word, c->out));
+            return stop_signal ? 128 + stop_signal : 0;
+        }
+        t_mark = now_sec();
+        it_mark = it;
+    }
+    return -1;
+}
+
+/* The end of a run: the best model (else the last parameters) evaluated on validation at
+ * --topn and on test at 20 and 50, printed and logged. A resumed run's folder may hold the
+ * checkpoint alone: it gets the files a run ends with. */
+static void final_report(const Config *c, Model *m, Acts *a, const Dataset *ds, TrainState *st, const OutFiles *out,
+                         int resumed, double t0) {
+    if (st->best_iter == 0) {
+        printf("no validation improvement over recall 0: reporting the last parameters\n");
+        memcpy(st->best, m->mem, m->n_params * sizeof(float));
+    }
+    if (st->best_iter == 0 || resumed) model_save(m, st->best, c, out->model);
+    if (resumed && st->n_curve) write_curves(out->curves, st->curve, st->n_curve, c->topn);
+    memcpy(m->mem, st->best, m->n_params * sizeof(float));
+    Metrics mv, mt[2];
+    int cut = c->topn, cuts[2] = { 20, 50 };
+    long pass = st->pass; /* the final evaluations do not change the checkpointed state */
+    evaluate(&mv, &cut, 1, m, a, &ds->valid, eval_noise_key(c->mind_eval, c->seed, ++pass));
+    evaluate(mt, cuts, 2, m, a, &ds->test, eval_noise_key(c->mind_eval, c->seed, ++pass));
+    if (st->best_iter) printf("\nbest model: iter %ld of %ld (%.1f s)\n", st->best_iter, st->it, now_sec() - t0);
+    else printf("\nmodel: the last parameters, iter %ld (%.1f s)\n", st->it, now_sec() - t0);
+    print_metrics_row("valid", &mv);
+    print_metrics_row("test", &mt[0]);
+    print_metrics_row("test", &mt[1]);
+    char js[512];
+    json_metrics(js, sizeof js, &mv);
+    log_line(&st->log, "{\"final\":\"valid\",\"best_iter\":%ld,%s}", st->best_iter, js);
+    for (int i = 0; i < 2; i++) {
+        json_metrics(js, sizeof js, &mt[i]);
+        log_line(&st->log, "{\"final\":\"test\",\"best_iter\":%ld,%s}", st->best_iter, js);
+    }
+    printf("wrote %s, %s and %s\n", st->log.path, out->model, out->curves);
+}
+
 int cmd_train(int argc, char **argv) {
     Config c = default_config();
     const char *resume = NULL;
@@ -5196,7 +5330,7 @@ int cmd_train(int argc, char **argv) {
                      { "--resume", F_STR, &resume, "continue the run whose --out folder this is, from its checkpoint" },
                      { "--stop-after", F_LONG, &stop_after, "stop after this step as an interrupt would (checkpoint and exit)" } };
     parse_flags(argc, argv, "train", TRAIN_WHAT, flags, sizeof flags / sizeof *flags);
-    char ckpt_path[4200];
+    OutFiles out;
     Stream ck = { 0 };
     if (resume) { /* the settings come from the checkpoint; only -t and --stop-after may be given */
         for (int i = 0; i < n_flags_given; i++) {
@@ -5204,15 +5338,8 @@ int cmd_train(int argc, char **argv) {
             if (dst != &resume && dst != &c.threads && dst != &stop_after)
                 die("train --resume takes the run's settings from its checkpoint; %s cannot be changed", flags_given[i]->name);
         }
-        path_printf(ckpt_path, sizeof ckpt_path, "%s/checkpoint.bin", resume);
-        ck = ckpt_open(ckpt_path, &c);
-        c.out = resume;
-        char train_path[8300]; /* its split files: a relative --data is read from the current folder */
-        path_printf(train_path, sizeof train_path, "%s/%s_train.txt", c.data, c.name);
-        if (access(train_path, F_OK) != 0)
-            die("the run's data %s (as given when it started) is not found from here; %s", train_path,
-                c.data[0] == '/' ? "put the run's data back in that folder"
-                                 : "run the --resume from the folder the run started in, or put the file back there");
+        out_files(&out, resume);
+        ck = resume_settings(&c, resume, &out);
     }
     check_config(&c);
     check_range("--eval-batch", c.eval_batch, 1, 1 << 16);
@@ -5224,7 +5351,7 @@ int cmd_train(int argc, char **argv) {
     Dataset ds;
     load_dataset(&ds, c.data, c.name);
     check_batch_users(&ds.train, c.B, c.data, c.name);
-    int U = ds.train.n_users, cut = c.topn;
+    int U = ds.train.n_users;
     uint64_t fingerprint = data_sum(&ds);
     if (c.topn >= ds.N - 1) /* every validation list would hold (almost) every item: recall 1, no best model */
         die("--topn %d: %s/%s has %d items, and validation at that cut-off cannot tell models apart; give a --topn "
@@ -5243,117 +5370,26 @@ int cmd_train(int argc, char **argv) {
     lock_out_dir(c.out);
     remove_stale_temps(c.out);
     snprintf(st.log.path, sizeof st.log.path, "%s/metrics.jsonl", c.out);
-    snprintf(ckpt_path, sizeof ckpt_path, "%s/checkpoint.bin", c.out);
-    OutFiles out_dir;
-    snprintf(out_dir.model, sizeof out_dir.model, "%s/model.bin", c.out);
-    snprintf(out_dir.curves, sizeof out_dir.curves, "%s/curves.svg", c.out);
+    out_files(&out, c.out);
 
-    char hyper[256]; /* Pop counts the batches' targets: only B matters to it */
-    int lazy = strcmp(c.adam, "dense") && m.enc != ENC_POP; /* shown when not the default */
-    if (m.enc == ENC_POP) snprintf(hyper, sizeof hyper, "B %d", c.B);
-    else snprintf(hyper, sizeof hyper, "D %d K %d L %d B %d M %d lr %g  beta %g  lambda %g", m.D, m.K, c.L, c.B, c.M,
-                  c.lr, c.rbeta, c.rlambda);
-    printf("remi train: %s/%s  users %d/%d/%d  items %d  |  model %s%s  %s%s%s%s%s  seed %llu  threads %d\n", c.data,
-           c.name, U, ds.valid.n_users, ds.test.n_users, ds.N - 1, c.model, m.relu ? "+relu" : "", hyper,
-           c.hits ? "  remove-hits " : "", c.hits ? c.remove_hits : "", lazy ? "  adam " : "", lazy ? c.adam : "",
-           (unsigned long long)c.seed, c.threads);
-    fflush(stdout); /* a log shows the run has started (and holds its --out) */
+    print_train_header(&c, &m, &ds);
     if (resume) {
         char where[4400];
         snprintf(where, sizeof where, "%s/%s", c.data, c.name);
         ckpt_read_state(&ck, &m, &st, U, fingerprint, where);
         if (stop_after > 0 && stop_after <= st.it)
-            die("--stop-after %ld: %s is at step %ld already; give a later step", stop_after, ckpt_path, st.it);
-        printf("resumed from %s at iteration %ld\n", ckpt_path, st.it);
+            die("--stop-after %ld: %s is at step %ld already; give a later step", stop_after, out.ckpt, st.it);
+        printf("resumed from %s at iteration %ld\n", out.ckpt, st.it);
         if (st.it >= c.iters || st.trials > c.patience)
             printf("the run had finished (%s): its final evaluation again\n",
                    st.it >= c.iters ? "its last step" : "early stop");
-    } else {
-        /* a new run replaces the folder's previous one whole: its checkpoint, model and curves go
-         * before the new metrics.jsonl starts, so that no file of it is taken for the new run's */
-        const char *old_run[3] = { ckpt_path, out_dir.model, out_dir.curves };
-        for (int i = 0; i < 3; i++)
-            if (unlink(old_run[i]) != 0 && errno != ENOENT) die("cannot remove %s: %s", old_run[i], strerror(errno));
-        memcpy(st.best, m.mem, m.n_params * sizeof(float));
-        for (int u = 0; u < U; u++) st.perm[u] = u;
-        char jdata[6 * 4096 + 1], jname[6 * 4096 + 1]; /* the longest paths and names the flags take, escaped */
-        json_escape(jdata, sizeof jdata, c.data);
-        json_escape(jname, sizeof jname, c.name);
-        log_line(&st.log, "{\"config\":{\"data\":\"%s\",\"name\":\"%s\",\"model\":\"%s\",\"D\":%d,\"K\":%d,\"L\":%d,"
-                 "\"B\":%d,\"M\":%d,\"lr\":%g,\"rbeta\":%g,\"rlambda\":%g,\"relu\":%d,\"dropout\":%g,"
-                 "\"mind_eval\":\"%s\",\"adam\":\"%s\",\"remove_hits\":\"%s\",\"seed\":%llu,\"N\":%d,\"train_users\":%d,"
-                 "\"iters\":%ld,\"eval_every\":%d,\"patience\":%d,\"topn\":%d}}",
-                 jdata, jname, c.model, m.D, m.K, c.L, c.B, c.full_softmax ? 0 : c.M, c.lr, c.rbeta, c.rlambda, m.relu, c.dropout,
-                 c.mind_eval, c.adam, c.remove_hits, (unsigned long long)c.seed, ds.N, U, c.iters, c.eval_every, c.patience,
-                 c.topn);
-    }
+    } else start_run(&c, &m, &ds, &st, &out);
     signal(SIGINT, on_stop_signal);
     signal(SIGTERM, on_stop_signal);
-    int tty = isatty(fileno(stdout));
-    double t0 = now_sec() - st.elapsed, t_mark = now_sec(), t_shown = now_sec();
-    long it_mark = st.it, ckpt_it = resume ? st.it : 0;
-    while (st.it < c.iters && st.trials <= c.patience) {
-        long it = ++st.it;
-        float loss = train_step(&m, &a, &ds.train, &c, &st.rng, st.perm);
-        if (!isfinite(loss)) die_nonfinite(&m, it, loss, ckpt_path, ckpt_it);
-        st.loss_sum += loss;
-        int eval_now = it % c.eval_every == 0 || it == c.iters;
-        if (!eval_now && !stop_signal && it != stop_after) {
-            if (tty && (it & 15) == 0 && now_sec() - t_shown > 0.25) {
-                t_shown = now_sec();
-                progress_line(&c, &st, (it - it_mark) / (t_shown - t_mark));
-            }
-            continue;
-        }
-        st.t_train += now_sec() - t_mark;
-        if (eval_now) {
-            if (tty) printf("\r\033[K");
-            validate(&c, &m, &a, &ds.valid, &st, &out_dir, now_sec() - t0);
-            size_t bad;
-            if (nonfinite_tensor(&m, m.mem, &bad)) die_nonfinite(&m, it, NAN, ckpt_path, ckpt_it);
-        }
-        st.elapsed = now_sec() - t0;
-        ckpt_write(ckpt_path, &c, &m, &st, U, fingerprint);
-        ckpt_it = it;
-        if (st.trials > c.patience) printf("early stop: %d evaluations without improvement\n", st.trials);
-        if (stop_signal || it == stop_after) {
-            if (tty) printf("\r\033[K");
-            char word[4 * 4200];
-            printf("%s after iteration %ld: wrote %s; continue with `remi train --resume %s`\n",
-                   stop_signal == SIGINT ? "interrupted (SIGINT)" : stop_signal == SIGTERM ? "terminated (SIGTERM)"
-                                                                                       : "stopped (--stop-after)",
-                   it, ckpt_path, shell_word(word, sizeof word, c.out));
-            return stop_signal ? 128 + stop_signal : 0;
-        }
-        t_mark = now_sec();
-        it_mark = it;
-    }
-    if (st.best_iter == 0) {
-        printf("no validation improvement over recall 0: reporting the last parameters\n");
-        memcpy(st.best, m.mem, m.n_params * sizeof(float));
-    }
-    /* a resumed run's folder may hold the checkpoint alone: it gets the files a run ends with */
-    if (st.best_iter == 0 || resume) model_save(&m, st.best, &c, out_dir.model);
-    if (resume && st.n_curve) write_curves(out_dir.curves, st.curve, st.n_curve, cut);
-    memcpy(m.mem, st.best, m.n_params * sizeof(float));
-    Metrics mv, mt[2];
-    int cuts[2] = { 20, 50 };
-    long pass = st.pass; /* the final evaluations do not change the checkpointed state */
-    evaluate(&mv, &cut, 1, &m, &a, &ds.valid, eval_noise_key(c.mind_eval, c.seed, ++pass));
-    evaluate(mt, cuts, 2, &m, &a, &ds.test, eval_noise_key(c.mind_eval, c.seed, ++pass));
-    if (st.best_iter) printf("\nbest model: iter %ld of %ld (%.1f s)\n", st.best_iter, st.it, now_sec() - t0);
-    else printf("\nmodel: the last parameters, iter %ld (%.1f s)\n", st.it, now_sec() - t0);
-    print_metrics_row("valid", &mv);
-    print_metrics_row("test", &mt[0]);
-    print_metrics_row("test", &mt[1]);
-    char js[512];
-    json_metrics(js, sizeof js, &mv);
-    log_line(&st.log, "{\"final\":\"valid\",\"best_iter\":%ld,%s}", st.best_iter, js);
-    for (int i = 0; i < 2; i++) {
-        json_metrics(js, sizeof js, &mt[i]);
-        log_line(&st.log, "{\"final\":\"test\",\"best_iter\":%ld,%s}", st.best_iter, js);
-    }
-    printf("wrote %s, %s and %s\n", st.log.path, out_dir.model, out_dir.curves);
+    double t0 = now_sec() - st.elapsed;
+    int status = train_loop(&c, &m, &a, &ds, &st, &out, stop_after, fingerprint, t0);
+    if (status >= 0) return status;
+    final_report(&c, &m, &a, &ds, &st, &out, resume != NULL, t0);
     return 0;
 }
 
