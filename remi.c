@@ -1694,6 +1694,93 @@ static void prep_check_opts(const PrepOpts *o, const char *sep, const char *time
         die("prep: --user-key, --item-key and --time-key must be different keys");
 }
 
+/* The filter and split's plan (REMI-SPEC b.2). */
+typedef struct {
+    int *count;          /* (items) interactions of each item, duplicates too */
+    int *rank;           /* (items) item indices by count, descending */
+    int *new_item;       /* (items) 0 = dropped, else its new id 1..n_kept_items */
+    int n_kept_items;
+    size_t *off, *ev_of; /* user u's events are ev_of[off[u]..off[u+1]), in file order */
+    int *kept_of;        /* (users) each user's interactions on kept items */
+    int *order;          /* (U) kept users in first-seen order, then shuffled: user id = position */
+    int U, max_len;      /* kept users, the most kept interactions of one */
+    size_t total;        /* kept interactions */
+} PrepPlan;
+
+/* Items: count every interaction (duplicates too), rank, keep the prefix >= min. */
+static void prep_keep_items(PrepPlan *p, const PrepData *d, int min) {
+    int n_items = d->items.n;
+    p->count = xcalloc((size_t)n_items, sizeof *p->count);
+    for (size_t e = 0; e < d->n_ev; e++) p->count[d->ev[e].item]++;
+    p->rank = xmalloc((size_t)n_items * sizeof *p->rank);
+    for (int i = 0; i < n_items; i++) p->rank[i] = i;
+    prep_sort_count = p->count;
+    qsort(p->rank, (size_t)n_items, sizeof *p->rank, prep_cmp_item);
+    p->n_kept_items = 0;
+    while (p->n_kept_items < n_items && p->count[p->rank[p->n_kept_items]] >= min) p->n_kept_items++;
+    p->new_item = xcalloc((size_t)n_items, sizeof *p->new_item);
+    for (int r = 0; r < p->n_kept_items; r++) p->new_item[p->rank[r]] = r + 1;
+}
+
+/* Users: group events by user (counting sort, stable in file order), keep those with min or
+ * more interactions on kept items, in first-seen order. */
+static void prep_keep_users(PrepPlan *p, const PrepData *d, int min) {
+    int n_users = d->users.n;
+    p->off = xcalloc((size_t)n_users + 1, sizeof *p->off);
+    p->kept_of = xcalloc((size_t)n_users, sizeof *p->kept_of);
+    for (size_t e = 0; e < d->n_ev; e++) {
+        p->off[d->ev[e].user + 1]++;
+        if (p->new_item[d->ev[e].item]) p->kept_of[d->ev[e].user]++;
+    }
+    for (int u = 0; u < n_users; u++) p->off[u + 1] += p->off[u];
+    size_t *fill = xmalloc((size_t)n_users * sizeof *fill);
+    p->ev_of = xmalloc(d->n_ev * sizeof *p->ev_of);
+    memcpy(fill, p->off, (size_t)n_users * sizeof *fill);
+    for (size_t e = 0; e < d->n_ev; e++) p->ev_of[fill[d->ev[e].user]++] = e;
+    free(fill);
+    p->order = xmalloc((size_t)n_users * sizeof *p->order);
+    p->U = 0; p->max_len = 0; p->total = 0;
+    for (int u = 0; u < n_users; u++)
+        if (p->kept_of[u] >= min) {
+            p->order[p->U++] = u;
+            p->total += (size_t)p->kept_of[u];
+            if (p->kept_of[u] > p->max_len) p->max_len = p->kept_of[u];
+        }
+}
+
+/* The five files, each whole or not at all: the maps, then per user (in shuffled order) the
+ * kept interactions stable-sorted by time and indexed 0,1,2,..., into the split of its
+ * position (< split1 train, < split2 valid, else test); n_split: interactions per split. */
+static void prep_write(const PrepOpts *o, const PrepData *d, const PrepPlan *p, int split1, int split2,
+                       size_t n_split[3]) {
+    if (strlen(o->out) + strlen(o->name) + 64 > 4096) die("prep: --out and --name make output paths too long");
+    mkdir_p(o->out);
+    static const char *suffix[5] = {"train", "valid", "test", "user_map", "item_map"};
+    FILE *out[5];
+    char path[4096];
+    for (int k = 0; k < 5; k++) {
+        if ((size_t)snprintf(path, sizeof path, "%s/%s_%s.txt", o->out, o->name, suffix[k]) >= sizeof path)
+            die("prep: output path too long: %s/%s_%s.txt", o->out, o->name, suffix[k]);
+        out[k] = atomic_open(path);
+    }
+    for (int q = 0; q < p->U; q++) fprintf(out[3], "%s,%d\n", prep_id(&d->users, p->order[q]), q);
+    for (int r = 0; r < p->n_kept_items; r++) fprintf(out[4], "%s,%d\n", prep_id(&d->items, p->rank[r]), r + 1);
+    PrepKept *kept = xmalloc((size_t)p->max_len * sizeof *kept);
+    for (int q = 0; q < p->U; q++) {
+        int u = p->order[q], n = 0, k = q < split1 ? 0 : q < split2 ? 1 : 2;
+        for (size_t i = p->off[u]; i < p->off[u + 1]; i++) {
+            const PrepEvent *e = &d->ev[p->ev_of[i]];
+            if (p->new_item[e->item]) kept[n++] = (PrepKept){e->time, i, p->new_item[e->item]};
+        }
+        qsort(kept, (size_t)n, sizeof *kept, prep_cmp_kept);
+        for (int i = 0; i < n; i++)
+            fprintf(out[k], "%d,%d,%d,%lld\n", q, kept[i].item, i, (long long)kept[i].time); /* '%d' truncates */
+        n_split[k] += (size_t)n;
+    }
+    free(kept);
+    atomic_commit_all(out, 5);
+}
+
 int cmd_prep(int argc, char **argv) {
     PrepOpts o = { .out = "data", .ucol = 0, .icol = 1, .tcol = -1, .keep_col = -1, .min = 5, .seed = 1230,
                    .ukey = "reviewerID", .ikey = "asin", .tkey = "unixReviewTime" };
@@ -1739,98 +1826,40 @@ int cmd_prep(int argc, char **argv) {
     PrepData d = {0};
     prep_read(&d, &o);
     int n_users = d.users.n, n_items = d.items.n;
-
-    /* items: count every interaction (duplicates too), rank, keep the prefix >= min */
-    int *count = xcalloc((size_t)n_items, sizeof *count);
-    for (size_t e = 0; e < d.n_ev; e++) count[d.ev[e].item]++;
-    int *rank = xmalloc((size_t)n_items * sizeof *rank); /* rank[r] = item index */
-    for (int i = 0; i < n_items; i++) rank[i] = i;
-    prep_sort_count = count;
-    qsort(rank, (size_t)n_items, sizeof *rank, prep_cmp_item);
-    int n_kept_items = 0;
-    while (n_kept_items < n_items && count[rank[n_kept_items]] >= o.min) n_kept_items++;
-    int *new_item = xcalloc((size_t)n_items, sizeof *new_item); /* 0 = dropped, else 1..n */
-    for (int r = 0; r < n_kept_items; r++) new_item[rank[r]] = r + 1;
-
-    /* users: group events by user (counting sort, stable in file order), count kept ones */
-    size_t *off = xcalloc((size_t)n_users + 1, sizeof *off); /* user u owns ev_of[off[u]..off[u+1]) */
-    int *kept_of = xcalloc((size_t)n_users, sizeof *kept_of);
-    for (size_t e = 0; e < d.n_ev; e++) {
-        off[d.ev[e].user + 1]++;
-        if (new_item[d.ev[e].item]) kept_of[d.ev[e].user]++;
-    }
-    for (int u = 0; u < n_users; u++) off[u + 1] += off[u];
-    size_t *ev_of = xmalloc(d.n_ev * sizeof *ev_of), *fill = xmalloc((size_t)n_users * sizeof *fill);
-    memcpy(fill, off, (size_t)n_users * sizeof *fill);
-    for (size_t e = 0; e < d.n_ev; e++) ev_of[fill[d.ev[e].user]++] = e;
-    free(fill);
-
-    int *order = xmalloc((size_t)n_users * sizeof *order); /* kept users, first-seen order */
-    int U = 0, max_len = 0;
-    size_t total = 0;
-    for (int u = 0; u < n_users; u++)
-        if (kept_of[u] >= o.min) {
-            order[U++] = u;
-            total += (size_t)kept_of[u];
-            if (kept_of[u] > max_len) max_len = kept_of[u];
-        }
+    PrepPlan p;
+    prep_keep_items(&p, &d, o.min);
+    prep_keep_users(&p, &d, o.min);
+    int U = p.U;
     if (U == 0)
         die("%s: no user left after filtering: no user has %d or more interactions on items "
             "with %d or more interactions (%d users, %d items read, %d items kept); try a lower --min",
-            o.input, o.min, o.min, n_users, n_items, n_kept_items);
+            o.input, o.min, o.min, n_users, n_items, p.n_kept_items);
     if ((uint64_t)U > UINT32_MAX) die("too many users to shuffle");
 
     /* shuffle; the user id is the position; first int(0.8U) train, up to int(0.9U) valid */
     PrepMT mt;
     prep_py_seed(&mt, o.seed);
-    prep_py_shuffle(&mt, order, U);
+    prep_py_shuffle(&mt, p.order, U);
     int split1 = (int)(U * 0.8), split2 = (int)(U * 0.9); /* in double, as Python does */
     if (split1 == 0 || split2 == split1 || split2 == U)
         die("%s: %d user(s) left after filtering: too few for a training, a validation and a test split "
             "(%d, %d, %d users); at least 6 are needed", o.input, U, split1, split2 - split1, U - split2);
 
-    /* all input is valid: only now touch the output folder */
-    if (strlen(o.out) + strlen(o.name) + 64 > 4096) die("prep: --out and --name make output paths too long");
-    mkdir_p(o.out);
-    static const char *suffix[5] = {"train", "valid", "test", "user_map", "item_map"};
-    FILE *out[5];
-    char path[4096];
-    for (int k = 0; k < 5; k++) {
-        if ((size_t)snprintf(path, sizeof path, "%s/%s_%s.txt", o.out, o.name, suffix[k]) >= sizeof path)
-            die("prep: output path too long: %s/%s_%s.txt", o.out, o.name, suffix[k]);
-        out[k] = atomic_open(path);
-    }
-    for (int p = 0; p < U; p++) fprintf(out[3], "%s,%d\n", prep_id(&d.users, order[p]), p);
-    for (int r = 0; r < n_kept_items; r++) fprintf(out[4], "%s,%d\n", prep_id(&d.items, rank[r]), r + 1);
-
-    /* per user: kept interactions, stable-sorted by time, indexed 0,1,2,... */
-    PrepKept *kept = xmalloc((size_t)max_len * sizeof *kept);
-    size_t n_split[3] = {0};
-    for (int p = 0; p < U; p++) {
-        int u = order[p], n = 0, k = p < split1 ? 0 : p < split2 ? 1 : 2;
-        for (size_t q = off[u]; q < off[u + 1]; q++) {
-            const PrepEvent *e = &d.ev[ev_of[q]];
-            if (new_item[e->item]) kept[n++] = (PrepKept){e->time, q, new_item[e->item]};
-        }
-        qsort(kept, (size_t)n, sizeof *kept, prep_cmp_kept);
-        for (int i = 0; i < n; i++)
-            fprintf(out[k], "%d,%d,%d,%lld\n", p, kept[i].item, i, (long long)kept[i].time); /* '%d' truncates */
-        n_split[k] += (size_t)n;
-    }
-    atomic_commit_all(out, 5);
+    size_t n_split[3] = {0}; /* all input is valid: only now touch the output folder */
+    prep_write(&o, &d, &p, split1, split2, n_split);
 
     printf("prep %s: read %zu interactions, %d users, %d items from %s", o.name, d.n_ev, n_users, n_items, o.input);
     if (o.keep_col >= 0) printf(" (%zu lines without %s in column %d skipped)", d.n_skipped, o.keep_value, o.keep_col);
     printf("\n");
     printf("prep %s: kept %d users (train %d, valid %d, test %d), %d items, %zu interactions "
            "(train %zu, valid %zu, test %zu), %.4f per user\n",
-           o.name, U, split1, split2 - split1, U - split2, n_kept_items, total,
-           n_split[0], n_split[1], n_split[2], (double)total / U);
+           o.name, U, split1, split2 - split1, U - split2, p.n_kept_items, p.total,
+           n_split[0], n_split[1], n_split[2], (double)p.total / U);
     printf("prep %s: wrote %s/%s_{train,valid,test,user_map,item_map}.txt in %.2f s\n",
            o.name, o.out, o.name, now_sec() - t0);
 
-    free(kept); free(order); free(ev_of); free(kept_of); free(off);
-    free(new_item); free(rank); free(count); free(d.ev);
+    free(p.order); free(p.ev_of); free(p.kept_of); free(p.off);
+    free(p.new_item); free(p.rank); free(p.count); free(d.ev);
     prep_ids_free(&d.users);
     prep_ids_free(&d.items);
     return 0;
@@ -6169,148 +6198,176 @@ static int gc_model_check(GcState *g, Encoder e) {
     return ok;
 }
 
-int cmd_gradcheck(int argc, char **argv) {
-    uint64_t seed = 7;
-    Flag flags[] = { { "--seed", F_U64, &seed, "seed of the random shapes' contents" } };
-    parse_flags(argc, argv, "gradcheck", "Finite-difference check of every backward pass; exits 1 on failure.",
-                flags, 1);
-    GcState g = { .B = 3, .L = 5, .D = 6, .K = 3, .M = 7, .N = 11, .rng = seed };
-    g.H = 4 * g.D;
-    g.cfg = default_config();
-    g.cfg.D = g.D; g.cfg.K = g.K; g.cfg.L = g.L; g.cfg.B = g.B; g.cfg.M = g.M; g.cfg.seed = seed;
-    model_init(&g.m, g.N, &g.cfg);
-    acts_init(&g.a, &g.m, g.B, g.M);
-    size_t big = (size_t)g.B * g.L * g.H + (size_t)g.B * g.M + 64;
-    g.c = xmalloc(big * sizeof(float));
-    for (int i = 0; i < 8; i++) g.buf[i] = xcalloc(big, sizeof(float));
-    float *an[3];
-    for (int i = 0; i < 3; i++) an[i] = xcalloc(big > g.m.n_params ? big : g.m.n_params, sizeof(float));
-    gc_fill(g.c, big, 1.0, &g.rng);
-    gc_fill(g.m.mem, g.m.n_params, 0.5, &g.rng);
-    int lens[3] = { 5, 3, 1 }; /* a full, a padded and a one-item history */
-    for (int b = 0; b < g.B; b++) {
-        for (int l = 0; l < g.L; l++) {
-            g.a.hist[b * g.L + l] = l < lens[b] ? 1 + (int)rng_below(&g.rng, g.N - 1) : 0;
-            g.a.mask[b * g.L + l] = l < lens[b];
-        }
-        g.a.target[b] = 1 + (int)rng_below(&g.rng, g.N - 1);
-    }
-    for (int j = 0; j < g.M; j++) g.a.neg[j] = (int)rng_below(&g.rng, g.N);
-    g.a.neg[1] = g.a.neg[0]; /* a duplicate draw must accumulate */
-    g.a.neg[2] = 0;          /* the padding id can be drawn */
-    int ok = 1, B = g.B, L = g.L, D = g.D, H = g.H, K = g.K, M = g.M;
-    size_t BLD = (size_t)B * L * D;
 #define ZERO(p, n) memset((p), 0, (n) * sizeof(float))
-    printf("gradcheck: B %d L %d D %d H %d K %d M %d N %d, eps %g, tol %g + %g |grad|\n", B, L, D, H, K, M, g.N,
-           GC_EPS, GC_ATOL, GC_RTOL);
 
+/* The checks' state: a small random model; a batch of a full, a padded and a one-item history;
+ * random objective weights and inputs; an[0..2], room for the analytic gradients. */
+static void gc_setup(GcState *g, float **an, uint64_t seed) {
+    *g = (GcState){ .B = 3, .L = 5, .D = 6, .K = 3, .M = 7, .N = 11, .rng = seed };
+    g->H = 4 * g->D;
+    g->cfg = default_config();
+    g->cfg.D = g->D; g->cfg.K = g->K; g->cfg.L = g->L; g->cfg.B = g->B; g->cfg.M = g->M; g->cfg.seed = seed;
+    model_init(&g->m, g->N, &g->cfg);
+    acts_init(&g->a, &g->m, g->B, g->M);
+    size_t big = (size_t)g->B * g->L * g->H + (size_t)g->B * g->M + 64;
+    g->c = xmalloc(big * sizeof(float));
+    for (int i = 0; i < 8; i++) g->buf[i] = xcalloc(big, sizeof(float));
+    for (int i = 0; i < 3; i++) an[i] = xcalloc(big > g->m.n_params ? big : g->m.n_params, sizeof(float));
+    gc_fill(g->c, big, 1.0, &g->rng);
+    gc_fill(g->m.mem, g->m.n_params, 0.5, &g->rng);
+    int lens[3] = { 5, 3, 1 }; /* a full, a padded and a one-item history */
+    for (int b = 0; b < g->B; b++) {
+        for (int l = 0; l < g->L; l++) {
+            g->a.hist[b * g->L + l] = l < lens[b] ? 1 + (int)rng_below(&g->rng, g->N - 1) : 0;
+            g->a.mask[b * g->L + l] = l < lens[b];
+        }
+        g->a.target[b] = 1 + (int)rng_below(&g->rng, g->N - 1);
+    }
+    for (int j = 0; j < g->M; j++) g->a.neg[j] = (int)rng_below(&g->rng, g->N);
+    g->a.neg[1] = g->a.neg[0]; /* a duplicate draw must accumulate */
+    g->a.neg[2] = 0;          /* the padding id can be drawn */
+}
+
+/* ComiRec-SA's layers: position add, linear + tanh, masked softmax, V = A X, hard readout. */
+static int gc_sa_layers(GcState *g, float **an) {
+    int ok = 1, B = g->B, L = g->L, D = g->D, H = g->H, K = g->K;
+    size_t BLD = (size_t)B * L * D;
     /* position add */
-    gc_fill(g.buf[0], BLD, 1.0, &g.rng); gc_fill(g.buf[1], (size_t)L * D, 1.0, &g.rng);
+    gc_fill(g->buf[0], BLD, 1.0, &g->rng); gc_fill(g->buf[1], (size_t)L * D, 1.0, &g->rng);
     ZERO(an[0], BLD); ZERO(an[1], (size_t)L * D);
-    posadd_backward(an[0], an[1], g.c, B, L, D);
-    ok &= gc_check("posadd: d/dx", gc_posadd, &g, g.buf[0], an[0], BLD);
-    ok &= gc_check("posadd: d/dP", gc_posadd, &g, g.buf[1], an[1], (size_t)L * D);
+    posadd_backward(an[0], an[1], g->c, B, L, D);
+    ok &= gc_check("posadd: d/dx", gc_posadd, g, g->buf[0], an[0], BLD);
+    ok &= gc_check("posadd: d/dP", gc_posadd, g, g->buf[1], an[1], (size_t)L * D);
 
     /* linear + tanh */
-    gc_fill(g.buf[0], BLD, 1.0, &g.rng); gc_fill(g.buf[1], (size_t)H * D, 0.4, &g.rng);
-    gc_lintanh(&g);
-    memcpy(g.buf[4], g.c, (size_t)B * L * H * sizeof(float));
-    tanh_backward(g.buf[4], g.buf[2], (size_t)B * L * H);
+    gc_fill(g->buf[0], BLD, 1.0, &g->rng); gc_fill(g->buf[1], (size_t)H * D, 0.4, &g->rng);
+    gc_lintanh(g);
+    memcpy(g->buf[4], g->c, (size_t)B * L * H * sizeof(float));
+    tanh_backward(g->buf[4], g->buf[2], (size_t)B * L * H);
     ZERO(an[0], BLD); ZERO(an[1], (size_t)H * D);
-    linear_backward(an[0], an[1], g.buf[4], g.buf[0], g.buf[1], B * L, D, H, 0);
-    ok &= gc_check("linear+tanh: d/dx", gc_lintanh, &g, g.buf[0], an[0], BLD);
-    ok &= gc_check("linear+tanh: d/dW", gc_lintanh, &g, g.buf[1], an[1], (size_t)H * D);
+    linear_backward(an[0], an[1], g->buf[4], g->buf[0], g->buf[1], B * L, D, H, 0);
+    ok &= gc_check("linear+tanh: d/dx", gc_lintanh, g, g->buf[0], an[0], BLD);
+    ok &= gc_check("linear+tanh: d/dW", gc_lintanh, g, g->buf[1], an[1], (size_t)H * D);
 
     /* masked softmax, the last sample's positions all padded for it (its softmax is uniform
      * whatever z is: no gradient) */
-    float *last = g.a.mask + (size_t)(B - 1) * L, kept[64];
+    float *last = g->a.mask + (size_t)(B - 1) * L, kept[64];
     memcpy(kept, last, L * sizeof(float));
     memset(last, 0, L * sizeof(float));
-    gc_fill(g.buf[0], (size_t)B * L * K, 2.0, &g.rng);
-    gc_softmax(&g);
+    gc_fill(g->buf[0], (size_t)B * L * K, 2.0, &g->rng);
+    gc_softmax(g);
     ZERO(an[0], (size_t)B * L * K);
-    masked_softmax_backward(an[0], g.c, g.buf[1], g.a.mask, B, K, L);
-    ok &= gc_check("masked softmax: d/dz", gc_softmax, &g, g.buf[0], an[0], (size_t)B * L * K);
+    masked_softmax_backward(an[0], g->c, g->buf[1], g->a.mask, B, K, L);
+    ok &= gc_check("masked softmax: d/dz", gc_softmax, g, g->buf[0], an[0], (size_t)B * L * K);
     memcpy(last, kept, L * sizeof(float));
 
     /* V = A X */
-    gc_fill(g.buf[0], (size_t)B * K * L, 1.0, &g.rng); gc_fill(g.buf[1], BLD, 1.0, &g.rng);
+    gc_fill(g->buf[0], (size_t)B * K * L, 1.0, &g->rng); gc_fill(g->buf[1], BLD, 1.0, &g->rng);
     ZERO(an[0], (size_t)B * K * L); ZERO(an[1], BLD);
-    interest_backward(an[0], an[1], g.c, g.buf[0], g.buf[1], NULL, B, K, L, D);
-    ok &= gc_check("A X: d/dA", gc_interest, &g, g.buf[0], an[0], (size_t)B * K * L);
-    ok &= gc_check("A X: d/dX", gc_interest, &g, g.buf[1], an[1], BLD);
+    interest_backward(an[0], an[1], g->c, g->buf[0], g->buf[1], NULL, B, K, L, D);
+    ok &= gc_check("A X: d/dA", gc_interest, g, g->buf[0], an[0], (size_t)B * K * L);
+    ok &= gc_check("A X: d/dX", gc_interest, g, g->buf[1], an[1], BLD);
 
     /* hard readout */
-    gc_fill(g.buf[0], (size_t)B * K * D, 1.0, &g.rng);
-    gc_readout(&g);
+    gc_fill(g->buf[0], (size_t)B * K * D, 1.0, &g->rng);
+    gc_readout(g);
     ZERO(an[0], (size_t)B * K * D);
-    readout_backward(an[0], g.c, g.a.sel, B, K, D);
-    g.kinks = gc_sel_kinks;
-    ok &= gc_check("hard readout: d/dV", gc_readout, &g, g.buf[0], an[0], (size_t)B * K * D);
-    g.kinks = NULL;
+    readout_backward(an[0], g->c, g->a.sel, B, K, D);
+    g->kinks = gc_sel_kinks;
+    ok &= gc_check("hard readout: d/dV", gc_readout, g, g->buf[0], an[0], (size_t)B * K * D);
+    g->kinks = NULL;
+    return ok;
+}
 
+/* The loss: sampled logits (d/dr, d/dE), then the sampled softmax at beta 0 and beta > 0
+ * (IHN), full softmax (--neg 0) and with hits removed. */
+static int gc_loss_layers(GcState *g, float **an) {
+    int ok = 1, B = g->B, L = g->L, D = g->D, M = g->M;
     /* sampled logits: r and E */
-    gc_fill(g.buf[0], (size_t)B * D, 1.0, &g.rng);
-    gc_logits(&g);
-    ZERO(an[0], (size_t)B * D); ZERO(g.m.gmem, g.m.size[0]);
-    NegRows neg = neg_rows(g.a.en, g.m.p.item_emb, g.a.neg, M, D);
-    logits_backward(an[0], &g.m.ge, g.a.den, g.c + (size_t)B * M, g.c, g.buf[0], &neg, g.a.target, B);
-    item_grad_dense(an[1], &g.m.ge, g.N, D);
-    ok &= gc_check("sampled logits: d/dr", gc_logits, &g, g.buf[0], an[0], (size_t)B * D);
-    ok &= gc_check("sampled logits: d/dE", gc_logits, &g, g.m.p.item_emb, an[1], g.m.size[0]);
+    gc_fill(g->buf[0], (size_t)B * D, 1.0, &g->rng);
+    gc_logits(g);
+    ZERO(an[0], (size_t)B * D); ZERO(g->m.gmem, g->m.size[0]);
+    NegRows neg = neg_rows(g->a.en, g->m.p.item_emb, g->a.neg, M, D);
+    logits_backward(an[0], &g->m.ge, g->a.den, g->c + (size_t)B * M, g->c, g->buf[0], &neg, g->a.target, B);
+    item_grad_dense(an[1], &g->m.ge, g->N, D);
+    ok &= gc_check("sampled logits: d/dr", gc_logits, g, g->buf[0], an[0], (size_t)B * D);
+    ok &= gc_check("sampled logits: d/dE", gc_logits, g, g->m.p.item_emb, an[1], g->m.size[0]);
 
     /* sampled softmax, beta = 0 and beta > 0 (IHN); full softmax (--neg 0); then with hits
      * removed (negatives drawn from 7 ids, so that targets and history items recur) */
     float betas[6] = { 0.0f, 2.0f, 10.0f, 0.0f, 0.0f, 2.0f };
     for (int i = 0; i < 6; i++) {
         char what[96];
-        g.beta = betas[i];
-        g.full = i == 3;
-        g.hits = i == 4 ? HITS_TARGET : i == 5 ? HITS_HISTORY : HITS_NONE;
-        if (g.hits) {
-            for (int j = 0; j < M; j++) g.a.neg[j] = 1 + j % 7;
+        g->beta = betas[i];
+        g->full = i == 3;
+        g->hits = i == 4 ? HITS_TARGET : i == 5 ? HITS_HISTORY : HITS_NONE;
+        if (g->hits) {
+            for (int j = 0; j < M; j++) g->a.neg[j] = 1 + j % 7;
             for (int b = 0; b < B; b++) {
-                g.a.target[b] = 1 + b % 7;
-                for (int l = 0; l < L; l++) g.a.hist[b * L + l] = l < 2 ? 1 + (b + 3 + l) % 7 : 0;
+                g->a.target[b] = 1 + b % 7;
+                for (int l = 0; l < L; l++) g->a.hist[b * L + l] = l < 2 ? 1 + (b + 3 + l) % 7 : 0;
             }
         }
-        gc_fill(g.buf[0], B, 1.0, &g.rng); gc_fill(g.buf[1], (size_t)B * M, 1.0, &g.rng);
-        gc_ssm(&g);
-        ssm_backward(an[0], an[1], (SsmStats *)g.a.ssm_st, g.buf[5], B, M, g.beta, 1.0f / B);
-        const char *kind = g.full ? "full" : g.hits == HITS_TARGET ? "sampled, target hits removed,"
-                                           : g.hits == HITS_HISTORY ? "sampled, history hits removed," : "sampled";
-        snprintf(what, sizeof what, "%s softmax beta %g: d/ds+", kind, g.beta);
-        ok &= gc_check(what, gc_ssm, &g, g.buf[0], an[0], B);
-        snprintf(what, sizeof what, "%s softmax beta %g: d/ds_j", kind, g.beta);
-        ok &= gc_check(what, gc_ssm, &g, g.buf[1], an[1], (size_t)B * M);
+        gc_fill(g->buf[0], B, 1.0, &g->rng); gc_fill(g->buf[1], (size_t)B * M, 1.0, &g->rng);
+        gc_ssm(g);
+        ssm_backward(an[0], an[1], (SsmStats *)g->a.ssm_st, g->buf[5], B, M, g->beta, 1.0f / B);
+        const char *kind = g->full ? "full" : g->hits == HITS_TARGET ? "sampled, target hits removed,"
+                                           : g->hits == HITS_HISTORY ? "sampled, history hits removed," : "sampled";
+        snprintf(what, sizeof what, "%s softmax beta %g: d/ds+", kind, g->beta);
+        ok &= gc_check(what, gc_ssm, g, g->buf[0], an[0], B);
+        snprintf(what, sizeof what, "%s softmax beta %g: d/ds_j", kind, g->beta);
+        ok &= gc_check(what, gc_ssm, g, g->buf[1], an[1], (size_t)B * M);
     }
-    g.full = 0;
-    { /* removing hits is the sampled softmax over the kept negatives alone (history mode, beta 2) */
-        float keep[64], kept[64], tmp1[128], loss1;
-        SsmStats st1;
-        double worst = 0;
-        int removed = 0;
-        uint64_t rng = 99; /* its own draws: the later checks see the same points as without it */
-        gc_fill(g.buf[0], B, 1.0, &rng); gc_fill(g.buf[1], (size_t)B * M, 1.0, &rng);
-        for (int b = 0; b < B; b++) /* a removed hit scoring far above the rest: its exps overflow */
-            for (int j = 0; j < M; j++)
-                if (g.a.neg[j] == g.a.target[b]) g.buf[1][b * M + j] = 200.0f;
-        gc_ssm(&g);
-        for (int b = 0; b < B; b++) {
-            int n = 0;
-            hits_keep(keep, g.a.neg, M, g.a.target[b], g.a.hist + b * L, L, HITS_HISTORY);
-            for (int j = 0; j < M; j++)
-                if (keep[j] != 0.0f) kept[n++] = g.buf[1][b * M + j];
-            removed += M - n;
-            ssm_forward(&loss1, &st1, tmp1, g.buf[0] + b, kept, 1, n, g.beta, 1, HITS_NONE, NULL, NULL, NULL, 0, NULL);
-            double r = fabs(loss1 - g.buf[2][b]) / (1e-6 + 1e-6 * fabs(g.buf[2][b]));
-            if (!(r <= worst)) worst = r; /* a NaN stays, and fails */
-        }
-        ok &= worst <= 1.0 && removed > 0;
-        printf("  %-38s %5d removed   worst err/tol %.3f  %s\n", "removed hits = kept negatives alone", removed, worst,
-               worst <= 1.0 && removed > 0 ? "ok" : "FAIL");
+    g->full = 0;
+    return ok;
+}
+
+/* Removing hits is the sampled softmax over the kept negatives alone, compared loss by loss
+ * (history mode, beta 2), on gc_loss_layers' targets, histories and negatives of 7 ids. */
+static int gc_hits_removed(GcState *g) {
+    int B = g->B, L = g->L, M = g->M;
+    g->beta = 2.0f;
+    g->hits = HITS_HISTORY;
+    float keep[64], kept[64], tmp1[128], loss1;
+    SsmStats st1;
+    double worst = 0;
+    int removed = 0;
+    uint64_t rng = 99; /* its own draws: the later checks see the same points as without it */
+    gc_fill(g->buf[0], B, 1.0, &rng); gc_fill(g->buf[1], (size_t)B * M, 1.0, &rng);
+    for (int b = 0; b < B; b++) /* a removed hit scoring far above the rest: its exps overflow */
+        for (int j = 0; j < M; j++)
+            if (g->a.neg[j] == g->a.target[b]) g->buf[1][b * M + j] = 200.0f;
+    gc_ssm(g);
+    for (int b = 0; b < B; b++) {
+        int n = 0;
+        hits_keep(keep, g->a.neg, M, g->a.target[b], g->a.hist + b * L, L, HITS_HISTORY);
+        for (int j = 0; j < M; j++)
+            if (keep[j] != 0.0f) kept[n++] = g->buf[1][b * M + j];
+        removed += M - n;
+        ssm_forward(&loss1, &st1, tmp1, g->buf[0] + b, kept, 1, n, g->beta, 1, HITS_NONE, NULL, NULL, NULL, 0, NULL);
+        double r = fabs(loss1 - g->buf[2][b]) / (1e-6 + 1e-6 * fabs(g->buf[2][b]));
+        if (!(r <= worst)) worst = r; /* a NaN stays, and fails */
     }
-    g.hits = HITS_NONE;
+    printf("  %-38s %5d removed   worst err/tol %.3f  %s\n", "removed hits = kept negatives alone", removed, worst,
+           worst <= 1.0 && removed > 0 ? "ok" : "FAIL");
+    g->hits = HITS_NONE;
+    return worst <= 1.0 && removed > 0;
+}
+
+int cmd_gradcheck(int argc, char **argv) {
+    uint64_t seed = 7;
+    Flag flags[] = { { "--seed", F_U64, &seed, "seed of the random shapes' contents" } };
+    parse_flags(argc, argv, "gradcheck", "Finite-difference check of every backward pass; exits 1 on failure.",
+                flags, 1);
+    GcState g;
+    float *an[3];
+    gc_setup(&g, an, seed);
+    int B = g.B, L = g.L, D = g.D, K = g.K;
+    printf("gradcheck: B %d L %d D %d H %d K %d M %d N %d, eps %g, tol %g + %g |grad|\n", B, L, D, g.H, K, g.M, g.N,
+           GC_EPS, GC_ATOL, GC_RTOL);
+    int ok = gc_sa_layers(&g, an);
+    ok &= gc_loss_layers(&g, an);
+    ok &= gc_hits_removed(&g);
 
     /* RR on a real attention matrix (rows sum to 1, padded entries 0) */
     gc_fill(g.buf[2], (size_t)B * L * K, 2.0, &g.rng);
@@ -6330,10 +6387,10 @@ int cmd_gradcheck(int argc, char **argv) {
     /* every model, end to end */
     for (int e = 0; e < N_ENCODERS; e++)
         if (e != ENC_POP) ok &= gc_model_check(&g, (Encoder)e);
-#undef ZERO
     printf("gradcheck: %s\n", ok ? "all passed" : "FAILED");
     return ok ? 0 : 1;
 }
+#undef ZERO
 
 /* ======================================================================== self-test
  * Fast kernels against scalar twins, evaluation against a brute-force twin, the CPython
