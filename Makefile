@@ -173,7 +173,8 @@ $(RESULTS)/%-collapse.md: $(foreach c,$(COLLAPSE),$(RESULTS)/study/%/$c/2021/tra
 	     awk -v d=$* -v c=$$c '/^collapsed/ { p = $$NF } /^mean largest/ { printf "| %s | %s | %s | %s | %s |\n", d, c, p, $$4, $$NF }' \
 	       $$run/inspect.txt; done; } > $@.tmp && mv $@.tmp $@
 
-.PRECIOUS: %/train.log
+# a run's log marks it finished; the routing runs' logs are reached through a pattern alone
+.PRECIOUS: $(foreach d,study beauty beauty-negatives hits,$(RESULTS)/$d/%/train.log)
 
 reproduce: $(foreach d,$(STUDY_DATA),$(RESULTS)/$d.md $(RESULTS)/$d-collapse.md) $(RESULTS)/beauty.md \
            $(RESULTS)/beauty-negatives.md $(RESULTS)/hits.md $(RESULTS)/routing-norr.svg $(RESULTS)/routing-rr.svg

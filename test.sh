@@ -692,6 +692,12 @@ if command -v make >/dev/null; then
     make -q "${KEEP[@]}" "${SARGS[@]}" "$ST/tiny.md" "$ST/tiny-collapse.md" || why="$why; a second make would run again"
     if [ -z "$why" ]; then pass "make reproduce: flags per config, resume after an interrupt, 4 rows over 2 seeds, collapse table, up to date"
     else fail "make reproduce" "${why#; }"; fi
+    # a run reached through a pattern rule alone (a routing figure's) keeps its log, the mark that
+    # it finished, when make ends (the figure's inspect then fails: the tiny model is not Beauty's)
+    RR=$TMP/routing/beauty/routing-rr; mkdir -p "$RR"; cp "$ST/study/tiny/sa-remi/2/checkpoint.bin" "$RR/"
+    make -s "${KEEP[@]}" RESULTS="$TMP/routing" "$TMP/routing/routing-rr.svg" >"$TMP/routing.log" 2>&1
+    if grep -q "the run had finished" "$RR/train.log" 2>/dev/null; then pass "make keeps the log of a routing figure's run"
+    else fail "make keeps a routing run's log" "$(tail -n 2 "$TMP/routing.log")"; fi
 else echo "skip  make reproduce (no make)"; fi
 
 # ---------------------------------------------------------------- recorded results
