@@ -5223,11 +5223,10 @@ static void validate(const Config *c, const Model *m, Acts *a, const Split *vali
     st->loss_sum = 0;
 }
 
-/* train --resume OUT: the run's settings from its checkpoint, whose stream is left at the
+/* train --resume: the run's settings from its checkpoint, whose stream is left at the
  * state; the run's split files must be found from here as they were given. */
-static Stream resume_settings(Config *c, const char *resume, const OutFiles *out) {
+static Stream resume_settings(Config *c, const OutFiles *out) {
     Stream ck = ckpt_open(out->ckpt, c);
-    c->out = resume;
     char train_path[8300]; /* a relative --data is read from the current folder */
     path_printf(train_path, sizeof train_path, "%s/%s_train.txt", c->data, c->name);
     if (access(train_path, F_OK) != 0)
@@ -5359,17 +5358,17 @@ int cmd_train(int argc, char **argv) {
                      { "--resume", F_STR, &resume, "continue the run whose --out folder this is, from its checkpoint" },
                      { "--stop-after", F_LONG, &stop_after, "stop after this step as an interrupt would (checkpoint and exit)" } };
     parse_flags(argc, argv, "train", TRAIN_WHAT, flags, sizeof flags / sizeof *flags);
-    OutFiles out;
-    Stream ck = { 0 };
     if (resume) { /* the settings come from the checkpoint; only -t and --stop-after may be given */
         for (int i = 0; i < n_flags_given; i++) {
             const void *dst = flags_given[i]->dst;
             if (dst != &resume && dst != &c.threads && dst != &stop_after)
                 die("train --resume takes the run's settings from its checkpoint; %s cannot be changed", flags_given[i]->name);
         }
-        out_files(&out, resume);
-        ck = resume_settings(&c, resume, &out);
+        c.out = resume;
     }
+    OutFiles out;
+    out_files(&out, c.out);
+    Stream ck = resume ? resume_settings(&c, &out) : (Stream){ 0 };
     check_config(&c);
     check_range("--eval-batch", c.eval_batch, 1, 1 << 16);
     check_range("--stop-after", (double)stop_after, 0, 1e12);
@@ -5399,7 +5398,6 @@ int cmd_train(int argc, char **argv) {
     lock_out_dir(c.out);
     remove_stale_temps(c.out);
     snprintf(st.log.path, sizeof st.log.path, "%s/metrics.jsonl", c.out);
-    out_files(&out, c.out);
 
     print_train_header(&c, &m, &ds);
     if (resume) {
@@ -6348,10 +6346,11 @@ static int gc_hits_removed(GcState *g) {
         double r = fabs(loss1 - g->buf[2][b]) / (1e-6 + 1e-6 * fabs(g->buf[2][b]));
         if (!(r <= worst)) worst = r; /* a NaN stays, and fails */
     }
+    int ok = worst <= 1.0 && removed > 0;
     printf("  %-38s %5d removed   worst err/tol %.3f  %s\n", "removed hits = kept negatives alone", removed, worst,
-           worst <= 1.0 && removed > 0 ? "ok" : "FAIL");
+           ok ? "ok" : "FAIL");
     g->hits = HITS_NONE;
-    return worst <= 1.0 && removed > 0;
+    return ok;
 }
 
 int cmd_gradcheck(int argc, char **argv) {
