@@ -45,6 +45,13 @@
 #if defined(REMI_FMA) && (defined(__FMA__) || defined(__AVX512F__))
 #include <immintrin.h>
 #endif
+#if defined(__clang__) && defined(__AVX512F__)
+/* clang computes 16-float vectors as two 8-float halves where the target prefers 256-bit
+ * vectors (Intel's cores) unless the function asks for 512: every function asks, so that
+ * clang's build runs the kernels (and measures the FMA peak) at AVX-512's width, as gcc's */
+#pragma clang attribute push(__attribute__((min_vector_width(512))), apply_to = function)
+#define REMI_CLANG_WIDE
+#endif
 
 /* ======================================================================== utilities */
 
@@ -106,7 +113,14 @@ void *xcalloc(size_t n, size_t size) {
  * 3.44 -> 3.10 ms). Arrays under 2 MB, which cannot hold a huge page, come from calloc.
  * Freed with big_free and the same size. */
 #define BIG_PAGE ((size_t)2 << 20)
-#ifdef __SANITIZE_ADDRESS__
+#if defined(__SANITIZE_ADDRESS__) /* gcc's mark of an AddressSanitizer build; clang's below */
+#define REMI_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define REMI_ASAN 1
+#endif
+#endif
+#ifdef REMI_ASAN
 #define BIG_MAPPED 0 /* AddressSanitizer guards heap arrays, not mappings: keep them on the heap */
 #else
 #define BIG_MAPPED 1
@@ -1909,7 +1923,7 @@ static inline float madd(float s, float a, float b) { return __builtin_fmaf(a, b
 #if defined(__FMA__) && defined(__AVX__)
 static inline f8 vmadd8(f8 s, float a, f8 b) { return (f8)_mm256_fmadd_ps(_mm256_set1_ps(a), (__m256)b, (__m256)s); }
 #else
-static inline f8 vmadd8(f8 s, float a, f8 b) {
+static inline __attribute__((unused)) f8 vmadd8(f8 s, float a, f8 b) {
     for (int i = 0; i < 8; i++) s[i] = __builtin_fmaf(a, b[i], s[i]);
     return s;
 }
@@ -1928,7 +1942,7 @@ static inline vfw vmadd(vfw s, float a, vfw b) {
 #define PRODUCTS_FUSED 0
 static inline float madd(float s, float a, float b) { return s + a * b; }
 static inline vfw vmadd(vfw s, float a, vfw b) { return s + a * b; }
-static inline f8 vmadd8(f8 s, float a, f8 b) { return s + a * b; }
+static inline __attribute__((unused)) f8 vmadd8(f8 s, float a, f8 b) { return s + a * b; }
 #endif
 
 typedef struct {
@@ -3524,7 +3538,12 @@ static void gru_forward(const Model *m, Acts *a, int nb, int drop) {
 /* gru_gates' backward for one row: from dh (d/dh_t) to the gate-input gradients dgi (x side)
  * and dgh (h side); dh becomes the direct part of d/dh_{t-1}. noipa: inlined or specialised
  * for its one caller, gcc 12 no longer vectorises the loop. */
-static __attribute__((noipa)) void gru_gates_backward(float *restrict dgi, float *restrict dgh, float *restrict dh,
+#if defined(__clang__)
+#define NOIPA __attribute__((noinline))
+#else
+#define NOIPA __attribute__((noipa))
+#endif
+static NOIPA void gru_gates_backward(float *restrict dgi, float *restrict dgh, float *restrict dh,
                                       const float *restrict gate, const float *restrict ghn,
                                       const float *restrict hp, int G) {
     for (int j = 0; j < G; j++) {
@@ -4510,55 +4529,86 @@ static void cut_metrics(const EvalCtx *e, int b, int ci, const int *R, int nr) {
     user_metrics(e->res + ((size_t)u * e->n_cut + ci) * 4, R, nr, seq + k, n - k, e->m->enc == ENC_POP);
 }
 
-/* Score groups [g0, g1) of e->user against every item, select, then merge and score at
- * every cut-off. A block of items is scored by one product per group with the items as
- * rows, St (items, q) = E[block] Q^T, read straight from the item table; the groups take
- * turns on each block, so it comes from memory once for all of them (at Amazon Book's size
- * the table does not fit in any cache). Selection per interest: q = users x K columns,
+/* One call of eval_groups: its groups' queries, selections and scratch. */
+typedef struct {
+    int g0, g1, Q;     /* groups [g0, g1); Q = EVAL_GROUP K columns a group at most */
+    void *lines;       /* St, Qt and Ap, from a cache-line boundary */
+    float *St;         /* (rows, Q) a block's scores, item-major */
+    float *Qt;         /* (ng, D, Q) the groups' queries */
+    float *Ap;         /* (rows, D) the block packed */
+    float *thr;        /* (ng, Q) per interest: each heap's worst kept score */
+    uint64_t *heap;    /* (ng, Q, maxn): per interest a heap per column, by best interest per user */
+    int *hn;           /* (ng, Q) per interest: the heaps' sizes */
+    BestSel *sel;      /* (ng) by best interest */
+    float *s0;         /* (ng, Q) by best interest: id 0's scores */
+    int32_t *cnt;      /* (ng, Q) by best interest: the counts of items that beat id 0 */
+    Hit *lists;        /* (K, maxn) one user's lists, to merge */
+    int *R;            /* (maxn) one user's retrieved ids */
+} GroupWork;
+
+/* St, Qt and Ap start at a cache-line boundary, so that each vector the kernel loads or
+ * stores is one line (malloc aligns to 16 bytes; St's size is a multiple of 64 bytes); rows:
+ * EVAL_BLOCK rounded up to the kernel's tiles. */
+static void groups_alloc(GroupWork *w, const EvalCtx *e, int g0, int g1) {
+    int D = e->m->D, maxn = e->maxn, Q = EVAL_GROUP * e->m->K, ng = g1 - g0;
+    size_t rows = (EVAL_BLOCK + MR - 1) / MR * MR, n_st = (size_t)Q * rows, n_qt = (size_t)ng * Q * D;
+    *w = (GroupWork){ .g0 = g0, .g1 = g1, .Q = Q };
+    w->lines = xcalloc((n_st + n_qt + rows * D) * sizeof(float) + 64, 1);
+    w->St = (float *)(((uintptr_t)w->lines + 63) & ~(uintptr_t)63);
+    w->Qt = w->St + n_st;
+    w->Ap = w->Qt + n_qt;
+    w->thr = xmalloc((size_t)ng * Q * sizeof(float));
+    w->heap = xmalloc((size_t)ng * Q * maxn * sizeof(uint64_t));
+    w->hn = xmalloc((size_t)ng * Q * sizeof(int));
+    w->sel = xmalloc((size_t)ng * sizeof(BestSel));
+    w->s0 = xmalloc((size_t)ng * Q * sizeof(float));
+    w->cnt = xmalloc((size_t)ng * Q * sizeof(int32_t));
+    w->lists = xmalloc((size_t)e->m->K * maxn * sizeof(Hit));
+    w->R = xmalloc((size_t)maxn * sizeof(int));
+}
+
+static void groups_free(GroupWork *w) {
+    free(w->lines); free(w->thr); free(w->heap); free(w->hn); free(w->sel); free(w->s0); free(w->cnt);
+    free(w->lists); free(w->R);
+}
+
+/* Group g's queries Qt (D, q) and empty selections. Per interest: q = users x K columns,
  * user-major, a heap per column. By best interest: q = 8 K columns, interest-major, a heap
  * per user (zero columns for a short group). */
-static void eval_groups(const EvalCtx *e, int g0, int g1) {
-    int K = e->m->K, D = e->m->D, N = e->m->N, maxn = e->maxn, Q = EVAL_GROUP * K, ng = g1 - g0;
-    /* St (rows, Q), Qt (ng, D, Q) and the block packed, Ap (rows, D), from a cache-line boundary,
-     * so that each vector the kernel loads or stores is one line (malloc aligns to 16 bytes; St's
-     * size is a multiple of 64 bytes); rows: EVAL_BLOCK rounded up to the kernel's tiles */
-    size_t rows = (EVAL_BLOCK + MR - 1) / MR * MR, n_st = (size_t)Q * rows, n_qt = (size_t)ng * Q * D;
-    void *lines = xcalloc((n_st + n_qt + rows * D) * sizeof(float) + 64, 1);
-    float *St = (float *)(((uintptr_t)lines + 63) & ~(uintptr_t)63), *Qt = St + n_st, *Ap = Qt + n_qt;
-    float *thr = xmalloc((size_t)ng * Q * sizeof(float));
-    uint64_t *heap = xmalloc((size_t)ng * Q * maxn * sizeof(uint64_t));
-    Hit *lists = xmalloc((size_t)Q * maxn * sizeof(Hit));
-    int *R = xmalloc((size_t)maxn * sizeof(int)), *hn = xmalloc((size_t)ng * Q * sizeof(int));
-    BestSel *sel = xmalloc((size_t)ng * sizeof(BestSel));
-    float *s0 = xmalloc((size_t)ng * Q * sizeof(float));
-    int32_t *cnt = xmalloc((size_t)ng * Q * sizeof(int32_t));
-    double *sec = e->sec + (size_t)g0 * 3, t0, t1;
-    for (int g = g0; g < g1; g++) { /* group g's queries Qt (D, q), and its selection */
-        const int *gu = e->user + g * EVAL_GROUP;
-        int gb = group_users(e, g), q = e->best ? Q : gb * K;
-        float *qt = Qt + (size_t)(g - g0) * Q * D;
-        for (int b = 0; b < gb; b++)
-            for (int k = 0; k < K; k++) {
-                const float *v = e->a->v + ((size_t)gu[b] * K + k) * D;
-                int col = e->best ? k * EVAL_GROUP + b : b * K + k;
-                for (int d = 0; d < D; d++) qt[(size_t)d * q + col] = v[d];
-            }
-        if (!e->best) { /* a heap per column */
-            for (int i = 0; i < q; i++) { hn[(g - g0) * Q + i] = 0; thr[(g - g0) * Q + i] = -INFINITY; }
-            continue;
+static void group_start(GroupWork *w, const EvalCtx *e, int g) {
+    int K = e->m->K, D = e->m->D, maxn = e->maxn, Q = w->Q, i0 = (g - w->g0) * Q;
+    const int *gu = e->user + g * EVAL_GROUP;
+    int gb = group_users(e, g), q = e->best ? Q : gb * K;
+    float *qt = w->Qt + (size_t)i0 * D;
+    for (int b = 0; b < gb; b++)
+        for (int k = 0; k < K; k++) {
+            const float *v = e->a->v + ((size_t)gu[b] * K + k) * D;
+            int col = e->best ? k * EVAL_GROUP + b : b * K + k;
+            for (int d = 0; d < D; d++) qt[(size_t)d * q + col] = v[d];
         }
-        BestSel *bs = sel + (g - g0);
-        *bs = (BestSel){ .heap = heap + (size_t)(g - g0) * Q * maxn, .s0 = s0 + (size_t)(g - g0) * Q,
-                         .cnt = cnt + (size_t)(g - g0) * Q, .counting = 1 };
-        for (int l = 0; l < BEST_LANES; l++) bs->thr[l] = l < gb ? -INFINITY : NAN;
-        for (int i = 0; i < Q; i++) bs->cnt[i] = i % BEST_LANES < gb ? 0 : maxn;
+    if (!e->best) {
+        for (int i = 0; i < q; i++) { w->hn[i0 + i] = 0; w->thr[i0 + i] = -INFINITY; }
+        return;
     }
+    BestSel *bs = w->sel + (g - w->g0);
+    *bs = (BestSel){ .heap = w->heap + (size_t)i0 * maxn, .s0 = w->s0 + i0, .cnt = w->cnt + i0, .counting = 1 };
+    for (int l = 0; l < BEST_LANES; l++) bs->thr[l] = l < gb ? -INFINITY : NAN;
+    for (int i = 0; i < Q; i++) bs->cnt[i] = i % BEST_LANES < gb ? 0 : maxn;
+}
+
+/* Every item against the groups' queries, a block at a time: St (items, q) = E[block] Q^T
+ * by one product per group, read straight from the item table, then offered to the group's
+ * selection. The groups take turns on each block, so it comes from memory once for all of
+ * them (at Amazon Book's size the table does not fit in any cache). sec: the products' and
+ * the selection's seconds. */
+static void groups_score(GroupWork *w, const EvalCtx *e, double *sec) {
+    int K = e->m->K, D = e->m->D, N = e->m->N, maxn = e->maxn, Q = w->Q, g0 = w->g0, g1 = w->g1;
     int pack = eval_packs(K);
     for (int j0 = 0; j0 < N; j0 += EVAL_BLOCK) {
         int nj = N - j0 < EVAL_BLOCK ? N - j0 : EVAL_BLOCK;
         const float *E = e->m->p.item_emb + (size_t)j0 * D;
-        t0 = now_sec();
-        if (pack) pack_rows(Ap, E, nj, D, D); /* once for the groups' products */
+        double t0 = now_sec(), t1;
+        if (pack) pack_rows(w->Ap, E, nj, D, D); /* once for the groups' products */
         sec[0] += now_sec() - t0;
         int after = N - j0 - nj; /* items after this block */
         size_t next = (size_t)(after < EVAL_BLOCK ? after : EVAL_BLOCK) * D; /* the next block's floats */
@@ -4568,43 +4618,58 @@ static void eval_groups(const EvalCtx *e, int g0, int g1) {
             /* the next block's share of this group, fetched into the caches while the products run */
             size_t f0 = next * (g - g0) / (g1 - g0) / 16 * 16, f1 = next * (g - g0 + 1) / (g1 - g0) / 16 * 16;
             t0 = now_sec();
-            gemm_packed(St, q, Ap, Qt + o * D, q, nj, qf, D, E + (size_t)nj * D + f0, f1 - f0);
-            if (q > qf) gemm_run((Gemm){ St + qf, q, E, D, 1, Qt + o * D + qf, q, nj, q - qf, D, 0 }, 0);
+            gemm_packed(w->St, q, w->Ap, w->Qt + o * D, q, nj, qf, D, E + (size_t)nj * D + f0, f1 - f0);
+            if (q > qf) gemm_run((Gemm){ w->St + qf, q, E, D, 1, w->Qt + o * D + qf, q, nj, q - qf, D, 0 }, 0);
             t1 = now_sec(); sec[0] += t1 - t0;
-            if (e->best) best_block(sel + (g - g0), St, nj, K, j0, N, maxn);
-            else topk_block(heap + o * maxn, hn + o, maxn, thr + o, St, nj, q, j0);
+            if (e->best) best_block(w->sel + (g - g0), w->St, nj, K, j0, N, maxn);
+            else topk_block(w->heap + o * maxn, w->hn + o, maxn, w->thr + o, w->St, nj, q, j0);
             sec[1] += now_sec() - t1;
         }
     }
-    t0 = now_sec();
-    for (int g = g0; g < g1; g++) {
-        const int *gu = e->user + g * EVAL_GROUP;
-        int gb = group_users(e, g);
-        uint64_t *gh = heap + (size_t)(g - g0) * Q * maxn;
-        int *gn = hn + (g - g0) * Q;
-        const BestSel *bs = sel + (g - g0);
-        for (int b = 0; b < gb; b++) {
-            if (e->best) {
-                int again = 0;
-                for (int k = 0; k < K; k++) again |= bs->cnt[k * BEST_LANES + b] < maxn;
-                if (again) { e->redo[gu[b]] = 1; continue; }
-                uint64_t *h = gh + (size_t)b * maxn;
-                heap_sort(h, bs->hn[b]);
-                for (int i = 0; i < bs->hn[b]; i++) R[i] = best_key_id(h[i], N);
-                for (int ci = 0; ci < e->n_cut; ci++)
-                    cut_metrics(e, gu[b], ci, R, e->cuts[ci] < bs->hn[b] ? e->cuts[ci] : bs->hn[b]);
-                continue;
-            }
-            for (int k = 0; k < K; k++)
-                heap_finish(lists + (size_t)k * maxn, gh + (size_t)(b * K + k) * maxn, gn[b * K + k]);
-            for (int ci = 0; ci < e->n_cut; ci++) {
-                int cut = e->cuts[ci] < gn[b * K] ? e->cuts[ci] : gn[b * K];
-                cut_metrics(e, gu[b], ci, R, merge_interests(R, lists, K, maxn, cut, e->m->multi));
-            }
+}
+
+/* Group g's users from their selections to their metrics at every cut-off. By best interest
+ * the heap is the list (a user whose counts fall short goes to e->redo instead); per
+ * interest the K lists are merged. */
+static void group_finish(GroupWork *w, const EvalCtx *e, int g) {
+    int K = e->m->K, N = e->m->N, maxn = e->maxn, *R = w->R;
+    const int *gu = e->user + g * EVAL_GROUP;
+    uint64_t *gh = w->heap + (size_t)(g - w->g0) * w->Q * maxn;
+    const int *gn = w->hn + (g - w->g0) * w->Q;
+    const BestSel *bs = w->sel + (g - w->g0);
+    for (int b = 0; b < group_users(e, g); b++) {
+        if (e->best) {
+            int again = 0;
+            for (int k = 0; k < K; k++) again |= bs->cnt[k * BEST_LANES + b] < maxn;
+            if (again) { e->redo[gu[b]] = 1; continue; }
+            uint64_t *h = gh + (size_t)b * maxn;
+            heap_sort(h, bs->hn[b]);
+            for (int i = 0; i < bs->hn[b]; i++) R[i] = best_key_id(h[i], N);
+            for (int ci = 0; ci < e->n_cut; ci++)
+                cut_metrics(e, gu[b], ci, R, e->cuts[ci] < bs->hn[b] ? e->cuts[ci] : bs->hn[b]);
+            continue;
+        }
+        for (int k = 0; k < K; k++)
+            heap_finish(w->lists + (size_t)k * maxn, gh + (size_t)(b * K + k) * maxn, gn[b * K + k]);
+        for (int ci = 0; ci < e->n_cut; ci++) {
+            int cut = e->cuts[ci] < gn[b * K] ? e->cuts[ci] : gn[b * K];
+            cut_metrics(e, gu[b], ci, R, merge_interests(R, w->lists, K, maxn, cut, e->m->multi));
         }
     }
+}
+
+/* Score groups [g0, g1) of e->user against every item, select, then merge and score at
+ * every cut-off; the seconds of each phase to e->sec (the groups' first row). */
+static void eval_groups(const EvalCtx *e, int g0, int g1) {
+    GroupWork w;
+    double *sec = e->sec + (size_t)g0 * 3;
+    groups_alloc(&w, e, g0, g1);
+    for (int g = g0; g < g1; g++) group_start(&w, e, g);
+    groups_score(&w, e, sec);
+    double t0 = now_sec();
+    for (int g = g0; g < g1; g++) group_finish(&w, e, g);
     sec[2] += now_sec() - t0;
-    free(lines); free(thr); free(heap); free(lists); free(R); free(hn); free(sel); free(s0); free(cnt);
+    groups_free(&w);
 }
 
 #define EVAL_SHARE 8    /* groups that take turns on each block of items (their heaps stay in L2) */
@@ -5659,6 +5724,72 @@ static void route_svg(FILE *f, int row0, const float *att, const int *hist, int 
     }
 }
 
+/* User u's routing matrix into a->att (K, L): its history's positions, at most L, returned. */
+static int route_user(const Model *m, Acts *a, const Split *s, int u, uint64_t key) {
+    int n = make_eval_row(a->hist, a->mask, s, u, m->L);
+    user_vectors(m, a, u, 1, key);
+    return n < m->L ? n : m->L;
+}
+
+/* The users to draw: the rows --users lists, else the first 4 with 8 or more items. */
+static int inspect_pick(int **draw, const Split *s, const char *users) {
+    int n_draw = 0;
+    if (users) {
+        n_draw = parse_int_list(draw, users, 0, s->n_users - 1, "--users", "a user row");
+        if (n_draw == 0) die("--users: give at least one user row, e.g. --users \"0 7\"");
+        return n_draw;
+    }
+    *draw = xmalloc(4 * sizeof(int));
+    for (int u = 0; u < s->n_users && n_draw < 4; u++)
+        if (eval_split_point(s->off[u + 1] - s->off[u]) >= 8) (*draw)[n_draw++] = u;
+    return n_draw;
+}
+
+/* The collapse statistics over every user of s with 2 or more history items, printed. */
+static void inspect_stats(const Model *m, Acts *a, const Split *s, const char *split, uint64_t key) {
+    RouteStats rs = { 0 };
+    for (int u = 0; u < s->n_users; u++) {
+        int n = route_user(m, a, s, u, key);
+        if (n >= 2) route_stats_add(&rs, a->att, m->K, m->L, n);
+    }
+    printf("%s model, %s users with 2+ history items: %.0f users, %.0f interests\n", ENC_NAMES[m->enc], split,
+           rs.users, rs.interests);
+    if (rs.interests > 0) {
+        printf("collapsed interests (largest weight > 0.9): %.1f%%\n", 100.0 * rs.collapsed / rs.interests);
+        printf("mean largest weight: %.3f   mean entropy / log n: %.3f\n", rs.max_w / rs.interests, rs.entropy / rs.interests);
+    } else printf("no collapse statistics: no user's history (at most --len %d items) holds 2 or more items\n", m->L);
+}
+
+/* The drawn users' routing matrices: printed, and as heatmaps in OUT/routing.svg. */
+static void inspect_figure(const Model *m, Acts *a, const Split *s, const int *draw, int n_draw, uint64_t key,
+                           const char *out) {
+    int K = m->K, L = m->L;
+    mkdir_p(out);
+    char path[4200];
+    path_printf(path, sizeof path, "%s/routing.svg", out);
+    FILE *f = atomic_open(path);
+    int height = 30;
+    for (int i = 0; i < n_draw; i++) height += K * 18 + 40;
+    fprintf(f, "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"%d\" height=\"%d\" font-family=\"sans-serif\" "
+               "font-size=\"12\">\n<rect width=\"100%%\" height=\"100%%\" fill=\"white\"/>\n", 100 + 26 * L, height);
+    int y = 40;
+    for (int i = 0; i < n_draw; i++) {
+        int n = route_user(m, a, s, draw[i], key);
+        route_svg(f, y, a->att, a->hist, K, L, n, (long)s->user_id[draw[i]]);
+        y += K * 18 + 40;
+        printf("user %lld, history:", (long long)s->user_id[draw[i]]);
+        for (int l = 0; l < n; l++) printf(" %5d", a->hist[l]);
+        for (int k = 0; k < K; k++) {
+            printf("\n  interest %d:   ", k);
+            for (int l = 0; l < n; l++) printf(" %5.2f", a->att[(size_t)k * L + l]);
+        }
+        printf("\n");
+    }
+    fprintf(f, "</svg>\n");
+    atomic_commit(f);
+    printf("wrote %s (%d users)\n", path, n_draw);
+}
+
 int cmd_inspect(int argc, char **argv) {
     Config c = default_config();
     const char *model_file = "out/model.bin", *split = "test", *users = NULL, *out = "out";
@@ -5683,58 +5814,13 @@ int cmd_inspect(int argc, char **argv) {
     load_model_data(&m, &ds, &c, model_file);
     if (!m.multi) die("inspect: --model %s has no routing matrix (it needs sa, dr or mind)", ENC_NAMES[m.enc]);
     const Split *s = strcmp(split, "test") ? &ds.valid : &ds.test;
-    int U = s->n_users, K = m.K, L = m.L, n_draw = 0, *draw;
-    if (users) {
-        n_draw = parse_int_list(&draw, users, 0, U - 1, "--users", "a user row");
-        if (n_draw == 0) die("--users: give at least one user row, e.g. --users \"0 7\"");
-    } else {
-        draw = xmalloc(4 * sizeof(int));
-        for (int u = 0; u < U && n_draw < 4; u++)
-            if (eval_split_point(s->off[u + 1] - s->off[u]) >= 8) draw[n_draw++] = u;
-    }
+    int *draw, n_draw = inspect_pick(&draw, s, users);
     pool_start(1);
     Acts a;
     acts_init(&a, &m, 1, 1);
-    RouteStats rs = { 0 };
     uint64_t key = eval_noise_key(c.mind_eval, c.seed, 1);
-    for (int u = 0; u < U; u++) {
-        int n = make_eval_row(a.hist, a.mask, s, u, L);
-        n = n < L ? n : L;
-        user_vectors(&m, &a, u, 1, key);
-        if (n >= 2) route_stats_add(&rs, a.att, K, L, n);
-    }
-    printf("%s model, %s users with 2+ history items: %.0f users, %.0f interests\n", ENC_NAMES[m.enc], split, rs.users,
-           rs.interests);
-    if (rs.interests > 0) {
-        printf("collapsed interests (largest weight > 0.9): %.1f%%\n", 100.0 * rs.collapsed / rs.interests);
-        printf("mean largest weight: %.3f   mean entropy / log n: %.3f\n", rs.max_w / rs.interests, rs.entropy / rs.interests);
-    } else printf("no collapse statistics: no user's history (at most --len %d items) holds 2 or more items\n", L);
-    mkdir_p(out);
-    char path[4200];
-    path_printf(path, sizeof path, "%s/routing.svg", out);
-    FILE *f = atomic_open(path);
-    int height = 30;
-    for (int i = 0; i < n_draw; i++) height += K * 18 + 40;
-    fprintf(f, "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"%d\" height=\"%d\" font-family=\"sans-serif\" "
-               "font-size=\"12\">\n<rect width=\"100%%\" height=\"100%%\" fill=\"white\"/>\n", 100 + 26 * L, height);
-    int y = 40;
-    for (int i = 0; i < n_draw; i++) {
-        int n = make_eval_row(a.hist, a.mask, s, draw[i], L);
-        n = n < L ? n : L;
-        user_vectors(&m, &a, draw[i], 1, key);
-        route_svg(f, y, a.att, a.hist, K, L, n, (long)s->user_id[draw[i]]);
-        y += K * 18 + 40;
-        printf("user %lld, history:", (long long)s->user_id[draw[i]]);
-        for (int l = 0; l < n; l++) printf(" %5d", a.hist[l]);
-        for (int k = 0; k < K; k++) {
-            printf("\n  interest %d:   ", k);
-            for (int l = 0; l < n; l++) printf(" %5.2f", a.att[(size_t)k * L + l]);
-        }
-        printf("\n");
-    }
-    fprintf(f, "</svg>\n");
-    atomic_commit(f);
-    printf("wrote %s (%d users)\n", path, n_draw);
+    inspect_stats(&m, &a, s, split, key);
+    inspect_figure(&m, &a, s, draw, n_draw, key, out);
     return 0;
 }
 
@@ -7630,9 +7716,19 @@ typedef struct { long iters; float out[256]; } FmaCtx;
 /* 12 independent chains x = x m + a of VW-lane vectors per thread: with contraction (only
  * fma_task is compiled with it) the machine's FMA peak; without (muladd_task), a separate
  * multiply and add, as remi's kernels do unless built with FMA=1: on Zen 4 about 92% of
- * that peak, on cores whose adds share the FMA units (Intel's) half. */
-#define CHAINS_TASK(name, attr)                                                         \
+ * that peak, on cores whose adds share the FMA units (Intel's) half. Contraction is a
+ * function attribute for gcc and a pragma at the start of the body for clang, which ignores
+ * the attribute. */
+#if defined(__clang__)
+#define CONTRACT_ATTR
+#define CONTRACT_BODY _Pragma("clang fp contract(fast)")
+#else
+#define CONTRACT_ATTR __attribute__((optimize("fp-contract=fast")))
+#define CONTRACT_BODY
+#endif
+#define CHAINS_TASK(name, attr, body)                                                   \
     attr static void name(void *ctx, int lo, int hi) {                                  \
+        body                                                                            \
         FmaCtx *f = ctx;                                                                \
         for (int t = lo; t < hi; t++) {                                                 \
             vfw x[12], m = { 0 }, a = { 0 };                                            \
@@ -7645,8 +7741,8 @@ typedef struct { long iters; float out[256]; } FmaCtx;
             f->out[t] = s;                                                              \
         }                                                                               \
     }
-CHAINS_TASK(fma_task, __attribute__((optimize("fp-contract=fast"))))
-CHAINS_TASK(muladd_task, )
+CHAINS_TASK(fma_task, CONTRACT_ATTR, CONTRACT_BODY)
+CHAINS_TASK(muladd_task, , )
 
 /* The best GFLOP/s of `reps` runs of `task` on every thread, each thread doing `flop`. */
 static double best_gflops(void (*task)(void *, int, int), void *ctx, double flop, int reps) {
@@ -8040,7 +8136,7 @@ int cmd_bench(int argc, char **argv) {
 }
 
 /* ======================================================================== main */
-#ifdef __SANITIZE_ADDRESS__
+#ifdef REMI_ASAN
 /* Buffers live as long as the process (allocated once, freed by exit): not leaks. */
 /* A sanitizer's error exits with 86 / 87, never with remi's clean-error status 1 (fuzz). */
 const char *__asan_default_options(void) { return "detect_leaks=0:exitcode=86:allocator_may_return_null=1"; }
@@ -8077,3 +8173,6 @@ int main(int argc, char **argv) {
     die("unknown command '%s'; run `remi --help`", argv[1]);
     return 1;
 }
+#ifdef REMI_CLANG_WIDE
+#pragma clang attribute pop
+#endif

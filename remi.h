@@ -187,7 +187,7 @@ typedef struct {
 } Metrics;
 
 /* ---------------------------------------------------------------- api */
-void die(const char *fmt, ...);
+void die(const char *fmt, ...) __attribute__((format(printf, 1, 2), noreturn));
 void *xmalloc(size_t n);
 void *xcalloc(size_t n, size_t size);
 void *xrealloc(void *p, size_t n);
