@@ -1984,14 +1984,14 @@ static inline __attribute__((always_inline)) void gemm_tile_rows(const Gemm *g, 
         }
     }
 }
-/* A's columns as rows (A^T B: sa 1, the weight gradients) get an instance with sa 1 as a
- * constant: a step's MR elements at known offsets, as in a packed tile (on Intel, 1 thread:
- * 71-73 -> 83-88 GFLOP/s; with fused multiply-adds 70-83 -> 84-111) */
-#if defined(__clang__) /* clang left it out of line, with accumulators on the stack: products 1.5x gcc's time */
+#if defined(__clang__) /* clang left gemm_tile_full out of line, its accumulators on the stack (1.5x the time) */
 #define TILE_INLINE inline __attribute__((always_inline))
 #else
 #define TILE_INLINE
 #endif
+/* A's columns as rows (A^T B: sa 1, the weight gradients) get an instance with sa 1 as a
+ * constant: a step's MR elements at known offsets, as in a packed tile (on Intel, 1 thread:
+ * 71-73 -> 83-88 GFLOP/s; with fused multiply-adds 70-83 -> 84-111) */
 static TILE_INLINE void gemm_tile_full(const Gemm *g, int i, int j) {
     if (g->sa == 1) {
         Gemm t = *g;
@@ -4642,7 +4642,8 @@ static void group_finish(GroupWork *w, const EvalCtx *e, int g) {
     uint64_t *gh = w->heap + (size_t)(g - w->g0) * w->Q * maxn;
     const int *gn = w->hn + (g - w->g0) * w->Q;
     const BestSel *bs = w->sel + (g - w->g0);
-    for (int b = 0; b < group_users(e, g); b++) {
+    int gb = group_users(e, g);
+    for (int b = 0; b < gb; b++) {
         if (e->best) {
             int again = 0;
             for (int k = 0; k < K; k++) again |= bs->cnt[k * BEST_LANES + b] < maxn;
