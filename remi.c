@@ -45,12 +45,34 @@
 #if defined(REMI_FMA) && (defined(__FMA__) || defined(__AVX512F__))
 #include <immintrin.h>
 #endif
+
+/* ======================================================================== gcc and clang
+ * What the two compilers spell differently, in one place. */
 #if defined(__clang__) && defined(__AVX512F__)
 /* clang computes 16-float vectors as two 8-float halves where the target prefers 256-bit
- * vectors (Intel's cores) unless the function asks for 512: every function asks, so that
- * clang's build runs the kernels (and measures the FMA peak) at AVX-512's width, as gcc's */
+ * vectors (Intel's cores) unless the function asks for 512: every function asks (popped at
+ * the end of the file), so that clang's build runs the kernels (and measures the FMA peak)
+ * at AVX-512's width, as gcc's */
 #pragma clang attribute push(__attribute__((min_vector_width(512))), apply_to = function)
 #define REMI_CLANG_WIDE
+#endif
+#if defined(__SANITIZE_ADDRESS__) /* an AddressSanitizer build: gcc's mark, then clang's */
+#define REMI_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define REMI_ASAN 1
+#endif
+#endif
+#if defined(__clang__)
+#define NOIPA __attribute__((noinline))                       /* clang has no noipa */
+#define TILE_INLINE inline __attribute__((always_inline))     /* see gemm_tile_full */
+#define CONTRACT_ATTR                                         /* contraction: see fma_task */
+#define CONTRACT_BODY _Pragma("clang fp contract(fast)")
+#else
+#define NOIPA __attribute__((noipa))
+#define TILE_INLINE
+#define CONTRACT_ATTR __attribute__((optimize("fp-contract=fast")))
+#define CONTRACT_BODY
 #endif
 
 /* ======================================================================== utilities */
@@ -113,13 +135,6 @@ void *xcalloc(size_t n, size_t size) {
  * 3.44 -> 3.10 ms). Arrays under 2 MB, which cannot hold a huge page, come from calloc.
  * Freed with big_free and the same size. */
 #define BIG_PAGE ((size_t)2 << 20)
-#if defined(__SANITIZE_ADDRESS__) /* gcc's mark of an AddressSanitizer build; clang's below */
-#define REMI_ASAN 1
-#elif defined(__has_feature)
-#if __has_feature(address_sanitizer)
-#define REMI_ASAN 1
-#endif
-#endif
 #ifdef REMI_ASAN
 #define BIG_MAPPED 0 /* AddressSanitizer guards heap arrays, not mappings: keep them on the heap */
 #else
@@ -1008,7 +1023,6 @@ static void prep_bad_line(const PrepOpts *o, long lineno, const char *line, cons
     vsnprintf(msg, sizeof msg, fmt, ap);
     va_end(ap);
     die("%s:%ld: %s: \"%s\"", o->input, lineno, msg, excerpt(line));
-    exit(1); /* not reached: die() exits */
 }
 
 static const char *prep_sep_name(int sep) {
@@ -1670,7 +1684,6 @@ static int prep_parse_format(const char *format) {
     if (!strcmp(format, "json")) return PREP_JSON;
     if (!strcmp(format, "sessions")) return PREP_SESSIONS;
     die("prep: --format must be pairs, sequence, sessions or json, got \"%s\"", format);
-    return -1; /* not reached */
 }
 
 static int prep_parse_sep(const char *sep, int format) {
@@ -1681,7 +1694,6 @@ static int prep_parse_sep(const char *sep, int format) {
     if (!strcmp(sep, "space") || !strcmp(sep, "whitespace") || !strcmp(sep, " ")) return 0;
     if (strlen(sep) == 1 && sep[0] != '\r' && sep[0] != '\n') return (unsigned char)sep[0];
     die("prep: --sep must be tab, comma, semicolon, space or one character, got \"%s\"", sep);
-    return -1; /* not reached */
 }
 
 /* Checks that flags fit the format and each other. */
@@ -1984,14 +1996,11 @@ static inline __attribute__((always_inline)) void gemm_tile_rows(const Gemm *g, 
         }
     }
 }
-#if defined(__clang__) /* clang left gemm_tile_full out of line, its accumulators on the stack (1.5x the time) */
-#define TILE_INLINE inline __attribute__((always_inline))
-#else
-#define TILE_INLINE
-#endif
 /* A's columns as rows (A^T B: sa 1, the weight gradients) get an instance with sa 1 as a
  * constant: a step's MR elements at known offsets, as in a packed tile (on Intel, 1 thread:
- * 71-73 -> 83-88 GFLOP/s; with fused multiply-adds 70-83 -> 84-111) */
+ * 71-73 -> 83-88 GFLOP/s; with fused multiply-adds 70-83 -> 84-111). Inlined by force under
+ * clang (TILE_INLINE), which left it out of line with its accumulators on the stack: the
+ * step's products took 1.5 times as long. */
 static TILE_INLINE void gemm_tile_full(const Gemm *g, int i, int j) {
     if (g->sa == 1) {
         Gemm t = *g;
@@ -3543,11 +3552,6 @@ static void gru_forward(const Model *m, Acts *a, int nb, int drop) {
 /* gru_gates' backward for one row: from dh (d/dh_t) to the gate-input gradients dgi (x side)
  * and dgh (h side); dh becomes the direct part of d/dh_{t-1}. noipa: inlined or specialised
  * for its one caller, gcc 12 no longer vectorises the loop. */
-#if defined(__clang__)
-#define NOIPA __attribute__((noinline))
-#else
-#define NOIPA __attribute__((noipa))
-#endif
 static NOIPA void gru_gates_backward(float *restrict dgi, float *restrict dgh, float *restrict dh,
                                       const float *restrict gate, const float *restrict ghn,
                                       const float *restrict hp, int G) {
@@ -7724,14 +7728,7 @@ typedef struct { long iters; float out[256]; } FmaCtx;
  * multiply and add, as remi's kernels do unless built with FMA=1: on Zen 4 about 92% of
  * that peak, on cores whose adds share the FMA units (Intel's) half. Contraction is a
  * function attribute for gcc and a pragma at the start of the body for clang, which ignores
- * the attribute. */
-#if defined(__clang__)
-#define CONTRACT_ATTR
-#define CONTRACT_BODY _Pragma("clang fp contract(fast)")
-#else
-#define CONTRACT_ATTR __attribute__((optimize("fp-contract=fast")))
-#define CONTRACT_BODY
-#endif
+ * the attribute (CONTRACT_ATTR, CONTRACT_BODY). */
 #define CHAINS_TASK(name, attr, body)                                                   \
     attr static void name(void *ctx, int lo, int hi) {                                  \
         body                                                                            \
@@ -8177,7 +8174,6 @@ int main(int argc, char **argv) {
     for (size_t i = 0; i < sizeof cmds / sizeof *cmds; i++)
         if (!strcmp(argv[1], cmds[i].name)) return cmds[i].fn(argc - 1, argv + 1);
     die("unknown command '%s'; run `remi --help`", argv[1]);
-    return 1;
 }
 #ifdef REMI_CLANG_WIDE
 #pragma clang attribute pop
