@@ -128,24 +128,32 @@ void *xcalloc(size_t n, size_t size) {
                 "--len or the data size", n, size, (double)n * size / 1048576.0);
     return p;
 }
-/* Zeroed memory for a large array (the parameters and their moments, a batch's largest
- * activations), mapped on its own at a 2 MB boundary and advised for transparent huge pages:
- * Linux's default THP mode ("madvise") gives none otherwise, and a training step walks
- * several MB per array, which on 4 KB pages costs TLB misses (the Beauty step on 2 threads:
- * 3.44 -> 3.10 ms). Arrays under 2 MB, which cannot hold a huge page, come from calloc.
- * Freed with big_free and the same size. */
+/* Zeroed memory for a large array, mapped on its own, so that only the pages written become
+ * resident: calloc takes an array under glibc's mmap threshold from the heap and clears it there
+ * if the heap has held other data, all of it then resident, and glibc raises the threshold to
+ * the size of any mapped array freed. Arrays sized for every position but written on the real
+ * rows, and the gradient table, of which a step writes only its items' rows, are what this
+ * saves (Beauty's peak in bench 31 -> 24 MB on an Intel Xeon). With huge,
+ * an array of 2 MB or more (the parameters and their moments, a batch's largest activations)
+ * starts at a 2 MB boundary and is advised for transparent huge pages: Linux's default THP mode
+ * ("madvise") gives none otherwise, and a training step walks several MB per array, which on
+ * 4 KB pages costs TLB misses (the Beauty step on 2 threads: 3.44 -> 3.10 ms). Arrays under
+ * 64 KB come from calloc. Freed with big_free and the same size. */
 #define BIG_PAGE ((size_t)2 << 20)
+#define MAP_MIN ((size_t)64 << 10)
 #ifdef REMI_ASAN
 #define BIG_MAPPED 0 /* AddressSanitizer guards heap arrays, not mappings: keep them on the heap */
 #else
 #define BIG_MAPPED 1
 #endif
-static void *big_calloc(size_t bytes) {
-    if (!BIG_MAPPED || bytes < BIG_PAGE) return xcalloc(bytes, 1);
+static void *big_calloc(size_t bytes, int huge) {
+    if (!BIG_MAPPED || bytes < MAP_MIN) return xcalloc(bytes, 1);
+    huge = huge && bytes >= BIG_PAGE;
     size_t len = (bytes + 4095) & ~(size_t)4095;
-    char *p = mmap(NULL, len + BIG_PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    char *p = mmap(NULL, len + (huge ? BIG_PAGE : 0), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (p == MAP_FAILED) die("out of memory allocating %zu bytes (%.1f MiB); lower --batch, --eval-batch, --neg, --hidden, "
                              "--len or the data size", bytes, bytes / 1048576.0);
+    if (!huge) return p;
     char *q = (char *)(((uintptr_t)p + BIG_PAGE - 1) & ~(uintptr_t)(BIG_PAGE - 1)); /* keep [q, q + len) */
     if (q > p) munmap(p, q - p);
     munmap(q + len, p + BIG_PAGE - q); /* the tail: at least a page, since p is page-aligned */
@@ -168,7 +176,7 @@ static void check_fits(double bytes, const char *what, const char *lower, int no
 }
 static void big_free(void *p, size_t bytes) {
     if (!p) return;
-    if (!BIG_MAPPED || bytes < BIG_PAGE) free(p);
+    if (!BIG_MAPPED || bytes < MAP_MIN) free(p);
     else munmap(p, bytes); /* every page the range touches */
 }
 
@@ -2609,10 +2617,10 @@ void model_init(Model *m, int N, const Config *c) {
     TensorInit t[N_PARAM_TENSORS];
     model_shape(m, t, N, c);
     check_params_fit(m);
-    m->mem = big_calloc(m->n_params * sizeof(float));
-    m->gmem = xcalloc(m->n_params, sizeof(float)); /* mostly untouched (the item rows are kept by ItemGrad) */
-    m->mmem = big_calloc(m->n_params * sizeof(float));
-    m->vmem = big_calloc(m->n_params * sizeof(float));
+    m->mem = big_calloc(m->n_params * sizeof(float), 1);
+    m->gmem = big_calloc(m->n_params * sizeof(float), 0); /* mostly untouched (the item rows are kept by ItemGrad) */
+    m->mmem = big_calloc(m->n_params * sizeof(float), 1);
+    m->vmem = big_calloc(m->n_params * sizeof(float), 1);
     float **pp = (float **)&m->p, **gp = (float **)&m->g;
     size_t off = 0;
     for (int i = 0; i < N_PARAM_TENSORS; i++) { pp[i] = m->mem + off; gp[i] = m->gmem + off; off += m->size[i]; }
@@ -2627,18 +2635,19 @@ void model_init(Model *m, int N, const Config *c) {
     if (c->enc == ENC_SA && !c->add_pos) memset(m->p.pos_emb, 0, m->size[1] * sizeof(float));
 }
 
-/* An array of the activations, zeroed, recorded for acts_free (bytes 0: from calloc). */
-static void *acts_own(Acts *a, void *p, size_t bytes) {
+/* An array of the activations, zeroed (big_calloc), recorded for acts_free. */
+static void *acts_own(Acts *a, size_t bytes, int rows) {
     if (a->n_owned == (int)(sizeof a->owned / sizeof *a->owned)) die("acts_calloc: more arrays than Acts records");
     a->owned_bytes[a->n_owned] = bytes;
-    return a->owned[a->n_owned++] = p;
+    a->owned_rows[a->n_owned] = (unsigned char)rows;
+    return a->owned[a->n_owned++] = big_calloc(bytes, !rows);
 }
-static void *acts_calloc(Acts *a, size_t n, size_t size) { return acts_own(a, big_calloc(n * size), n * size); }
+static void *acts_calloc(Acts *a, size_t n, size_t size) { return acts_own(a, n * size, 0); }
 /* An array of rows of which a step writes the first R only (real_rows: the real positions),
  * sized for every position: on 4 KB pages, so that only the rows written become resident.
  * On a huge page the first row written makes 2 MB resident (SA's h at Beauty: 0.7 MB
  * written of 2.6; peak memory 26 -> 23.5 MB, the step as fast). */
-static void *acts_calloc_rows(Acts *a, size_t n, size_t size) { return acts_own(a, xcalloc(n, size), 0); }
+static void *acts_calloc_rows(Acts *a, size_t n, size_t size) { return acts_own(a, n * size, 1); }
 
 /* Floats from one sample's u_hat to the next (capsule encoders). DR's (L, K D) block is
  * padded by one cache line: at L K D a multiple of 1024 (the defaults: 20 x 4 x 64), rows
@@ -2660,11 +2669,11 @@ void acts_init(Acts *a, const Model *m, int cap_b, int M) {
     a->sel = acts_calloc(a, B, sizeof(int));
     a->xt = acts_calloc_rows(a, B * L * D, sizeof(float));
     a->dxt = acts_calloc_rows(a, B * L * D, sizeof(float));
-    a->dx = acts_calloc(a, B * L * D, sizeof(float));
+    a->dx = acts_calloc_rows(a, B * L * D, sizeof(float));
     a->prow = acts_calloc(a, B * L, sizeof(int));
     a->poff = acts_calloc(a, (size_t)L + 1, sizeof(int));
     if (m->enc == ENC_SA) {
-        a->x = acts_calloc(a, B * L * D, sizeof(float));
+        a->x = acts_calloc_rows(a, B * L * D, sizeof(float));
         a->h = acts_calloc_rows(a, B * L * H, sizeof(float));
         a->dh = acts_calloc_rows(a, B * L * H, sizeof(float));
         a->zr = acts_calloc_rows(a, B * L * K, sizeof(float));
@@ -2739,7 +2748,7 @@ static void check_train_fits(int N, const Config *c, int copies) {
     Acts a;
     acts_init(&a, &m, train_rows(c), c->M); /* reserved, not written */
     double bytes = (4.0 + copies) * m.n_params * sizeof(float);
-    for (int i = 0; i < a.n_owned; i++) bytes += a.owned_bytes[i];
+    for (int i = 0; i < a.n_owned; i++) bytes += a.owned_rows[i] ? 0 : a.owned_bytes[i];
     acts_free(&a);
     check_fits(bytes, "the parameters, their gradient, Adam's two moments and a batch's activations",
                "lower --len, --hidden, --interests, --batch, --eval-batch or --neg", 1);
@@ -2752,7 +2761,7 @@ void acts_free(Acts *a) {
 
 void model_free(Model *m) {
     size_t bytes = m->n_params * sizeof(float);
-    big_free(m->mem, bytes); free(m->gmem); big_free(m->mmem, bytes); big_free(m->vmem, bytes);
+    big_free(m->mem, bytes); big_free(m->gmem, bytes); big_free(m->mmem, bytes); big_free(m->vmem, bytes);
     free(m->ge.row); free(m->ge.items);
     memset(m, 0, sizeof *m);
 }
@@ -2830,25 +2839,25 @@ static void embed_backward(ItemGrad *dE, const float *dx, const int *row, const 
     item_grad_scatter(&(Scatter){ dE, hist, mask, NULL, dx, row, bl, D });
 }
 
-/* REMI-SPEC c.1 step 1: xt[b,l] = x[b,l] + P[l], padded positions included.  x (B, L, D);
- * xt (B, L, D) when row is NULL, else row[b L + l] is the row of xt that position (b, l)
- * goes to, -1 for none (SA's hidden layer skips rows, see real_rows). */
+/* REMI-SPEC c.1 step 1: xt[b,l] = x[b,l] + P[l], padded positions included.  x and xt (B, L, D)
+ * when row is NULL, else row[b L + l] is the row of x and xt that position (b, l) is at, -1 for
+ * none (SA's hidden layer skips rows, see real_rows). */
 static void posadd_forward(float *xt, const float *x, const float *P, const int *row, int nb, int L, int D) {
     for (int i = 0; i < nb * L; i++) {
         long r = row ? row[i] : i;
         if (r >= 0)
-            for (int d = 0; d < D; d++) xt[r * D + d] = x[(size_t)i * D + d] + P[(size_t)(i % L) * D + d];
+            for (int d = 0; d < D; d++) xt[r * D + d] = x[r * D + d] + P[(size_t)(i % L) * D + d];
     }
 }
 /* dx[b] += dxt[b] for the samples b in [b0, b1); dP[i] += sum_b dxt[b,i] (b ascending, all
- * nb samples) for the flat positions i = l D + d in [i0, i1); positions without a row of dxt
- * (row) add nothing */
+ * nb samples) for the flat positions i = l D + d in [i0, i1); dx and dxt on the rows of row
+ * as in posadd_forward, positions without one add nothing */
 static void posadd_backward_part(float *dx, float *dP, const float *dxt, const int *row, int nb, int L, int D,
                                  int b0, int b1, size_t i0, size_t i1) {
     for (int i = b0 * L; i < b1 * L; i++) {
         long r = row ? row[i] : i;
         if (r >= 0)
-            for (int d = 0; d < D; d++) dx[(size_t)i * D + d] += dxt[r * D + d];
+            for (int d = 0; d < D; d++) dx[r * D + d] += dxt[r * D + d];
     }
     for (int b = 0; b < nb; b++)
         for (size_t l = i0 / D; l * D < i1; l++) {
@@ -3106,14 +3115,31 @@ static void sa_input_task(void *ctx, int lo, int hi) { /* samples [lo, hi) */
     const EncCtx *c = ctx;
     const Model *m = c->m;
     Acts *a = c->a;
-    size_t o = (size_t)lo * m->L, D = m->D;
-    embed_forward(a->x + o * D, NULL, a->hist + o, a->mask + o, m->p.item_emb, (hi - lo) * m->L, m->D);
-    posadd_forward(a->xt, a->x + o * D, m->p.pos_emb, a->prow + o, hi - lo, m->L, m->D);
+    size_t o = (size_t)lo * m->L;
+    embed_forward(a->x, a->prow + o, a->hist + o, a->mask + o, m->p.item_emb, (hi - lo) * m->L, m->D);
+    posadd_forward(a->xt, a->x, m->p.pos_emb, a->prow + o, hi - lo, m->L, m->D);
 }
 static void sa_tanh_task(void *ctx, int lo, int hi) { /* rows [lo, hi) of h */
     const EncCtx *c = ctx;
     size_t H = c->m->H;
     tanh_forward(c->a->h + lo * H, (hi - lo) * H);
+}
+/* x and dx are kept on the rows of real_rows, as xt is; interest_forward/backward read sample
+ * b's positions 0..n-1 (attention_span). Those are rows row[0].. row[0] + n - 1 when its real
+ * positions come first and n does not pass them (fill_history's batches, or every position a
+ * row): the sample's rows are used in place. Else (no real position, which attends to all L)
+ * its (L, D) block is built in tmp, zeros at the positions without a row. */
+static int sa_in_place(const int *row, int n) {
+    for (int l = 0; l < n; l++)
+        if (row[l] < 0 || row[l] != row[0] + l) return 0;
+    return 1;
+}
+static const float *sa_sample_x(const float *x, const int *row, int n, int in_place, float *tmp, int L, int D) {
+    if (in_place) return n ? x + (size_t)row[0] * D : x;
+    for (int l = 0; l < L; l++)
+        if (row[l] >= 0) memcpy(tmp + (size_t)l * D, x + (size_t)row[l] * D, D * sizeof(float));
+        else memset(tmp + (size_t)l * D, 0, D * sizeof(float));
+    return tmp;
 }
 static void sa_attend_task(void *ctx, int lo, int hi) {
     const EncCtx *c = ctx;
@@ -3124,8 +3150,14 @@ static void sa_attend_task(void *ctx, int lo, int hi) {
         for (int k = 0; k < K; k++) a->z[(size_t)i * K + k] = a->prow[i] >= 0 ? a->zr[(size_t)a->prow[i] * K + k] : 0.0f;
     masked_softmax_forward(a->att + (size_t)lo * K * L, a->z + (size_t)lo * L * K, a->mask + (size_t)lo * L, hi - lo,
                            K, L);
-    interest_forward(a->v + (size_t)lo * K * D, a->att + (size_t)lo * K * L, a->x + (size_t)lo * L * D,
-                     a->mask + (size_t)lo * L, hi - lo, K, L, D);
+    float *tmp = thread_scratch(SCRATCH_LAYER, (size_t)L * D);
+    for (int b = lo; b < hi; b++) {
+        const float *att = a->att + (size_t)b * K * L, *mask = a->mask + (size_t)b * L;
+        const int *row = a->prow + (size_t)b * L;
+        int n = attention_span(att, mask, K, L);
+        const float *x = sa_sample_x(a->x, row, n, sa_in_place(row, n), tmp, L, D);
+        interest_forward(a->v + (size_t)b * K * D, att, x, mask, 1, K, L, D);
+    }
 }
 
 static void sa_forward(const Model *m, Acts *a, int nb) {
@@ -3145,10 +3177,20 @@ static void sa_attend_back_task(void *ctx, int lo, int hi) {
     const Model *m = c->m;
     Acts *a = c->a;
     int L = m->L, D = m->D, K = m->K;
-    size_t kl = (size_t)lo * K * L, ld = (size_t)lo * L * D, n = (size_t)(hi - lo) * L;
+    size_t kl = (size_t)lo * K * L, n = (size_t)(hi - lo) * L;
     memset(a->dz + kl, 0, n * K * sizeof(float));
-    interest_backward(a->datt + kl, a->dx + ld, a->dv + (size_t)lo * K * D, a->att + kl, a->x + ld,
-                      a->mask + (size_t)lo * L, hi - lo, K, L, D);
+    float *tmp = thread_scratch(SCRATCH_LAYER, 2 * (size_t)L * D), *dtmp = tmp + (size_t)L * D;
+    for (int b = lo; b < hi; b++) { /* dx on the sample's rows: in place, or through dtmp */
+        const float *att = a->att + (size_t)b * K * L, *mask = a->mask + (size_t)b * L;
+        const int *row = a->prow + (size_t)b * L;
+        int n = attention_span(att, mask, K, L), in_place = sa_in_place(row, n);
+        const float *x = sa_sample_x(a->x, row, n, in_place, tmp, L, D);
+        float *dx = in_place ? a->dx + (n ? (size_t)row[0] * D : 0) : dtmp;
+        interest_backward(a->datt + (size_t)b * K * L, dx, a->dv + (size_t)b * K * D, att, x, mask, 1, K, L, D);
+        if (!in_place)
+            for (int l = 0; l < n; l++)
+                if (row[l] >= 0) memcpy(a->dx + (size_t)row[l] * D, dtmp + (size_t)l * D, D * sizeof(float));
+    }
     masked_softmax_backward(a->dz + kl, a->datt + kl, a->att + kl, a->mask + (size_t)lo * L, hi - lo, K, L);
     for (int i = lo * L; i < hi * L; i++) /* dz of the hidden layer's rows */
         if (a->prow[i] >= 0)
@@ -3172,7 +3214,7 @@ static void sa_backward(Model *m, Acts *a, int nb) {
     linear_backward(a->dh, m->g.w2, a->dzr, a->h, m->p.w2, a->R, H, K, 1); /* through tanh to dh */
     linear_backward(a->dxt, m->g.w1, a->dh, a->xt, m->p.w1, a->R, D, H, 0);
     parallel_for(nb, sa_pos_back_task, &c);                                      /* dx, dP */
-    embed_backward(&m->ge, a->dx, NULL, a->hist, a->mask, nb * L, D);
+    embed_backward(&m->ge, a->dx, a->prow, a->hist, a->mask, nb * L, D);
 }
 
 /* ======================================================================== encoder: capsule routing (ComiRec-DR, MIND)

@@ -109,7 +109,7 @@ typedef struct {
     float *mask;   /* (B, L) 1 on real positions */
     int *target;   /* (B) */
     int *neg;      /* (M) shared negatives */
-    float *x;      /* (B, L, D) masked item embeddings (SA) */
+    float *x;      /* (R, D) SA: the item embeddings on the rows of real_rows (prow) */
     /* SA's hidden layer and the capsules' maps run on R rows, the real positions (real_rows) */
     int *prow;     /* (B, L) the row of each position, -1 for none */
     int *poff;     /* (L + 1) DR: rows by position, position l from poff[l] */
@@ -139,7 +139,7 @@ typedef struct {
     float *dzr;    /* (R, K) dz on the hidden layer's rows (SA only) */
     float *dh;     /* (R, H) (SA only) */
     float *dxt;    /* (R, D) its gradient */
-    float *dx;     /* (B, L, D) */
+    float *dx;     /* (R, D) SA: its gradient; DNN: (B, D) the mean's */
     float *w1t;    /* (D, H) W1 transposed */
     float *w2t;    /* (H, K) W2 transposed */
     /* capsule routing, DR and MIND (REMI-SPEC c.2, c.3) */
@@ -178,6 +178,7 @@ typedef struct {
     float *dglast; /* (B, G) */
     float *gwt;    /* scratch for transposed weights: max(3G D, 3G G, G D) */
     void *owned[64]; size_t owned_bytes[64]; int n_owned; /* every array above and its size, for acts_free */
+    unsigned char owned_rows[64]; /* made by acts_calloc_rows */
 } Acts;
 
 /* Metrics of one evaluation at one cut-off N (REMI-SPEC g.3). */
