@@ -3127,8 +3127,9 @@ static void sa_tanh_task(void *ctx, int lo, int hi) { /* rows [lo, hi) of h */
 /* x and dx are kept on the rows of real_rows, as xt is; interest_forward/backward read sample
  * b's positions 0..n-1 (attention_span). Those are rows row[0].. row[0] + n - 1 when its real
  * positions come first and n does not pass them (fill_history's batches, or every position a
- * row): the sample's rows are used in place. Else (no real position, which attends to all L)
- * its (L, D) block is built in tmp, zeros at the positions without a row. */
+ * row): the sample's rows are used in place. Else (no real position, which attends to all L,
+ * or a real one after a padded one) its (L, D) block is built in tmp, zeros at the positions
+ * without a row. */
 static int sa_in_place(const int *row, int n) {
     for (int l = 0; l < n; l++)
         if (row[l] < 0 || row[l] != row[0] + l) return 0;
