@@ -137,8 +137,9 @@ void *xcalloc(size_t n, size_t size) {
  * an array of 2 MB or more (the parameters and their moments, a batch's largest activations)
  * starts at a 2 MB boundary and is advised for transparent huge pages: Linux's default THP mode
  * ("madvise") gives none otherwise, and a training step walks several MB per array, which on
- * 4 KB pages costs TLB misses (the Beauty step on 2 threads: 3.44 -> 3.10 ms). Arrays under
- * 64 KB come from calloc. Freed with big_free and the same size. */
+ * 4 KB pages costs TLB misses (the Beauty step on 2 threads: 3.44 -> 3.10 ms); the others
+ * are kept off huge pages, where one row written would make 2 MB resident. Arrays under 64 KB
+ * come from calloc. Freed with big_free and the same size. */
 #define BIG_PAGE ((size_t)2 << 20)
 #define MAP_MIN ((size_t)64 << 10)
 #ifdef REMI_ASAN
@@ -153,7 +154,12 @@ static void *big_calloc(size_t bytes, int huge) {
     char *p = mmap(NULL, len + (huge ? BIG_PAGE : 0), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (p == MAP_FAILED) die("out of memory allocating %zu bytes (%.1f MiB); lower --batch, --eval-batch, --neg, --hidden, "
                              "--len or the data size", bytes, bytes / 1048576.0);
-    if (!huge) return p;
+    if (!huge) {
+#ifdef MADV_NOHUGEPAGE
+        madvise(p, len, MADV_NOHUGEPAGE); /* 4 KB pages also where THP is "always" */
+#endif
+        return p;
+    }
     char *q = (char *)(((uintptr_t)p + BIG_PAGE - 1) & ~(uintptr_t)(BIG_PAGE - 1)); /* keep [q, q + len) */
     if (q > p) munmap(p, q - p);
     munmap(q + len, p + BIG_PAGE - q); /* the tail: at least a page, since p is page-aligned */
@@ -178,6 +184,29 @@ static void big_free(void *p, size_t bytes) {
     if (!p) return;
     if (!BIG_MAPPED || bytes < MAP_MIN) free(p);
     else munmap(p, bytes); /* every page the range touches */
+}
+
+/* Starts a new peak for VmHWM (Linux: "5" in clear_refs); 0 if that is not possible. */
+static int rss_peak_reset(void) {
+    FILE *f = fopen("/proc/self/clear_refs", "w");
+    int ok = f && fputs("5", f) >= 0;
+    if (f) ok &= fclose(f) == 0;
+    return ok;
+}
+
+/* A size in MB from a /proc/self file: resident memory now ("status", VmRSS) or its peak since
+ * rss_peak_reset (VmHWM), or what of it is on huge pages ("smaps_rollup", AnonHugePages); 0
+ * if unknown. */
+static double proc_mb(const char *file, const char *field) {
+    char path[64];
+    snprintf(path, sizeof path, "/proc/self/%s", file);
+    FILE *f = fopen(path, "r");
+    char line[256];
+    double kb = 0;
+    while (f && fgets(line, sizeof line, f))
+        if (!strncmp(line, field, strlen(field))) kb = atof(line + strlen(field));
+    if (f) fclose(f);
+    return kb / 1024.0;
 }
 
 void *xrealloc(void *p, size_t n) {
@@ -7484,6 +7513,32 @@ static int st_real_rows(uint64_t *rng) {
              ok ? "" : ": DIFFER");
     return st_report("per-position layers on real positions vs every position", ok, d);
 }
+/* big_calloc's arrays become resident only where written (what the arrays sized for every
+ * position, and the gradient table, rely on), where calloc would make them resident whole:
+ * glibc's mmap threshold raised by a mapped array freed, then a free, never written 12 MB
+ * chunk on the heap below a live one, which calloc would hand out and clear (8 MB more). One
+ * byte written per 64 KB of an 8 MB array: under 2 MB more resident. */
+static int st_pages(void) {
+    const char *what = "arrays resident only where written";
+    if (!BIG_MAPPED) return st_report(what, 1, "not checked: this build keeps its arrays on the heap (sanitizers)");
+    char *volatile t = xmalloc((size_t)16 << 20); /* mapped; freeing it raises the threshold */
+    t[0] = 1;
+    free(t);
+    char *volatile hole = xmalloc((size_t)12 << 20), *volatile pin = xmalloc((size_t)256 << 10);
+    free(hole);
+    size_t n = (size_t)8 << 20;
+    double r0 = proc_mb("status", "VmRSS:");
+    char *p = big_calloc(n, 0);
+    for (size_t i = 0; i < n; i += (size_t)64 << 10) p[i] = 1;
+    double grew = proc_mb("status", "VmRSS:") - r0;
+    big_free(p, n);
+    free(pin);
+    if (r0 == 0) return st_report(what, 1, "not checked: no /proc/self/status");
+    char d[128];
+    snprintf(d, sizeof d, "8 MB, 128 pages written: %.2f MB more resident", grew);
+    return st_report(what, grew < 2.0, d);
+}
+
 /* A NaN planted in W1: the step reports a non-finite loss, skips Adam, and the check that
  * names the offending tensor finds W1 and nothing else. */
 static int st_nonfinite(uint64_t *rng) {
@@ -7579,6 +7634,7 @@ int cmd_selftest(int argc, char **argv) {
     ok &= st_best_select();
     ok &= st_eval_best();
     ok &= st_transpose();
+    ok &= st_pages(); /* last: it raises glibc's mmap threshold */
     printf("selftest: %s\n", ok ? "all passed" : "FAILED");
     return ok ? 0 : 1;
 }
@@ -7919,29 +7975,6 @@ static double step_flops(const Model *m, const Config *c, double rows) {
     default: return 0;
     }
     return 2.0 * 3 * (enc + B * M * D);
-}
-
-/* Starts a new peak for VmHWM (Linux: "5" in clear_refs); 0 if that is not possible. */
-static int rss_peak_reset(void) {
-    FILE *f = fopen("/proc/self/clear_refs", "w");
-    int ok = f && fputs("5", f) >= 0;
-    if (f) ok &= fclose(f) == 0;
-    return ok;
-}
-
-/* A size in MB from a /proc/self file: resident memory now ("status", VmRSS) or its peak since
- * rss_peak_reset (VmHWM), or what of it is on huge pages ("smaps_rollup", AnonHugePages); 0
- * if unknown. */
-static double proc_mb(const char *file, const char *field) {
-    char path[64];
-    snprintf(path, sizeof path, "/proc/self/%s", file);
-    FILE *f = fopen(path, "r");
-    char line[256];
-    double kb = 0;
-    while (f && fgets(line, sizeof line, f))
-        if (!strncmp(line, field, strlen(field))) kb = atof(line + strlen(field));
-    if (f) fclose(f);
-    return kb / 1024.0;
 }
 
 /* A random dataset of the given size: U users with 5..44 interactions over N items, ids
