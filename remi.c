@@ -3072,24 +3072,31 @@ static int attention_span(const float *att, const float *mask, int K, int L) { /
             if (att[k * L + l] != 0.0f) return L;
     return n;
 }
+/* One sample, over its positions 0..n-1: v (K, D), att (K, L), x (n, D). */
+static void interest_forward_one(float *v, const float *att, const float *x, int n, int K, int L, int D) {
+    for (int k = 0; k < K; k++) weighted_sum(v + (size_t)k * D, att + (size_t)k * L, 1, x, D, n, D);
+}
 static void interest_forward(float *v, const float *att, const float *x, const float *mask, int nb, int K, int L,
                              int D) {
     for (int b = 0; b < nb; b++) {
         int n = attention_span(att + (size_t)b * K * L, mask ? mask + (size_t)b * L : NULL, K, L);
-        for (int k = 0; k < K; k++)
-            weighted_sum(v + ((size_t)b * K + k) * D, att + ((size_t)b * K + k) * L, 1, x + (size_t)b * L * D, D, n, D);
+        interest_forward_one(v + (size_t)b * K * D, att + (size_t)b * K * L, x + (size_t)b * L * D, n, K, L, D);
     }
 }
 /* datt[b,k,l] += <dv[b,k], x[b,l]>;  dx[b,l] = sum_k att[b,k,l] dv[b,k] (written, not added).
  * With mask, at the positions interest_forward sums only: the others' datt is used only times
  * their att (+0) in the softmax's backward, and their dx reaches nothing (embed_backward). */
+static void interest_backward_one(float *datt, float *dx, const float *dv, const float *att, const float *x, int n,
+                                  int K, int L, int D) {
+    dots_kl(datt, x, D, dv, K, L, n, D, 0, 1);
+    for (int l = 0; l < n; l++) weighted_sum(dx + (size_t)l * D, att + l, L, dv, D, K, D);
+}
 static void interest_backward(float *datt, float *dx, const float *dv, const float *att, const float *x,
                               const float *mask, int nb, int K, int L, int D) {
     for (int b = 0; b < nb; b++) {
-        int n = attention_span(att + (size_t)b * K * L, mask ? mask + (size_t)b * L : NULL, K, L);
-        dots_kl(datt + (size_t)b * K * L, x + (size_t)b * L * D, D, dv + (size_t)b * K * D, K, L, n, D, 0, 1);
-        for (int l = 0; l < n; l++)
-            weighted_sum(dx + ((size_t)b * L + l) * D, att + (size_t)b * K * L + l, L, dv + (size_t)b * K * D, D, K, D);
+        size_t kl = (size_t)b * K * L, ld = (size_t)b * L * D;
+        int n = attention_span(att + kl, mask ? mask + (size_t)b * L : NULL, K, L);
+        interest_backward_one(datt + kl, dx + ld, dv + (size_t)b * K * D, att + kl, x + ld, n, K, L, D);
     }
 }
 
@@ -3153,19 +3160,22 @@ static void sa_tanh_task(void *ctx, int lo, int hi) { /* rows [lo, hi) of h */
     size_t H = c->m->H;
     tanh_forward(c->a->h + lo * H, (hi - lo) * H);
 }
-/* x and dx are kept on the rows of real_rows, as xt is; interest_forward/backward read sample
- * b's positions 0..n-1 (attention_span). Those are rows row[0].. row[0] + n - 1 when its real
+/* x and dx are kept on the rows of real_rows, as xt is; the attention sums read sample b's
+ * positions 0..n-1 (n: attention_span). Those are rows row[0] .. row[0] + n - 1 when its real
  * positions come first and n does not pass them (fill_history's batches, or every position a
- * row): the sample's rows are used in place. Else (no real position, which attends to all L,
- * or a real one after a padded one) its (L, D) block is built in tmp, zeros at the positions
- * without a row. */
-static int sa_in_place(const int *row, int n) {
-    for (int l = 0; l < n; l++)
-        if (row[l] < 0 || row[l] != row[0] + l) return 0;
-    return 1;
+ * row): off is then the offset of the sample's rows in x and dx, used in place. Else (no real
+ * position, which attends to all L, or a real one after a padded one) off is -1, and sa_block
+ * builds its (L, D) block, zeros at the positions without a row. */
+typedef struct { const float *att, *mask; const int *row; int n; long off; } SaSample;
+static SaSample sa_sample(const Acts *a, int b, int K, int L, int D) {
+    SaSample s = { a->att + (size_t)b * K * L, a->mask + (size_t)b * L, a->prow + (size_t)b * L, 0, 0 };
+    s.n = attention_span(s.att, s.mask, K, L);
+    for (int l = 0; l < s.n; l++)
+        if (s.row[l] < 0 || s.row[l] != s.row[0] + l) return s.off = -1, s;
+    s.off = s.n ? (long)s.row[0] * D : 0;
+    return s;
 }
-static const float *sa_sample_x(const float *x, const int *row, int n, int in_place, float *tmp, int L, int D) {
-    if (in_place) return n ? x + (size_t)row[0] * D : x;
+static const float *sa_block(float *tmp, const float *x, const int *row, int L, int D) {
     for (int l = 0; l < L; l++)
         if (row[l] >= 0) memcpy(tmp + (size_t)l * D, x + (size_t)row[l] * D, D * sizeof(float));
         else memset(tmp + (size_t)l * D, 0, D * sizeof(float));
@@ -3182,11 +3192,9 @@ static void sa_attend_task(void *ctx, int lo, int hi) {
                            K, L);
     float *tmp = thread_scratch(SCRATCH_LAYER, (size_t)L * D);
     for (int b = lo; b < hi; b++) {
-        const float *att = a->att + (size_t)b * K * L, *mask = a->mask + (size_t)b * L;
-        const int *row = a->prow + (size_t)b * L;
-        int n = attention_span(att, mask, K, L);
-        const float *x = sa_sample_x(a->x, row, n, sa_in_place(row, n), tmp, L, D);
-        interest_forward(a->v + (size_t)b * K * D, att, x, mask, 1, K, L, D);
+        SaSample s = sa_sample(a, b, K, L, D);
+        const float *x = s.off >= 0 ? a->x + s.off : sa_block(tmp, a->x, s.row, L, D);
+        interest_forward_one(a->v + (size_t)b * K * D, s.att, x, s.n, K, L, D);
     }
 }
 
@@ -3211,15 +3219,13 @@ static void sa_attend_back_task(void *ctx, int lo, int hi) {
     memset(a->dz + kl, 0, n * K * sizeof(float));
     float *tmp = thread_scratch(SCRATCH_LAYER, 2 * (size_t)L * D), *dtmp = tmp + (size_t)L * D;
     for (int b = lo; b < hi; b++) { /* dx on the sample's rows: in place, or through dtmp */
-        const float *att = a->att + (size_t)b * K * L, *mask = a->mask + (size_t)b * L;
-        const int *row = a->prow + (size_t)b * L;
-        int n = attention_span(att, mask, K, L), in_place = sa_in_place(row, n);
-        const float *x = sa_sample_x(a->x, row, n, in_place, tmp, L, D);
-        float *dx = in_place ? a->dx + (n ? (size_t)row[0] * D : 0) : dtmp;
-        interest_backward(a->datt + (size_t)b * K * L, dx, a->dv + (size_t)b * K * D, att, x, mask, 1, K, L, D);
-        if (!in_place)
-            for (int l = 0; l < n; l++)
-                if (row[l] >= 0) memcpy(a->dx + (size_t)row[l] * D, dtmp + (size_t)l * D, D * sizeof(float));
+        SaSample s = sa_sample(a, b, K, L, D);
+        const float *x = s.off >= 0 ? a->x + s.off : sa_block(tmp, a->x, s.row, L, D);
+        float *dx = s.off >= 0 ? a->dx + s.off : dtmp;
+        interest_backward_one(a->datt + (size_t)b * K * L, dx, a->dv + (size_t)b * K * D, s.att, x, s.n, K, L, D);
+        if (s.off < 0)
+            for (int l = 0; l < s.n; l++)
+                if (s.row[l] >= 0) memcpy(a->dx + (size_t)s.row[l] * D, dtmp + (size_t)l * D, D * sizeof(float));
     }
     masked_softmax_backward(a->dz + kl, a->datt + kl, a->att + kl, a->mask + (size_t)lo * L, hi - lo, K, L);
     for (int i = lo * L; i < hi * L; i++) /* dz of the hidden layer's rows */
