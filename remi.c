@@ -4576,10 +4576,12 @@ static void best_block(BestSel *b, const float *St, int nj, int K, int j0, int N
     }
 }
 
-#define EVAL_GROUP BEST_LANES /* users scored together: EVAL_GROUP * K queries share each item block */
-/* A group's products fill full column tiles, so its blocks of items are packed (pack_rows):
- * not a single vector's 8 columns. */
-static int eval_packs(int K) { return EVAL_GROUP * K >= NR; }
+#define EVAL_GROUP BEST_LANES /* users scored together, at least: their K queries each share each item block */
+/* Users in a group: 8 by best interest (its lanes); per interest, enough for the group's
+ * columns to fill the kernel's column tiles (16 single vectors, not 8 in a half tile). */
+static int eval_group(int K, int best) { return best || EVAL_GROUP * K >= NR ? EVAL_GROUP : (NR + K - 1) / K; }
+/* A group's products fill full column tiles, so its blocks of items are packed (pack_rows). */
+static int eval_packs(int K, int best) { return eval_group(K, best) * K >= NR; }
 
 #define EVAL_BLOCK 512  /* items per block: their rows of E stay in L2 while the group's queries use them */
 
@@ -4588,9 +4590,10 @@ typedef struct {
     const Acts *a;
     const Split *s;
     int u0;               /* chunk: its users from u0 on */
-    const int *user;      /* the chunk's users to evaluate (chunk-local), EVAL_GROUP per group */
+    const int *user;      /* the chunk's users to evaluate (chunk-local), group per group */
     int n_user;
     int best;             /* select by best interest (else per interest) */
+    int group;            /* users per group: eval_group */
     unsigned char *redo;  /* best: users to select again per interest (chunk-local) */
     const int *cuts; int n_cut, maxn;
     double *res;          /* (U, n_cut, 4) per-user metrics */
@@ -4605,8 +4608,8 @@ static struct { double vectors, products, topk, metrics; long users, again; } ev
 
 static int eval_per_interest; /* selftest: every user selected per interest, to compare */
 
-static int group_users(const EvalCtx *e, int g) { /* users in group g: EVAL_GROUP, fewer in the last */
-    return e->n_user - g * EVAL_GROUP < EVAL_GROUP ? e->n_user - g * EVAL_GROUP : EVAL_GROUP;
+static int group_users(const EvalCtx *e, int g) { /* users in group g: e->group, fewer in the last */
+    return e->n_user - g * e->group < e->group ? e->n_user - g * e->group : e->group;
 }
 
 /* User b of the chunk, retrieved list R (nr ids): its metrics at cut ci. */
@@ -4618,7 +4621,7 @@ static void cut_metrics(const EvalCtx *e, int b, int ci, const int *R, int nr) {
 
 /* One call of eval_groups: its groups' queries, selections and scratch. */
 typedef struct {
-    int g0, g1, Q;     /* groups [g0, g1); Q = EVAL_GROUP K columns a group at most */
+    int g0, g1, Q;     /* groups [g0, g1); Q = e->group K columns a group at most */
     void *lines;       /* St, Qt and Ap, from a cache-line boundary */
     float *St;         /* (rows, Q) a block's scores, item-major */
     float *Qt;         /* (ng, D, Q) the groups' queries */
@@ -4637,7 +4640,7 @@ typedef struct {
  * stores is one line (malloc aligns to 16 bytes; St's size is a multiple of 64 bytes); rows:
  * EVAL_BLOCK rounded up to the kernel's tiles. */
 static void groups_alloc(GroupWork *w, const EvalCtx *e, int g0, int g1) {
-    int D = e->m->D, maxn = e->maxn, Q = EVAL_GROUP * e->m->K, ng = g1 - g0;
+    int D = e->m->D, maxn = e->maxn, Q = e->group * e->m->K, ng = g1 - g0;
     size_t rows = (EVAL_BLOCK + MR - 1) / MR * MR, n_st = (size_t)Q * rows, n_qt = (size_t)ng * Q * D;
     *w = (GroupWork){ .g0 = g0, .g1 = g1, .Q = Q };
     w->lines = xcalloc((n_st + n_qt + rows * D) * sizeof(float) + 64, 1);
@@ -4664,13 +4667,13 @@ static void groups_free(GroupWork *w) {
  * per user (zero columns for a short group). */
 static void group_start(GroupWork *w, const EvalCtx *e, int g) {
     int K = e->m->K, D = e->m->D, maxn = e->maxn, Q = w->Q, i0 = (g - w->g0) * Q;
-    const int *gu = e->user + g * EVAL_GROUP;
+    const int *gu = e->user + g * e->group;
     int gb = group_users(e, g), q = e->best ? Q : gb * K;
     float *qt = w->Qt + (size_t)i0 * D;
     for (int b = 0; b < gb; b++)
         for (int k = 0; k < K; k++) {
             const float *v = e->a->v + ((size_t)gu[b] * K + k) * D;
-            int col = e->best ? k * EVAL_GROUP + b : b * K + k;
+            int col = e->best ? k * BEST_LANES + b : b * K + k;
             for (int d = 0; d < D; d++) qt[(size_t)d * q + col] = v[d];
         }
     if (!e->best) {
@@ -4690,7 +4693,7 @@ static void group_start(GroupWork *w, const EvalCtx *e, int g) {
  * the selection's seconds. */
 static void groups_score(GroupWork *w, const EvalCtx *e, double *sec) {
     int K = e->m->K, D = e->m->D, N = e->m->N, maxn = e->maxn, Q = w->Q, g0 = w->g0, g1 = w->g1;
-    int pack = eval_packs(K);
+    int pack = eval_packs(K, e->best);
     for (int j0 = 0; j0 < N; j0 += EVAL_BLOCK) {
         int nj = N - j0 < EVAL_BLOCK ? N - j0 : EVAL_BLOCK;
         const float *E = e->m->p.item_emb + (size_t)j0 * D;
@@ -4720,7 +4723,7 @@ static void groups_score(GroupWork *w, const EvalCtx *e, double *sec) {
  * interest the K lists are merged. */
 static void group_finish(GroupWork *w, const EvalCtx *e, int g) {
     int K = e->m->K, N = e->m->N, maxn = e->maxn, *R = w->R;
-    const int *gu = e->user + g * EVAL_GROUP;
+    const int *gu = e->user + g * e->group;
     uint64_t *gh = w->heap + (size_t)(g - w->g0) * w->Q * maxn;
     const int *gn = w->hn + (g - w->g0) * w->Q;
     const BestSel *bs = w->sel + (g - w->g0);
@@ -4768,7 +4771,7 @@ static void eval_task(void *ctx, int lo, int hi) { /* groups [lo, hi) of the chu
 
 static void eval_pass(const EvalCtx *e, int groups) { /* e's users on the threads, their times to eval_time */
     for (int i = 0; i < groups * 3; i++) e->sec[i] = 0.0;
-    parallel_for((e->n_user + EVAL_GROUP - 1) / EVAL_GROUP, eval_task, (void *)e);
+    parallel_for((e->n_user + e->group - 1) / e->group, eval_task, (void *)e);
     for (int g = 0; g < groups; g++) {
         eval_time.products += e->sec[g * 3]; eval_time.topk += e->sec[g * 3 + 1]; eval_time.metrics += e->sec[g * 3 + 2];
     }
@@ -4794,7 +4797,7 @@ void evaluate(Metrics *out, const int *cuts, int n_cut, const Model *m, Acts *a,
         user_vectors(m, a, u0, nb, noise_key);
         eval_time.vectors += now_sec() - t0;
         for (int b = 0; b < nb; b++) { users[b] = b; redo[b] = 0; }
-        EvalCtx e = { m, a, s, u0, users, nb, best, redo, cuts, n_cut, maxn, res, sec };
+        EvalCtx e = { m, a, s, u0, users, nb, best, eval_group(m->K, best), redo, cuts, n_cut, maxn, res, sec };
         eval_pass(&e, groups);
         eval_time.users += nb;
         if (!best) continue;
@@ -4802,6 +4805,7 @@ void evaluate(Metrics *out, const int *cuts, int n_cut, const Model *m, Acts *a,
         for (int b = 0; b < nb; b++)
             if (redo[b]) users[e.n_user++] = b;
         e.best = 0;
+        e.group = eval_group(m->K, 0);
         if (e.n_user) eval_pass(&e, groups);
         eval_time.again += e.n_user;
     }
@@ -7056,7 +7060,7 @@ static int st_eval(uint64_t *rng) {
         if (e == ENC_POP) /* counts with ties */
             for (int j = 0; j < m.N; j++) m.p.item_emb[j] = (float)rng_below(rng, 40);
         Acts a;
-        acts_init(&a, &m, 16, 1);
+        acts_init(&a, &m, 24, 1); /* chunks of 24 and 13 users: full and partial groups of 8 and of 16 */
         int cuts[2] = { 20, 50 };
         uint64_t key = 77;
         Metrics fast[2], ref;
@@ -8135,7 +8139,7 @@ static void bench_dataset(const char *label, const Dataset *ds, Config c, int st
     if (ns > 1) printf(", %.3f s on %d: scaling %.2fx", ev[1], threads, ev[0] / ev[1]);
     printf("; scoring %.1f GFLOP/s = %.0f%% of the %.0f GFLOP/s peak\n", eflops / ev[1] / 1e9,
            100.0 * eflops / ev[1] / 1e9 / peak[1], peak[1]);
-    int packs = eval_packs(m.K);
+    int packs = eval_packs(m.K, m.multi);
     for (int i = 0; i < ns; i++) { /* the threads' time by phase; the products' own speed against the per-thread peak */
         double *p = evp[i], busy = p[1] + p[2] + p[3], rate = eflops / p[1] * nt[i] / 1e9;
         printf("  %d thread(s): interest vectors %.3f s; threads' time: products %.0f%% (%.1f GFLOP/s = %.0f%% of peak, "
