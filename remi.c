@@ -4084,7 +4084,9 @@ static void rr_backward(float *datt, const float *att, const float *rr_d, float 
 typedef struct { Model *m; float step_size, sqrt_bc2; int lazy; } AdamCtx;
 /* REMI-SPEC f.3: Adam(betas=(0.9, 0.999), eps=1e-8). PyTorch takes 1 - beta in double and
  * rounds it to float (0.1f, 0.001f; 1.0f - 0.999f would be 0.00099998713), and multiplies
- * the squared gradient as (1 - beta2) g g, in that order (addcmul_). */
+ * the squared gradient as (1 - beta2) g g, in that order (addcmul_). It rounds the update as
+ * p + ((-ss) m) / den (addcdiv_) where remi has p - ss (m / den), and its CPU kernels may fuse
+ * the moments' multiply-adds: a unit in the last place a step at most (README). */
 #define ADAM_B1 0.9f
 #define ADAM_B2 0.999f
 #define ADAM_C1 0.1f   /* 1 - 0.9 */
