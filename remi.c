@@ -4457,26 +4457,38 @@ static void user_metrics(double *out /* recall, ndcg, ndcg_ref, hit */, const in
     out[3] = hits > 0;
 }
 
-/* Offer a block's scores St (nj, q), item-major, to the q heaps: an item is passed over at
- * once when none of its q scores reaches its query's threshold thr[i] (the worst score its
- * heap keeps, -inf until full); else it goes to the heaps of the queries it reaches (a bit
- * mask of them, 32 at a time), in item order, as a plain scan would. */
+/* A comparison's lanes (-1 or 0 each) as the bits of an integer. */
+static inline unsigned lane_bits(i8 m) {
+#if defined(__AVX__)
+    return (unsigned)__builtin_ia32_movmskps256((f8)m);
+#else
+    unsigned bits = 0;
+    for (int l = 0; l < 8; l++) bits |= (unsigned)(m[l] & 1) << l;
+    return bits;
+#endif
+}
+
+/* Bit i of the n (at most 32) scores x[i] that reach their thresholds t[i]. */
+static inline uint32_t pass_bits(const float *x, const float *t, int n) {
+    uint32_t bits = 0;
+    int i = 0;
+    for (; i + 8 <= n; i += 8) bits |= lane_bits(*(const f8 *)(x + i) >= *(const f8 *)(t + i)) << i;
+    for (; i < n; i++) bits |= (uint32_t)(x[i] >= t[i]) << i;
+    return bits;
+}
+
+/* Offer a block's scores St (nj, q), item-major, to the q heaps: an item goes to the heaps of
+ * the queries whose threshold thr[i] it reaches (the worst score the heap keeps, -inf until
+ * full), 32 queries at a time, in item order, as a plain scan would. */
 static void topk_block(uint64_t *heap, int *hn, int maxn, float *thr, const float *St, int nj, int q, int j0) {
     for (int j = 0; j < nj; j++) {
         const float *row = St + (size_t)j * q;
-        int any = 0;
-        for (int i = 0; i < q; i++) any |= row[i] >= thr[i];
-        if (!any) continue;
-        for (int i0 = 0; i0 < q; i0 += 32) {
-            int n = q - i0 < 32 ? q - i0 : 32;
-            uint32_t reach = 0;
-            for (int i = 0; i < n; i++) reach |= (uint32_t)(row[i0 + i] >= thr[i0 + i]) << i;
-            for (; reach; reach &= reach - 1) {
+        for (int i0 = 0; i0 < q; i0 += 32)
+            for (uint32_t reach = pass_bits(row + i0, thr + i0, q - i0 < 32 ? q - i0 : 32); reach; reach &= reach - 1) {
                 int i = i0 + __builtin_ctz(reach);
                 heap_push(heap + (size_t)i * maxn, &hn[i], maxn, hit_key(row[i], j0 + j));
                 if (hn[i] == maxn) thr[i] = key_score(heap[(size_t)i * maxn]);
             }
-        }
     }
 }
 
@@ -4493,17 +4505,6 @@ static void topk_block(uint64_t *heap, int *hn, int maxn, float *thr, const floa
  * again per interest.
  * Eight users per group, their scores at columns k 8 + b of St (nj, 8 K). */
 #define BEST_LANES 8
-
-/* A comparison's lanes (-1 or 0 each) as the bits of an integer. */
-static inline unsigned lane_bits(i8 m) {
-#if defined(__AVX__)
-    return (unsigned)__builtin_ia32_movmskps256((f8)m);
-#else
-    unsigned bits = 0;
-    for (int l = 0; l < 8; l++) bits |= (unsigned)(m[l] & 1) << l;
-    return bits;
-#endif
-}
 
 /* x "beats" y as hit_key orders scores (a NaN lowest, -0 = +0), eight at a time: -1 where it does. */
 static inline i8 beats(f8 x, f8 y) { return (x > y) | ((y != y) & (x == x)); }
