@@ -4579,7 +4579,7 @@ static void best_block(BestSel *b, const float *St, int nj, int K, int j0, int N
     }
 }
 
-#define EVAL_GROUP BEST_LANES /* users scored together, at least: their K queries each share each item block */
+#define EVAL_GROUP BEST_LANES /* the fewest users in a group (eval_group), whose queries share each block of items */
 /* Users in a group: 8 by best interest (its lanes); per interest, enough for the group's
  * columns to fill the kernel's column tiles (16 single vectors, not 8 in a half tile). */
 static int eval_group(int K, int best) { return best || EVAL_GROUP * K >= NR ? EVAL_GROUP : (NR + K - 1) / K; }
