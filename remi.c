@@ -7006,6 +7006,140 @@ static int st_set_order(const char *path) {
     return st_report("CPython set order emulation", ok && lines > 0, d);
 }
 
+/* Reference steps (expected/reference-steps.txt): small models of every encoder with their
+ * inputs (parameters, a batch, the shared negatives, MIND's routing logits or GRU4Rec's
+ * dropout multipliers) and the loss and gradients the reference implementation computes from
+ * them, in float64 (README, Cross-check). remi's training step (step_forward, step_backward)
+ * on the same inputs must give the loss and every gradient tensor to float32's rounding. */
+#define REF_STEP_TOL 1e-5 /* relative: the observed differences are about 1e-7 to 1e-6 */
+
+/* The next whitespace-separated token of *s (terminated in place), skipping '#' comment lines. */
+static char *ref_token(char **s) {
+    char *p = *s;
+    for (;;) {
+        while (*p && isspace((unsigned char)*p)) p++;
+        if (*p != '#') break;
+        while (*p && *p != '\n') p++;
+    }
+    if (!*p) { *s = p; return NULL; }
+    char *q = p;
+    while (*q && !isspace((unsigned char)*q)) q++;
+    if (*q) *q++ = 0;
+    *s = q;
+    return p;
+}
+static int ref_number(char **s, double *v) {
+    char *t = ref_token(s), *end;
+    if (!t) return 0;
+    *v = strtod(t, &end);
+    return !*end;
+}
+/* "key value" */
+static int ref_field(char **s, const char *key, double *v) {
+    char *t = ref_token(s);
+    return t && !strcmp(t, key) && ref_number(s, v);
+}
+/* "key n" and n numbers into out (NULL: n must be 0) */
+static int ref_array(char **s, const char *key, size_t n, double *out) {
+    double cnt;
+    if (!ref_field(s, key, &cnt) || cnt != (double)n) return 0;
+    for (size_t i = 0; i < n; i++)
+        if (!ref_number(s, &out[i])) return 0;
+    return 1;
+}
+
+/* One case: parse it, run remi's step, compare. Returns 0 on a parse error (why says where);
+ * *err: the largest relative difference, loss or gradient tensor, and its name in worst. */
+static int ref_step_case(char **s, double *err, char *worst, size_t cap, char *why, size_t why_cap) {
+    char *name = ref_token(s), *t;
+    double v[10];
+    static const char *keys[10] = { "relu", "N", "D", "K", "L", "B", "M", "rbeta", "rlambda", "dropout" };
+    Config c = default_config();
+    if (!name || !(t = ref_token(s)) || strcmp(t, "model") || !(t = ref_token(s))) goto bad;
+    c.enc = N_ENCODERS;
+    for (int e = 0; e < N_ENCODERS; e++) if (!strcmp(t, ENC_NAMES[e])) c.enc = (Encoder)e, c.model = ENC_NAMES[e];
+    for (int i = 0; i < 10; i++) if (!ref_field(s, keys[i], &v[i])) goto bad;
+    if (c.enc == N_ENCODERS || c.enc == ENC_POP) goto bad;
+    c.relu = (int)v[0]; c.D = (int)v[2]; c.K = (int)v[3]; c.L = (int)v[4]; c.B = (int)v[5]; c.M = (int)v[6];
+    c.rbeta = (float)v[7]; c.rlambda = (float)v[8]; c.dropout = (float)v[9];
+    int N = (int)v[1], B = c.B, L = c.L, M = c.M;
+    if (N < 2 || c.D < 1 || c.K < 1 || L < 1 || B < 1 || M < 1 || N > 1000 || c.D > 64 || c.K > 8 || L > 64 || B > 64 || M > 1000)
+        goto bad;
+    Model m;
+    Acts a;
+    model_init(&m, N, &c);
+    acts_init(&a, &m, B, M);
+    size_t P = m.n_params, nd = m.enc == ENC_MIND ? (size_t)B * m.K * L : m.enc == ENC_GRU4REC ? (size_t)B * L * m.D : 0;
+    double *buf = xmalloc((2 * P + 2 * (size_t)B * L + B + M + nd + 1) * sizeof(double)), *grad = buf + P;
+    double *hist = grad + P, *mask = hist + (size_t)B * L, *target = mask + (size_t)B * L, *neg = target + B, *draws = neg + M;
+    double loss_ref;
+    int ok = ref_array(s, "params", P, buf) && ref_array(s, "hist", (size_t)B * L, hist) &&
+             ref_array(s, "mask", (size_t)B * L, mask) && ref_array(s, "target", B, target) && ref_array(s, "neg", M, neg) &&
+             ref_array(s, "draws", nd, draws) && ref_field(s, "loss", &loss_ref) && ref_array(s, "grad", P, grad) &&
+             (t = ref_token(s)) && !strcmp(t, "end");
+    for (size_t i = 0; ok && i < (size_t)B * L; i++) ok = hist[i] >= 0 && hist[i] < N && (mask[i] == 0 || mask[i] == 1);
+    for (int i = 0; ok && i < B + M; i++) ok = target[i] >= 0 && target[i] < N; /* the targets, then neg */
+    if (ok) {
+        for (size_t i = 0; i < P; i++) m.mem[i] = (float)buf[i];
+        for (size_t i = 0; i < (size_t)B * L; i++) { a.hist[i] = (int)hist[i]; a.mask[i] = (float)mask[i]; }
+        for (int b = 0; b < B; b++) a.target[b] = (int)target[b];
+        for (int j = 0; j < M; j++) a.neg[j] = (int)neg[j];
+        for (size_t i = 0; i < nd; i++) (m.enc == ENC_MIND ? a.noise : a.drop)[i] = (float)draws[i];
+        double loss = step_forward(&m, &a, &c, 1);
+        step_backward(&m, &a, &c);
+        float *g = xmalloc(P * sizeof(float));
+        memcpy(g, m.gmem, P * sizeof(float));
+        item_grad_dense(g, &m.ge, N, m.D);
+        *err = fabs(loss - loss_ref) / fabs(loss_ref);
+        snprintf(worst, cap, "%s: loss", name);
+        for (int i = 0, off = 0; i < N_PARAM_TENSORS; off += (int)m.size[i++]) {
+            double dd = 0, rr = 0, dmax = 0, rmax = 0;
+            for (size_t j = off; j < off + m.size[i]; j++) {
+                double d = g[j] - grad[j];
+                dd += d * d; rr += grad[j] * grad[j];
+                dmax = fmax(dmax, fabs(d)); rmax = fmax(rmax, fabs(grad[j]));
+            }
+            double e = rr > 0 ? fmax(sqrt(dd / rr), dmax / rmax) : dd > 0 ? INFINITY : 0;
+            if (m.size[i] && !(e <= *err)) { *err = e; snprintf(worst, cap, "%s: d/d %s", name, TENSOR_NAMES[i]); }
+        }
+        free(g);
+    }
+    free(buf);
+    acts_free(&a);
+    model_free(&m);
+    if (ok) return 1;
+bad:
+    snprintf(why, why_cap, "reference-steps.txt: case %s: malformed", name ? name : "?");
+    return 0;
+}
+
+static int st_reference_steps(const char *path) {
+    const char *what = "training step vs the reference's (float64)";
+    FILE *f = fopen(path, "rb");
+    char why[4300], worst[96] = "";
+    snprintf(why, sizeof why, "cannot open %s (run from the repository, or give --expected DIR)", path);
+    if (!f) return st_report(what, 0, why);
+    fclose(f);
+    Bytes b = read_all(path, "");
+    char *s = b.p, *t;
+    int cases = 0, ok = 1;
+    double most = 0;
+    while (ok && (t = ref_token(&s))) {
+        double err = INFINITY;
+        char w[96];
+        if (strcmp(t, "case")) snprintf(why, sizeof why, "reference-steps.txt: expected 'case', got '%.40s'", t);
+        ok = !strcmp(t, "case") && ref_step_case(&s, &err, w, sizeof w, why, sizeof why);
+        if (!ok) break;
+        cases++;
+        if (!(err <= most)) { most = err; snprintf(worst, sizeof worst, "%s", w); }
+    }
+    free(b.p);
+    if (!ok) return st_report(what, 0, why);
+    char d[200];
+    snprintf(d, sizeof d, "%d models: loss and gradients within %.1e (largest %.1e, %s)", cases, REF_STEP_TOL, most, worst);
+    return st_report(what, cases > 0 && most <= REF_STEP_TOL, d);
+}
+
 /* Brute-force twin of evaluate(): every score by dotf, full sort per interest. */
 static void evaluate_ref(Metrics *out, int cut, const Model *m, Acts *a, const Split *s, uint64_t key) {
     int K = m->K, D = m->D, N = m->N, L = m->L;
@@ -7607,7 +7741,7 @@ static int st_transpose(void) {
 int cmd_selftest(int argc, char **argv) {
     const char *expected = "expected";
     int threads = 3;
-    Flag flags[] = { { "--expected", F_STR, &expected, "folder holding setorder.txt" },
+    Flag flags[] = { { "--expected", F_STR, &expected, "folder holding setorder.txt and reference-steps.txt" },
                      { "-t", F_INT, &threads, "threads for the thread-invariance check" } };
     parse_flags(argc, argv, "selftest", "Kernels against scalar twins and other unit checks; exits 1 on failure.",
                 flags, 2);
@@ -7629,6 +7763,8 @@ int cmd_selftest(int argc, char **argv) {
     ok &= st_topk(&rng);
     ok &= st_merge();
     ok &= st_set_order(path);
+    snprintf(path, sizeof path, "%s/reference-steps.txt", expected);
+    ok &= st_reference_steps(path);
     ok &= st_eval(&rng);
     ok &= st_threads(&rng, threads);
     ok &= st_adam_first();
