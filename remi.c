@@ -7048,6 +7048,18 @@ static int ref_array(char **s, const char *key, size_t n, double *out) {
     return 1;
 }
 
+/* How far g is from the reference's ref (n elements): the larger of the difference's norm and
+ * its largest element, each relative to the reference's. */
+static double ref_difference(const float *g, const double *ref, size_t n) {
+    double dd = 0, rr = 0, dmax = 0, rmax = 0;
+    for (size_t j = 0; j < n; j++) {
+        double d = g[j] - ref[j];
+        dd += d * d; rr += ref[j] * ref[j];
+        dmax = fmax(dmax, fabs(d)); rmax = fmax(rmax, fabs(ref[j]));
+    }
+    return rr > 0 ? fmax(sqrt(dd / rr), dmax / rmax) : dd > 0 ? INFINITY : 0;
+}
+
 /* One case: parse it, run remi's step, compare. Returns 0 on a parse error (why says where);
  * *err: the largest relative difference, loss or gradient tensor, and its name in worst. */
 static int ref_step_case(char **s, double *err, char *worst, size_t cap, char *why, size_t why_cap) {
@@ -7093,13 +7105,7 @@ static int ref_step_case(char **s, double *err, char *worst, size_t cap, char *w
         *err = fabs(loss - loss_ref) / fabs(loss_ref);
         snprintf(worst, cap, "%s: loss", name);
         for (int i = 0, off = 0; i < N_PARAM_TENSORS; off += (int)m.size[i++]) {
-            double dd = 0, rr = 0, dmax = 0, rmax = 0;
-            for (size_t j = off; j < off + m.size[i]; j++) {
-                double d = g[j] - grad[j];
-                dd += d * d; rr += grad[j] * grad[j];
-                dmax = fmax(dmax, fabs(d)); rmax = fmax(rmax, fabs(grad[j]));
-            }
-            double e = rr > 0 ? fmax(sqrt(dd / rr), dmax / rmax) : dd > 0 ? INFINITY : 0;
+            double e = ref_difference(g + off, grad + off, m.size[i]);
             if (m.size[i] && !(e <= *err)) { *err = e; snprintf(worst, cap, "%s: d/d %s", name, TENSOR_NAMES[i]); }
         }
         free(g);
