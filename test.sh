@@ -256,6 +256,25 @@ for mdl in "${MODELS[@]}"; do
     else fail "tiny $mdl -t 1 vs -t 2" "outputs differ"; fi
 done
 
+# ---------------------------------------------------------------- evaluation against the reference
+# expected/reference-eval/: four small models of remi's and the metrics the reference
+# implementation's evaluate() gives them (metrics.txt, 6 decimals). remi eval must print the
+# same recall, ndcg_ref and hitrate, within one unit of the 6th decimal.
+for mdl in sa dr dnn gru4rec; do
+    why=""
+    while read -r m split n recall ndcg hit; do
+        [ "$m" = "$mdl" ] || continue
+        got=$("$REMI" eval --model-file "expected/reference-eval/$mdl.bin" --data expected/tiny --name tiny \
+              --split "$split" --topn "$n" -t 2 2>&1 | grep " N=$n ")
+        echo "$got" | awk -v r="$recall" -v d="$ndcg" -v h="$hit" '
+            { for (i = 1; i < NF; i++) { if ($i == "recall") gr = $(i + 1); if ($i == "ndcg_ref") gd = $(i + 1); if ($i == "hitrate") gh = $(i + 1) } }
+            END { ok = gr != "" && (gr - r)^2 <= 2.25e-12 && (gd - d)^2 <= 2.25e-12 && (gh - h)^2 <= 2.25e-12; exit !ok }' \
+            || why="$why $split@$n: ${got:-no output}"
+    done < expected/reference-eval/metrics.txt
+    if [ -z "$why" ]; then pass "eval of a $mdl model matches the reference's evaluate() (valid and test, N 20 and 50)"
+    else fail "eval of a $mdl model vs the reference's" "$why"; fi
+done
+
 # 5,000 negatives (2.6 MB of gathered rows, over NEG_OWN_BYTES): the threads gather one shared copy,
 # where 256 (above) have each thread gather its own; the same bits on 1 and 3 threads either way
 for t in 1 3; do
