@@ -24,7 +24,7 @@ why=""
 for sd in 4 47 54 114 123 195 263 390 397; do "$REMI" gradcheck --seed $sd >"$TMP/gc-seed.log" 2>&1 || why="$why $sd"; done
 if [ -z "$why" ]; then pass "gradcheck on seeds 4 47 54 114 123 195 263 390 397"; else fail "gradcheck seeds" "failed:$why"; fi
 
-if "$REMI" selftest -t 3 >"$TMP/selftest.log" 2>&1; then pass "selftest (kernels vs scalar twins, eval twin, set order, -t invariance)"
+if "$REMI" selftest -t 3 >"$TMP/selftest.log" 2>&1; then pass "selftest (kernels vs scalar twins, eval twin, set order, the reference's training steps, -t invariance)"
 else fail "selftest" "$(grep FAIL "$TMP/selftest.log" | tr '\n' ' ')"; fi
 
 # ---------------------------------------------------------------- prep
