@@ -261,9 +261,10 @@ done
 # implementation's evaluate() gives them (metrics.txt, 6 decimals). remi eval must print the
 # same recall, ndcg_ref and hitrate, within one unit of the 6th decimal.
 for mdl in sa dr dnn gru4rec; do
-    why=""
+    why=""; seen=0
     while read -r m split n recall ndcg hit; do
         [ "$m" = "$mdl" ] || continue
+        seen=$((seen + 1))
         got=$("$REMI" eval --model-file "expected/reference-eval/$mdl.bin" --data expected/tiny --name tiny \
               --split "$split" --topn "$n" -t 2 2>&1 | grep " N=$n ")
         echo "$got" | awk -v r="$recall" -v d="$ndcg" -v h="$hit" '
@@ -271,6 +272,7 @@ for mdl in sa dr dnn gru4rec; do
             END { ok = gr != "" && (gr - r)^2 <= 2.25e-12 && (gd - d)^2 <= 2.25e-12 && (gh - h)^2 <= 2.25e-12; exit !ok }' \
             || why="$why $split@$n: ${got:-no output}"
     done < expected/reference-eval/metrics.txt
+    [ $seen -eq 4 ] || why="$why $seen lines of metrics.txt for $mdl, not 4"
     if [ -z "$why" ]; then pass "eval of a $mdl model matches the reference's evaluate() (valid and test, N 20 and 50)"
     else fail "eval of a $mdl model vs the reference's" "$why"; fi
 done
