@@ -257,10 +257,10 @@ for mdl in "${MODELS[@]}"; do
 done
 
 # ---------------------------------------------------------------- evaluation against the reference
-# expected/reference-eval/: four small models of remi's and the metrics the reference
+# expected/reference-eval/: five small models of remi's and the metrics the reference
 # implementation's evaluate() gives them (metrics.txt, 6 decimals). remi eval must print the
 # same recall, ndcg_ref and hitrate, within one unit of the 6th decimal.
-for mdl in sa dr dnn gru4rec; do
+for mdl in sa dr mind dnn gru4rec; do
     why=""; seen=0
     while read -r m split n recall ndcg hit; do
         [ "$m" = "$mdl" ] || continue
