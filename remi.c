@@ -4593,10 +4593,9 @@ typedef struct {
     const Acts *a;
     const Split *s;
     int u0;               /* chunk: its users from u0 on */
-    const int *user;      /* the chunk's users to evaluate (chunk-local), group per group */
+    const int *user;      /* the chunk's users to evaluate (chunk-local), group_size per group */
     int n_user;
     int best;             /* select by best interest (else per interest) */
-    int group;            /* users per group: eval_group */
     unsigned char *redo;  /* best: users to select again per interest (chunk-local) */
     const int *cuts; int n_cut, maxn;
     double *res;          /* (U, n_cut, 4) per-user metrics */
@@ -4611,8 +4610,10 @@ static struct { double vectors, products, topk, metrics; long users, again; } ev
 
 static int eval_per_interest; /* selftest: every user selected per interest, to compare */
 
-static int group_users(const EvalCtx *e, int g) { /* users in group g: e->group, fewer in the last */
-    return e->n_user - g * e->group < e->group ? e->n_user - g * e->group : e->group;
+static int group_size(const EvalCtx *e) { return eval_group(e->m->K, e->best); }
+static int group_users(const EvalCtx *e, int g) { /* users in group g: group_size, fewer in the last */
+    int n = group_size(e);
+    return e->n_user - g * n < n ? e->n_user - g * n : n;
 }
 
 /* User b of the chunk, retrieved list R (nr ids): its metrics at cut ci. */
@@ -4624,7 +4625,7 @@ static void cut_metrics(const EvalCtx *e, int b, int ci, const int *R, int nr) {
 
 /* One call of eval_groups: its groups' queries, selections and scratch. */
 typedef struct {
-    int g0, g1, Q;     /* groups [g0, g1); Q = e->group K columns a group at most */
+    int g0, g1, Q;     /* groups [g0, g1); Q = group_size K columns a group at most */
     void *lines;       /* St, Qt and Ap, from a cache-line boundary */
     float *St;         /* (rows, Q) a block's scores, item-major */
     float *Qt;         /* (ng, D, Q) the groups' queries */
@@ -4643,7 +4644,7 @@ typedef struct {
  * stores is one line (malloc aligns to 16 bytes; St's size is a multiple of 64 bytes); rows:
  * EVAL_BLOCK rounded up to the kernel's tiles. */
 static void groups_alloc(GroupWork *w, const EvalCtx *e, int g0, int g1) {
-    int D = e->m->D, maxn = e->maxn, Q = e->group * e->m->K, ng = g1 - g0;
+    int D = e->m->D, maxn = e->maxn, Q = group_size(e) * e->m->K, ng = g1 - g0;
     size_t rows = (EVAL_BLOCK + MR - 1) / MR * MR, n_st = (size_t)Q * rows, n_qt = (size_t)ng * Q * D;
     *w = (GroupWork){ .g0 = g0, .g1 = g1, .Q = Q };
     w->lines = xcalloc((n_st + n_qt + rows * D) * sizeof(float) + 64, 1);
@@ -4670,7 +4671,7 @@ static void groups_free(GroupWork *w) {
  * per user (zero columns for a short group). */
 static void group_start(GroupWork *w, const EvalCtx *e, int g) {
     int K = e->m->K, D = e->m->D, maxn = e->maxn, Q = w->Q, i0 = (g - w->g0) * Q;
-    const int *gu = e->user + g * e->group;
+    const int *gu = e->user + g * group_size(e);
     int gb = group_users(e, g), q = e->best ? Q : gb * K;
     float *qt = w->Qt + (size_t)i0 * D;
     for (int b = 0; b < gb; b++)
@@ -4726,7 +4727,7 @@ static void groups_score(GroupWork *w, const EvalCtx *e, double *sec) {
  * interest the K lists are merged. */
 static void group_finish(GroupWork *w, const EvalCtx *e, int g) {
     int K = e->m->K, N = e->m->N, maxn = e->maxn, *R = w->R;
-    const int *gu = e->user + g * e->group;
+    const int *gu = e->user + g * group_size(e);
     uint64_t *gh = w->heap + (size_t)(g - w->g0) * w->Q * maxn;
     const int *gn = w->hn + (g - w->g0) * w->Q;
     const BestSel *bs = w->sel + (g - w->g0);
@@ -4774,7 +4775,7 @@ static void eval_task(void *ctx, int lo, int hi) { /* groups [lo, hi) of the chu
 
 static void eval_pass(const EvalCtx *e, int groups) { /* e's users on the threads, their times to eval_time */
     for (int i = 0; i < groups * 3; i++) e->sec[i] = 0.0;
-    parallel_for((e->n_user + e->group - 1) / e->group, eval_task, (void *)e);
+    parallel_for((e->n_user + group_size(e) - 1) / group_size(e), eval_task, (void *)e);
     for (int g = 0; g < groups; g++) {
         eval_time.products += e->sec[g * 3]; eval_time.topk += e->sec[g * 3 + 1]; eval_time.metrics += e->sec[g * 3 + 2];
     }
@@ -4800,7 +4801,7 @@ void evaluate(Metrics *out, const int *cuts, int n_cut, const Model *m, Acts *a,
         user_vectors(m, a, u0, nb, noise_key);
         eval_time.vectors += now_sec() - t0;
         for (int b = 0; b < nb; b++) { users[b] = b; redo[b] = 0; }
-        EvalCtx e = { m, a, s, u0, users, nb, best, eval_group(m->K, best), redo, cuts, n_cut, maxn, res, sec };
+        EvalCtx e = { m, a, s, u0, users, nb, best, redo, cuts, n_cut, maxn, res, sec };
         eval_pass(&e, groups);
         eval_time.users += nb;
         if (!best) continue;
@@ -4808,7 +4809,6 @@ void evaluate(Metrics *out, const int *cuts, int n_cut, const Model *m, Acts *a,
         for (int b = 0; b < nb; b++)
             if (redo[b]) users[e.n_user++] = b;
         e.best = 0;
-        e.group = eval_group(m->K, 0);
         if (e.n_user) eval_pass(&e, groups);
         eval_time.again += e.n_user;
     }
