@@ -4181,6 +4181,20 @@ static void adam_range(const AdamCtx *c, size_t i0, size_t i1, float *g) {
     else adam_range_nograd(c, i0, i1);
 }
 
+/* Touched rows [*pf, to) of the item table: their parameters and gradient rows fetched for
+ * writing ahead of the update. Other threads read these rows in the step (the gathers) and
+ * wrote the gradient's (the scatters), so their lines sit in another core's cache; asked for
+ * one at a time by the update's stores, each costs a round trip between the cores. */
+#define ADAM_AHEAD 16 /* rows */
+static void adam_prefetch(const Model *m, size_t *pf, size_t to) {
+    size_t D = m->D;
+    for (; *pf < to; (*pf)++) {
+        if (m->ge.row[*pf] < 0) continue;
+        const char *p = (const char *)(m->mem + *pf * D), *g = (const char *)(m->ge.g + (size_t)m->ge.row[*pf] * D);
+        for (size_t b = 0; b < D * sizeof(float); b += 64) { __builtin_prefetch(p + b, 1); __builtin_prefetch(g + b, 1); }
+    }
+}
+
 static void adam_task(void *ctx, int lo, int hi) {
     const AdamCtx *c = ctx;
     Model *m = c->m;
@@ -4188,12 +4202,13 @@ static void adam_task(void *ctx, int lo, int hi) {
     size_t i0 = (size_t)lo * ADAM_CHUNK, i1 = (size_t)hi * ADAM_CHUNK, D = m->D, table = m->size[0];
     if (i1 > m->n_params) i1 = m->n_params;
     if (!grow) table = 0; /* a dense item gradient (tests): one flat pass */
-    size_t t1 = i1 < table ? i1 : table;
+    size_t t1 = i1 < table ? i1 : table, rows = (t1 + D - 1) / D, pf = i0 / D;
     for (size_t i = i0; i < t1;) { /* item table: a touched row, or a run of untouched ones */
         size_t row = i / D, next = row + 1;
         if (grow[row] < 0)
             while (next * D < t1 && grow[next] < 0) next++;
         size_t end = next * D < t1 ? next * D : t1;
+        adam_prefetch(m, &pf, next + ADAM_AHEAD < rows ? next + ADAM_AHEAD : rows);
         if (grow[row] >= 0) adam_range(c, i, end, m->ge.g + (size_t)grow[row] * D + (i - row * D));
         else if (!c->lazy) adam_range(c, i, end, NULL);
         i = end;
