@@ -4624,6 +4624,11 @@ typedef struct {
 static struct { double vectors, products, topk, metrics; long users, again; } eval_time;
 
 static int eval_per_interest; /* selftest: every user selected per interest, to compare */
+/* Whether evaluate selects m's users by best interest (multi-interest models, within
+ * best_key's range) before selecting the few it must again per interest. */
+static int eval_by_best(const Model *m) {
+    return m->multi && !eval_per_interest && (uint64_t)m->K * (uint64_t)m->N <= (1ull << 32);
+}
 
 static int group_size(const EvalCtx *e) { return eval_group(e->m->K, e->best); }
 static int group_users(const EvalCtx *e, int g) { /* users in group g: group_size, fewer in the last */
@@ -4808,7 +4813,7 @@ void evaluate(Metrics *out, const int *cuts, int n_cut, const Model *m, Acts *a,
     int groups = (a->cap_b + EVAL_GROUP - 1) / EVAL_GROUP, *users = xmalloc((size_t)a->cap_b * sizeof(int));
     double *sec = xmalloc((size_t)groups * 3 * sizeof(double));
     unsigned char *redo = xmalloc((size_t)a->cap_b);
-    int best = m->multi && !eval_per_interest && (uint64_t)m->K * (uint64_t)m->N <= (1ull << 32); /* best_key's range */
+    int best = eval_by_best(m);
     for (int u0 = 0; u0 < U; u0 += a->cap_b) {
         int nb = U - u0 < a->cap_b ? U - u0 : a->cap_b;
         double t0 = now_sec();
@@ -8299,7 +8304,7 @@ static void bench_dataset(const char *label, const Dataset *ds, Config c, int st
     if (ns > 1) printf(", %.3f s on %d: scaling %.2fx", ev[1], threads, ev[0] / ev[1]);
     printf("; scoring %.1f GFLOP/s = %.0f%% of the %.0f GFLOP/s peak\n", eflops / ev[1] / 1e9,
            100.0 * eflops / ev[1] / 1e9 / peak[1], peak[1]);
-    int packs = eval_packs(m.K, m.multi);
+    int packs = eval_packs(m.K, eval_by_best(&m));
     for (int i = 0; i < ns; i++) { /* the threads' time by phase; the products' own speed against the per-thread peak */
         double *p = evp[i], busy = p[1] + p[2] + p[3], rate = eflops / p[1] * nt[i] / 1e9;
         printf("  %d thread(s): interest vectors %.3f s; threads' time: products %.0f%% (%.1f GFLOP/s = %.0f%% of peak, "
@@ -8307,7 +8312,7 @@ static void bench_dataset(const char *label, const Dataset *ds, Config c, int st
                100 * rate / peak[i], 100 * rate / (packs ? kpack[i] : kern[i]), packs ? "packed " : "", 100 * p[2] / busy,
                100 * p[3] / busy);
     }
-    if (m.multi) printf("  selection by best interest; users selected again per interest: %ld of %d\n", again, ds->valid.n_users);
+    if (eval_by_best(&m)) printf("  selection by best interest; users selected again per interest: %ld of %d\n", again, ds->valid.n_users);
     size_t data_bytes = 0;
     const Split *sp[3] = { &ds->train, &ds->valid, &ds->test };
     for (int i = 0; i < 3; i++) data_bytes += (size_t)sp[i]->off[sp[i]->n_users] * 4 + (size_t)sp[i]->n_users * 12;
