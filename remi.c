@@ -4959,7 +4959,7 @@ static Config default_config(void) {
     { "--eval-every", F_INT, &(c).eval_every, "steps between validations" },                          \
     { "--patience", F_INT, &(c).patience, "stop once more validations than this in a row bring no improvement" }, \
     { "--topn", F_INT, &(c).topn, "N of the validation Recall@N used for model selection" },          \
-    { "--out", F_STR, &(c).out, "output folder (metrics.jsonl, model.bin)" },                         \
+    { "--out", F_STR, &(c).out, "output folder (metrics.jsonl, curves.svg, model.bin, checkpoint.bin)" },  \
     { "--eval-batch", F_INT, &(c).eval_batch, "users per evaluation chunk" },                         \
     { "--mind-eval", F_STR, &(c).mind_eval, "MIND's routing logits at evaluation: fresh (new draws every pass, as the reference) or fixed" }
 
@@ -5741,7 +5741,7 @@ int cmd_export(int argc, char **argv) {
     parse_flags(argc, argv, "export",
                 "Write OUT/items.tsv (item, raw id, embedding) and OUT/users.tsv (split, user, interest,\n"
                 "vector): train users from their whole history, valid/test users from the history\n"
-                "their evaluation uses (the first 80%), each the last --len items.",
+                "their evaluation uses (the first 80%), each the last L items (the model's --len).",
                 flags, sizeof flags / sizeof *flags);
     check_mind_eval(c.mind_eval);
     check_range("-t", c.threads, 1, 256);
