@@ -326,6 +326,14 @@ static void mkdir_p(const char *dir) {
     if (stat(buf, &st) != 0 || !S_ISDIR(st.st_mode)) die("%s exists and is not a folder; pick another --out", dir);
 }
 
+/* An output folder that exists must take files (a read-only file system, no permission): said
+ * before any work, not at the first file written. */
+static void check_out_writable(const char *dir) {
+    struct stat st;
+    if (stat(dir, &st) == 0 && S_ISDIR(st.st_mode) && access(dir, W_OK | X_OK) != 0)
+        die("cannot write to folder %s: %s; pick another --out", dir, strerror(errno));
+}
+
 /* One remi train at a time in an output folder: an advisory lock on the folder itself, held
  * until the process exits (a file system without locks is let through). */
 static void lock_out_dir(const char *dir) {
@@ -605,19 +613,20 @@ static int rec_cmp(const void *pa, const void *pb) {
     return a->line - b->line; /* stable: file order breaks time ties */
 }
 
-/* Parse a decimal integer field ending at ',' or end of string; returns the end or NULL. */
-static const char *parse_i64(const char *s, int64_t *out) {
+/* Parse a decimal integer field ending at ',' or end of string; returns the end, or NULL
+ * (with *overflow set if the digits lie outside a 64-bit integer). */
+static const char *parse_i64(const char *s, int64_t *out, int *overflow) {
     const char *p = s;
     int neg = 0;
     if (*p == '-') { neg = 1; p++; }
     if (*p < '0' || *p > '9') return NULL;
-    uint64_t v = 0;
+    uint64_t v = 0, lim = UINT64_C(9223372036854775807) + (uint64_t)neg; /* INT64_MIN's magnitude is one more */
     for (; *p >= '0' && *p <= '9'; p++) {
-        if (v > (UINT64_C(9223372036854775807) - (uint64_t)(*p - '0')) / 10) return NULL; /* overflow */
+        if (v > (lim - (uint64_t)(*p - '0')) / 10) { *overflow = 1; return NULL; }
         v = v * 10 + (uint64_t)(*p - '0');
     }
     if (*p != ',' && *p != 0) return NULL;
-    *out = neg ? -(int64_t)v : (int64_t)v;
+    *out = neg ? -(int64_t)(v - 1) - 1 : (int64_t)v; /* v - 1: no overflow at INT64_MIN */
     return p;
 }
 
@@ -637,13 +646,15 @@ void load_split(Split *s, const char *path, int max_item, const char *from, int 
         if ((size_t)len != strlen(line)) die("%s:%d: line holds a NUL byte (binary file?)", path, lineno);
         if (starts_with_bom(lineno, line)) die("%s:1: " BOM_MESSAGE, path);
         int64_t v[4];
-        int nf = 0;
+        int nf = 0, overflow = 0;
         const char *p = line;
-        while (nf < 4 && (p = parse_i64(p, &v[nf])) != NULL) {
+        while (nf < 4 && (p = parse_i64(p, &v[nf], &overflow)) != NULL) {
             nf++;
             if (*p == 0 || nf == 4) break; /* a comma after a fourth field is refused below */
             p++;
         }
+        if (overflow)
+            die("%s:%d: field %d is an integer beyond 64 bits, in \"%s\"", path, lineno, nf + 1, excerpt(line));
         if (!p || *p != 0 || nf < 3)
             die("%s:%d: expected 'user,item,index,timestamp' or 'user,item,time' (integers), got \"%s\"",
                 path, lineno, excerpt(line));
@@ -765,6 +776,16 @@ static int read_item_map(const char *path, char **names, int N) {
     return n;
 }
 
+/* Users two splits share (each split's ids ascending, as load_split leaves them). */
+static int shared_users(const Split *a, const Split *b) {
+    int n = 0;
+    for (int i = 0, j = 0; i < a->n_users && j < b->n_users;)
+        if (a->user_id[i] < b->user_id[j]) i++;
+        else if (a->user_id[i] > b->user_id[j]) j++;
+        else n++, i++, j++;
+    return n;
+}
+
 /* DIR/NAME_{train,valid,test}.txt. N = (lines of NAME_item_map.txt) + 1 when the map
  * exists (read_item_map checks it), else the largest item id + 1. Every user needs >= 2
  * items: evaluation takes the first 80% as history and the rest as targets (REMI-SPEC g.1). */
@@ -792,6 +813,13 @@ void load_dataset(Dataset *ds, const char *dir, const char *name) {
                     "appear; the model keeps a row for every id below N (remi prep numbers the items 1..n)\n",
                     map, n_items + 1, distinct);
     }
+    for (int i = 0; i < 3; i++) /* the reference splits by user (REMI-SPEC b.2): a user in two splits is a leak, or a mix-up */
+        for (int j = i + 1; j < 3; j++) {
+            int n = shared_users(sp[i], sp[j]);
+            if (n)
+                fprintf(stderr, "remi: note: %d users of %s are also in %s; remi prep puts each user in one split\n", n,
+                        path[j], path[i]);
+        }
     ds->N = n_items + 1;
 }
 
@@ -968,6 +996,7 @@ static uint64_t prep_hash(const char *s, size_t len) {
 }
 
 static const char *prep_id(const PrepIds *t, int i) { return t->text + t->off[i]; }
+static size_t prep_id_len(const PrepIds *t, int i) { return (i + 1 < t->n ? t->off[i + 1] : t->len) - t->off[i] - 1; }
 
 /* Double the table and re-insert every id. */
 static void prep_ids_grow(PrepIds *t) {
@@ -989,8 +1018,8 @@ static int prep_ids_intern(PrepIds *t, const char *s, size_t len) {
     if (2 * ((size_t)t->n + 1) > t->nslot) prep_ids_grow(t);
     size_t h = (size_t)prep_hash(s, len) & (t->nslot - 1);
     for (; t->slot[h]; h = (h + 1) & (t->nslot - 1)) {
-        const char *id = prep_id(t, t->slot[h] - 1);
-        if (memcmp(id, s, len) == 0 && id[len] == '\0') return t->slot[h] - 1;
+        int i = t->slot[h] - 1; /* lengths first: memcmp may read all len bytes of a shorter id */
+        if (prep_id_len(t, i) == len && memcmp(prep_id(t, i), s, len) == 0) return i;
     }
     if (t->n == INT32_MAX - 1) die("more than %d distinct ids", INT32_MAX - 1);
     if (t->n == t->cap_n) {
@@ -2639,7 +2668,9 @@ static void model_shape(Model *m, TensorInit *t, int N, const Config *c) {
 }
 
 static void check_params_fit(const Model *m) { /* what every command touches */
-    check_fits(m->n_params * sizeof(float), "the model's parameters", "train one with a smaller --len, --hidden or --interests", 0);
+    char what[96]; /* N named: without an item map, one stray large item id makes it large */
+    snprintf(what, sizeof what, "the model's parameters (N = %d items)", m->N);
+    check_fits(m->n_params * sizeof(float), what, "train one with a smaller --len, --hidden or --interests", 0);
 }
 
 void model_init(Model *m, int N, const Config *c) {
@@ -2779,8 +2810,9 @@ static void check_train_fits(int N, const Config *c, int copies) {
     double bytes = (4.0 + copies) * m.n_params * sizeof(float);
     for (int i = 0; i < a.n_owned; i++) bytes += a.owned_rows[i] ? 0 : a.owned_bytes[i];
     acts_free(&a);
-    check_fits(bytes, "the parameters, their gradient, Adam's two moments and a batch's activations",
-               "lower --len, --hidden, --interests, --batch, --eval-batch or --neg", 1);
+    char what[160];
+    snprintf(what, sizeof what, "the parameters (N = %d items), their gradient, Adam's two moments and a batch's activations", N);
+    check_fits(bytes, what, "lower --len, --hidden, --interests, --batch, --eval-batch or --neg", 1);
 }
 
 void acts_free(Acts *a) {
@@ -5530,6 +5562,16 @@ static void final_report(const Config *c, Model *m, Acts *a, const Dataset *ds, 
     printf("wrote %s, %s and %s\n", st->log.path, out->model, out->curves);
 }
 
+/* A note for each cut-off N that reaches the catalogue's items (N = 20 and 50 for train's
+ * final test lines): a list then holds (almost) every item, and recall and hit rate are 1 or
+ * nearly so whatever the model. */
+static void note_cuts_cover(const int *cuts, int n_cut, int items, const char *data, const char *name) {
+    for (int i = 0; i < n_cut; i++)
+        if (cuts[i] >= items)
+            fprintf(stderr, "remi: note: %s/%s has %d items: at N = %d a list holds (almost) every item, and recall and "
+                    "hit rate there cannot tell models apart\n", data, name, items, cuts[i]);
+}
+
 int cmd_train(int argc, char **argv) {
     Config c = default_config();
     const char *resume = NULL;
@@ -5548,6 +5590,7 @@ int cmd_train(int argc, char **argv) {
     }
     OutFiles out;
     out_files(&out, c.out);
+    check_out_writable(c.out);
     Stream ck = resume ? resume_settings(&c, &out) : (Stream){ 0 };
     check_config(&c);
     check_range("--eval-batch", c.eval_batch, 1, 1 << 16);
@@ -5564,6 +5607,7 @@ int cmd_train(int argc, char **argv) {
     if (c.topn >= ds.N - 1) /* every validation list would hold (almost) every item: recall 1, no best model */
         die("--topn %d: %s/%s has %d items, and validation at that cut-off cannot tell models apart; give a --topn "
             "below %d", c.topn, c.data, c.name, ds.N - 1, ds.N - 1);
+    note_cuts_cover((int[]){ 20, 50 }, 2, ds.N - 1, c.data, c.name);
     resolve_negatives(&c, ds.N);
     check_train_fits(ds.N, &c, 1);
     Model m;
@@ -5627,6 +5671,7 @@ int cmd_eval(int argc, char **argv) {
     acts_init(&a, &m, c.eval_batch, 1);
     int cuts[2] = { 20, 50 }, n_cut = 2;
     if (topn) { cuts[0] = topn; n_cut = 1; }
+    note_cuts_cover(cuts, n_cut, ds.N - 1, c.data, c.name);
     Metrics mt[2];
     evaluate(mt, cuts, n_cut, &m, &a, strcmp(split, "test") ? &ds.valid : &ds.test, eval_noise_key(c.mind_eval, c.seed, 1));
     for (int i = 0; i < n_cut; i++) print_metrics_row(split, &mt[i]);
@@ -5658,8 +5703,10 @@ static int parse_int_list(int **out, const char *text, long lo, long hi, const c
         char *end;
         errno = 0;
         long v = strtol(p, &end, 10);
-        if (end == p || errno || v < lo || v > hi || (*end && !strchr(" ,\t\n", *end)))
-            die("%s: \"%.*s\" is not %s in %ld..%ld", flag, (int)strcspn(p, " ,\t\n"), p, what, lo, hi);
+        if (end == p || errno || v < lo || v > hi || (*end && !strchr(" ,\t\n", *end))) {
+            int len = (int)strcspn(p, " ,\t\n"); /* a long token shown by its start */
+            die("%s: \"%.*s%s\" is not %s in %ld..%ld", flag, len > 40 ? 40 : len, p, len > 40 ? "..." : "", what, lo, hi);
+        }
         if (n == cap) x = xrealloc(x, (cap *= 2) * sizeof(int));
         x[n++] = (int)v;
         p = end;
@@ -7764,6 +7811,26 @@ static int st_transpose(void) {
     return st_report("transpose vs element by element", ok, "8 shapes, blocks of 16 and the edges; into a wider matrix");
 }
 
+/* prep's id table: a long id that probes a slot held by a short one (a half-full table, twenty
+ * lengths) is compared by length first, and every id keeps its index (the sanitizer build
+ * reports an over-read of the short one). */
+static int st_prep_ids(void) {
+    int ok = 1;
+    char *id = xmalloc(70100);
+    memset(id, 'a', 70100);
+    for (int r = 0; r < 20; r++) {
+        PrepIds t = { 0 };
+        char s[16];
+        for (int i = 0; i < 500; i++) ok &= prep_ids_intern(&t, s, (size_t)snprintf(s, sizeof s, "s%d", i)) == i;
+        size_t len = 70000 + (size_t)r;
+        ok &= prep_ids_intern(&t, id, len) == 500 && prep_ids_intern(&t, id, len - 1) == 501;
+        ok &= prep_ids_intern(&t, id, len) == 500 && prep_ids_intern(&t, "s7", 2) == 7 && prep_id_len(&t, 501) == len - 1;
+        prep_ids_free(&t);
+    }
+    free(id);
+    return st_report("prep's id table", ok, "500 short ids and long ones of 70,000-70,020 bytes in 20 tables");
+}
+
 int cmd_selftest(int argc, char **argv) {
     const char *expected = "expected";
     int threads = 3;
@@ -7810,6 +7877,7 @@ int cmd_selftest(int argc, char **argv) {
     ok &= st_best_select();
     ok &= st_eval_best();
     ok &= st_transpose();
+    ok &= st_prep_ids();
     ok &= st_pages(); /* last: it raises glibc's mmap threshold */
     printf("selftest: %s\n", ok ? "all passed" : "FAILED");
     return ok ? 0 : 1;

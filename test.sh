@@ -277,6 +277,13 @@ for mdl in sa dr mind dnn gru4rec; do
     if [ -z "$why" ]; then pass "eval of a $mdl model matches the reference's evaluate() (valid and test, N 20 and 50)"
     else fail "eval of a $mdl model vs the reference's" "$why"; fi
 done
+# a cut-off that reaches the catalogue's 400 items gets a note (recall and hit rate are then 1
+# or nearly whatever the model); one below it none
+"$REMI" eval --model-file expected/reference-eval/sa.bin --data expected/tiny --name tiny --topn 400 >"$TMP/cover.log" 2>&1
+"$REMI" eval --model-file expected/reference-eval/sa.bin --data expected/tiny --name tiny --topn 399 >"$TMP/cover2.log" 2>&1
+if grep -q "has 400 items: at N = 400 a list holds (almost) every item" "$TMP/cover.log" && ! grep -q "note" "$TMP/cover2.log"; then
+    pass "eval at N 400 of 400 items notes that the lists hold every item; at N 399 no note"
+else fail "eval's note on a cut-off covering the catalogue" "$(head -c 300 "$TMP/cover.log")"; fi
 
 # 5,000 negatives (2.6 MB of gathered rows, over NEG_OWN_BYTES): the threads gather one shared copy,
 # where 256 (above) have each thread gather its own; the same bits on 1 and 3 threads either way
@@ -783,6 +790,23 @@ bad_split "binary garbage" 1 '\x01\x02\x00\x7f\n'
 bad_split "UTF-8 byte-order mark" 1 '\xef\xbb\xbf20892,43,0,1\n20892,5,1,2\n'
 bad_split "empty line" 2 '20892,43,0,1\n\n20892,5,1,2\n'
 bad_split "very long line" 2 "20892,43,0,1\n20892,5,1,$(printf '7%.0s' $(seq 100000))\n"
+# an --out folder that takes no files is refused before the run starts, by name (made read-only
+# with chmod, or as root, who passes permissions, by a read-only mount where one is allowed)
+d=$TMP/ro-out; mkdir -p "$d"; chmod 555 "$d"; mounted=0
+[ "$(id -u)" = 0 ] && mount -t tmpfs -o ro tmpfs "$d" 2>/dev/null && mounted=1
+if [ "$(id -u)" != 0 ] || [ $mounted = 1 ]; then
+    "$REMI" train --data expected/tiny --name tiny --out "$d" --iters 10 >"$TMP/ro.log" 2>&1; rc=$?
+    if [ $rc = 1 ] && grep -qF "cannot write to folder $d" "$TMP/ro.log" && ! grep -q "^remi train" "$TMP/ro.log"; then
+        pass "read-only --out: $(head -c 90 "$TMP/ro.log")"
+    else fail "read-only --out" "exit $rc: $(head -c 200 "$TMP/ro.log")"; fi
+else echo "skip  read-only --out (root, and no read-only mount allowed)"; fi
+[ $mounted = 1 ] && umount "$d"; chmod 755 "$d"
+# users in two splits (a valid file that is the train file): a note names both files and the count
+d=$TMP/overlap; mkdir -p "$d"; cp expected/tiny/tiny_train.txt expected/tiny/tiny_test.txt "$d/"; cp expected/tiny/tiny_train.txt "$d/tiny_valid.txt"
+if "$REMI" train --data "$d" --name tiny --iters 1 --eval-every 1 --out "$d/out" >"$d/log" 2>&1 &&
+   grep -qF "note: 600 users of $d/tiny_valid.txt are also in $d/tiny_train.txt" "$d/log" && ! grep -q "tiny_test.txt are" "$d/log"; then
+    pass "users in two splits: a note with their number"
+else fail "users in two splits" "$(grep note "$d/log" | head -c 200)"; fi
 # CRLF line endings read the same as LF
 d=$TMP/crlf; mkdir -p "$d"; cp expected/tiny/tiny_*.txt "$d/"; sed -i 's/$/\r/' "$d/tiny_test.txt"
 "$REMI" eval --model-file "$TMP/tiny-sa-t2/model.bin" --data "$d" --name tiny >"$d/crlf.log" 2>&1
@@ -876,14 +900,14 @@ else fail "notes on ignored flags" "$(grep note "$TMP/note.log" | head -c 200)";
 # a model larger than the machine's memory (DR's position weights: L K D^2, 42e9 floats) is refused before
 # anything is reserved or written, where the overcommitted allocation would be killed while it trains
 if ! "$REMI" train --model dr --len 10000 --hidden 1024 --out "$TMP/huge" >"$TMP/huge.log" 2>&1 &&
-   grep -q "the model's parameters need 167.8 GB, more than this machine's" "$TMP/huge.log" && [ ! -e "$TMP/huge" ]; then
+   grep -q "the model's parameters (N = 17042 items) need 167.8 GB, more than this machine's" "$TMP/huge.log" && [ ! -e "$TMP/huge" ]; then
     pass "a model beyond the machine's memory refused, naming the flags to lower"
 else fail "model beyond memory" "$(head -c 200 "$TMP/huge.log")"; fi
 # parameters that fit (3/10 of the memory) but not with their gradient, Adam's moments and the
 # activations: train and bench refuse before writing them, and bench before measuring anything
 if mem=$(( $(getconf _PHYS_PAGES) * $(getconf PAGE_SIZE) )) && [ "$mem" -gt 0 ]; then
     Lfit=$(( mem * 3 / 10 / (4 * 1024 * 1024 * 4) )) # DR's position weights: L K D^2 floats, K 4, D 1024
-    fits="the parameters, their gradient, Adam's two moments and a batch's activations need"
+    fits="the parameters (N = 17042 items), their gradient, Adam's two moments and a batch's activations need"
     if ! "$REMI" train --model dr --hidden 1024 --len "$Lfit" --out "$TMP/fit" >"$TMP/fit.log" 2>&1 &&
        grep -q "$fits" "$TMP/fit.log" && [ ! -e "$TMP/fit" ] &&
        ! "$REMI" bench --model dr --hidden 1024 --len "$Lfit" --synthetic-items 0 >"$TMP/fitb.log" 2>&1 &&
