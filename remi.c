@@ -2673,8 +2673,9 @@ static void check_params_fit(const Model *m) { /* what every command touches */
     check_fits(m->n_params * sizeof(float), what, "train one with a smaller --len, --hidden or --interests", 0);
 }
 
-void model_init(Model *m, int N, const Config *c) {
-    TensorInit t[N_PARAM_TENSORS];
+/* The model's arrays, zeroed, and its tensors' places in them; t (N_PARAM_TENSORS) gets
+ * each tensor's initialisation. */
+static void model_alloc(Model *m, TensorInit *t, int N, const Config *c) {
     model_shape(m, t, N, c);
     check_params_fit(m);
     m->mem = big_calloc(m->n_params * sizeof(float), 1);
@@ -2686,12 +2687,19 @@ void model_init(Model *m, int N, const Config *c) {
     for (int i = 0; i < N_PARAM_TENSORS; i++) { pp[i] = m->mem + off; gp[i] = m->gmem + off; off += m->size[i]; }
     m->ge = (ItemGrad){ m->g.item_emb, xmalloc((size_t)N * sizeof(int)), xmalloc((size_t)N * sizeof(int)), 0 };
     for (int j = 0; j < N; j++) m->ge.row[j] = -1;
+    m->add_pos = c->enc == ENC_SA && c->add_pos;
+}
+
+/* A new model: its arrays, and the parameters drawn as the reference initialises them (c.6). */
+void model_init(Model *m, int N, const Config *c) {
+    TensorInit t[N_PARAM_TENSORS];
+    model_alloc(m, t, N, c);
+    float **pp = (float **)&m->p;
     uint64_t rng = c->seed ^ 0x5eedf00dull;
     for (int i = 0; i < N_PARAM_TENSORS; i++)
         for (size_t j = 0; j < m->size[i]; j++)
             pp[i][j] = t[i].dist == 'n' ? (float)(t[i].scale * rng_normal(&rng))
                      : t[i].dist == 'u' ? (float)(t[i].scale * (2.0 * rng_uniform(&rng) - 1.0)) : 0.0f;
-    m->add_pos = c->enc == ENC_SA && c->add_pos;
     if (c->enc == ENC_SA && !c->add_pos) memset(m->p.pos_emb, 0, m->size[1] * sizeof(float));
 }
 
@@ -4939,7 +4947,7 @@ static void model_load(Model *m, Config *c, const char *path) {
             (unsigned long long)want);
     if ((uint64_t)sb.st_size != want) die("%s: corrupt model file (%lld bytes, its header needs %llu)", path,
                                           (long long)sb.st_size, (unsigned long long)want);
-    model_init(m, hdr[3], c);
+    model_alloc(m, t, hdr[3], c); /* the parameters come from the file */
     if (fread(m->mem, sizeof(float), m->n_params, f) != m->n_params || fread(&sum, sizeof sum, 1, f) != 1)
         die("%s: truncated model file", path);
     if (sum != model_sum(hdr, meta, m->mem, m->n_params)) die("%s: checksum mismatch (corrupt model file)", path);
