@@ -6058,6 +6058,9 @@ static int read_run(RunResult *r, const char *dir) {
     memset(r, 0, sizeof *r);
     while (getline(&line, &cap, f) != -1) {
         lineno++;
+        size_t n = strcspn(line, "\r\n"); /* every line is one object: a line without its '}' was cut */
+        if (n && line[0] == '{' && line[n - 1] != '}')
+            die("%s:%d: a line cut short (no closing '}'): \"%s\"", path, lineno, excerpt(line));
         if (prefix(line, "{\"config\":")) {
             if (got_config) die("%s:%d: a second config line; one run's metrics per file", path, lineno);
             got_config = json_field(line, "name", NULL, r->name, sizeof r->name) &&

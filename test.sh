@@ -678,6 +678,7 @@ bad_metrics "NDCG infinite" "$nm" '$s/"ndcg":[0-9.]*/"ndcg":inf/'
 bad_metrics "best_iter 2.5" "$nm" '$s/"best_iter":[0-9]*/"best_iter":2.5/'
 bad_metrics "the two test lines swapped" "$((nm - 1))" "$((nm - 1)){h;d};\${G}"
 bad_metrics "a third final test line" "$((nm + 1))" '$p'
+bad_metrics "the last line cut short" "$nm" '$s/.\{30\}$//'
 # runs with another step budget are rows of their own (the config line records iters, eval_every, patience, topn);
 # --mind-eval on SA runs with a note and is recorded as the default; only unfinished runs: an error, no table
 "$REMI" train "${TINY[@]}" ${MODEL_ARGS[sa]} --iters 200 --seed 9 --mind-eval fixed -t 2 --out "$TMP/rep-i200" >"$TMP/rep-i200.log" 2>&1
