@@ -42,7 +42,7 @@
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
-#if defined(REMI_FMA) && (defined(__FMA__) || defined(__AVX512F__))
+#if (defined(REMI_FMA) && (defined(__FMA__) || defined(__AVX512F__))) || defined(__AVX512VL__)
 #include <immintrin.h>
 #endif
 
@@ -4576,8 +4576,23 @@ typedef struct {      /* one group's best-interest selection */
     float thr[BEST_LANES]; /* score of the worst kept: -inf until full; NaN: no user */
     float *s0;        /* (K, 8) id 0's scores */
     int32_t *cnt;     /* (K, 8) items that beat id 0, counted until every count reaches n */
-    int counting;
+    int counting;     /* 0 no longer; 1 yes; 2 yes, and id 0's scores hold no NaN (beats is then >) */
 } BestSel;
+
+/* Bit b: some of the K scores row[k 8 + b] reaches thr[b]. With AVX-512, the comparisons'
+ * masks are or-ed as they are, without a vector of lanes between them and the bits. */
+static inline __attribute__((always_inline)) unsigned reach_bits(const float *row, f8 thr, const int K) {
+#if defined(__AVX512VL__)
+    __mmask8 m = _mm256_cmp_ps_mask((__m256)*(const f8 *)row, (__m256)thr, _CMP_GE_OQ); /* f8: any alignment */
+    for (int k = 1; k < K; k++)
+        m |= _mm256_cmp_ps_mask((__m256)*(const f8 *)(row + BEST_LANES * k), (__m256)thr, _CMP_GE_OQ);
+    return m;
+#else
+    i8 pass = *(const f8 *)row >= thr;
+    for (int k = 1; k < K; k++) pass |= *(const f8 *)(row + BEST_LANES * k) >= thr;
+    return lane_bits(pass);
+#endif
+}
 
 static inline __attribute__((always_inline)) void best_block_k(BestSel *b, const float *St, int nj, const int K, int j0,
                                                                 int N, int maxn) {
@@ -4587,19 +4602,21 @@ static inline __attribute__((always_inline)) void best_block_k(BestSel *b, const
         const float *row = St + (size_t)j * BEST_LANES * K;
         if (j0 + j == 0) { /* id 0: the counts' reference, never selected */
             memcpy(b->s0, row, (size_t)BEST_LANES * K * sizeof(float));
+            int nan = 0;
+            for (int i = 0; i < BEST_LANES * K; i++) nan |= row[i] != row[i];
+            counting = counting && !nan ? 2 : counting;
             continue;
         }
         if (counting)
             for (int k = 0; k < K; k++) {
                 int32_t *c = b->cnt + BEST_LANES * k;
+                f8 x = *(const f8 *)(row + BEST_LANES * k), y = *(const f8 *)(b->s0 + BEST_LANES * k);
                 i8 n;
                 memcpy(&n, c, sizeof n);
-                n -= beats(*(const f8 *)(row + BEST_LANES * k), *(const f8 *)(b->s0 + BEST_LANES * k));
+                n -= counting == 2 ? (i8)(x > y) : beats(x, y);
                 memcpy(c, &n, sizeof n);
             }
-        i8 pass = *(const f8 *)row >= thr; /* some interest's score reaches the threshold */
-        for (int k = 1; k < K; k++) pass |= *(const f8 *)(row + BEST_LANES * k) >= thr;
-        unsigned reach = lane_bits(pass);
+        unsigned reach = reach_bits(row, thr, K); /* the users for whom some interest's score reaches the threshold */
         if (!reach) continue;
         f8 best = *(const f8 *)row; /* each user's best interest: the lowest k of the highest score */
         i8 arg = { 0 };
@@ -4620,7 +4637,7 @@ static inline __attribute__((always_inline)) void best_block_k(BestSel *b, const
     if (counting) { /* stop once every count has reached n */
         int short_of = 0;
         for (int i = 0; i < BEST_LANES * K; i++) short_of |= b->cnt[i] < maxn;
-        b->counting = short_of;
+        b->counting = short_of ? counting : 0;
     }
 }
 /* With K a constant, the loops over interests unrolled (K 4, the default: the top-k 12%
