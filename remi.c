@@ -1,7 +1,8 @@
 /* remi.c - REMI (Xie et al., "Rethinking Multi-Interest Learning for Candidate Matching
  * in Recommender Systems", RecSys 2023) in one C file.
  *
- * A multi-interest encoder (ComiRec-SA self-attention) turns a user's history into K
+ * A multi-interest encoder (ComiRec-SA self-attention, ComiRec-DR or MIND capsule routing;
+ * DNN, GRU4Rec and Pop as single-vector baselines) turns a user's history into K
  * interest vectors; training is sampled softmax over shared uniform negatives, with
  * REMI's two changes: interest-aware hard negatives (IHN, --rbeta) and routing
  * regularisation (RR, --rlambda). Evaluation retrieves the top-N items of every interest
@@ -10,10 +11,12 @@
  * Every formula follows REMI-SPEC (the specification of the authors' released code);
  * comments cite its sections, e.g. "REMI-SPEC d.4".
  *
- * What it deliberately is not: no BLAS, no OpenMP, no autodiff graph, no intrinsics but the
- * fused multiply-add of `make FMA=1`. The hot loops are one register-tiled gemm (GCC vector
- * extensions, in the kernel section only) and loops written so the compiler vectorises them;
- * the gemm has a scalar twin that the self-test compares it against. Every sum runs in a
+ * What it deliberately is not: no BLAS, no OpenMP, no autodiff graph. The hot loops are one
+ * register-tiled gemm (GCC vector extensions) and loops written so the compiler vectorises
+ * them, with vector extensions where it would not (the sampled softmax's maxima and sums, the
+ * evaluation's threshold tests); intrinsics only for the fused multiply-add of `make FMA=1`
+ * and, with AVX-512, the evaluation's comparison masks (reach_bits). The gemm has a scalar
+ * twin that the self-test compares it against. Every sum runs in a
  * fixed order, without fused multiply-adds (or with them in every sum of products, built
  * with FMA=1), so results depend neither on the thread count nor on the vector width.
  *
@@ -393,8 +396,8 @@ static const char *excerpt(const char *s) {
 }
 
 /* ------------------------------------------------------------------ RNG
- * splitmix64 seeds xoshiro-style state; one 64-bit state is enough here:
- * we use SplitMix64 itself as the generator (passes BigCrush, trivially seedable). */
+ * SplitMix64 is the generator: one 64-bit state that advances by a constant, so draw i of a
+ * stream can be made out of turn (rng_at), and it passes BigCrush. */
 #define RNG_GAMMA 0x9e3779b97f4a7c15ull
 static inline uint64_t rng_mix(uint64_t z) {
     z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
@@ -2936,6 +2939,7 @@ static void posadd_backward_part(float *dx, float *dP, const float *dxt, const i
                 for (size_t d = d0; d < d1; d++) dP[l * D + d] += dxt[r * D + d];
         }
 }
+/* The whole batch in one part, for gradcheck; training splits it over threads (sa_backward). */
 static void posadd_backward(float *dx, float *dP, const float *dxt, int nb, int L, int D) {
     posadd_backward_part(dx, dP, dxt, NULL, nb, L, D, 0, nb, 0, (size_t)L * D);
 }
@@ -3057,6 +3061,14 @@ static void linear_backward(float *dx, float *dW, const float *dy, const float *
     if (dx && tanh_x) parallel_for(rows, tanh_rows_task, &c);
 }
 
+/* softmax of one row in place */
+static void softmax_row(float *x, int n) {
+    float mx = -FLT_MAX, sum = 0.0f;
+    for (int i = 0; i < n; i++) mx = x[i] > mx ? x[i] : mx;
+    for (int i = 0; i < n; i++) { x[i] = exp_v(x[i] - mx); sum += x[i]; }
+    for (int i = 0; i < n; i++) x[i] /= sum;
+}
+
 /* REMI-SPEC c.1 steps 3-5: att[b,k,:] = softmax over l of z[b,l,k], with masked positions
  * set to -2^32+1 first, so they get exactly 0.  z (B, L, K), att (B, K, L) */
 static void masked_softmax_forward(float *att, const float *z, const float *mask, int nb, int K, int L) {
@@ -3064,13 +3076,8 @@ static void masked_softmax_forward(float *att, const float *z, const float *mask
     for (int b = 0; b < nb; b++)
         for (int k = 0; k < K; k++) {
             float *a = att + ((size_t)b * K + k) * L;
-            float mx = -FLT_MAX, sum = 0.0f;
-            for (int l = 0; l < L; l++) {
-                a[l] = mask[b * L + l] != 0.0f ? z[((size_t)b * L + l) * K + k] : masked;
-                mx = a[l] > mx ? a[l] : mx;
-            }
-            for (int l = 0; l < L; l++) { a[l] = exp_v(a[l] - mx); sum += a[l]; }
-            for (int l = 0; l < L; l++) a[l] /= sum;
+            for (int l = 0; l < L; l++) a[l] = mask[b * L + l] != 0.0f ? z[((size_t)b * L + l) * K + k] : masked;
+            softmax_row(a, L);
         }
 }
 /* forward: a = softmax(z);  dz[b,l,k] += a_l (da_l - sum_l' a_l' da_l') on real positions;
@@ -3116,6 +3123,8 @@ static int attention_span(const float *att, const float *mask, int K, int L) { /
 static void interest_forward_one(float *v, const float *att, const float *x, int n, int K, int L, int D) {
     for (int k = 0; k < K; k++) weighted_sum(v + (size_t)k * D, att + (size_t)k * L, 1, x, D, n, D);
 }
+/* The batch over interest_forward_one, for gradcheck and the selftest: training calls the one
+ * sample's pass from its attention task (sa_attend_task). */
 static void interest_forward(float *v, const float *att, const float *x, const float *mask, int nb, int K, int L,
                              int D) {
     for (int b = 0; b < nb; b++) {
@@ -3131,6 +3140,7 @@ static void interest_backward_one(float *datt, float *dx, const float *dv, const
     dots_kl(datt, x, D, dv, K, L, n, D, 0, 1);
     for (int l = 0; l < n; l++) weighted_sum(dx + (size_t)l * D, att + l, L, dv, D, K, D);
 }
+/* The batch over interest_backward_one, for gradcheck and the selftest (training: sa_attend_back_task). */
 static void interest_backward(float *datt, float *dx, const float *dv, const float *att, const float *x,
                               const float *mask, int nb, int K, int L, int D) {
     for (int b = 0; b < nb; b++) {
@@ -3287,7 +3297,7 @@ static void sa_backward(Model *m, Acts *a, int nb) {
     int L = m->L, D = m->D, H = m->H, K = m->K;
     EncCtx c = { m, a, nb, 0 };
     parallel_for(nb, sa_attend_back_task, &c);                                   /* datt -> dz, dx */
-    linear_backward(a->dh, m->g.w2, a->dzr, a->h, m->p.w2, a->R, H, K, 1); /* through tanh to dh */
+    linear_backward(a->dh, m->g.w2, a->dzr, a->h, m->p.w2, a->R, H, K, 1); /* dh: of xt W1^T, tanh's included */
     linear_backward(a->dxt, m->g.w1, a->dh, a->xt, m->p.w1, a->R, D, H, 0);
     parallel_for(nb, sa_pos_back_task, &c);                                      /* dx, dP */
     embed_backward(&m->ge, a->dx, a->prow, a->hist, a->mask, nb * L, D);
@@ -3337,15 +3347,9 @@ static void squash_backward(float *ds, const float *dv, const float *s, int D) {
     for (int d = 0; d < D; d++) ds[d] += f * dv[d] + c * s[d];
 }
 
-/* softmax of one row in place */
-static void softmax_row(float *x, int n) {
-    float mx = -FLT_MAX, sum = 0.0f;
-    for (int i = 0; i < n; i++) mx = x[i] > mx ? x[i] : mx;
-    for (int i = 0; i < n; i++) { x[i] = exp_v(x[i] - mx); sum += x[i]; }
-    for (int i = 0; i < n; i++) x[i] /= sum;
-}
-/* forward: p = softmax(b), c = mask * p;  db += p (mask dc - <p, mask dc>) */
-static void masked_softmax_row_backward(float *db, const float *dc, const float *p, const float *mask, int n) {
+/* forward: p = softmax(b), c = mask * p, the mask after the softmax (no renormalising: routing,
+ * c.2; SA masks its logits before, masked_softmax_backward);  db += p (mask dc - <p, mask dc>) */
+static void softmax_then_mask_row_backward(float *db, const float *dc, const float *p, const float *mask, int n) {
     float dot = 0.0f;
     for (int i = 0; i < n; i++) dot += p[i] * mask[i] * dc[i];
     for (int i = 0; i < n; i++) db[i] += p[i] * (mask[i] * dc[i] - dot);
@@ -3410,7 +3414,7 @@ static void routing_backward(Uhat du, const float *dout, const float *datt, cons
     memset(gb, 0, KL * sizeof(float));
     for (int it = 2; it > 0; it--) {
         const float *pi = p + it * KL, *pp = p + (it - 1) * KL, *vp = v01 + (it - 1) * KD, *sp = s + (it - 1) * KD;
-        for (int k = 0; k < K; k++) masked_softmax_row_backward(gb + k * L, gc + k * L, pi + k * L, mask, L);
+        for (int k = 0; k < K; k++) softmax_then_mask_row_backward(gb + k * L, gc + k * L, pi + k * L, mask, L);
         for (int k = 0; k < K; k++) {
             weighted_sum(gv, gb + k * L, 1, uhat_at(u, k, 0), u.sl, n, D); /* sum_l gb_kl u_hat_kl */
             float *dsk = ds + (size_t)k * D; /* (K, D): d/ds of iteration it - 1 */
@@ -3435,7 +3439,7 @@ static Uhat caps_uhat(const Model *m, float *base, int b) {
     return (Uhat){ base + (size_t)b * caps_stride(m), 0, D };
 }
 
-static void caps_embed_task(void *ctx, int lo, int hi) { /* x on its rows, xt */
+static void caps_embed_task(void *ctx, int lo, int hi) { /* the history's item embeddings on its rows, into xt (no positions) */
     const EncCtx *c = ctx;
     size_t o = (size_t)lo * c->m->L;
     embed_forward(c->a->xt, c->a->prow + o, c->a->hist + o, c->a->mask + o, c->m->p.item_emb, (hi - lo) * c->m->L,
@@ -3839,7 +3843,7 @@ static void user_vectors(const Model *m, Acts *a, int u0, int nb, uint64_t key) 
 /* The key of an evaluation pass: "fresh" draws anew every pass, as the reference does;
  * "fixed" uses the same draws for every pass, so a saved model always scores the same. */
 static uint64_t eval_noise_key(const char *mode, uint64_t seed, long pass) {
-    uint64_t s = seed ^ 0x6d696e646576616cull;
+    uint64_t s = seed ^ 0x6d696e646576616cull; /* "mindeval" in ASCII: a stream of its own */
     return rng_stream(rng_next(&s), strcmp(mode, "fixed") ? (uint64_t)pass : 0);
 }
 
@@ -3920,7 +3924,9 @@ static void logits_backward(float *dr, ItemGrad *dE, float *den, const float *dp
  * beta = 0 gives imp = 1, Ng = sum e^{x_j}: plain sampled softmax (d.3).
  * The forward pass keeps these statistics and leaves imp_j and e^{x_j} in tmp (2, M), from
  * which the gradient is made: by the backward pass, or in training by the forward pass
- * itself, row by row. Mb is M, or with --remove-hits the number of negatives kept. */
+ * itself, row by row. P = e^{x0}, the target's own term (0 for full softmax, where the target
+ * is one of the logits), and Z = P + Ng, the partition function: loss = -x0 + log Z. Mb is
+ * M, or with --remove-hits the number of negatives kept. */
 typedef struct { double x0, S, T, P, Z, Mb; } SsmStats;
 _Static_assert(sizeof(SsmStats) == 6 * sizeof(double), "acts_init allocates ssm_st as 6 doubles per row");
 
@@ -4026,12 +4032,13 @@ typedef struct {
  * each scaled by `scale` (1/B for the batch mean), for one row from its st and tmp (2, M).
  * Returns d loss / d s+ and writes dl (M), which may be the row's logits. */
 static float ssm_row_backward(float *dl, const float *tmp, SsmStats st, int M, float beta, float scale) {
+    const float *imp = tmp, *ex = tmp + M;
     double G = st.S > 0 ? st.T / st.S : 0.0, kd = st.S > 0 ? scale * (float)st.Mb / (st.Z * st.S) : 0.0;
     float k = (float)kd, b1 = beta + 1.0f, bg = (float)(beta * G);
     if (isfinite(k))
-        for (int j = 0; j < M; j++) dl[j] = k * tmp[j] * (b1 * tmp[M + j] - bg);
+        for (int j = 0; j < M; j++) dl[j] = k * imp[j] * (b1 * ex[j] - bg);
     else /* k beyond float (beta < 0 can make Z S tiny): the factors in double, each term still small */
-        for (int j = 0; j < M; j++) dl[j] = (float)(kd * tmp[j] * (b1 * tmp[M + j] - bg));
+        for (int j = 0; j < M; j++) dl[j] = (float)(kd * imp[j] * (b1 * ex[j] - bg));
     return (float)(scale * (-1.0 + st.P / st.Z));
 }
 
@@ -4098,11 +4105,14 @@ static double rr_total(const float *rr_d, int n) { /* RR from the n rows' D_bk, 
     for (int i = 0; i < n; i++) rr += (double)rr_d[i] * rr_d[i];
     return rr;
 }
+/* RR of a batch, for gradcheck; training makes the rows' D_bk in head_task and sums them with rr_total. */
 static double rr_forward(float *rr_d, const float *att, int nb, int K, int L, int D) {
     rr_rows(rr_d, att, nb * K, L, D);
     return rr_total(rr_d, nb * K);
 }
-/* forward: RR = sum D_bk^2;  d(lambda RR)/d att[b,k,l] = lambda (4/D) D_bk (att[b,k,l] - abar_bk) */
+/* forward: RR = sum D_bk^2 (rr_d holds the D_bk);  d(lambda RR)/d att[b,k,l] = lambda (4 / D) D_bk
+ * (att[b,k,l] - abar_bk), D the hidden size as in D_bk's divisor (the mean's own gradient
+ * sums to zero over l) */
 static void rr_backward(float *datt, const float *att, const float *rr_d, float lambda, int nb, int K, int L, int D) {
     for (int i = 0; i < nb * K; i++) {
         const float *a = att + (size_t)i * L;
@@ -4138,7 +4148,8 @@ static inline uint32_t float_bits(float x) { uint32_t u; memcpy(&u, &x, 4); retu
 /* x is denormal (not zero) */
 static inline int is_denormal(uint32_t x) { return (x & 0x7fffffff) - 1 < 0x007fffff; }
 
-/* Elements [i0, i1) with a zero gradient, as PyTorch computes them. */
+/* Elements [i0, i1) with a zero gradient, as PyTorch computes them: the terms in zero stay,
+ * since adding +0 turns a moment of -0 into +0 as PyTorch's update does (the same bits). */
 static void adam_range_zero(const AdamCtx *c, size_t i0, size_t i1) {
     float *p = c->m->mem, *mo = c->m->mmem, *v = c->m->vmem;
     const float ss = c->step_size, sb = c->sqrt_bc2, zero = 0.0f;
@@ -4257,6 +4268,8 @@ static void adam_task(void *ctx, int lo, int hi) {
     if (i1 > f) adam_range(c, f, i1, m->gmem + f);
 }
 
+/* The bias corrections in double from the betas as written, 0.9 and 0.999 (PyTorch's
+ * arithmetic; ADAM_B1 and ADAM_B2 are their floats, for the moments). */
 static void adam_step(Model *m, float lr, int lazy) {
     m->step++;
     AdamCtx c = { m, (float)(lr / (1.0 - pow(0.9, (double)m->step))), (float)sqrt(1.0 - pow(0.999, (double)m->step)),
@@ -4310,6 +4323,10 @@ static double step_forward(Model *m, Acts *a, const Config *c, int grad) {
 }
 
 /* Gradients of step_forward's loss (run with grad), accumulated into m->g. */
+/* The loss's own gradient (a->dpos, a->dlogit, written over the logits) was made by
+ * step_forward's loss pass, row by row while each row's exponentials were in cache
+ * (ssm_forward with grad); ssm_backward, its separate twin, serves gradcheck. From there: the
+ * logits' products, the readout, RR and the encoder. */
 static void step_backward(Model *m, Acts *a, const Config *c) {
     int B = c->B, L = m->L, D = m->D, K = m->K, M = c->M;
     memset(a->dr, 0, (size_t)B * D * sizeof(float));
@@ -4323,12 +4340,12 @@ static void step_backward(Model *m, Acts *a, const Config *c) {
     if (m->enc == ENC_SA && !m->add_pos) memset(m->g.pos_emb, 0, m->size[1] * sizeof(float));
 }
 
-/* One training step: batch, negatives, the encoder's draws, forward, backward, Adam.
- * Pop only counts the batch's targets. Returns the loss; a non-finite loss skips Adam, so
- * the parameters stay as they were and the gradients show where it went wrong. */
 /* Seconds spent in each phase of train_step since the program started (for bench). */
 static struct { double batch, forward, backward, adam; } step_time;
 
+/* One training step: batch, negatives, the encoder's draws, forward, backward, Adam.
+ * Pop only counts the batch's targets. Returns the loss; a non-finite loss skips Adam, so
+ * the parameters stay as they were and the gradients show where it went wrong. */
 float train_step(Model *m, Acts *a, const Split *train, const Config *c, uint64_t *rng, int *perm) {
     double t0 = now_sec();
     make_train_batch(a, train, perm, c->B, m->L, rng);
@@ -4352,6 +4369,7 @@ float train_step(Model *m, Acts *a, const Split *train, const Config *c, uint64_
  * top-N of every interest over all N items (id 0 included), merge by score skipping id 0
  * and duplicates (for multi-interest models the same list is found by best interest, see
  * best_block), then Recall, HitRate and two NDCGs against the last 20%. */
+#define EVAL_MAX_TOPN 1000 /* the largest cut-off N (user_metrics keeps a list's set order on the stack) */
 
 /* CPython set iteration order (REMI-SPEC g.4): order[p] = position of keys[p] when a set
  * built by inserting keys[0..n) in turn is iterated. Keys are distinct non-negative ints,
@@ -4493,7 +4511,7 @@ static int merge_interests(int *R, const Hit *lists, int K, int stride, int n, i
  * ref_in_order is set (its Pop evaluation enumerates the ranked list). IDCG counts the hits. */
 static void user_metrics(double *out /* recall, ndcg, ndcg_ref, hit */, const int *R, int nr,
                          const int *T, int nt, int ref_in_order) {
-    int order[1024], hits = 0;
+    int order[EVAL_MAX_TOPN], hits = 0;
     double dcg = 0, dcg_ref = 0, idcg = 0;
     if (ref_in_order) for (int p = 0; p < nr; p++) order[p] = p;
     else set_order(order, R, nr);
@@ -4865,7 +4883,7 @@ void evaluate(Metrics *out, const int *cuts, int n_cut, const Model *m, Acts *a,
     int L = m->L, U = s->n_users, maxn = 0;
     for (int ci = 0; ci < n_cut; ci++) maxn = cuts[ci] > maxn ? cuts[ci] : maxn;
     if (maxn > m->N) maxn = m->N;
-    if (maxn > 1000) die("--topn above 1000 is not supported");
+    if (maxn > EVAL_MAX_TOPN) die("--topn above %d is not supported", EVAL_MAX_TOPN);
     double *res = xcalloc((size_t)U * n_cut * 4, sizeof(double));
     int groups = (a->cap_b + EVAL_GROUP - 1) / EVAL_GROUP, *users = xmalloc((size_t)a->cap_b * sizeof(int));
     double *sec = xmalloc((size_t)groups * 3 * sizeof(double));
@@ -5086,7 +5104,7 @@ static void check_config(Config *c) {
     check_range("--iters", (double)c->iters, 1, 1e12);
     check_range("--eval-every", c->eval_every, 1, 1e9);
     check_range("--patience", c->patience, 0, 1e9);
-    check_range("--topn", c->topn, 1, 1000);
+    check_range("--topn", c->topn, 1, EVAL_MAX_TOPN);
     check_range("-t", c->threads, 1, 256);
     /* flags the model takes nothing from: a note, not an error, as a sweep gives every model
      * one set of flags (the reference's argparse takes them all too) */
@@ -5292,14 +5310,19 @@ static void ckpt_read_state(Stream *s, Model *m, TrainState *st, int n_users, ui
             "other users or items in its splits: was prep run again?)", s->path, where);
     get(s, counters, sizeof counters);
     get(s, sums, sizeof sums);
-    if (counters[0] < 0 || counters[5] < 0 || counters[5] > counters[0] + 2) die("%s: corrupt checkpoint", s->path);
+    int64_t it = counters[0]; /* the pass, best step, trials without improvement and Adam's step count up to it */
+    if (it < 0 || counters[1] < 0 || counters[1] > it || counters[2] < 0 || counters[2] > it || counters[3] < 0 ||
+        counters[3] > it || counters[4] < 0 || counters[4] > it || counters[5] < 0 || counters[5] > it + 2)
+        die("%s: corrupt checkpoint", s->path);
     st->it = counters[0]; st->pass = counters[1]; st->best_iter = counters[2]; st->trials = (int)counters[3];
     m->step = counters[4]; st->n_curve = counters[5];
     st->best_recall = sums[0]; st->loss_sum = sums[1]; st->elapsed = sums[2]; st->t_train = sums[3];
     get(s, &st->rng, sizeof st->rng);
     get(s, st->perm, (size_t)n_users * sizeof(int));
+    unsigned char *seen = xcalloc((size_t)n_users, 1); /* each user once */
     for (int u = 0; u < n_users; u++)
-        if (st->perm[u] < 0 || st->perm[u] >= n_users) die("%s: corrupt checkpoint (permutation)", s->path);
+        if (st->perm[u] < 0 || st->perm[u] >= n_users || seen[st->perm[u]]++) die("%s: corrupt checkpoint (permutation)", s->path);
+    free(seen);
     float *tensors[4] = { m->mem, m->mmem, m->vmem, st->best };
     for (int i = 0; i < 4; i++) get(s, tensors[i], m->n_params * sizeof(float));
     st->curve = xrealloc(st->curve, (size_t)(st->n_curve + 1) * sizeof *st->curve);
@@ -5686,7 +5709,7 @@ int cmd_eval(int argc, char **argv) {
     parse_flags(argc, argv, "eval", "Evaluate a saved model on the valid or test users.", flags, sizeof flags / sizeof *flags);
     if (strcmp(split, "valid") && strcmp(split, "test")) die("--split must be valid or test, got '%s'", split);
     check_mind_eval(c.mind_eval);
-    check_range("--topn", topn, 0, 1000);
+    check_range("--topn", topn, 0, EVAL_MAX_TOPN);
     check_range("-t", c.threads, 1, 256);
     pool_start(c.threads);
     Model m;

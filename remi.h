@@ -137,7 +137,7 @@ typedef struct {
     float *datt;   /* (B, K, L) */
     float *dz;     /* (B, L, K) */
     float *dzr;    /* (R, K) dz on the hidden layer's rows (SA only) */
-    float *dh;     /* (R, H) (SA only) */
+    float *dh;     /* (R, H) gradient of the hidden layer's input xt W1^T, through tanh (SA only) */
     float *dxt;    /* (R, D) its gradient */
     float *dx;     /* (R, D) SA: its gradient; DNN: (B, D) the mean's */
     float *w1t;    /* (D, H) W1 transposed */
