@@ -837,7 +837,9 @@ static void fill_history(int *hist, float *mask, const int *seq, int k, int L) {
     }
 }
 
-/* Real items in a history row (its mask, L positions). */
+/* Real items in a history row (its mask, L positions): a count. fill_history puts them first,
+ * so they are positions 0..n-1, which GRU4Rec's dropout draws rely on; real_span (below) is the
+ * span that holds them whatever the layout. */
 static int history_len(const float *mask, int L) {
     int n = 0;
     for (int l = 0; l < L; l++) n += mask[l] != 0.0f;
@@ -4090,12 +4092,15 @@ static void ssm_backward(float *dpos, float *dlogit, const SsmStats *st, float *
 /* ======================================================================== routing regularisation
  * REMI-SPEC e: abar = mean over all L positions of att[b,k,:]; D_bk = sum_l (att - abar)^2 / D
  * (the divisor is the hidden size); RR = sum_b sum_k D_bk^2, summed over the batch. */
+static float rr_mean(const float *a, int L) { /* abar_bk of one row, over all L positions */
+    float mean = 0.0f;
+    for (int l = 0; l < L; l++) mean += a[l];
+    return mean / L;
+}
 static void rr_rows(float *rr_d, const float *att, int n, int L, int D) { /* D_bk of n rows (b, k) */
     for (int i = 0; i < n; i++) {
         const float *a = att + (size_t)i * L;
-        float mean = 0.0f, ss = 0.0f;
-        for (int l = 0; l < L; l++) mean += a[l];
-        mean /= L;
+        float mean = rr_mean(a, L), ss = 0.0f;
         for (int l = 0; l < L; l++) ss += (a[l] - mean) * (a[l] - mean);
         rr_d[i] = ss / D;
     }
@@ -4116,10 +4121,7 @@ static double rr_forward(float *rr_d, const float *att, int nb, int K, int L, in
 static void rr_backward(float *datt, const float *att, const float *rr_d, float lambda, int nb, int K, int L, int D) {
     for (int i = 0; i < nb * K; i++) {
         const float *a = att + (size_t)i * L;
-        float mean = 0.0f;
-        for (int l = 0; l < L; l++) mean += a[l];
-        mean /= L;
-        float c = lambda * 4.0f / D * rr_d[i];
+        float mean = rr_mean(a, L), c = lambda * 4.0f / D * rr_d[i];
         for (int l = 0; l < L; l++) datt[(size_t)i * L + l] += c * (a[l] - mean);
     }
 }
@@ -4878,7 +4880,9 @@ static void eval_pass(const EvalCtx *e, int groups) { /* e's users on the thread
 
 /* Evaluate every user of split s at each cut-off (e.g. 20 and 50). noise_key: MIND's
  * evaluation draws (eval_noise_key). Multi-interest models select by best interest, and
- * the few users for whom that is not exact again per interest (see best_block). */
+ * the few users for whom that is not exact again per interest (see best_block). The same
+ * computation written plainly, as REMI-SPEC g.2 states it (every score by a dot product, a
+ * full sort per interest, the merge), is evaluate_ref among the self-tests, its twin. */
 void evaluate(Metrics *out, const int *cuts, int n_cut, const Model *m, Acts *a, const Split *s, uint64_t noise_key) {
     int L = m->L, U = s->n_users, maxn = 0;
     for (int ci = 0; ci < n_cut; ci++) maxn = cuts[ci] > maxn ? cuts[ci] : maxn;
