@@ -12,15 +12,20 @@ FLAGS    = $(strip $(CFLAGS) $(DEFS))
 
 all: remi
 
-# .flags: the flags of the last build, rewritten when they change, so that a change of
-# CFLAGS or FMA rebuilds remi (for reproduce and the runs too); not by the binaries beside it,
-# so that building them leaves a remi of other flags (make asan) as it is
+# .flags: the compiler and flags of the last build, rewritten when they change, so that a
+# change of CC, CFLAGS or FMA rebuilds remi (for reproduce and the runs too); not by the
+# binaries beside it, so that building them leaves a remi of other flags (make asan) as it
+# is, and not by a dry run (make -n), which changes nothing
 BESIDE  := remi-asan remi-sse remi-avx remi-fma remi-fma-sse clean
+BUILD    = printf '%s\n%s\n' '$(CC)' '$(FLAGS)'
+# (two lines: the compiler, the flags)
 ifneq ($(filter-out $(BESIDE),$(or $(MAKECMDGOALS),all)),)
-$(shell echo '$(FLAGS)' | cmp -s - .flags || echo '$(FLAGS)' > .flags)
+ifeq ($(findstring n,$(firstword -$(MAKEFLAGS))),)
+$(shell $(BUILD) | cmp -s - .flags || $(BUILD) > .flags)
+endif
 endif
 .flags:
-	echo '$(FLAGS)' > $@
+	$(BUILD) > $@
 
 remi: remi.c remi.h .flags
 	$(CC) $(FLAGS) $(WARN) -DREMI_CFLAGS='"$(FLAGS)"' -o $@ remi.c $(LDLIBS)

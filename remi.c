@@ -5410,6 +5410,26 @@ static void on_stop_signal(int sig) {
     stop_signal = sig;
 }
 
+/* The final evaluation: the checkpoint already holds the finished run, so SIGINT or SIGTERM
+ * ends the process at once (the files being written removed, as on_fatal_signal does), saying
+ * that a resume evaluates it again; one that came after the loop's last look does so now. */
+static char final_note[4 * 4200 + 160];
+static size_t final_note_len;
+static void on_final_signal(int sig) {
+    if (write(STDERR_FILENO, final_note, final_note_len) < 0) { /* nothing more to do */ }
+    on_fatal_signal(sig);
+}
+static void final_signals(const char *out) {
+    char word[4 * 4200];
+    final_note_len = (size_t)snprintf(final_note, sizeof final_note, "\nremi: stopped in the final evaluation; the "
+                                      "checkpoint holds the finished run: `remi train --resume %s` evaluates it again\n",
+                                      shell_word(word, sizeof word, out));
+    if (final_note_len >= sizeof final_note) final_note_len = sizeof final_note - 1;
+    signal(SIGINT, on_final_signal);
+    signal(SIGTERM, on_final_signal);
+    if (stop_signal) raise(stop_signal);
+}
+
 /* Names the first tensor of mem (the parameters or the gradients) holding a NaN or an
  * infinity, with their count, or returns NULL. */
 static const char *nonfinite_tensor(const Model *m, const float *mem, size_t *count) {
@@ -5684,7 +5704,7 @@ int cmd_train(int argc, char **argv) {
             die("--stop-after %ld: %s is at step %ld already; give a later step", stop_after, out.ckpt, st.it);
         printf("resumed from %s at iteration %ld\n", out.ckpt, st.it);
         if (st.it >= c.iters || st.trials > c.patience)
-            printf("the run had finished (%s): its final evaluation again\n",
+            printf("the run had finished training (%s): its final evaluation follows\n",
                    st.it >= c.iters ? "its last step" : "early stop");
     } else start_run(&c, &m, &ds, &st, &out);
     signal(SIGINT, on_stop_signal);
@@ -5692,6 +5712,7 @@ int cmd_train(int argc, char **argv) {
     double t0 = now_sec() - st.elapsed;
     int status = train_loop(&c, &m, &a, &ds, &st, &out, stop_after, fingerprint, t0);
     if (status >= 0) return status;
+    final_signals(c.out);
     final_report(&c, &m, &a, &ds, &st, &out, resume != NULL, t0);
     return 0;
 }
@@ -8414,9 +8435,11 @@ static void bench_dataset(const char *label, const Dataset *ds, Config c, int st
     printf("; %.0f sequences/s\n", c.B / step[1] * 1e3);
     for (int i = 0; i < ns; i++) {
         double fl = flops / (peak[i] * 1e9) * 1e3, fa = adam_bytes / (bw[i] * 1e9) * 1e3;
-        printf("  %d thread(s): batch %.2f  forward + backward %.2f ms (%.1f GFLOP/s)  Adam %.2f ms (%.1f GB/s)\n", nt[i],
-               phase[i][0], phase[i][1] + phase[i][2], flops / ((phase[i][1] + phase[i][2]) * 1e-3) / 1e9, phase[i][3],
-               adam_bytes / (phase[i][3] * 1e-3) / 1e9);
+        char fr[40] = "", ar[40] = ""; /* the rates, where there is arithmetic and an Adam (not Pop's) */
+        if (flops > 0) snprintf(fr, sizeof fr, " (%.1f GFLOP/s)", flops / ((phase[i][1] + phase[i][2]) * 1e-3) / 1e9);
+        if (adam_bytes > 0) snprintf(ar, sizeof ar, " (%.1f GB/s)", adam_bytes / (phase[i][3] * 1e-3) / 1e9);
+        printf("  %d thread(s): batch %.2f  forward + backward %.2f ms%s  Adam %.2f ms%s\n", nt[i], phase[i][0],
+               phase[i][1] + phase[i][2], fr, phase[i][3], ar);
         if (flops > 0)
             printf("    floor %.2f ms (%.2f GFLOP at %.0f GFLOP/s + %.0f MB of Adam at %.1f GB/s): step / floor = %.2f "
                    "(%.2f with the matrix kernel's ceiling for the arithmetic)\n", fl + fa, flops / 1e9, peak[i],
@@ -8476,6 +8499,9 @@ int cmd_bench(int argc, char **argv) {
     char cpu[256];
     cpu_name(cpu, sizeof cpu);
     printf("remi bench: %s, -t %d, flags: %s\n", cpu, c.threads, REMI_CFLAGS);
+    if (c.threads > default_threads()) /* the products' rates count each thread's own time, as if on a core of its own */
+        printf("note: -t %d is more threads than the %d online CPUs: the rates per thread's time overstate the "
+               "machine's, and the ratios to the ceilings mean little\n", c.threads, default_threads());
     double peak[2], kern[2], kpack[2], bw[2], muladd[2];
     int nt[2] = { 1, c.threads }, ns = c.threads > 1 ? 2 : 1;
     for (int i = 0; i < ns; i++) {

@@ -7,10 +7,11 @@ REMI=./remi
 [ -x "$REMI" ] || { echo "no ./remi binary: run make first"; exit 1; }
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
-# make's runs and tables below keep ./remi's build (`make asan`, `make FMA=1`): its flags, as
-# .flags holds them, given again (other flags would rebuild ./remi partway through the tests)
+# make's runs and tables below keep ./remi's build (`make asan`, `make FMA=1`, `make CC=clang`):
+# its compiler and flags, as .flags holds them (a line each), given again (others would rebuild
+# ./remi partway through the tests)
 FUSED=0; grep -q REMI_FMA .flags 2>/dev/null && FUSED=1
-KEEP=(FMA=$FUSED); [ -f .flags ] && KEEP+=(CFLAGS="$(sed 's/ *-DREMI_FMA//' .flags)")
+KEEP=(FMA=$FUSED); [ -f .flags ] && KEEP+=(CC="$(sed -n 1p .flags)" CFLAGS="$(sed -n '2{s/ *-DREMI_FMA//;p;}' .flags)")
 npass=0; nfail=0
 pass() { npass=$((npass + 1)); printf 'ok    %s\n' "$1"; }
 fail() { nfail=$((nfail + 1)); printf 'FAIL  %s: %s\n' "$1" "$2"; }
@@ -415,7 +416,7 @@ resume_matches "resume: MIND stopped at step 77 = the run left alone" mind 77
 mkdir -p "$TMP/ck-copy"; cp "$TMP/ck-whole/checkpoint.bin" "$TMP/ck-copy/"
 "$REMI" train --resume "$TMP/ck-copy" >"$TMP/ck-copy.log" 2>&1
 if same_run "$TMP/ck-copy" "$TMP/ck-whole" && cmp -s "$TMP/ck-copy/curves.svg" "$TMP/ck-whole/curves.svg" &&
-   grep -q "the run had finished (its last step)" "$TMP/ck-copy.log"; then
+   grep -q "the run had finished training (its last step)" "$TMP/ck-copy.log"; then
     pass "resume from a folder holding only the checkpoint: model.bin, curves.svg and metrics.jsonl of the run left alone"
 else fail "resume from the checkpoint alone" "$(ls "$TMP/ck-copy" | tr '\n' ' ') $(tail -n 1 "$TMP/ck-copy.log")"; fi
 # stopped at the very step that stops it early: both runs say so, and the resume ends as the run left alone
@@ -424,7 +425,7 @@ ES=(--data expected/tiny --name tiny --patience 0 --eval-every 5 --iters 200 -t 
 "$REMI" train "${ES[@]}" --stop-after 30 --out "$TMP/es-stop" >"$TMP/es-stop.log" 2>&1
 "$REMI" train --resume "$TMP/es-stop" >"$TMP/es-res.log" 2>&1
 if grep -q "best model: iter 25 of 30" "$TMP/es-whole.log" && grep -q "^early stop: 1 evaluations" "$TMP/es-stop.log" &&
-   grep -q "the run had finished (early stop)" "$TMP/es-res.log" && same_run "$TMP/es-stop" "$TMP/es-whole"; then
+   grep -q "the run had finished training (early stop)" "$TMP/es-res.log" && same_run "$TMP/es-stop" "$TMP/es-whole"; then
     pass "stopped at the early-stop step: 'early stop' printed, the resume ends as the run left alone"
 else fail "stop at the early-stop step" "$(tail -n 2 "$TMP/es-stop.log" | head -c 200)"; fi
 # the data changed under a stopped run (one test item, the same counts): the resume is refused
@@ -525,6 +526,20 @@ read -r rc k < <(interrupt TERM "$TMP/term")
 if [ "$rc" = 143 ] && [ -n "$k" ] && "$REMI" train --resume "$TMP/term" --stop-after $((k + 10)) >/dev/null 2>&1; then
     pass "SIGTERM after step $k: checkpoint, exit 143, resumable"
 else fail "SIGTERM" "exit $rc: $(tail -n 1 "$TMP/term.log")"; fi
+
+# SIGTERM at the end of a run (Beauty at D 256: its final evaluation takes about a second, and
+# the signal comes 0.3 s after the last validation's line): exit 143 wherever it lands, with the
+# checkpoint of the finished run, whose resume makes the final lines
+d=$TMP/term-end
+"$REMI" train --hidden 256 --neg 256 --batch 16 --eval-every 20 --iters 100 -t 2 --out "$d" >"$d.log" 2>&1 &
+pid=$!
+for _ in $(seq 600); do grep -q '^iter      100' "$d.log" 2>/dev/null && break; sleep 0.05; done
+sleep 0.3; kill -TERM $pid; wait $pid; rc=$?
+where=$(grep -o "stopped in the final evaluation\|terminated (SIGTERM)" "$d.log")
+if [ "$rc" = 143 ] && [ -n "$where" ] && ! grep -q '"final"' "$d/metrics.jsonl" &&
+   "$REMI" train --resume "$d" >"$d-2.log" 2>&1 && [ "$(grep -c '"final"' "$d/metrics.jsonl")" = 3 ]; then
+    pass "SIGTERM at the end of a run ($where): exit 143; its resume writes the final lines"
+else fail "SIGTERM at the end of a run" "exit $rc: $(tail -n 2 "$d.log" | tr '\n' ' ')"; fi
 
 # damaged, foreign and missing checkpoints are refused, and settings cannot change on resume
 ck=$TMP/resume-sa-150/checkpoint.bin
