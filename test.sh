@@ -1021,6 +1021,14 @@ if [ "$(grep -c '^ceilings' "$TMP/bench1.log")" = 1 ] && [ "$(grep -c 'parallel 
    grep -q '^train step (median of 2): [0-9.]* ms on 1 thread; ' "$TMP/bench1.log"; then
     pass "bench -t 1 prints each figure once"
 else fail "bench -t 1" "$(head -c 400 "$TMP/bench1.log")"; fi
+# Pop (no arithmetic, no Adam) with more threads than online CPUs: times without rates, no NaN,
+# and a note that the rates per thread's time mean little
+over=$(( $(getconf _NPROCESSORS_ONLN) + 1 ))
+"$REMI" bench --data expected/tiny --name tiny --model pop --synthetic-items 0 --steps 2 -t "$over" >"$TMP/benchp.log" 2>&1; rc=$?
+if [ $rc = 0 ] && ! grep -qi 'nan' "$TMP/benchp.log" && grep -q "^note: -t $over is more threads than the" "$TMP/benchp.log" &&
+   grep -q "^  $over thread(s): batch [0-9.]*  forward + backward [0-9.]* ms  Adam [0-9.]* ms$" "$TMP/benchp.log"; then
+    pass "bench of Pop at -t $over: times without rates, no NaN, a note on the threads"
+else fail "bench of Pop" "exit $rc: $(grep -i 'nan\|thread(s): batch' "$TMP/benchp.log" | head -c 300)"; fi
 # a batch of more distinct users than a dataset holds is refused by bench too, before any step
 if ! "$REMI" bench --data expected/tiny --name tiny --synthetic-items 0 --steps 1 --batch 601 >"$TMP/bb.log" 2>&1 &&
    grep -q "tiny_train.txt has 600 users, fewer than --batch 601" "$TMP/bb.log" && ! grep -q "ceilings" "$TMP/bb.log"; then
