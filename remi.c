@@ -737,8 +737,13 @@ static const char *control_name(unsigned char c) {
  * each once, where n is the number of lines; lines end in \n or \r\n, the last one may not.
  * Returns n, or -1 when the file does not exist. With names (N slots), names[item] = its
  * raw id, and the map must hold N - 1 items (a model's N). Any other line (an empty raw id,
- * a control character), an item out of range or given twice, and an empty map are errors
- * that name the file (and the line). */
+ * a control character), an item out of range or given twice, a raw id given twice, and an
+ * empty map are errors that name the file (and the lines). */
+static const char *const *raw_ids; /* raw_line_cmp's strings */
+static int raw_line_cmp(const void *a, const void *b) { /* two lines (0-based) by their raw ids, then in order */
+    int i = *(const int *)a, j = *(const int *)b, c = strcmp(raw_ids[i], raw_ids[j]);
+    return c ? c : i - j;
+}
 static int read_item_map(const char *path, char **names, int N) {
     struct stat sb;
     if (stat(path, &sb) != 0 && errno == ENOENT) return -1;
@@ -749,6 +754,7 @@ static int read_item_map(const char *path, char **names, int N) {
     if (n == 0) die("%s: empty file; an item map holds a line 'raw id,item' per item", path);
     int hi = n; /* the lines are checked first, so that a bad line is named as such */
     unsigned char *seen = xcalloc((size_t)hi + 1, 1);
+    const char **raw = xmalloc((size_t)n * sizeof *raw); /* each line's raw id, in b */
     char *line = b.p;
     for (int lineno = 1; lineno <= n; lineno++) {
         char *nl = memchr(line, '\n', (size_t)(b.p + b.n - line));
@@ -769,9 +775,20 @@ static int read_item_map(const char *path, char **names, int N) {
         if (seen[id]) die("%s:%d: item %ld appears twice in the map, in \"%s\"", path, lineno, id, excerpt(line));
         seen[id] = 1;
         *comma = 0;
+        raw[lineno - 1] = line;
         if (names && id < N && !(names[id] = strdup(line))) die("out of memory reading %s", path);
         line = next;
     }
+    int *order = xmalloc((size_t)n * sizeof *order);
+    for (int i = 0; i < n; i++) order[i] = i;
+    raw_ids = raw;
+    qsort(order, (size_t)n, sizeof *order, raw_line_cmp);
+    for (int i = 1; i < n; i++)
+        if (strcmp(raw[order[i - 1]], raw[order[i]]) == 0)
+            die("%s:%d: raw id \"%s\" is also on line %d; each item has its own", path, order[i] + 1,
+                excerpt(raw[order[i]]), order[i - 1] + 1);
+    free(order);
+    free(raw);
     if (names && n != N - 1)
         die("%s has %d items but the model was trained with %d: the map of another dataset?", path, n, N - 1);
     free(seen);
