@@ -5527,6 +5527,9 @@ static void validate(const Config *c, const Model *m, Acts *a, const Split *vali
 /* train --resume: the run's settings from its checkpoint, whose stream is left at the
  * state; the run's split files must be found from here as they were given. */
 static Stream resume_settings(Config *c, const OutFiles *out) {
+    struct stat st;
+    if (stat(c->out, &st) == 0 && !S_ISDIR(st.st_mode))
+        die("--resume %s: not a folder; give the --out folder of the run to continue", c->out);
     Stream ck = ckpt_open(out->ckpt, c);
     char train_path[8300]; /* a relative --data is read from the current folder */
     path_printf(train_path, sizeof train_path, "%s/%s_train.txt", c->data, c->name);

@@ -553,6 +553,9 @@ cp "$ck" "$TMP/ck/checkpoint.bin"; printf '\x55' | dd of="$TMP/ck/checkpoint.bin
 bad_ckpt "one byte changed" "checksum mismatch"
 cp "$TMP/tiny-sa-t2/model.bin" "$TMP/ck/checkpoint.bin"; bad_ckpt "foreign file" "not a remi checkpoint"
 rm "$TMP/ck/checkpoint.bin"; bad_ckpt missing "train --out DIR"
+if ! "$REMI" train --resume "$ck" >"$TMP/ck.log" 2>&1 && grep -q "not a folder; give the --out folder" "$TMP/ck.log"; then
+    pass "checkpoint: --resume given the checkpoint file instead of its folder refused, saying so"
+else fail "checkpoint: --resume of a file" "$(head -c 200 "$TMP/ck.log")"; fi
 if ! "$REMI" train --resume "$TMP/resume-sa-150" --lr 0.1 >"$TMP/ck.log" 2>&1 && grep -q "cannot be changed" "$TMP/ck.log"; then
     pass "resume refuses changed settings"; else fail "resume settings" "$(head -c 200 "$TMP/ck.log")"; fi
 
