@@ -629,7 +629,7 @@ static const char *parse_i64(const char *s, int64_t *out, int *overflow) {
         v = v * 10 + (uint64_t)(*p - '0');
     }
     if (*p != ',' && *p != 0) return NULL;
-    *out = neg ? -(int64_t)(v - 1) - 1 : (int64_t)v; /* v - 1: no overflow at INT64_MIN */
+    *out = neg && v ? -(int64_t)(v - 1) - 1 : (int64_t)v; /* v - 1: no overflow at INT64_MIN */
     return p;
 }
 
