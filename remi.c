@@ -379,15 +379,31 @@ static double now_sec(void) {
 #define BOM_MESSAGE "starts with a UTF-8 byte-order mark; save the file without it"
 static int starts_with_bom(int lineno, const char *line) { return lineno == 1 && !strncmp(line, "\xef\xbb\xbf", 3); }
 
+/* The code point of the UTF-8 character at s if it prints as nothing or as a plain space
+ * (no-break and zero-width spaces, joiners, direction marks, line and paragraph separators,
+ * the word joiner, a byte-order mark), with its length in *len; else 0. */
+static unsigned invisible_char(const unsigned char *s, int *len) {
+    unsigned cp = 0;
+    if (s[0] == 0xc2 && s[1] == 0xa0) cp = 0xa0, *len = 2;
+    else if (s[0] == 0xe2 && (s[1] == 0x80 || s[1] == 0x81) && s[2] >= 0x80 && s[2] <= 0xbf)
+        cp = 0x2000 | (unsigned)(s[1] & 0x3f) << 6 | (s[2] & 0x3f), *len = 3;
+    else if (s[0] == 0xef && s[1] == 0xbb && s[2] == 0xbf) cp = 0xfeff, *len = 3;
+    return cp == 0xa0 || cp == 0xfeff || (cp >= 0x200b && cp <= 0x200f) || cp == 0x2028 || cp == 0x2029 ||
+                   cp == 0x2060 ? cp : 0;
+}
+
 /* A line for an error message: up to its line ending, control characters escaped (\r,
- * \t, \xNN), cut to 80 characters. */
+ * \t, \xNN) and invisible ones too (\uFEFF), cut to 80 characters. */
 static const char *excerpt(const char *s) {
     static char buf[96];
     size_t w = 0;
     for (size_t i = 0; s[i] && s[i] != '\n' && w <= 80; i++) {
         unsigned char c = (unsigned char)s[i];
+        int len;
+        unsigned cp = invisible_char((const unsigned char *)s + i, &len);
         if (c == '\r' && s[i + 1] == '\n') break;
-        if (c >= 0x20 && c != 0x7f) buf[w++] = (char)c;
+        if (cp) w += (size_t)snprintf(buf + w, 7, "\\u%04X", cp), i += (size_t)len - 1;
+        else if (c >= 0x20 && c != 0x7f) buf[w++] = (char)c;
         else w += (size_t)snprintf(buf + w, 5, c == '\r' ? "\\r" : c == '\t' ? "\\t" : "\\x%02x", c);
     }
     if (w > 80) strcpy(buf + 77, "...");

@@ -807,6 +807,10 @@ bad_split "one-item user" 3 '20892,43,0,1\n20892,5,1,2\n20893,7,0,1\n'
 bad_split "empty file" "" ''
 bad_split "binary garbage" 1 '\x01\x02\x00\x7f\n'
 bad_split "UTF-8 byte-order mark" 1 '\xef\xbb\xbf20892,43,0,1\n20892,5,1,2\n'
+bad_split "a byte-order mark inside the file" 2 '20892,43,0,1\n\xef\xbb\xbf20892,5,1,2\n'
+if grep -qF 'got "\uFEFF20892,5,1,2"' "$TMP/bad-a byte-order mark inside the file/log"; then
+    pass "an invisible character in a bad line is shown escaped (\\uFEFF)"
+else fail "invisible character escaped" "$(head -c 200 "$TMP/bad-a byte-order mark inside the file/log")"; fi
 bad_split "empty line" 2 '20892,43,0,1\n\n20892,5,1,2\n'
 bad_split "very long line" 2 "20892,43,0,1\n20892,5,1,$(printf '7%.0s' $(seq 100000))\n"
 # an --out folder that takes no files is refused before the run starts, by name (made read-only
