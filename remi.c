@@ -755,10 +755,11 @@ static const char *control_name(unsigned char c) {
  * raw id, and the map must hold N - 1 items (a model's N). Any other line (an empty raw id,
  * a control character), an item out of range or given twice, a raw id given twice, and an
  * empty map are errors that name the file (and the lines). */
-static const char *const *raw_ids; /* raw_line_cmp's strings */
-static int raw_line_cmp(const void *a, const void *b) { /* two lines (0-based) by their raw ids, then in order */
-    int i = *(const int *)a, j = *(const int *)b, c = strcmp(raw_ids[i], raw_ids[j]);
-    return c ? c : i - j;
+typedef struct { const char *raw; int line; } RawLine;
+static int raw_line_cmp(const void *a, const void *b) { /* by raw id, then by line */
+    const RawLine *x = a, *y = b;
+    int c = strcmp(x->raw, y->raw);
+    return c ? c : x->line - y->line;
 }
 static int read_item_map(const char *path, char **names, int N) {
     struct stat sb;
@@ -770,7 +771,7 @@ static int read_item_map(const char *path, char **names, int N) {
     if (n == 0) die("%s: empty file; an item map holds a line 'raw id,item' per item", path);
     int hi = n; /* the lines are checked first, so that a bad line is named as such */
     unsigned char *seen = xcalloc((size_t)hi + 1, 1);
-    const char **raw = xmalloc((size_t)n * sizeof *raw); /* each line's raw id, in b */
+    RawLine *raw = xmalloc((size_t)n * sizeof *raw); /* each line's raw id, in b */
     char *line = b.p;
     for (int lineno = 1; lineno <= n; lineno++) {
         char *nl = memchr(line, '\n', (size_t)(b.p + b.n - line));
@@ -791,19 +792,15 @@ static int read_item_map(const char *path, char **names, int N) {
         if (seen[id]) die("%s:%d: item %ld appears twice in the map, in \"%s\"", path, lineno, id, excerpt(line));
         seen[id] = 1;
         *comma = 0;
-        raw[lineno - 1] = line;
+        raw[lineno - 1] = (RawLine){ line, lineno };
         if (names && id < N && !(names[id] = strdup(line))) die("out of memory reading %s", path);
         line = next;
     }
-    int *order = xmalloc((size_t)n * sizeof *order);
-    for (int i = 0; i < n; i++) order[i] = i;
-    raw_ids = raw;
-    qsort(order, (size_t)n, sizeof *order, raw_line_cmp);
+    qsort(raw, (size_t)n, sizeof *raw, raw_line_cmp);
     for (int i = 1; i < n; i++)
-        if (strcmp(raw[order[i - 1]], raw[order[i]]) == 0)
-            die("%s:%d: raw id \"%s\" is also on line %d; each item has its own", path, order[i] + 1,
-                excerpt(raw[order[i]]), order[i - 1] + 1);
-    free(order);
+        if (strcmp(raw[i - 1].raw, raw[i].raw) == 0)
+            die("%s:%d: raw id \"%s\" is also on line %d; each item has its own", path, raw[i].line,
+                excerpt(raw[i].raw), raw[i - 1].line);
     free(raw);
     if (names && n != N - 1)
         die("%s has %d items but the model was trained with %d: the map of another dataset?", path, n, N - 1);
@@ -5027,10 +5024,11 @@ static void model_load(Model *m, Config *c, const char *path) {
 }
 
 /* ======================================================================== command line */
-static int default_threads(void) {
+static int online_cpus(void) {
     long n = sysconf(_SC_NPROCESSORS_ONLN);
-    return n < 1 ? 1 : (n > 64 ? 64 : (int)n);
+    return n < 1 ? 1 : n > INT_MAX ? INT_MAX : (int)n;
 }
+static int default_threads(void) { return online_cpus() > 64 ? 64 : online_cpus(); }
 
 static Config default_config(void) {
     Config c = { 0 };
@@ -5347,10 +5345,10 @@ static void ckpt_read_state(Stream *s, Model *m, TrainState *st, int n_users, ui
             "other users or items in its splits: was prep run again?)", s->path, where);
     get(s, counters, sizeof counters);
     get(s, sums, sizeof sums);
-    int64_t it = counters[0]; /* the pass, best step, trials without improvement and Adam's step count up to it */
-    if (it < 0 || counters[1] < 0 || counters[1] > it || counters[2] < 0 || counters[2] > it || counters[3] < 0 ||
-        counters[3] > it || counters[4] < 0 || counters[4] > it || counters[5] < 0 || counters[5] > it + 2)
-        die("%s: corrupt checkpoint", s->path);
+    int bad = counters[0] < 0 || counters[5] < 0 || counters[5] > counters[0] + 2;
+    for (int i = 1; i <= 4; i++) /* the pass, best step, trials without improvement and Adam's step: up to the step */
+        bad |= counters[i] < 0 || counters[i] > counters[0];
+    if (bad) die("%s: corrupt checkpoint", s->path);
     st->it = counters[0]; st->pass = counters[1]; st->best_iter = counters[2]; st->trials = (int)counters[3];
     m->step = counters[4]; st->n_curve = counters[5];
     st->best_recall = sums[0]; st->loss_sum = sums[1]; st->elapsed = sums[2]; st->t_train = sums[3];
@@ -5673,9 +5671,10 @@ static void final_report(const Config *c, Model *m, Acts *a, const Dataset *ds, 
 /* A note for each cut-off N that reaches the catalogue's items (N = 20 and 50 for train's
  * final test lines): a list then holds (almost) every item, and recall and hit rate are 1 or
  * nearly so whatever the model. */
+static int cut_covers(int cut, int items) { return cut >= items; }
 static void note_cuts_cover(const int *cuts, int n_cut, int items, const char *data, const char *name) {
     for (int i = 0; i < n_cut; i++)
-        if (cuts[i] >= items)
+        if (cut_covers(cuts[i], items))
             fprintf(stderr, "remi: note: %s/%s has %d items: at N = %d a list holds (almost) every item, and recall and "
                     "hit rate there cannot tell models apart\n", data, name, items, cuts[i]);
 }
@@ -5712,7 +5711,7 @@ int cmd_train(int argc, char **argv) {
     check_batch_users(&ds.train, c.B, c.data, c.name);
     int U = ds.train.n_users;
     uint64_t fingerprint = data_sum(&ds);
-    if (c.topn >= ds.N - 1) /* every validation list would hold (almost) every item: recall 1, no best model */
+    if (cut_covers(c.topn, ds.N - 1)) /* every validation list would hold (almost) every item: recall 1, no best model */
         die("--topn %d: %s/%s has %d items, and validation at that cut-off cannot tell models apart; give a --topn "
             "below %d", c.topn, c.data, c.name, ds.N - 1, ds.N - 1);
     note_cuts_cover((int[]){ 20, 50 }, 2, ds.N - 1, c.data, c.name);
@@ -8535,9 +8534,9 @@ int cmd_bench(int argc, char **argv) {
     char cpu[256];
     cpu_name(cpu, sizeof cpu);
     printf("remi bench: %s, -t %d, flags: %s\n", cpu, c.threads, REMI_CFLAGS);
-    if (c.threads > default_threads()) /* the products' rates count each thread's own time, as if on a core of its own */
+    if (c.threads > online_cpus()) /* the products' rates count each thread's own time, as if on a core of its own */
         printf("note: -t %d is more threads than the %d online CPUs: the rates per thread's time overstate the "
-               "machine's, and the ratios to the ceilings mean little\n", c.threads, default_threads());
+               "machine's, and the ratios to the ceilings mean little\n", c.threads, online_cpus());
     double peak[2], kern[2], kpack[2], bw[2], muladd[2];
     int nt[2] = { 1, c.threads }, ns = c.threads > 1 ? 2 : 1;
     for (int i = 0; i < ns; i++) {
