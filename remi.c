@@ -6323,7 +6323,8 @@ int cmd_report(int argc, char **argv) {
     printf("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     for (int r = 0; r < n_rows; r++) {
         char mb[64] = "all (full softmax)";
-        if (rows[r].M != 0 && !strcmp(rows[r].hits, "none")) snprintf(mb, sizeof mb, "%g", rows[r].M);
+        if (!strcmp(rows[r].model, "pop")) strcpy(mb, "-"); /* counts, no negatives */
+        else if (rows[r].M != 0 && !strcmp(rows[r].hits, "none")) snprintf(mb, sizeof mb, "%g", rows[r].M);
         else if (rows[r].M != 0) snprintf(mb, sizeof mb, "%g, %s hits removed", rows[r].M, rows[r].hits);
         char more[512] = ""; /* the other settings in which this row differs from a row that looks the same */
         for (int i = 0; i < N_RUN_MORE; i++) {
