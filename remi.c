@@ -4443,14 +4443,14 @@ void set_order(int *order, const int *keys, int n) {
 }
 
 /* A scored item; lists are kept best first: higher score, then lower id. */
-typedef struct { float s; int id; } Hit;
-static int hit_better(Hit a, Hit b) { return a.s > b.s || (a.s == b.s && a.id < b.id); }
+typedef struct { float s; int id; } Scored;
+static int scored_better(Scored a, Scored b) { return a.s > b.s || (a.s == b.s && a.id < b.id); }
 
-/* A hit as one integer that orders as hit_better: the score's bits made monotone (the two
+/* A scored item as one integer that orders as scored_better: the score's bits made monotone (the two
  * zeros made one: -0 comes back as +0; a NaN below everything), then the complement of the id
  * (the lower id is the better). The heaps compare these: one integer comparison instead of
  * two float and id ones. */
-static inline uint64_t hit_key(float s, int id) {
+static inline uint64_t scored_key(float s, int id) {
     uint32_t u;
     float z = s + 0.0f;
     memcpy(&u, &z, 4);
@@ -4464,9 +4464,9 @@ static inline float key_score(uint64_t k) {
     memcpy(&f, &u, 4);
     return f;
 }
-static inline Hit key_hit(uint64_t k) { return (Hit){ key_score(k), (int)~(uint32_t)k }; }
+static inline Scored key_scored(uint64_t k) { return (Scored){ key_score(k), (int)~(uint32_t)k }; }
 
-/* Min-heap of the best keys (hit_key): h[0] is the worst kept. */
+/* Min-heap of the best keys (scored_key): h[0] is the worst kept. */
 static void heap_sift(uint64_t *h, int n, int i, uint64_t x) { /* put x in the hole at i, moving it down */
     for (int c = 2 * i + 1; c < n; i = c, c = 2 * i + 1) {
         uint64_t a = h[c], b = c + 1 < n ? h[c + 1] : UINT64_MAX;
@@ -4497,28 +4497,28 @@ static void heap_sort(uint64_t *h, int n) {
     }
 }
 
-/* A heap of n keys (consumed) as a list of hits, best first. */
-static void heap_finish(Hit *out, uint64_t *h, int n) {
+/* A heap of n keys (consumed) as a list of scored items, best first. */
+static void heap_finish(Scored *out, uint64_t *h, int n) {
     heap_sort(h, n);
-    for (int i = 0; i < n; i++) out[i] = key_hit(h[i]);
+    for (int i = 0; i < n; i++) out[i] = key_scored(h[i]);
 }
 
 /* Sort best first (insertion sort: stable, lists are short). */
-static void hits_sort(Hit *h, int n, int by_score_only) {
+static void scored_sort(Scored *h, int n, int by_score_only) {
     for (int i = 1; i < n; i++) {
-        Hit x = h[i];
+        Scored x = h[i];
         int j = i - 1;
-        while (j >= 0 && (by_score_only ? x.s > h[j].s : hit_better(x, h[j]))) { h[j + 1] = h[j]; j--; }
+        while (j >= 0 && (by_score_only ? x.s > h[j].s : scored_better(x, h[j]))) { h[j + 1] = h[j]; j--; }
         h[j + 1] = x;
     }
 }
 
-/* REMI-SPEC g.2 step 3: concatenate the first n hits of each interest (interest-major),
+/* REMI-SPEC g.2 step 3: concatenate the first n entries of each interest (interest-major),
  * stable-sort by score, keep unique non-zero ids until n are taken. Returns |R|. The
  * lists are best first, so the sort is a merge of the K lists taking the lowest interest
  * on equal scores (merge_interests_ref in the tests sorts). A single-vector model's list
  * is taken as it is, id 0 included (REMI-SPEC i.12). */
-static int merge_interests(int *R, const Hit *lists, int K, int stride, int n, int multi) {
+static int merge_interests(int *R, const Scored *lists, int K, int stride, int n, int multi) {
     if (!multi) {
         for (int i = 0; i < n; i++) R[i] = lists[i].id;
         return n;
@@ -4591,7 +4591,7 @@ static void topk_block(uint64_t *heap, int *hn, int maxn, float *thr, const floa
         for (int i0 = 0; i0 < q; i0 += 32)
             for (uint32_t reach = pass_bits(row + i0, thr + i0, q - i0 < 32 ? q - i0 : 32); reach; reach &= reach - 1) {
                 int i = i0 + __builtin_ctz(reach);
-                heap_push(heap + (size_t)i * maxn, &hn[i], maxn, hit_key(row[i], j0 + j));
+                heap_push(heap + (size_t)i * maxn, &hn[i], maxn, scored_key(row[i], j0 + j));
                 if (hn[i] == maxn) thr[i] = key_score(heap[(size_t)i * maxn]);
             }
     }
@@ -4611,12 +4611,12 @@ static void topk_block(uint64_t *heap, int *hn, int maxn, float *thr, const floa
  * Eight users per group, their scores at columns k 8 + b of St (nj, 8 K). */
 #define BEST_LANES 8
 
-/* x "beats" y as hit_key orders scores (a NaN lowest, -0 = +0), eight at a time: -1 where it does. */
+/* x "beats" y as scored_key orders scores (a NaN lowest, -0 = +0), eight at a time: -1 where it does. */
 static inline i8 beats(f8 x, f8 y) { return (x > y) | ((y != y) & (x == x)); }
 
 /* The heap key of an item under its best interest k: score, lower k, lower id (K N <= 2^32). */
 static inline uint64_t best_key(float s, int k, int id, int N) {
-    return (hit_key(s, 0) & ~0xffffffffull) | (uint32_t)~((uint32_t)k * (uint32_t)N + (uint32_t)id);
+    return (scored_key(s, 0) & ~0xffffffffull) | (uint32_t)~((uint32_t)k * (uint32_t)N + (uint32_t)id);
 }
 static inline int best_key_id(uint64_t key, int N) { return (int)((uint32_t)~(uint32_t)key % (uint32_t)N); }
 
@@ -4763,7 +4763,7 @@ typedef struct {
     BestSel *sel;      /* (ng) by best interest */
     float *s0;         /* (ng, Q) by best interest: id 0's scores */
     int32_t *cnt;      /* (ng, Q) by best interest: the counts of items that beat id 0 */
-    Hit *lists;        /* (K, maxn) one user's lists, to merge */
+    Scored *lists;     /* (K, maxn) one user's lists, to merge */
     int *R;            /* (maxn) one user's retrieved ids */
 } GroupWork;
 
@@ -4784,7 +4784,7 @@ static void groups_alloc(GroupWork *w, const EvalCtx *e, int g0, int g1) {
     w->sel = xmalloc((size_t)ng * sizeof(BestSel));
     w->s0 = xmalloc((size_t)ng * Q * sizeof(float));
     w->cnt = xmalloc((size_t)ng * Q * sizeof(int32_t));
-    w->lists = xmalloc((size_t)e->m->K * maxn * sizeof(Hit));
+    w->lists = xmalloc((size_t)e->m->K * maxn * sizeof(Scored));
     w->R = xmalloc((size_t)maxn * sizeof(int));
 }
 
@@ -5858,12 +5858,12 @@ int cmd_recommend(int argc, char **argv) {
     acts_init(&a, &m, 1, 1);
     fill_history(a.hist, a.mask, h, n, m.L);
     user_vectors(&m, &a, 0, 1, eval_noise_key(c.mind_eval, c.seed, 1));
-    Hit *lists = xmalloc((size_t)K * topn * sizeof(Hit));
+    Scored *lists = xmalloc((size_t)K * topn * sizeof(Scored));
     uint64_t *hk = xmalloc((size_t)topn * sizeof(uint64_t));
     for (int k = 0; k < K; k++) { /* each interest's exact top-N of the items (not the padding id 0), best first */
         int hn = 0;
         for (int j = 1; j < N; j++)
-            if (!skip[j]) heap_push(hk, &hn, topn, hit_key(dotf(a.v + (size_t)k * D, m.p.item_emb + (size_t)j * D, D), j));
+            if (!skip[j]) heap_push(hk, &hn, topn, scored_key(dotf(a.v + (size_t)k * D, m.p.item_emb + (size_t)j * D, D), j));
         heap_finish(lists + (size_t)k * topn, hk, hn);
     }
     free(hk);
@@ -7088,29 +7088,29 @@ static int st_topk(uint64_t *rng) {
     int ok = 1;
     for (int trial = 0; trial < 200; trial++) {
         int n = 1 + (int)rng_below(rng, 300), cap = 1 + (int)rng_below(rng, 60), hn = 0;
-        Hit all[300], top[60];
+        Scored all[300], top[60];
         uint64_t heap[60];
-        for (int i = 0; i < n; i++) all[i] = (Hit){ (float)(int)rng_below(rng, 20) - 10.0f, i }; /* many ties, both signs */
-        for (int i = 0; i < n; i++) heap_push(heap, &hn, cap, hit_key(all[i].s, all[i].id));
+        for (int i = 0; i < n; i++) all[i] = (Scored){ (float)(int)rng_below(rng, 20) - 10.0f, i }; /* many ties, both signs */
+        for (int i = 0; i < n; i++) heap_push(heap, &hn, cap, scored_key(all[i].s, all[i].id));
         heap_finish(top, heap, hn);
-        hits_sort(all, n, 0);
+        scored_sort(all, n, 0);
         ok &= hn == (n < cap ? n : cap);
         for (int i = 0; i < hn; i++) ok &= top[i].id == all[i].id && top[i].s == all[i].s;
     }
-    ok &= hit_key(NAN, 0) < hit_key(-INFINITY, 1 << 30); /* a NaN below everything */
-    /* the keys order as hit_better, and give their scores back, over signs, zeros, denormals, infinities */
+    ok &= scored_key(NAN, 0) < scored_key(-INFINITY, 1 << 30); /* a NaN below everything */
+    /* the keys order as scored_better, and give their scores back, over signs, zeros, denormals, infinities */
     float v[10] = { -INFINITY, -1e30f, -1.0f, -1e-40f, -0.0f, 0.0f, 1e-40f, 1.0f, 1e30f, INFINITY };
     for (int a = 0; a < 30; a++)
         for (int b = 0; b < 30; b++) {
-            Hit x = { v[a % 10], a / 10 * 7 }, y = { v[b % 10], b / 10 * 7 };
-            ok &= (hit_key(x.s, x.id) > hit_key(y.s, y.id)) == hit_better(x, y);
-            ok &= key_hit(hit_key(x.s, x.id)).s == x.s && key_hit(hit_key(x.s, x.id)).id == x.id;
+            Scored x = { v[a % 10], a / 10 * 7 }, y = { v[b % 10], b / 10 * 7 };
+            ok &= (scored_key(x.s, x.id) > scored_key(y.s, y.id)) == scored_better(x, y);
+            ok &= key_scored(scored_key(x.s, x.id)).s == x.s && key_scored(scored_key(x.s, x.id)).id == x.id;
         }
     return st_report("heap top-k vs full sort (ties by id)", ok, "200 random lists; key order");
 }
 
 /* REMI-SPEC g.2 step 3 as written: concatenate, stable-sort by score, keep unique non-zero ids. */
-static int merge_interests_ref(int *R, Hit *cand, const Hit *lists, int K, int stride, int n, int multi) {
+static int merge_interests_ref(int *R, Scored *cand, const Scored *lists, int K, int stride, int n, int multi) {
     if (!multi) {
         for (int i = 0; i < n; i++) R[i] = lists[i].id;
         return n;
@@ -7118,7 +7118,7 @@ static int merge_interests_ref(int *R, Hit *cand, const Hit *lists, int K, int s
     int c = 0, taken = 0;
     for (int k = 0; k < K; k++)
         for (int i = 0; i < n; i++) cand[c++] = lists[k * stride + i];
-    hits_sort(cand, c, 1);
+    scored_sort(cand, c, 1);
     for (int i = 0; i < c && taken < n; i++) {
         int id = cand[i].id, dup = (id == 0);
         for (int j = 0; j < taken && !dup; j++) dup = (R[j] == id);
@@ -7130,8 +7130,8 @@ static int merge_interests_ref(int *R, Hit *cand, const Hit *lists, int K, int s
 static int st_merge(void) {
     /* interest 0: 5(0.9) 0(0.8) 7(0.5); interest 1: 7(0.9) 5(0.7) 3(0.1). Sorted by score
      * with ties in interest-major order: 5 7 0 5 7 3 -> skip 0 and repeats -> 5 7 3. */
-    Hit lists[6] = { { 0.9f, 5 }, { 0.8f, 0 }, { 0.5f, 7 }, { 0.9f, 7 }, { 0.7f, 5 }, { 0.1f, 3 } };
-    Hit cand[6];
+    Scored lists[6] = { { 0.9f, 5 }, { 0.8f, 0 }, { 0.5f, 7 }, { 0.9f, 7 }, { 0.7f, 5 }, { 0.1f, 3 } };
+    Scored cand[6];
     int R[3], nr = merge_interests(R, lists, 2, 3, 3, 1);
     int R2[2], nr2 = merge_interests(R2, lists, 2, 3, 2, 1);
     int Rr[3], nrr = merge_interests_ref(Rr, cand, lists, 2, 3, 3, 1);
@@ -7144,10 +7144,10 @@ static int st_merge_random(uint64_t *rng) { /* the merge against concatenate + s
     int ok = 1;
     for (int trial = 0; trial < 300; trial++) {
         int K = 1 + (int)rng_below(rng, 8), stride = 1 + (int)rng_below(rng, 30), n = 1 + (int)rng_below(rng, stride);
-        Hit lists[8 * 30], cand[8 * 30];
+        Scored lists[8 * 30], cand[8 * 30];
         for (int k = 0; k < K; k++) { /* few distinct scores and ids: ties and repeats */
-            for (int i = 0; i < stride; i++) lists[k * stride + i] = (Hit){ (float)(int)rng_below(rng, 6), (int)rng_below(rng, 12) };
-            hits_sort(lists + k * stride, stride, 1);
+            for (int i = 0; i < stride; i++) lists[k * stride + i] = (Scored){ (float)(int)rng_below(rng, 6), (int)rng_below(rng, 12) };
+            scored_sort(lists + k * stride, stride, 1);
         }
         int R[30], Rr[30], nr = merge_interests(R, lists, K, stride, n, 1), nrr = merge_interests_ref(Rr, cand, lists, K, stride, n, 1);
         ok &= nr == nrr;
@@ -7329,14 +7329,14 @@ static int st_reference_steps(const char *path) {
 static void evaluate_ref(Metrics *out, int cut, const Model *m, Acts *a, const Split *s, uint64_t key) {
     int K = m->K, D = m->D, N = m->N, L = m->L;
     double sum[4] = { 0 };
-    Hit *lists = xmalloc((size_t)K * N * sizeof(Hit)), *cand = xmalloc((size_t)K * N * sizeof(Hit));
+    Scored *lists = xmalloc((size_t)K * N * sizeof(Scored)), *cand = xmalloc((size_t)K * N * sizeof(Scored));
     int *R = xmalloc((size_t)cut * sizeof(int));
     for (int u = 0; u < s->n_users; u++) {
         int k = make_eval_row(a->hist, a->mask, s, u, L), n = s->off[u + 1] - s->off[u];
         user_vectors(m, a, u, 1, key);
         for (int q = 0; q < K; q++) {
-            for (int j = 0; j < N; j++) lists[q * N + j] = (Hit){ dotf(a->v + q * D, m->p.item_emb + (size_t)j * D, D), j };
-            hits_sort(lists + q * N, N, 0);
+            for (int j = 0; j < N; j++) lists[q * N + j] = (Scored){ dotf(a->v + q * D, m->p.item_emb + (size_t)j * D, D), j };
+            scored_sort(lists + q * N, N, 0);
         }
         int c = cut < N ? cut : N, nr = merge_interests_ref(R, cand, lists, K, N, c, m->multi);
         double r[4];
@@ -7429,7 +7429,7 @@ static int st_best_select(void) {
             best_block(&sel, St + (size_t)j0 * q, nj, K, j0, N, maxn);
             topk_block(h2, hn2, maxn, thr2, S2 + (size_t)j0 * q, nj, q, j0);
         }
-        Hit lists[8 * 60];
+        Scored lists[8 * 60];
         for (int b = 0; b < BEST_LANES; b++) {
             int again = 0, zero_listed = 0, short_list = 0, R[60], R2[60];
             for (int k = 0; k < K; k++) {
