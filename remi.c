@@ -1514,6 +1514,17 @@ static int prep_intern(PrepData *d, PrepIds *t, const PrepOpts *o, const char *s
     return prep_ids_intern(t, d->id, k);
 }
 
+/* A field that opens a double quote the separator then cuts ("Smith, J" in a comma-separated
+ * file): the columns after it would be read shifted, silently. Fields are split at every
+ * separator, as the reference's split() does; CSV quoting is not read, so such a line is refused. */
+static void prep_check_quote(const PrepOpts *o, long lineno, const char *line, const char *s, size_t len, int col) {
+    if (len > 0 && s[0] == '"' && (len == 1 || s[len - 1] != '"'))
+        prep_bad_line(o, lineno, line, "field %d (%.*s) opens a quote that a separator (%s) cuts: fields are split at "
+                      "every separator, as the reference's split() does, with no CSV quoting; remove the quotes and the "
+                      "separators inside them, or give another --sep", col, (int)(len > 40 ? 40 : len), s,
+                      prep_sep_name(o->sep));
+}
+
 /* One "pairs" line: the user, item and (optional) time columns; extra columns are ignored.
  * Without a time column the time is the 1-based line number, header included. A line
  * whose --keep-col is not --keep-value is skipped once it has the columns (Taobao's
@@ -1530,6 +1541,7 @@ static void prep_parse_pair(PrepData *d, const PrepOpts *o, long lineno, const c
     size_t len;
     int col = 0;
     for (; col < need && prep_next_field(&f, &s, &len); col++) {
+        prep_check_quote(o, lineno, line, s, len, col);
         if (col == o->ucol) fs[0] = s, fl[0] = len;
         if (col == o->icol) fs[1] = s, fl[1] = len;
         if (col == o->tcol) fs[2] = s, fl[2] = len;
@@ -1574,6 +1586,7 @@ static void prep_parse_sequence(PrepData *d, const PrepOpts *o, long lineno, con
     } else {
         prep_next_field(&f, &s, &len); /* the line is not blank, so there is a first field */
         if (len == 0) prep_bad_line(o, lineno, line, "empty user id (first field)");
+        prep_check_quote(o, lineno, line, s, len, 0);
         user = prep_intern(d, &d->users, o, s, len, lineno, line, "user");
     }
     int n_items = 0;
@@ -1581,6 +1594,7 @@ static void prep_parse_sequence(PrepData *d, const PrepOpts *o, long lineno, con
         if (len == 0)
             prep_bad_line(o, lineno, line, "empty item id (field %d, separator %s)", n_items + 2 - sessions,
                           prep_sep_name(o->sep));
+        prep_check_quote(o, lineno, line, s, len, n_items + 1 - sessions);
         prep_add(d, user, prep_intern(d, &d->items, o, s, len, lineno, line, "item"), ++*counter);
         n_items++;
     }
@@ -5011,15 +5025,17 @@ static void model_load(Model *m, Config *c, const char *path) {
     struct stat sb;
     uint64_t want = sizeof hdr + sizeof meta + m->n_params * sizeof(float) + 8;
     if (meta[1] != m->n_params || fstat(fileno(f), &sb) != 0) die("%s: corrupt header (parameter count)", path);
-    if ((uint64_t)sb.st_size < want)
+    int regular = S_ISREG(sb.st_mode); /* a pipe (<(zcat model.bin.gz), /dev/stdin) has no size: checked at its end */
+    if (regular && (uint64_t)sb.st_size < want)
         die("%s: truncated model file (%lld bytes, its header needs %llu)", path, (long long)sb.st_size,
             (unsigned long long)want);
-    if ((uint64_t)sb.st_size != want) die("%s: corrupt model file (%lld bytes, its header needs %llu)", path,
+    if (regular && (uint64_t)sb.st_size != want) die("%s: corrupt model file (%lld bytes, its header needs %llu)", path,
                                           (long long)sb.st_size, (unsigned long long)want);
     model_alloc(m, t, hdr[3], c); /* the parameters come from the file */
     if (fread(m->mem, sizeof(float), m->n_params, f) != m->n_params || fread(&sum, sizeof sum, 1, f) != 1)
         die("%s: truncated model file", path);
     if (sum != model_sum(hdr, meta, m->mem, m->n_params)) die("%s: checksum mismatch (corrupt model file)", path);
+    if (!regular && fgetc(f) != EOF) die("%s: corrupt model file (bytes after its checksum)", path);
     fclose(f);
 }
 
@@ -5711,6 +5727,9 @@ int cmd_train(int argc, char **argv) {
     check_batch_users(&ds.train, c.B, c.data, c.name);
     int U = ds.train.n_users;
     uint64_t fingerprint = data_sum(&ds);
+    if (ds.N - 1 < 2) /* no --topn (at least 1) lies below the number of items */
+        die("%s/%s has %d item: a model that ranks items needs 2 or more (a lower prep --min, or more data)", c.data,
+            c.name, ds.N - 1);
     if (cut_covers(c.topn, ds.N - 1)) /* every validation list would hold (almost) every item: recall 1, no best model */
         die("--topn %d: %s/%s has %d items, and validation at that cut-off cannot tell models apart; give a --topn "
             "below %d", c.topn, c.data, c.name, ds.N - 1, ds.N - 1);
@@ -5802,17 +5821,17 @@ static char **load_item_names(const char *dir, const char *name, int N, int requ
     return raw;
 }
 
-/* Integers separated by blanks or commas, each in lo..hi (`what` names them in errors);
- * returns how many. */
+/* Integers separated by blanks or commas (a CR too: a history pasted from a CRLF file), each
+ * in lo..hi (`what` names them in errors); returns how many. */
 static int parse_int_list(int **out, const char *text, long lo, long hi, const char *flag, const char *what) {
     int n = 0, cap = 16, *x = xmalloc(cap * sizeof(int));
     for (const char *p = text; *p;) {
-        if (strchr(" ,\t\n", *p)) { p++; continue; }
+        if (strchr(" ,\t\r\n", *p)) { p++; continue; }
         char *end;
         errno = 0;
         long v = strtol(p, &end, 10);
-        if (end == p || errno || v < lo || v > hi || (*end && !strchr(" ,\t\n", *end))) {
-            int len = (int)strcspn(p, " ,\t\n"); /* a long token shown by its start */
+        if (end == p || errno || v < lo || v > hi || (*end && !strchr(" ,\t\r\n", *end))) {
+            int len = (int)strcspn(p, " ,\t\r\n"); /* a long token shown by its start */
             die("%s: \"%.*s%s\" is not %s in %ld..%ld", flag, len > 40 ? 40 : len, p, len > 40 ? "..." : "", what, lo, hi);
         }
         if (n == cap) x = xrealloc(x, (cap *= 2) * sizeof(int));
@@ -5900,6 +5919,7 @@ int cmd_export(int argc, char **argv) {
                 flags, sizeof flags / sizeof *flags);
     check_mind_eval(c.mind_eval);
     check_range("-t", c.threads, 1, 256);
+    check_out_writable(out);
     pool_start(c.threads);
     Model m;
     Dataset ds;
@@ -6079,6 +6099,7 @@ int cmd_inspect(int argc, char **argv) {
                 "log n) and OUT/routing.svg, a heatmap of chosen users.", flags, sizeof flags / sizeof *flags);
     if (strcmp(split, "valid") && strcmp(split, "test")) die("--split must be valid or test, got '%s'", split);
     check_mind_eval(c.mind_eval);
+    check_out_writable(out);
     Model m;
     Dataset ds;
     load_model_data(&m, &ds, &c, model_file);
@@ -6120,10 +6141,23 @@ static int json_field(const char *line, const char *key, double *num, char *str,
     const char *p = strstr(line, pat);
     if (!p) return 0;
     p += strlen(pat);
-    if (*p == '"') {
-        size_t n = strcspn(p + 1, "\"");
-        if (!str || n >= cap) return 0;
-        memcpy(str, p + 1, n);
+    if (*p == '"') { /* decoded as json_escape wrote it: a name may hold a quote or a backslash */
+        size_t n = 0;
+        for (p++; *p && *p != '"'; p++) {
+            char ch = *p;
+            if (ch == '\\') {
+                unsigned v;
+                int used;
+                p++;
+                if (*p == '"' || *p == '\\' || *p == '/') ch = *p;
+                else if (*p == 'u' && strspn(p + 1, "0123456789abcdefABCDEF") >= 4 &&
+                         sscanf(p + 1, "%4x%n", &v, &used) == 1 && used == 4 && v < 0x80) ch = (char)v, p += 4;
+                else return 0;
+            }
+            if (!str || n + 1 >= cap) return 0;
+            str[n++] = ch;
+        }
+        if (*p != '"') return 0;
         str[n] = 0;
         return 1;
     }
@@ -6171,6 +6205,10 @@ static int read_run(RunResult *r, const char *dir) {
             if (!json_field(line, "adam", NULL, r->adam, sizeof r->adam)) strcpy(r->adam, "dense");
             if (!json_field(line, "remove_hits", NULL, r->hits, sizeof r->hits)) strcpy(r->hits, "none");
             if (!got_config) die("%s:%d: a config line without name, model, rbeta, rlambda, M or seed", path, lineno);
+            if (!isfinite(r->rbeta) || !isfinite(r->rlambda) || !(r->M >= 0 && isfinite(r->M)) || !isfinite(r->relu) ||
+                !(r->seed >= 0 && isfinite(r->seed)))
+                die("%s:%d: a config line whose rbeta, rlambda, M, relu or seed is NaN or infinite, or M or seed "
+                    "negative: \"%s\"", path, lineno, excerpt(line));
             for (int i = 0; i < N_RUN_MORE; i++) {
                 double x = NAN;
                 char *v = r->more[i];
@@ -6189,7 +6227,9 @@ static int read_run(RunResult *r, const char *dir) {
                     "values in [0, 1])", path, lineno, excerpt(line));
             finals++;
         } else if (prefix(line, "{\"iter\":")) {
-            if (!json_field(line, "iter", &r->last_iter, NULL, 0)) die("%s:%d: bad iter line \"%s\"", path, lineno, excerpt(line));
+            if (!json_field(line, "iter", &r->last_iter, NULL, 0) || !isfinite(r->last_iter) || r->last_iter < 1 ||
+                r->last_iter != floor(r->last_iter))
+                die("%s:%d: bad iter line \"%s\"", path, lineno, excerpt(line));
         } else if (!prefix(line, "{\"final\":\"valid\",")) {
             die("%s:%d: not a line remi train writes: \"%s\"", path, lineno, excerpt(line));
         }
@@ -6299,6 +6339,13 @@ int cmd_report(int argc, char **argv) {
     struct stat sb;
     if (svg && (!*svg || (stat(svg, &sb) == 0 && S_ISDIR(sb.st_mode)))) /* before the table is printed */
         die("report: --negatives-svg \"%s\": give a file name (the figure is an SVG file)", svg);
+    if (svg) { /* its folder must take the file: said before the table is printed, too */
+        char dir[4200] = ".";
+        const char *slash = strrchr(svg, '/');
+        if (slash) snprintf(dir, sizeof dir, "%.*s", slash == svg ? 1 : (int)(slash - svg), svg);
+        if (access(dir, W_OK | X_OK) != 0)
+            die("report: --negatives-svg %s: cannot write to folder %s: %s", svg, dir, strerror(errno));
+    }
     int n_rows = 0, *count = xcalloc(n, sizeof(int));
     RunResult *runs = xmalloc(n * sizeof *runs), *rows = xmalloc(n * sizeof *rows);
     double *sum = xcalloc((size_t)n * 8, sizeof(double)), *sq = xcalloc((size_t)n * 8, sizeof(double));
@@ -8609,7 +8656,16 @@ int main(int argc, char **argv) {
         { "report", cmd_report },
     };
     for (size_t i = 0; i < sizeof cmds / sizeof *cmds; i++)
-        if (!strcmp(argv[1], cmds[i].name)) return cmds[i].fn(argc - 1, argv + 1);
+        if (!strcmp(argv[1], cmds[i].name)) {
+            int rc = cmds[i].fn(argc - 1, argv + 1);
+            /* what went to stdout is output too (report's table, a log): a full disk or a
+             * closed stdout must not pass for success with the text lost */
+            if (fflush(stdout) != 0 || ferror(stdout)) {
+                fprintf(stderr, "remi: error writing standard output: %s\n", errno ? strerror(errno) : "write failed");
+                return rc ? rc : 1; /* an interrupted train keeps its 130 / 143 */
+            }
+            return rc;
+        }
     die("unknown command '%s'; run `remi --help`", argv[1]);
 }
 #ifdef REMI_CLANG_WIDE

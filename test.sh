@@ -126,6 +126,7 @@ test_prep() {
     prep_bad empty-item "$tmp" 'u1,i1,5\nu1,,6\n' 2 --sep comma --time-col 2
     prep_bad bad-time "$tmp" 'h,h,h\nu1,i1,5\nu2,i2,12:30\n' 3 --sep comma --header --time-col 2
     prep_bad nan-time "$tmp" 'u1,i1,nan\n' 1 --sep comma --time-col 2
+    prep_bad quoted-field "$tmp" 'u1,i1\n"Smith, J",i2\n' 2 --sep comma # CSV quoting is not read: no shifted columns
     printf 'u1,i1,5\nu1,i2,9300000000000000000\n' >"$tmp/big-time.txt" # beyond 2^63: said so, not "not a number"
     if ! "$REMI" prep --input "$tmp/big-time.txt" --sep comma --time-col 2 --name big --out "$tmp/big-out" >"$tmp/big.log" 2>&1 &&
        grep -qF "big-time.txt:2: time column 2 (\"9300000000000000000\") is out of range" "$tmp/big.log"; then pass "prep bad time beyond 2^63: out of range"
@@ -607,6 +608,15 @@ if [ "$(awk 'NR > 2 && $2 > 0' "$TMP/rec.log" | sort -u -k2,2n | wc -l)" -eq 400
    ! "$REMI" recommend --model-file "$m" --history "3 9 27" --topn 401 >/dev/null 2>&1; then
     pass "recommend (DNN) --topn 400: every item once, never the padding id 0; --topn 401 refused"
 else fail "recommend all items" "$(awk 'NR > 2 && $2 == 0' "$TMP/rec.log" | head -c 100)"; fi
+# a history pasted from a CRLF file (its CR a blank), and a model file read from a pipe (no size to check first)
+a=$("$REMI" recommend --model-file "$m" --history "3 9 27" --topn 5 2>&1)
+b=$("$REMI" recommend --model-file "$m" --history "$(printf '3 9 27\r\n')" --topn 5 2>&1)
+c=$(cat "$m" | "$REMI" recommend --model-file /dev/stdin --history "3 9 27" --topn 5 2>&1)
+if [ -n "$a" ] && [ "$a" = "$b" ] && [ "$(echo "$c" | tail -n 5)" = "$(echo "$a" | tail -n 5)" ] &&
+   ! { cat "$m"; printf x; } | "$REMI" recommend --model-file /dev/stdin --history "3" >"$TMP/rec.log" 2>&1 &&
+   grep -q "bytes after its checksum" "$TMP/rec.log"; then
+    pass "recommend: a CRLF history as a plain one; a model from a pipe, and one with a byte after its checksum refused"
+else fail "recommend: CRLF history / piped model" "$(echo "$b" | head -c 200) / $(echo "$c" | head -c 200) / $(head -c 200 "$TMP/rec.log")"; fi
 for h in "3 x 9" "3 0 9" "3 401" ""; do
     if ! "$REMI" recommend --model-file "$m" --history "$h" >"$TMP/rec.log" 2>&1 && grep -q -- "--history" "$TMP/rec.log"; then
         pass "recommend refuses --history \"$h\""; else fail "recommend --history \"$h\"" "$(head -c 200 "$TMP/rec.log")"; fi
@@ -697,6 +707,22 @@ bad_metrics "best_iter 2.5" "$nm" '$s/"best_iter":[0-9]*/"best_iter":2.5/'
 bad_metrics "the two test lines swapped" "$((nm - 1))" "$((nm - 1)){h;d};\${G}"
 bad_metrics "a third final test line" "$((nm + 1))" '$p'
 bad_metrics "the last line cut short" "$nm" '$s/.\{30\}$//'
+bad_metrics "iter NaN" 2 '2s/"iter":[0-9]*/"iter":nan/'
+bad_metrics "rbeta NaN" 1 '1s/"rbeta":[0-9.]*/"rbeta":nan/'
+# names holding a quote or a backslash (escaped in the config line) are read back whole: two rows
+mkdir -p "$TMP/repq1" "$TMP/repq2"
+sed '1s/"name":"[^"]*"/"name":"q\\"1"/' "$TMP/tiny-sa-t2/metrics.jsonl" >"$TMP/repq1/metrics.jsonl"
+sed '1s/"name":"[^"]*"/"name":"q\\\\2"/' "$TMP/tiny-sa-t2/metrics.jsonl" >"$TMP/repq2/metrics.jsonl"
+"$REMI" report "$TMP/repq1" "$TMP/repq2" >"$TMP/reportq.md" 2>&1
+if grep -qF '| q"1 | sa |' "$TMP/reportq.md" && grep -qF '| q\2 | sa |' "$TMP/reportq.md"; then
+    pass "report reads names with a quote or a backslash back whole (q\"1, q\\2: two rows)"
+else fail "report: escaped names" "$(head -c 300 "$TMP/reportq.md")"; fi
+# output that cannot be written is an error: a full standard output, an SVG's missing folder before the table
+if ! "$REMI" report "$TMP/tiny-sa-t2" >/dev/full 2>"$TMP/full.log" && grep -q "error writing standard output" "$TMP/full.log" &&
+   ! "$REMI" report --negatives-svg "$TMP/nofolder/n.svg" "$TMP/tiny-sa-t2" >"$TMP/svgdir.md" 2>&1 &&
+   grep -q "cannot write to folder $TMP/nofolder" "$TMP/svgdir.md" && ! grep -q '^| tiny' "$TMP/svgdir.md"; then
+    pass "report: a full standard output exits 1; --negatives-svg in a missing folder refused before the table"
+else fail "report: unwritable output" "$(cat "$TMP/full.log") / $(head -c 200 "$TMP/svgdir.md")"; fi
 # runs with another step budget are rows of their own (the config line records iters, eval_every, patience, topn);
 # --mind-eval on SA runs with a note and is recorded as the default; only unfinished runs: an error, no table
 "$REMI" train "${TINY[@]}" ${MODEL_ARGS[sa]} --iters 200 --seed 9 --mind-eval fixed -t 2 --out "$TMP/rep-i200" >"$TMP/rep-i200.log" 2>&1
@@ -796,6 +822,12 @@ bad_split() {
     if [ -e "$d/out" ]; then fail "bad input: $case" "left $d/out behind"; return; fi
     pass "bad input: $case ($(head -c 90 "$d/log" | tr '\n' ' '))"
 }
+# a dataset of one item (prep --min 2 keeps it): refused plainly, not with advice no --topn can follow
+d=$TMP/one-item; mkdir -p "$d"; for u in $(seq 10); do printf 'u%d\ti1\nu%d\ti1\n' $u $u; done >"$d/raw.txt"
+"$REMI" prep --input "$d/raw.txt" --name one --min 2 --out "$d" >/dev/null 2>&1
+if ! "$REMI" train --data "$d" --name one --batch 4 --out "$d/out" >"$d/log" 2>&1 && grep -q "has 1 item: a model that ranks items needs 2" "$d/log" &&
+   [ ! -e "$d/out" ]; then pass "a dataset of one item refused ($(head -c 60 "$d/log"))"
+else fail "one-item dataset" "$(head -c 200 "$d/log")"; fi
 bad_split "malformed line" 2 '20892,43,0,1\n20892,10\n20892,5,2,3\n'
 bad_split "non-numeric id" 2 '20892,43,0,1\n20892,x12,1,2\n'
 bad_split "item id out of range" 2 '20892,43,0,1\n20892,0,1,2\n'
@@ -822,6 +854,13 @@ if [ "$(id -u)" != 0 ] || [ $mounted = 1 ]; then
     if [ $rc = 1 ] && grep -qF "cannot write to folder $d" "$TMP/ro.log" && ! grep -q "^remi train" "$TMP/ro.log"; then
         pass "read-only --out: $(head -c 90 "$TMP/ro.log")"
     else fail "read-only --out" "exit $rc: $(head -c 200 "$TMP/ro.log")"; fi
+    why=""
+    for cmd in export inspect; do # refused before their work too
+        "$REMI" $cmd --model-file "$TMP/tiny-sa-t2/model.bin" --data expected/tiny --name tiny --out "$d" >"$TMP/ro.log" 2>&1
+        [ $? = 1 ] && grep -qF "cannot write to folder $d" "$TMP/ro.log" && ! grep -q "^collapsed\|^user" "$TMP/ro.log" ||
+            why="$why $cmd: $(head -c 100 "$TMP/ro.log")"
+    done
+    if [ -z "$why" ]; then pass "read-only --out of export and inspect refused before their work"; else fail "read-only --out, export / inspect" "$why"; fi
 else echo "skip  read-only --out (root, and no read-only mount allowed)"; fi
 [ $mounted = 1 ] && umount "$d"; chmod 755 "$d"
 # users in two splits (a valid file that is the train file): a note names both files and the count
