@@ -1549,10 +1549,12 @@ static void prep_parse_pair(PrepData *d, const PrepOpts *o, long lineno, const c
     }
     if (col < need)
         prep_bad_line(o, lineno, line, "found %d column%s separated by %s, need at least %d "
-                      "(user column %d, item column %d%s%s)", col, col == 1 ? "" : "s",
+                      "(user column %d, item column %d%s%s)%s", col, col == 1 ? "" : "s",
                       prep_sep_name(o->sep), need, o->ucol, o->icol,
                       o->tcol >= 0 ? ", time column given by --time-col" : "",
-                      o->keep_col >= 0 ? ", --keep-col" : "");
+                      o->keep_col >= 0 ? ", --keep-col" : "",
+                      col == 1 && o->sep && memchr(line, ' ', n) ? "; the line holds spaces: --sep space, or --format "
+                      "sequence for \"user item item ...\" lines?" : "");
     if (o->keep_col >= 0 && (fl[3] != strlen(o->keep_value) || memcmp(fs[3], o->keep_value, fl[3]))) {
         d->n_skipped++;
         return;
@@ -1566,7 +1568,8 @@ static void prep_parse_pair(PrepData *d, const PrepOpts *o, long lineno, const c
     int got = o->tcol >= 0 && !o->iso_time ? prep_parse_time(fs[2], fl[2], &t) : 1;
     if (got != 1)
         prep_bad_line(o, lineno, line, "time column %d (\"%.*s\") is %s", o->tcol, (int)(fl[2] > 40 ? 40 : fl[2]), fs[2],
-                      got < 0 ? "out of range: times lie strictly between -2^63 and 2^63" : "not a number");
+                      got < 0 ? "out of range: times lie strictly between -2^63 and 2^63"
+                      : lineno == 1 && !o->header ? "not a number (a header line? give --header)" : "not a number");
     int user = prep_intern(d, &d->users, o, fs[0], fl[0], lineno, line, "user");
     prep_add(d, user, prep_intern(d, &d->items, o, fs[1], fl[1], lineno, line, "item"), t);
 }
@@ -1922,6 +1925,38 @@ static void prep_write(const PrepOpts *o, const PrepData *d, const PrepPlan *p, 
     atomic_commit_all(out, 5);
 }
 
+/* Without a time column the file's order is the time. Files of unordered (set) data, as
+ * LightGCN's or CaseRecommender's, list each user's items by ascending id instead; a note
+ * when (almost) every user's integer item ids ascend in file order, since the split then
+ * takes each user's highest ids as the evaluation targets. Users of 3+ interactions count. */
+static void prep_note_sorted_ids(const PrepData *d, const PrepOpts *o) {
+    if (o->format == PREP_JSON || (o->format == PREP_PAIRS && o->tcol >= 0)) return;
+    int U = d->users.n;
+    long long *last = xmalloc((size_t)U * sizeof *last);
+    int *seen = xcalloc((size_t)U, sizeof *seen);
+    unsigned char *up = xmalloc((size_t)U);
+    memset(up, 1, (size_t)U);
+    for (size_t i = 0; i < d->n_ev; i++) {
+        int u = d->ev[i].user;
+        char *end;
+        const char *id = prep_id(&d->items, d->ev[i].item);
+        errno = 0;
+        long long v = strtoll(id, &end, 10);
+        if (*id == 0 || *end || errno) { free(last); free(seen); free(up); return; } /* not integer ids */
+        if (seen[u]++ && v < last[u]) up[u] = 0;
+        last[u] = v;
+    }
+    int n = 0, asc = 0;
+    for (int u = 0; u < U; u++)
+        if (seen[u] >= 3) { n++; asc += up[u]; }
+    if (n >= 20 && asc >= 0.9 * n)
+        fprintf(stderr, "remi: note: %s has no time %s, so its order is the time, but %d of %d users (%.0f%%) list "
+                "their items by ascending id: if the file holds unordered (set) data, each user's highest ids "
+                "become the evaluation targets; shuffle each user's items first, or give a --time-col\n",
+                o->input, o->format == PREP_PAIRS ? "column" : "in its lines", asc, n, 100.0 * asc / n);
+    free(last); free(seen); free(up);
+}
+
 int cmd_prep(int argc, char **argv) {
     PrepOpts o = { .out = "data", .ucol = 0, .icol = 1, .tcol = -1, .keep_col = -1, .min = 5, .seed = 1230,
                    .ukey = "reviewerID", .ikey = "asin", .tkey = "unixReviewTime" };
@@ -1998,6 +2033,8 @@ int cmd_prep(int argc, char **argv) {
            n_split[0], n_split[1], n_split[2], (double)p.total / U);
     printf("prep %s: wrote %s/%s_{train,valid,test,user_map,item_map}.txt in %.2f s\n",
            o.name, o.out, o.name, now_sec() - t0);
+    fflush(stdout);
+    prep_note_sorted_ids(&d, &o);
 
     free(p.order); free(p.ev_of); free(p.kept_of); free(p.off);
     free(p.new_item); free(p.rank); free(p.count); free(d.ev);
@@ -4967,7 +5004,8 @@ void evaluate(Metrics *out, const int *cuts, int n_cut, const Model *m, Acts *a,
 
 /* ======================================================================== model files
  * Layout: magic, version, encoder, N, D, K, L, add_pos, relu, mind_fixed (int32 each), the
- * training seed and n_params (uint64), the parameters (float32, Params order), FNV-1a 64
+ * training seed, n_params and (version 4) the fingerprint of the splits trained on, data_sum
+ * (uint64), the parameters (float32, Params order), FNV-1a 64
  * checksum of the header and parameter bytes. mind_fixed is 1 for a MIND model trained with
  * --mind-eval fixed (0 otherwise): eval's default, so it reproduces the metrics train printed. */
 static uint64_t fnv1a_update(uint64_t h, const void *p, size_t n) {
@@ -4978,8 +5016,8 @@ static uint64_t fnv1a_update(uint64_t h, const void *p, size_t n) {
 static uint64_t fnv1a(const void *p, size_t n) { return fnv1a_update(0xcbf29ce484222325ull, p, n); }
 
 /* A model file's checksum: its header (hdr, meta) and its parameters. */
-static uint64_t model_sum(const int32_t hdr[10], const uint64_t meta[2], const float *params, size_t n) {
-    uint64_t h = fnv1a_update(fnv1a(hdr, 10 * sizeof *hdr), meta, 2 * sizeof *meta);
+static uint64_t model_sum(const int32_t hdr[10], const uint64_t *meta, int n_meta, const float *params, size_t n) {
+    uint64_t h = fnv1a_update(fnv1a(hdr, 10 * sizeof *hdr), meta, (size_t)n_meta * sizeof *meta);
     return fnv1a_update(h, params, n * sizeof *params);
 }
 
@@ -4987,7 +5025,7 @@ static void model_save(const Model *m, const float *params, const Config *c, con
     FILE *f = atomic_open(path);
     int32_t hdr[10] = { (int32_t)REMI_MODEL_MAGIC, REMI_MODEL_VERSION, m->enc, m->N, m->D, m->K, m->L, m->add_pos,
                         m->relu, m->enc == ENC_MIND && !strcmp(c->mind_eval, "fixed") };
-    uint64_t meta[2] = { c->seed, m->n_params }, sum = model_sum(hdr, meta, params, m->n_params);
+    uint64_t meta[3] = { c->seed, m->n_params, c->data_fp }, sum = model_sum(hdr, meta, 3, params, m->n_params);
     fwrite(hdr, sizeof hdr, 1, f);
     fwrite(meta, sizeof meta, 1, f);
     fwrite(params, sizeof(float), m->n_params, f);
@@ -5008,22 +5046,24 @@ static int note_mind_eval_unused(const Config *c) {
 static void model_load(Model *m, Config *c, const char *path) {
     FILE *f = xfopen(path, "rb", "train a model first with `remi train --out DIR` (it writes DIR/model.bin)");
     int32_t hdr[10];
-    uint64_t meta[2], sum;
+    uint64_t meta[3] = { 0, 0, 0 }, sum;
     if (fread(hdr, 4, 2, f) != 2 || (uint32_t)hdr[0] != REMI_MODEL_MAGIC) die("%s: not a remi model file", path);
-    if (hdr[1] != REMI_MODEL_VERSION)
-        die("%s: model file version %d, this remi reads version %d (retrain it)", path, hdr[1], REMI_MODEL_VERSION);
-    if (fread(hdr + 2, 4, 8, f) != 8 || fread(meta, sizeof meta, 1, f) != 1) die("%s: truncated model file", path);
+    if (hdr[1] != REMI_MODEL_VERSION && hdr[1] != 3)
+        die("%s: model file version %d, this remi reads versions 3 and %d (retrain it)", path, hdr[1], REMI_MODEL_VERSION);
+    int n_meta = hdr[1] == 3 ? 2 : 3; /* version 3 has no data fingerprint */
+    if (fread(hdr + 2, 4, 8, f) != 8 || fread(meta, sizeof *meta, n_meta, f) != (size_t)n_meta) die("%s: truncated model file", path);
     if (hdr[2] < 0 || hdr[2] >= N_ENCODERS || hdr[3] < 2 || hdr[4] < 1 || hdr[5] < 1 || hdr[6] < 1 ||
         hdr[4] > 4096 || hdr[5] > 64 || hdr[6] > 10000 || (hdr[7] | hdr[8] | hdr[9]) & ~1 || (hdr[9] && hdr[2] != ENC_MIND))
         die("%s: corrupt header", path);
     c->enc = (Encoder)hdr[2]; c->model = ENC_NAMES[c->enc];
     c->D = hdr[4]; c->K = hdr[5]; c->L = hdr[6]; c->add_pos = hdr[7]; c->relu = hdr[8]; c->seed = meta[0];
+    c->data_fp = meta[2];
     if (hdr[9] && !flag_given(&c->mind_eval)) c->mind_eval = "fixed";
     note_mind_eval_unused(c);
     TensorInit t[N_PARAM_TENSORS];
     model_shape(m, t, hdr[3], c); /* check the sizes against the file before allocating */
     struct stat sb;
-    uint64_t want = sizeof hdr + sizeof meta + m->n_params * sizeof(float) + 8;
+    uint64_t want = sizeof hdr + (uint64_t)n_meta * sizeof *meta + m->n_params * sizeof(float) + 8;
     if (meta[1] != m->n_params || fstat(fileno(f), &sb) != 0) die("%s: corrupt header (parameter count)", path);
     int regular = S_ISREG(sb.st_mode); /* a pipe (<(zcat model.bin.gz), /dev/stdin) has no size: checked at its end */
     if (regular && (uint64_t)sb.st_size < want)
@@ -5034,7 +5074,7 @@ static void model_load(Model *m, Config *c, const char *path) {
     model_alloc(m, t, hdr[3], c); /* the parameters come from the file */
     if (fread(m->mem, sizeof(float), m->n_params, f) != m->n_params || fread(&sum, sizeof sum, 1, f) != 1)
         die("%s: truncated model file", path);
-    if (sum != model_sum(hdr, meta, m->mem, m->n_params)) die("%s: checksum mismatch (corrupt model file)", path);
+    if (sum != model_sum(hdr, meta, n_meta, m->mem, m->n_params)) die("%s: checksum mismatch (corrupt model file)", path);
     if (!regular && fgetc(f) != EOF) die("%s: corrupt model file (bytes after its checksum)", path);
     fclose(f);
 }
@@ -5093,13 +5133,21 @@ static void check_mind_eval(const char *mode) {
     if (strcmp(mode, "fresh") && strcmp(mode, "fixed")) die("--mind-eval %s: expected fresh or fixed", mode);
 }
 
-/* A saved model and the dataset it is evaluated on, which must have its number of items. */
+static uint64_t data_sum(const Dataset *ds);
+
+/* A saved model and the dataset it is evaluated on, which must have its number of items; a
+ * dataset with other splits than the model was trained on (a prep with another --seed, the
+ * same item count) gets a note: its valid/test users may be the model's training users. */
 static void load_model_data(Model *m, Dataset *ds, Config *c, const char *model_file) {
     model_load(m, c, model_file);
     load_dataset(ds, c->data, c->name);
     if (ds->N != m->N)
         die("%s/%s has %d items but the model was trained with %d; give the --data and --name it was trained on",
             c->data, c->name, ds->N - 1, m->N - 1);
+    if (c->data_fp && c->data_fp != data_sum(ds))
+        fprintf(stderr, "remi: note: %s/%s is not the data %s was trained on (other users or items in its splits: "
+                "was prep run again, with another --seed?); its valid and test users may be the model's training "
+                "users, and then the metrics overstate it\n", c->data, c->name, model_file);
 }
 
 /* --neg 0: full softmax, every item a "negative" (REMI-SPEC d.6), so M = N. */
@@ -5672,6 +5720,10 @@ static void final_report(const Config *c, Model *m, Acts *a, const Dataset *ds, 
     if (st->best_iter) printf("\nbest model: iter %ld of %ld (%.1f s)\n", st->best_iter, st->it, now_sec() - t0);
     else printf("\nmodel: the last parameters, iter %ld (%.1f s)\n", st->it, now_sec() - t0);
     print_metrics_row("valid", &mv);
+    if (c->enc == ENC_MIND && strcmp(c->mind_eval, "fixed") && st->best_iter && fflush(stdout) == 0)
+        fprintf(stderr, "remi: note: MIND with --mind-eval fresh draws new routing logits at every evaluation pass, so "
+                "the valid line above differs from the validation at iter %ld that chose the model (--mind-eval fixed "
+                "keeps them equal)\n", st->best_iter);
     print_metrics_row("test", &mt[0]);
     print_metrics_row("test", &mt[1]);
     char js[512];
@@ -5727,6 +5779,7 @@ int cmd_train(int argc, char **argv) {
     check_batch_users(&ds.train, c.B, c.data, c.name);
     int U = ds.train.n_users;
     uint64_t fingerprint = data_sum(&ds);
+    c.data_fp = fingerprint; /* into model.bin, for eval & co. to check */
     if (ds.N - 1 < 2) /* no --topn (at least 1) lies below the number of items */
         die("%s/%s has %d item: a model that ranks items needs 2 or more (a lower prep --min, or more data)", c.data,
             c.name, ds.N - 1);
@@ -5996,10 +6049,10 @@ static void route_stats_add(RouteStats *rs, const float *att, int K, int L, int 
 }
 
 /* Heatmap rows: one block of K rows x n columns per user, darker = more weight. */
-static void route_svg(FILE *f, int row0, const float *att, const int *hist, int K, int L, int n, long user) {
+static void route_svg(FILE *f, int row0, const float *att, const int *hist, int K, int L, int n, long user, int row) {
     const int cw = 26, ch = 18, x0 = 90;
     int y0 = row0;
-    fprintf(f, "<text x=\"4\" y=\"%d\" font-weight=\"bold\">user %ld</text>\n", y0 - 4, user);
+    fprintf(f, "<text x=\"4\" y=\"%d\" font-weight=\"bold\">user %ld (row %d)</text>\n", y0 - 4, user, row);
     for (int l = 0; l < n; l++)
         fprintf(f, "<text x=\"%d\" y=\"%d\" font-size=\"9\" text-anchor=\"middle\">%d</text>\n", x0 + l * cw + cw / 2,
                 y0 - 4, hist[l]);
@@ -6065,9 +6118,9 @@ static void inspect_figure(const Model *m, Acts *a, const Split *s, const int *d
     int y = 40;
     for (int i = 0; i < n_draw; i++) {
         int n = route_user(m, a, s, draw[i], key);
-        route_svg(f, y, a->att, a->hist, K, L, n, (long)s->user_id[draw[i]]);
+        route_svg(f, y, a->att, a->hist, K, L, n, (long)s->user_id[draw[i]], draw[i]);
         y += K * 18 + 40;
-        printf("user %lld, history:", (long long)s->user_id[draw[i]]);
+        printf("user %lld (row %d), history:", (long long)s->user_id[draw[i]], draw[i]);
         for (int l = 0; l < n; l++) printf(" %5d", a->hist[l]);
         for (int k = 0; k < K; k++) {
             printf("\n  interest %d:   ", k);
@@ -6088,7 +6141,7 @@ int cmd_inspect(int argc, char **argv) {
         { "--data", F_STR, &c.data, "folder holding NAME_{train,valid,test}.txt" },
         { "--name", F_STR, &c.name, "dataset name (file prefix)" },
         { "--split", F_STR, &split, "valid or test" },
-        { "--users", F_STR, &users, "rows of the split to draw, e.g. \"0 7 12\" (default: the first 4 with 8+ items)" },
+        { "--users", F_STR, &users, "rows of the split to draw (printed as \"(row R)\" beside the user id), e.g. \"0 7 12\" (default: the first 4 with 8+ items)" },
         { "--out", F_STR, &out, "folder for routing.svg" },
         { "--mind-eval", F_STR, &c.mind_eval, "MIND's routing logits: fixed or fresh" },
     };
@@ -6252,8 +6305,17 @@ static int same_setting(const RunResult *a, const RunResult *b) {
     return same;
 }
 
-/* Recall@50 against the number of negatives, one line per (model, beta); full softmax
- * (M = 0) as a dashed level. */
+/* Two rows on one line of the negatives figure: every setting the same but M (both sampled,
+ * or both full softmax). */
+static int same_series(const RunResult *a, const RunResult *b) {
+    RunResult t = *b;
+    t.M = a->M;
+    return (a->M > 0) == (b->M > 0) && same_setting(a, &t);
+}
+
+/* Recall@50 against the number of negatives, one line per setting but M (model and beta,
+ * and the dataset, lambda, Adam and hit removal where the rows differ in them); full
+ * softmax (M = 0) as a dashed level; Pop, which draws no negatives, is left out. */
 static void negatives_svg(const char *path, const RunResult *rows, const double *mean, int n_rows) {
     static const char *colors[] = { "#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b" };
     double lo = INFINITY, hi = -INFINITY, mmin = INFINITY, mmax = -INFINITY;
@@ -6262,7 +6324,12 @@ static void negatives_svg(const char *path, const RunResult *rows, const double 
         lo = y < lo ? y : lo; hi = y > hi ? y : hi;
         if (rows[i].M > 0) { mmin = rows[i].M < mmin ? rows[i].M : mmin; mmax = rows[i].M > mmax ? rows[i].M : mmax; }
     }
-    if (!(mmax > mmin)) { mmin = 1; mmax = 10; }
+    if (!(mmax > mmin)) { mmin = isfinite(mmin) ? mmin / 10 : 1; mmax = mmin * 100; } /* one M: in the middle */
+    int names = 0, lambdas = 0; /* rows of more than one dataset, or lambda: say which in the legend */
+    for (int i = 0; i < n_rows; i++) {
+        names |= strcmp(rows[i].name, rows[0].name) != 0;
+        lambdas |= rows[i].rlambda != rows[0].rlambda;
+    }
     if (!(hi > lo)) hi = lo + 0.01;
     const double x0 = 70, y0 = 30, w = 520, h = 300;
     FILE *f = atomic_open(path);
@@ -6281,9 +6348,8 @@ static void negatives_svg(const char *path, const RunResult *rows, const double 
 #define NY(v) (y0 + h - h * ((v) - lo) / (hi - lo))
     int series = 0;
     for (int i = 0; i < n_rows; i++) {
-        int first = 1; /* a new series: the first row of its (model, beta) */
-        for (int j = 0; j < i; j++)
-            first &= !(!strcmp(rows[j].model, rows[i].model) && rows[j].rbeta == rows[i].rbeta && (rows[j].M > 0) == (rows[i].M > 0));
+        int first = strcmp(rows[i].model, "pop") != 0; /* a new series: the first row of its setting but M */
+        for (int j = 0; j < i; j++) first &= !same_series(&rows[j], &rows[i]);
         if (!first) continue;
         const char *col = colors[series++ % 6];
         if (rows[i].M == 0) {
@@ -6294,8 +6360,7 @@ static void negatives_svg(const char *path, const RunResult *rows, const double 
             for (double last = 0;;) { /* this series' rows in increasing M */
                 int next = -1;
                 for (int j = i; j < n_rows; j++)
-                    if (rows[j].M > last && !strcmp(rows[j].model, rows[i].model) && rows[j].rbeta == rows[i].rbeta &&
-                        (next < 0 || rows[j].M < rows[next].M))
+                    if (rows[j].M > last && same_series(&rows[j], &rows[i]) && (next < 0 || rows[j].M < rows[next].M))
                         next = j;
                 if (next < 0) break;
                 fprintf(f, "%.1f,%.1f ", NX(rows[next].M), NY(mean[next * 8 + 4]));
@@ -6303,13 +6368,18 @@ static void negatives_svg(const char *path, const RunResult *rows, const double 
             }
             fprintf(f, "\"/>\n");
             for (int j = i; j < n_rows; j++)
-                if (rows[j].M > 0 && !strcmp(rows[j].model, rows[i].model) && rows[j].rbeta == rows[i].rbeta)
+                if (rows[j].M > 0 && same_series(&rows[j], &rows[i]))
                     fprintf(f, "<circle cx=\"%.1f\" cy=\"%.1f\" r=\"3\" fill=\"%s\"/><text x=\"%.1f\" y=\"%.0f\" "
                                "font-size=\"10\" text-anchor=\"middle\">%g</text>\n",
                             NX(rows[j].M), NY(mean[j * 8 + 4]), col, NX(rows[j].M), y0 + h + 14, rows[j].M);
         }
-        fprintf(f, "<text x=\"%.0f\" y=\"%.0f\" fill=\"%s\">%s, %s</text>\n", x0 + w + 12, y0 + 14 + 16 * (series - 1),
-                col, rows[i].model, rows[i].M == 0 ? "full softmax" : rows[i].rbeta == 0 ? "uniform sampled softmax" : "IHN");
+        char more[96];
+        snprintf(more, sizeof more, "%s%s%s", strcmp(rows[i].adam, "dense") ? ", lazy Adam" : "",
+                 strcmp(rows[i].hits, "none") ? ", hits removed: " : "", strcmp(rows[i].hits, "none") ? rows[i].hits : "");
+        if (lambdas) snprintf(more + strlen(more), sizeof more - strlen(more), ", lambda %g", rows[i].rlambda);
+        fprintf(f, "<text x=\"%.0f\" y=\"%.0f\" fill=\"%s\">%s%s%s, %s%s</text>\n", x0 + w + 12,
+                y0 + 14 + 16 * (series - 1), col, names ? rows[i].name : "", names ? ": " : "", rows[i].model,
+                rows[i].M == 0 ? "full softmax" : rows[i].rbeta == 0 ? "uniform sampled softmax" : "IHN", more);
     }
 #undef NX
 #undef NY

@@ -12,7 +12,7 @@
 #include <stddef.h>
 
 #define REMI_MODEL_MAGIC 0x494d4552u /* "REMI" little-endian */
-#define REMI_MODEL_VERSION 3
+#define REMI_MODEL_VERSION 4 /* 4: + the data's fingerprint; 3 is still read */
 
 /* ---------------------------------------------------------------- config */
 /* The encoders of the reference (REMI-SPEC c.1-c.5). The first three are multi-interest
@@ -41,6 +41,7 @@ typedef struct {
     long iters;           /* stop after this many steps */
     int eval_every, patience, topn;
     uint64_t seed;
+    uint64_t data_fp;     /* fingerprint of the splits trained on (data_sum), kept in model.bin; 0 = unknown */
     int threads;
     int eval_batch;       /* users per evaluation chunk */
 } Config;

@@ -127,6 +127,19 @@ test_prep() {
     prep_bad bad-time "$tmp" 'h,h,h\nu1,i1,5\nu2,i2,12:30\n' 3 --sep comma --header --time-col 2
     prep_bad nan-time "$tmp" 'u1,i1,nan\n' 1 --sep comma --time-col 2
     prep_bad quoted-field "$tmp" 'u1,i1\n"Smith, J",i2\n' 2 --sep comma # CSV quoting is not read: no shifted columns
+    # a header line without --header: the message asks
+    printf 'user,item,time\nu1,i1,5\n' >"$tmp/hdr.csv"
+    if ! "$REMI" prep --input "$tmp/hdr.csv" --name h --sep comma --time-col 2 --out "$tmp/hdr" >"$tmp/hdr.log" 2>&1 &&
+       grep -q "hdr.csv:1: .*(a header line? give --header)" "$tmp/hdr.log"; then pass "prep: a header line without --header, named as one"
+    else fail "prep header hint" "$(head -c 200 "$tmp/hdr.log")"; fi
+    # no time column and every user's integer ids ascending (set data listed by id): a note; mixed orders: none
+    for u in $(seq 30); do seq 8 | awk -v u=$u '{ print "u" u "\t" $1 }'; done >"$tmp/asc.txt"
+    for u in $(seq 30); do seq 8 | awk -v u=$u '{ print "u" u "\t" (u % 2 ? $1 : 9 - $1) }'; done >"$tmp/mixed.txt"
+    "$REMI" prep --input "$tmp/asc.txt" --name a --out "$tmp/asc" >"$tmp/asc.log" 2>&1
+    "$REMI" prep --input "$tmp/mixed.txt" --name m --out "$tmp/mixed" >"$tmp/mixed.log" 2>&1
+    if grep -q "note: .*30 of 30 users (100%) list their items by ascending id" "$tmp/asc.log" && ! grep -q "note" "$tmp/mixed.log"; then
+        pass "prep: items listed by ascending id with no time column, a note; mixed orders, none"
+    else fail "prep ascending-id note" "$(grep note "$tmp/asc.log") / $(grep note "$tmp/mixed.log")"; fi
     printf 'u1,i1,5\nu1,i2,9300000000000000000\n' >"$tmp/big-time.txt" # beyond 2^63: said so, not "not a number"
     if ! "$REMI" prep --input "$tmp/big-time.txt" --sep comma --time-col 2 --name big --out "$tmp/big-out" >"$tmp/big.log" 2>&1 &&
        grep -qF "big-time.txt:2: time column 2 (\"9300000000000000000\") is out of range" "$tmp/big.log"; then pass "prep bad time beyond 2^63: out of range"
@@ -258,6 +271,11 @@ for mdl in "${MODELS[@]}"; do
     else fail "tiny $mdl -t 1 vs -t 2" "outputs differ"; fi
 done
 
+# MIND's final valid line, drawn afresh, is not the validation that chose the model: a note says so
+if grep -q "note: MIND with --mind-eval fresh draws new routing logits" "$TMP/tiny-mind-t2.log"; then
+    pass "MIND (--mind-eval fresh): a note that the final valid line is a new draw"
+else fail "MIND fresh note" "$(tail -n 3 "$TMP/tiny-mind-t2.log")"; fi
+
 # ---------------------------------------------------------------- evaluation against the reference
 # expected/reference-eval/: five small models of remi's and the metrics the reference
 # implementation's evaluate() gives them (metrics.txt, 6 decimals). remi eval must print the
@@ -351,6 +369,15 @@ eval_matches() { # TEST TRAIN-OUT-DIR [EVAL FLAGS...]
     if [ -n "$want" ] && [ "$want" = "$got" ]; then pass "$test"; else fail "$test" "train: $want / eval: $got"; fi
 }
 eval_matches "eval of the saved model reproduces train's test metrics" "$TMP/tiny-sa-t2"
+# a model evaluated on other splits of its items (valid and test swapped, as a prep with another
+# --seed would split them) gets a note; on its own data, none
+d=$TMP/resplit; mkdir -p "$d"; cp expected/tiny/tiny_train.txt "$d/"
+cp expected/tiny/tiny_valid.txt "$d/tiny_test.txt"; cp expected/tiny/tiny_test.txt "$d/tiny_valid.txt"
+"$REMI" eval --model-file "$TMP/tiny-sa-t2/model.bin" --data "$d" --name tiny >"$TMP/fp.log" 2>&1; rc=$?
+"$REMI" eval --model-file "$TMP/tiny-sa-t2/model.bin" --data expected/tiny --name tiny >"$TMP/fp2.log" 2>&1
+if [ $rc = 0 ] && grep -q "is not the data .*model.bin was trained on" "$TMP/fp.log" && ! grep -q "note" "$TMP/fp2.log"; then
+    pass "eval on splits other than the model's: a note; on its own: none"
+else fail "eval: data fingerprint" "$(head -c 200 "$TMP/fp.log") / $(head -c 200 "$TMP/fp2.log")"; fi
 eval_matches "eval of a single-vector model (gru4rec) reproduces train's test metrics" "$TMP/tiny-gru4rec-t2"
 # MIND draws routing logits at evaluation; with --mind-eval fixed they are the same every pass
 "$REMI" train "${TINY[@]}" --model mind --iters 100 --mind-eval fixed -t 2 --out "$TMP/tiny-mind-fixed" \
@@ -652,6 +679,12 @@ with=$(collapsed "$TMP/tiny-sa-t2" "$TMP/insp-rr"); without=$(collapsed "$TMP/ti
 if [ -n "$with" ] && [ -n "$without" ] && awk -v a="$with" -v b="$without" 'BEGIN { exit !(a < 10 && b > 30) }'; then
     pass "inspect: collapsed interests ${with}% with RR, ${without}% without"
 else fail "inspect collapse" "with RR: '$with', without: '$without'"; fi
+# the users drawn are named by id and by the row --users takes
+"$REMI" inspect --model-file "$TMP/tiny-sa-t2/model.bin" --data expected/tiny --name tiny --users "2" --out "$TMP/insp-row" >"$TMP/insp-row.log" 2>&1
+u=$(awk -F, 'NR == FNR { if (!($1 in seen)) { seen[$1] = 1; n++; if (n == 3) { print $1; exit } } }' expected/tiny/tiny_test.txt)
+if grep -q "^user $u (row 2), history:" "$TMP/insp-row.log" && grep -q "user $u (row 2)" "$TMP/insp-row/routing.svg"; then
+    pass "inspect names a drawn user by id and row (user $u (row 2))"
+else fail "inspect row" "user '$u': $(grep -m1 '^user' "$TMP/insp-row.log")"; fi
 rects=$(grep -c "<rect x=" "$TMP/insp-rr/routing.svg")
 if [ "$rects" -gt 16 ]; then pass "inspect: routing.svg heatmap ($rects cells)"; else fail "routing.svg" "$rects cells"; fi
 # its output piped to a reader that has quit (SIGPIPE): no temporary file left (routing.svg whole or absent)
@@ -680,6 +713,13 @@ got=$(awk -F'|' '$3 ~ /^ sa $/ && $7 ~ /^ 2 $/ { split($12, a, " "); print a[1] 
 if [ -n "$want" ] && [ "$got" = "$want" ] && grep -q "all (full softmax)" "$TMP/report.md" && grep -q "<polyline" "$TMP/neg.svg"; then
     pass "report: 2 seeds in one row (Recall@50 mean $got), full softmax apart, negatives figure"
 else fail "report" "mean R@50 want '$want' got '$got': $(head -c 300 "$TMP/report.md")"; fi
+# the figure's points lie inside its plot with a single M; Pop (no negatives) is not drawn; another
+# lambda is a line of its own
+"$REMI" report "$TMP/tiny-sa-t2" "$TMP/tiny-pop-t2" "$TMP/tiny-norr" --negatives-svg "$TMP/neg1.svg" >/dev/null 2>&1
+out=$(awk -F'"' '/<circle/ { if ($2 < 70 || $2 > 590) print "cx " $2 }' "$TMP/neg1.svg")
+if [ -z "$out" ] && [ "$(grep -c '<circle' "$TMP/neg1.svg")" = 2 ] && ! grep -q ">pop" "$TMP/neg1.svg" &&
+   grep -q "lambda 0<" "$TMP/neg1.svg"; then pass "report --negatives-svg: one M drawn inside the plot, Pop left out, lambdas apart"
+else fail "negatives figure, one M" "$out; $(grep -c '<circle' "$TMP/neg1.svg") points; $(grep -o '>[a-z][^<]*<' "$TMP/neg1.svg" | tr '\n' ' ')"; fi
 # runs that differ in another setting than the seed are separate rows, which say how they differ; a run given twice is refused
 "$REMI" train --data expected/tiny --name tiny --iters 40 --eval-every 20 --batch 16 --neg 64 --hidden 8 --out "$TMP/rep-d8" >/dev/null 2>&1
 "$REMI" train --data expected/tiny --name tiny --iters 40 --eval-every 20 --batch 16 --neg 64 --hidden 12 --out "$TMP/rep-d12" >/dev/null 2>&1
