@@ -5085,6 +5085,12 @@ static int online_cpus(void) {
     return n < 1 ? 1 : n > INT_MAX ? INT_MAX : (int)n;
 }
 static int default_threads(void) { return online_cpus() > 64 ? 64 : online_cpus(); }
+/* -t above the online CPUs: a note (threads that share cores are slower; the results are the same). */
+static void note_threads(int t) {
+    if (t > online_cpus())
+        fprintf(stderr, "remi: note: -t %d is more threads than the %d online CPUs: they share cores, which is slower "
+                "(the results are the same for any -t)\n", t, online_cpus());
+}
 
 static Config default_config(void) {
     Config c = { 0 };
@@ -5768,6 +5774,7 @@ int cmd_train(int argc, char **argv) {
     check_out_writable(c.out);
     Stream ck = resume ? resume_settings(&c, &out) : (Stream){ 0 };
     check_config(&c);
+    note_threads(c.threads);
     check_range("--eval-batch", c.eval_batch, 1, 1 << 16);
     check_range("--stop-after", (double)stop_after, 0, 1e12);
     if (stop_after > c.iters)
@@ -5843,6 +5850,7 @@ int cmd_eval(int argc, char **argv) {
     check_mind_eval(c.mind_eval);
     check_range("--topn", topn, 0, EVAL_MAX_TOPN);
     check_range("-t", c.threads, 1, 256);
+    note_threads(c.threads);
     pool_start(c.threads);
     Model m;
     Dataset ds;
@@ -5940,7 +5948,8 @@ int cmd_recommend(int argc, char **argv) {
     }
     free(hk);
     int *R = xmalloc(topn * sizeof(int)), nr = merge_interests(R, lists, K, topn, topn, m.multi);
-    printf("%s model, history of %d item(s) (the last %d used)\n", ENC_NAMES[m.enc], n, n < m.L ? n : m.L);
+    if (m.enc == ENC_POP) printf("pop model: the most frequent training targets (a history changes nothing)\n");
+    else printf("%s model, history of %d item(s) (the last %d used)\n", ENC_NAMES[m.enc], n, n < m.L ? n : m.L);
     printf("rank\titem\traw\tscore\tinterest\n");
     for (int r = 0; r < nr; r++) { /* the interest whose list scored the item highest */
         int best_k = 0;
@@ -5972,6 +5981,7 @@ int cmd_export(int argc, char **argv) {
                 flags, sizeof flags / sizeof *flags);
     check_mind_eval(c.mind_eval);
     check_range("-t", c.threads, 1, 256);
+    note_threads(c.threads);
     check_out_writable(out);
     pool_start(c.threads);
     Model m;

@@ -271,6 +271,13 @@ for mdl in "${MODELS[@]}"; do
     else fail "tiny $mdl -t 1 vs -t 2" "outputs differ"; fi
 done
 
+# -t above the online CPUs: a note (slower, the same results); at 1, none
+over=$(($(getconf _NPROCESSORS_ONLN) + 1))
+"$REMI" eval --model-file "$TMP/tiny-sa-t2/model.bin" --data expected/tiny --name tiny -t $over >"$TMP/over.log" 2>&1
+"$REMI" eval --model-file "$TMP/tiny-sa-t2/model.bin" --data expected/tiny --name tiny -t 1 >"$TMP/over1.log" 2>&1
+if grep -q "note: -t $over is more threads than the" "$TMP/over.log" && ! grep -q "note" "$TMP/over1.log" &&
+   [ "$(grep -v note "$TMP/over.log")" = "$(cat "$TMP/over1.log")" ]; then pass "eval -t $over (above the online CPUs): a note, the same metrics"
+else fail "-t above the CPUs" "$(head -c 200 "$TMP/over.log")"; fi
 # MIND's final valid line, drawn afresh, is not the validation that chose the model: a note says so
 if grep -q "note: MIND with --mind-eval fresh draws new routing logits" "$TMP/tiny-mind-t2.log"; then
     pass "MIND (--mind-eval fresh): a note that the final valid line is a new draw"
@@ -648,6 +655,8 @@ for h in "3 x 9" "3 0 9" "3 401" ""; do
     if ! "$REMI" recommend --model-file "$m" --history "$h" >"$TMP/rec.log" 2>&1 && grep -q -- "--history" "$TMP/rec.log"; then
         pass "recommend refuses --history \"$h\""; else fail "recommend --history \"$h\"" "$(head -c 200 "$TMP/rec.log")"; fi
 done
+if "$REMI" recommend --model-file "$TMP/tiny-pop-t2/model.bin" --history "3 9" --topn 3 | grep -q "^pop model: the most frequent training targets"; then
+    pass "recommend (Pop) says a history changes nothing"; else fail "recommend pop" "$("$REMI" recommend --model-file "$TMP/tiny-pop-t2/model.bin" --history 3 2>&1 | head -1)"; fi
 # --data shows each item's raw id from the item map; a folder without one is refused
 mkdir -p "$TMP/rmap"; seq 1 400 | awk '{ print "raw" $1 "," $1 }' >"$TMP/rmap/tiny_item_map.txt"
 "$REMI" recommend --model-file "$m" --history "3 9 27" --topn 5 --data "$TMP/rmap" --name tiny >"$TMP/rec.log" 2>&1
