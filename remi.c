@@ -290,11 +290,29 @@ static const char *shell_word(char *buf, size_t n, const char *s) {
     return buf;
 }
 
+/* The lock of a folder's file sets (the first len bytes of dir), FOLDER/.remi-commit.lock:
+ * exclusive while a set is renamed into it (atomic_commit_all), shared while one is read
+ * (load_dataset), so that two processes at once (two preps into one folder, a train reading
+ * what a prep rewrites) replace and read each set whole, where their renames and reads would
+ * otherwise interleave. The writers create it. Returns its descriptor (close releases it), or
+ * -1 where there is none to take (a reader of a folder no writer has used), which is let
+ * through. */
+static int set_lock(const char *dir, int len, int exclusive) {
+    char path[4200];
+    snprintf(path, sizeof path, "%.*s/.remi-commit.lock", len, dir);
+    int fd = open(path, exclusive ? O_RDWR | O_CREAT | O_CLOEXEC : O_RDONLY | O_CLOEXEC, 0644);
+    if (fd >= 0) while (flock(fd, exclusive ? LOCK_EX : LOCK_SH) != 0 && errno == EINTR) {}
+    return fd;
+}
+
 /* Files that belong together (prep's five, export's two): each written out and checked,
  * and each destination checked (a folder in its place would refuse its rename alone), before
- * the first is renamed, so that an error leaves the old set whole; renamed with the fatal
- * signals held back, so that one arriving then ends the process only after the whole set. */
+ * the first is renamed, so that an error leaves the old set whole; renamed under the folder's
+ * set_lock and with the fatal signals held back, so that one arriving then ends the process
+ * only after the whole set. */
 static void atomic_commit_all(FILE **f, int n) {
+    const char *first = pending[pending_slot(f[0])].path, *slash = strrchr(first, '/');
+    int lock = slash ? set_lock(first, (int)(slash - first), 1) : set_lock(".", 1, 1);
     for (int k = 0; k < n; k++) {
         const char *path = pending[pending_slot(f[k])].path;
         struct stat st;
@@ -304,6 +322,7 @@ static void atomic_commit_all(FILE **f, int n) {
     sigset_t set = fatal_signals(), old;
     pthread_sigmask(SIG_BLOCK, &set, &old);
     for (int k = 0; k < n; k++) atomic_commit(f[k]);
+    if (lock >= 0) close(lock);
     pthread_sigmask(SIG_SETMASK, &old, NULL);
 }
 
@@ -827,11 +846,13 @@ void load_dataset(Dataset *ds, const char *dir, const char *name) {
     const char *part[3] = { "train", "valid", "test" };
     Split *sp[3] = { &ds->train, &ds->valid, &ds->test };
     path_printf(map, sizeof map, "%s/%s_item_map.txt", dir, name);
+    int lock = set_lock(dir, (int)strlen(dir), 0); /* the four files of one prep (set_lock) */
     int n_items = read_item_map(map, NULL, 0);
     for (int i = 0; i < 3; i++) {
         path_printf(path[i], sizeof path[i], "%s/%s_%s.txt", dir, name, part[i]);
         load_split(sp[i], path[i], n_items > 0 ? n_items : INT_MAX - 1, n_items > 0 ? map : NULL, 2);
     }
+    if (lock >= 0) close(lock);
     if (n_items <= 0) {
         for (int i = 0; i < 3; i++)
             for (int j = 0; j < sp[i]->off[sp[i]->n_users]; j++)

@@ -894,6 +894,22 @@ if grep -qF 'got "\uFEFF20892,5,1,2"' "$TMP/bad-a byte-order mark inside the fil
 else fail "invisible character escaped" "$(head -c 200 "$TMP/bad-a byte-order mark inside the file/log")"; fi
 bad_split "empty line" 2 '20892,43,0,1\n\n20892,5,1,2\n'
 bad_split "very long line" 2 "20892,43,0,1\n20892,5,1,$(printf '7%.0s' $(seq 100000))\n"
+# a folder's file set is replaced and read whole by two processes at once: prep waits while a
+# reader holds the folder's lock (.remi-commit.lock, shared), and a reader while a writer holds it
+if command -v flock >/dev/null; then
+    d=$TMP/setlock; pa=(--input expected/prep/a_pairs_time.csv --name a --sep comma --header --time-col 3 --out "$d")
+    "$REMI" prep "${pa[@]}" --seed 1 >/dev/null 2>&1; cp -r "$d" "$TMP/setlock-1"
+    held() { rm -f "$TMP/held"; flock "$1" "$d/.remi-commit.lock" -c "touch $TMP/held; sleep 1" & holder=$!
+             for _ in $(seq 500); do [ -e "$TMP/held" ] && break; sleep 0.01; done; }
+    held -s; "$REMI" prep "${pa[@]}" --seed 2 >/dev/null 2>&1 & writer=$!
+    sleep 0.5; waited=$(for f in "$TMP"/setlock-1/a_*.txt; do cmp -s "$f" "$d/${f##*/}" || echo no; done); wait $holder $writer
+    replaced=$(diff -q "$TMP/setlock-1/a_train.txt" "$d/a_train.txt" >/dev/null || echo yes)
+    held -x; "$REMI" train --data "$d" --name a --topn 5 --batch 2 --iters 1 --eval-every 1 --out "$TMP/setlock-run" >"$TMP/setlock.log" 2>&1 &
+    reader=$!; sleep 0.5; read_early=$(grep -c "^remi train" "$TMP/setlock.log"); wait $holder $reader
+    if [ -z "$waited" ] && [ "$replaced" = yes ] && [ "$read_early" = 0 ] && grep -q "^remi train" "$TMP/setlock.log"; then
+        pass "prep waits for a reader of its folder, and a reader for a writer (.remi-commit.lock)"
+    else fail "set lock" "files replaced while a reader held the lock: '$waited', replaced after: '$replaced', reader started early: $read_early"; fi
+else echo "skip  set lock (no flock command)"; fi
 # an --out folder that takes no files is refused before the run starts, by name (made read-only
 # with chmod, or as root, who passes permissions, by a read-only mount where one is allowed)
 d=$TMP/ro-out; mkdir -p "$d"; chmod 555 "$d"; mounted=0
