@@ -295,8 +295,11 @@ static const char *shell_word(char *buf, size_t n, const char *s) {
  * (load_dataset), so that two processes at once (two preps into one folder, a train reading
  * what a prep rewrites) replace and read each set whole, where their renames and reads would
  * otherwise interleave. The writers create it. Returns its descriptor (close releases it), or
- * -1 where there is none to take (a reader of a folder no writer has used), which is let
- * through. */
+ * -1 where there is none to take (a reader of a folder no writer has used, a lock file this
+ * user cannot open): let through, as is a file system without locks (flock fails, the
+ * descriptor is returned unlocked). A file rather than the folder itself, which train's
+ * lock_out_dir holds for a whole run: the readers and writers of a data folder that is also a
+ * train's --out would wait for that run to end. */
 static int set_lock(const char *dir, int len, int exclusive) {
     char path[4200];
     snprintf(path, sizeof path, "%.*s/.remi-commit.lock", len, dir);
@@ -482,6 +485,18 @@ static void flag_value_str(char *buf, size_t n, const Flag *f) {
     }
 }
 
+/* A command's exit status once what it printed on standard output is out: what went there is
+ * output too (report's table, a log, --help), so a full disk or a closed stdout must not pass
+ * for success with the text lost. */
+static int stdout_status(int rc) {
+    errno = 0;
+    if (fflush(stdout) != 0 || ferror(stdout)) {
+        fprintf(stderr, "remi: error writing standard output: %s\n", errno ? strerror(errno) : "write failed");
+        return rc ? rc : 1; /* an interrupted train keeps its 130 / 143 */
+    }
+    return rc;
+}
+
 static void usage(const char *cmd, const char *what, const Flag *flags, int nf) {
     printf("usage: remi %s [flags]\n%s\n\nflags (default in brackets):\n", cmd, what);
     for (int i = 0; i < nf; i++) {
@@ -503,7 +518,7 @@ static int flag_given(const void *dst) {
 static void parse_flags(int argc, char **argv, const char *cmd, const char *what, const Flag *flags, int nf) {
     flags_given = xrealloc(flags_given, (size_t)(n_flags_given + argc) * sizeof *flags_given);
     for (int i = 1; i < argc; i++) {
-        if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) { usage(cmd, what, flags, nf); exit(0); }
+        if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) { usage(cmd, what, flags, nf); exit(stdout_status(0)); }
         const Flag *f = NULL;
         for (int j = 0; j < nf && !f; j++) if (!strcmp(argv[i], flags[j].name)) f = &flags[j];
         if (!f) die("%s: unknown flag '%s'; see `remi %s --help`", cmd, argv[i], cmd);
@@ -1537,9 +1552,13 @@ static int prep_intern(PrepData *d, PrepIds *t, const PrepOpts *o, const char *s
 
 /* A field that opens a double quote the separator then cuts ("Smith, J" in a comma-separated
  * file): the columns after it would be read shifted, silently. Fields are split at every
- * separator, as the reference's split() does; CSV quoting is not read, so such a line is refused. */
+ * separator, as the reference's split() does; CSV quoting is not read, so such a line is refused.
+ * A quote is left open when the field holds an odd number of them (CSV doubles a quote inside
+ * quotes): "Weird Al" Yankovic, a whole field, is an id like any other. */
 static void prep_check_quote(const PrepOpts *o, long lineno, const char *line, const char *s, size_t len, int col) {
-    if (len > 0 && s[0] == '"' && (len == 1 || s[len - 1] != '"'))
+    size_t quotes = 0;
+    for (size_t i = 0; i < len; i++) quotes += s[i] == '"';
+    if (len > 0 && s[0] == '"' && quotes % 2)
         prep_bad_line(o, lineno, line, "field %d (%.*s) opens a quote that a separator (%s) cuts: fields are split at "
                       "every separator, as the reference's split() does, with no CSV quoting; remove the quotes and the "
                       "separators inside them, or give another --sep", col, (int)(len > 40 ? 40 : len), s,
@@ -1587,10 +1606,14 @@ static void prep_parse_pair(PrepData *d, const PrepOpts *o, long lineno, const c
         prep_bad_line(o, lineno, line, "time column %d (\"%.*s\") is not a valid YYYY-MM-DDTHH:MM:SSZ time",
                       o->tcol, (int)(fl[2] > 40 ? 40 : fl[2]), fs[2]);
     int got = o->tcol >= 0 && !o->iso_time ? prep_parse_time(fs[2], fl[2], &t) : 1;
+    int digits = 0; /* a header's name holds none; a date does */
+    for (size_t i = 0; i < fl[2]; i++) digits |= fs[2][i] >= '0' && fs[2][i] <= '9';
     if (got != 1)
         prep_bad_line(o, lineno, line, "time column %d (\"%.*s\") is %s", o->tcol, (int)(fl[2] > 40 ? 40 : fl[2]), fs[2],
                       got < 0 ? "out of range: times lie strictly between -2^63 and 2^63"
-                      : lineno == 1 && !o->header ? "not a number (a header line? give --header)" : "not a number");
+                      : lineno == 1 && !o->header && !digits ? "not a number (a header line? give --header)"
+                      : digits && memchr(fs[2], '-', fl[2]) && memchr(fs[2], ':', fl[2])
+                      ? "not a number (a date and time? give --time-format iso8601)" : "not a number");
     int user = prep_intern(d, &d->users, o, fs[0], fl[0], lineno, line, "user");
     prep_add(d, user, prep_intern(d, &d->items, o, fs[1], fl[1], lineno, line, "item"), t);
 }
@@ -1601,8 +1624,8 @@ static void prep_parse_pair(PrepData *d, const PrepOpts *o, long lineno, const c
 static void prep_parse_sequence(PrepData *d, const PrepOpts *o, long lineno, const char *line,
                                 size_t n, double *counter) {
     PrepFields f = {line, line + n, o->sep, 0};
-    const char *s;
-    size_t len;
+    const char *s = line;
+    size_t len = 0;
     int sessions = o->format == PREP_SESSIONS, user;
     if (sessions) {
         char id[24];
@@ -5969,7 +5992,9 @@ int cmd_recommend(int argc, char **argv) {
     }
     free(hk);
     int *R = xmalloc(topn * sizeof(int)), nr = merge_interests(R, lists, K, topn, topn, m.multi);
-    if (m.enc == ENC_POP) printf("pop model: the most frequent training targets (a history changes nothing)\n");
+    if (m.enc == ENC_POP)
+        printf("pop model: the most frequent training targets (%s)\n",
+               exclude ? "the history only leaves its items out" : "a history changes nothing");
     else printf("%s model, history of %d item(s) (the last %d used)\n", ENC_NAMES[m.enc], n, n < m.L ? n : m.L);
     printf("rank\titem\traw\tscore\tinterest\n");
     for (int r = 0; r < nr; r++) { /* the interest whose list scored the item highest */
@@ -6225,25 +6250,16 @@ static int json_field(const char *line, const char *key, double *num, char *str,
     const char *p = strstr(line, pat);
     if (!p) return 0;
     p += strlen(pat);
-    if (*p == '"') { /* decoded as json_escape wrote it: a name may hold a quote or a backslash */
-        size_t n = 0;
-        for (p++; *p && *p != '"'; p++) {
-            char ch = *p;
-            if (ch == '\\') {
-                unsigned v;
-                int used;
-                p++;
-                if (*p == '"' || *p == '\\' || *p == '/') ch = *p;
-                else if (*p == 'u' && strspn(p + 1, "0123456789abcdefABCDEF") >= 4 &&
-                         sscanf(p + 1, "%4x%n", &v, &used) == 1 && used == 4 && v < 0x80) ch = (char)v, p += 4;
-                else return 0;
-            }
-            if (!str || n + 1 >= cap) return 0;
-            str[n++] = ch;
-        }
-        if (*p != '"') return 0;
-        str[n] = 0;
-        return 1;
+    if (*p == '"') { /* decoded as JSON (prep_json_string), the inverse of json_escape: a name may hold a quote */
+        if (!str) return 0; /* a string where a number belongs ("iter":"") */
+        size_t rest = strlen(p), len;
+        char *buf = xmalloc(rest + 1), *s;
+        memcpy(buf, p, rest + 1);
+        PrepJson j = { buf, buf + rest, NULL };
+        int lone, ok = prep_json_string(&j, &s, &len, &lone) && len < cap && !memchr(s, 0, len);
+        if (ok) { memcpy(str, s, len); str[len] = 0; }
+        free(buf);
+        return ok;
     }
     char *end;
     double x = strtod(p, &end);
@@ -6350,17 +6366,21 @@ static int same_series(const RunResult *a, const RunResult *b) {
 static void negatives_svg(const char *path, const RunResult *rows, const double *mean, int n_rows) {
     static const char *colors[] = { "#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b" };
     double lo = INFINITY, hi = -INFINITY, mmin = INFINITY, mmax = -INFINITY;
-    for (int i = 0; i < n_rows; i++) {
+    for (int i = 0; i < n_rows; i++) { /* the scales of the rows drawn: Pop's neither */
+        if (!strcmp(rows[i].model, "pop")) continue;
         double y = mean[i * 8 + 4];
         lo = y < lo ? y : lo; hi = y > hi ? y : hi;
         if (rows[i].M > 0) { mmin = rows[i].M < mmin ? rows[i].M : mmin; mmax = rows[i].M > mmax ? rows[i].M : mmax; }
     }
     if (!(mmax > mmin)) { mmin = isfinite(mmin) ? mmin / 10 : 1; mmax = mmin * 100; } /* one M: in the middle */
     int names = 0, lambdas = 0; /* rows of more than one dataset, or lambda: say which in the legend */
-    for (int i = 0; i < n_rows; i++) {
-        names |= strcmp(rows[i].name, rows[0].name) != 0;
-        lambdas |= rows[i].rlambda != rows[0].rlambda;
+    for (int i = 0, r0 = -1; i < n_rows; i++) {
+        if (!strcmp(rows[i].model, "pop")) continue;
+        if (r0 < 0) r0 = i;
+        names |= strcmp(rows[i].name, rows[r0].name) != 0;
+        lambdas |= rows[i].rlambda != rows[r0].rlambda;
     }
+    if (!isfinite(lo)) lo = 0; /* Pop alone: an empty plot */
     if (!(hi > lo)) hi = lo + 0.01;
     const double x0 = 70, y0 = 30, w = 520, h = 300;
     FILE *f = atomic_open(path);
@@ -6404,12 +6424,18 @@ static void negatives_svg(const char *path, const RunResult *rows, const double 
                                "font-size=\"10\" text-anchor=\"middle\">%g</text>\n",
                             NX(rows[j].M), NY(mean[j * 8 + 4]), col, NX(rows[j].M), y0 + h + 14, rows[j].M);
         }
-        char more[96];
+        char more[512];
         snprintf(more, sizeof more, "%s%s%s", strcmp(rows[i].adam, "dense") ? ", lazy Adam" : "",
                  strcmp(rows[i].hits, "none") ? ", hits removed: " : "", strcmp(rows[i].hits, "none") ? rows[i].hits : "");
         if (lambdas) snprintf(more + strlen(more), sizeof more - strlen(more), ", lambda %g", rows[i].rlambda);
-        fprintf(f, "<text x=\"%.0f\" y=\"%.0f\" fill=\"%s\">%s%s%s, %s%s</text>\n", x0 + w + 12,
+        for (int k = 0; k < N_RUN_MORE; k++) { /* the table's other settings (D, K, lr, ...) where the lines differ */
+            int differs = 0;
+            for (int j = 0; j < n_rows; j++) differs |= strcmp(rows[j].model, "pop") && strcmp(rows[j].more[k], rows[i].more[k]);
+            if (differs) snprintf(more + strlen(more), sizeof more - strlen(more), ", %s %s", RUN_MORE[k].key, rows[i].more[k]);
+        }
+        fprintf(f, "<text x=\"%.0f\" y=\"%.0f\" fill=\"%s\">%s%s%s%s, %s%s</text>\n", x0 + w + 12,
                 y0 + 14 + 16 * (series - 1), col, names ? rows[i].name : "", names ? ": " : "", rows[i].model,
+                rows[i].relu ? "+relu" : "",
                 rows[i].M == 0 ? "full softmax" : rows[i].rbeta == 0 ? "uniform sampled softmax" : "IHN", more);
     }
 #undef NX
@@ -8748,7 +8774,7 @@ static void main_usage(void) {
 }
 
 int main(int argc, char **argv) {
-    if (argc < 2 || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h")) { main_usage(); return argc < 2; }
+    if (argc < 2 || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h")) { main_usage(); return stdout_status(argc < 2); }
     catch_fatal_signals();
     struct { const char *name; int (*fn)(int, char **); } cmds[] = {
         { "train", cmd_train }, { "eval", cmd_eval }, { "prep", cmd_prep }, { "gradcheck", cmd_gradcheck },
@@ -8757,16 +8783,7 @@ int main(int argc, char **argv) {
         { "report", cmd_report },
     };
     for (size_t i = 0; i < sizeof cmds / sizeof *cmds; i++)
-        if (!strcmp(argv[1], cmds[i].name)) {
-            int rc = cmds[i].fn(argc - 1, argv + 1);
-            /* what went to stdout is output too (report's table, a log): a full disk or a
-             * closed stdout must not pass for success with the text lost */
-            if (fflush(stdout) != 0 || ferror(stdout)) {
-                fprintf(stderr, "remi: error writing standard output: %s\n", errno ? strerror(errno) : "write failed");
-                return rc ? rc : 1; /* an interrupted train keeps its 130 / 143 */
-            }
-            return rc;
-        }
+        if (!strcmp(argv[1], cmds[i].name)) return stdout_status(cmds[i].fn(argc - 1, argv + 1));
     die("unknown command '%s'; run `remi --help`", argv[1]);
 }
 #ifdef REMI_CLANG_WIDE

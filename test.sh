@@ -127,11 +127,22 @@ test_prep() {
     prep_bad bad-time "$tmp" 'h,h,h\nu1,i1,5\nu2,i2,12:30\n' 3 --sep comma --header --time-col 2
     prep_bad nan-time "$tmp" 'u1,i1,nan\n' 1 --sep comma --time-col 2
     prep_bad quoted-field "$tmp" 'u1,i1\n"Smith, J",i2\n' 2 --sep comma # CSV quoting is not read: no shifted columns
+    # a field whose quotes close inside it ("Weird Al" Yankovic in a TSV) is a whole id: taken as read
+    for u in $(seq 8); do printf 'u%d\t"Weird Al" Yankovic\nu%d\ta\tb\nu%d\t"b"\n' $u $u $u; done >"$tmp/quotes.tsv"
+    if "$REMI" prep --input "$tmp/quotes.tsv" --name q --min 2 --out "$tmp/quotes" >"$tmp/quotes.log" 2>&1 &&
+       grep -qF '"Weird Al" Yankovic' "$tmp/quotes/q_item_map.txt"; then pass "prep: a field whose quotes close inside it is an id"
+    else fail "prep whole quoted field" "$(head -c 200 "$tmp/quotes.log")"; fi
     # a header line without --header: the message asks
     printf 'user,item,time\nu1,i1,5\n' >"$tmp/hdr.csv"
     if ! "$REMI" prep --input "$tmp/hdr.csv" --name h --sep comma --time-col 2 --out "$tmp/hdr" >"$tmp/hdr.log" 2>&1 &&
        grep -q "hdr.csv:1: .*(a header line? give --header)" "$tmp/hdr.log"; then pass "prep: a header line without --header, named as one"
     else fail "prep header hint" "$(head -c 200 "$tmp/hdr.log")"; fi
+    # an ISO 8601 time without --time-format iso8601 on the first line is no header: the message says which
+    printf 'u1,i1,2010-10-19T23:55:27Z\n' >"$tmp/iso.csv"
+    if ! "$REMI" prep --input "$tmp/iso.csv" --name h --sep comma --time-col 2 --out "$tmp/iso" >"$tmp/iso.log" 2>&1 &&
+       grep -q "iso.csv:1: .*give --time-format iso8601" "$tmp/iso.log" && ! grep -q "header" "$tmp/iso.log"; then
+        pass "prep: an ISO time without --time-format, named as one (not a header)"
+    else fail "prep ISO time hint" "$(head -c 200 "$tmp/iso.log")"; fi
     # no time column and every user's integer ids ascending (set data listed by id): a note; mixed orders: none
     for u in $(seq 30); do seq 8 | awk -v u=$u '{ print "u" u "\t" $1 }'; done >"$tmp/asc.txt"
     for u in $(seq 30); do seq 8 | awk -v u=$u '{ print "u" u "\t" (u % 2 ? $1 : 9 - $1) }'; done >"$tmp/mixed.txt"
@@ -655,7 +666,8 @@ for h in "3 x 9" "3 0 9" "3 401" ""; do
     if ! "$REMI" recommend --model-file "$m" --history "$h" >"$TMP/rec.log" 2>&1 && grep -q -- "--history" "$TMP/rec.log"; then
         pass "recommend refuses --history \"$h\""; else fail "recommend --history \"$h\"" "$(head -c 200 "$TMP/rec.log")"; fi
 done
-if "$REMI" recommend --model-file "$TMP/tiny-pop-t2/model.bin" --history "3 9" --topn 3 | grep -q "^pop model: the most frequent training targets"; then
+if "$REMI" recommend --model-file "$TMP/tiny-pop-t2/model.bin" --history "3 9" --topn 3 | grep -q "^pop model: the most frequent training targets (a history changes nothing)" &&
+   "$REMI" recommend --model-file "$TMP/tiny-pop-t2/model.bin" --history "3 9" --topn 3 --exclude-history | grep -q "^pop model: .*(the history only leaves its items out)"; then
     pass "recommend (Pop) says a history changes nothing"; else fail "recommend pop" "$("$REMI" recommend --model-file "$TMP/tiny-pop-t2/model.bin" --history 3 2>&1 | head -1)"; fi
 # --data shows each item's raw id from the item map; a folder without one is refused
 mkdir -p "$TMP/rmap"; seq 1 400 | awk '{ print "raw" $1 "," $1 }' >"$TMP/rmap/tiny_item_map.txt"
@@ -729,9 +741,22 @@ out=$(awk -F'"' '/<circle/ { if ($2 < 70 || $2 > 590) print "cx " $2 }' "$TMP/ne
 if [ -z "$out" ] && [ "$(grep -c '<circle' "$TMP/neg1.svg")" = 2 ] && ! grep -q ">pop" "$TMP/neg1.svg" &&
    grep -q "lambda 0<" "$TMP/neg1.svg"; then pass "report --negatives-svg: one M drawn inside the plot, Pop left out, lambdas apart"
 else fail "negatives figure, one M" "$out; $(grep -c '<circle' "$TMP/neg1.svg") points; $(grep -o '>[a-z][^<]*<' "$TMP/neg1.svg" | tr '\n' ' ')"; fi
+# Pop, left out, sets neither scale nor legend: beside a Pop run of another --neg, a single M
+# stays in the middle, and Pop's lambda (0) asks for no lambda in the legend
+"$REMI" train "${TINY[@]}" --model pop --neg 64 --out "$TMP/pop-m64" >/dev/null 2>&1
+"$REMI" report "$TMP/tiny-sa-t2" "$TMP/pop-m64" --negatives-svg "$TMP/neg2.svg" >/dev/null 2>&1
+out=$(awk -F'"' '/<circle/ { if ($2 <= 70 || $2 >= 590) print "cx " $2 }' "$TMP/neg2.svg")
+if [ -z "$out" ] && [ "$(grep -c '<circle' "$TMP/neg2.svg")" = 1 ] && ! grep -q "lambda" "$TMP/neg2.svg"; then
+    pass "report --negatives-svg: Pop of another M sets neither the scales nor the legend"
+else fail "negatives figure beside Pop" "$out; $(grep -o '>[a-z][^<]*<' "$TMP/neg2.svg" | tr '\n' ' ')"; fi
 # runs that differ in another setting than the seed are separate rows, which say how they differ; a run given twice is refused
 "$REMI" train --data expected/tiny --name tiny --iters 40 --eval-every 20 --batch 16 --neg 64 --hidden 8 --out "$TMP/rep-d8" >/dev/null 2>&1
 "$REMI" train --data expected/tiny --name tiny --iters 40 --eval-every 20 --batch 16 --neg 64 --hidden 12 --out "$TMP/rep-d12" >/dev/null 2>&1
+# and in the negatives figure, lines whose legends name that setting
+"$REMI" report "$TMP/rep-d8" "$TMP/rep-d12" --negatives-svg "$TMP/neg-d.svg" >/dev/null 2>&1
+if grep -q ">sa, IHN, D 8<" "$TMP/neg-d.svg" && grep -q ">sa, IHN, D 12<" "$TMP/neg-d.svg"; then
+    pass "report --negatives-svg: lines of another D named by it"
+else fail "negatives figure legends" "$(grep -o '>[a-z][^<]*<' "$TMP/neg-d.svg" | tr '\n' ' ')"; fi
 "$REMI" report "$TMP/rep-d8" "$TMP/rep-d12" >"$TMP/report2.md" 2>&1
 if [ "$(grep -c '^| tiny | sa, D 8 | .* | 1 |' "$TMP/report2.md")" = 1 ] && [ "$(grep -c '^| tiny | sa, D 12 | .* | 1 |' "$TMP/report2.md")" = 1 ] &&
    ! "$REMI" report "$TMP/rep-d8" "$TMP/rep-d8" >"$TMP/report3.md" 2>&1 && grep -q "same setting and seed" "$TMP/report3.md"; then
@@ -758,6 +783,8 @@ bad_metrics "a third final test line" "$((nm + 1))" '$p'
 bad_metrics "the last line cut short" "$nm" '$s/.\{30\}$//'
 bad_metrics "iter NaN" 2 '2s/"iter":[0-9]*/"iter":nan/'
 bad_metrics "rbeta NaN" 1 '1s/"rbeta":[0-9.]*/"rbeta":nan/'
+bad_metrics "an empty string for iter" 2 '2s/"iter":[0-9]*/"iter":""/'
+bad_metrics "an empty string for rbeta" 1 '1s/"rbeta":[0-9.]*/"rbeta":""/'
 # names holding a quote or a backslash (escaped in the config line) are read back whole: two rows
 mkdir -p "$TMP/repq1" "$TMP/repq2"
 sed '1s/"name":"[^"]*"/"name":"q\\"1"/' "$TMP/tiny-sa-t2/metrics.jsonl" >"$TMP/repq1/metrics.jsonl"
@@ -768,6 +795,7 @@ if grep -qF '| q"1 | sa |' "$TMP/reportq.md" && grep -qF '| q\2 | sa |' "$TMP/re
 else fail "report: escaped names" "$(head -c 300 "$TMP/reportq.md")"; fi
 # output that cannot be written is an error: a full standard output, an SVG's missing folder before the table
 if ! "$REMI" report "$TMP/tiny-sa-t2" >/dev/full 2>"$TMP/full.log" && grep -q "error writing standard output" "$TMP/full.log" &&
+   ! "$REMI" eval --help >/dev/full 2>/dev/null && ! "$REMI" --help >/dev/full 2>/dev/null &&
    ! "$REMI" report --negatives-svg "$TMP/nofolder/n.svg" "$TMP/tiny-sa-t2" >"$TMP/svgdir.md" 2>&1 &&
    grep -q "cannot write to folder $TMP/nofolder" "$TMP/svgdir.md" && ! grep -q '^| tiny' "$TMP/svgdir.md"; then
     pass "report: a full standard output exits 1; --negatives-svg in a missing folder refused before the table"
@@ -899,13 +927,13 @@ bad_split "very long line" 2 "20892,43,0,1\n20892,5,1,$(printf '7%.0s' $(seq 100
 if command -v flock >/dev/null; then
     d=$TMP/setlock; pa=(--input expected/prep/a_pairs_time.csv --name a --sep comma --header --time-col 3 --out "$d")
     "$REMI" prep "${pa[@]}" --seed 1 >/dev/null 2>&1; cp -r "$d" "$TMP/setlock-1"
-    held() { rm -f "$TMP/held"; flock "$1" "$d/.remi-commit.lock" -c "touch $TMP/held; sleep 1" & holder=$!
+    held() { rm -f "$TMP/held"; flock "$1" "$d/.remi-commit.lock" -c "touch $TMP/held; sleep 3" & holder=$!
              for _ in $(seq 500); do [ -e "$TMP/held" ] && break; sleep 0.01; done; }
     held -s; "$REMI" prep "${pa[@]}" --seed 2 >/dev/null 2>&1 & writer=$!
-    sleep 0.5; waited=$(for f in "$TMP"/setlock-1/a_*.txt; do cmp -s "$f" "$d/${f##*/}" || echo no; done); wait $holder $writer
+    sleep 1; waited=$(for f in "$TMP"/setlock-1/a_*.txt; do cmp -s "$f" "$d/${f##*/}" || echo no; done); wait $holder $writer
     replaced=$(diff -q "$TMP/setlock-1/a_train.txt" "$d/a_train.txt" >/dev/null || echo yes)
     held -x; "$REMI" train --data "$d" --name a --topn 5 --batch 2 --iters 1 --eval-every 1 --out "$TMP/setlock-run" >"$TMP/setlock.log" 2>&1 &
-    reader=$!; sleep 0.5; read_early=$(grep -c "^remi train" "$TMP/setlock.log"); wait $holder $reader
+    reader=$!; sleep 1; read_early=$(grep -c "^remi train" "$TMP/setlock.log"); wait $holder $reader
     if [ -z "$waited" ] && [ "$replaced" = yes ] && [ "$read_early" = 0 ] && grep -q "^remi train" "$TMP/setlock.log"; then
         pass "prep waits for a reader of its folder, and a reader for a writer (.remi-commit.lock)"
     else fail "set lock" "files replaced while a reader held the lock: '$waited', replaced after: '$replaced', reader started early: $read_early"; fi
