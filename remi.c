@@ -6352,6 +6352,15 @@ static int same_setting(const RunResult *a, const RunResult *b) {
     return same;
 }
 
+/* Text as SVG character data: &, < and > escaped (a dataset's name may hold them). */
+static void svg_escaped(FILE *f, const char *s) {
+    for (; *s; s++)
+        if (*s == '&') fputs("&amp;", f);
+        else if (*s == '<') fputs("&lt;", f);
+        else if (*s == '>') fputs("&gt;", f);
+        else fputc(*s, f);
+}
+
 /* Two rows on one line of the negatives figure: every setting the same but M (both sampled,
  * or both full softmax). */
 static int same_series(const RunResult *a, const RunResult *b) {
@@ -6433,9 +6442,9 @@ static void negatives_svg(const char *path, const RunResult *rows, const double 
             for (int j = 0; j < n_rows; j++) differs |= strcmp(rows[j].model, "pop") && strcmp(rows[j].more[k], rows[i].more[k]);
             if (differs) snprintf(more + strlen(more), sizeof more - strlen(more), ", %s %s", RUN_MORE[k].key, rows[i].more[k]);
         }
-        fprintf(f, "<text x=\"%.0f\" y=\"%.0f\" fill=\"%s\">%s%s%s%s, %s%s</text>\n", x0 + w + 12,
-                y0 + 14 + 16 * (series - 1), col, names ? rows[i].name : "", names ? ": " : "", rows[i].model,
-                rows[i].relu ? "+relu" : "",
+        fprintf(f, "<text x=\"%.0f\" y=\"%.0f\" fill=\"%s\">", x0 + w + 12, y0 + 14 + 16 * (series - 1), col);
+        if (names) svg_escaped(f, rows[i].name), fputs(": ", f);
+        fprintf(f, "%s%s, %s%s</text>\n", rows[i].model, rows[i].relu ? "+relu" : "",
                 rows[i].M == 0 ? "full softmax" : rows[i].rbeta == 0 ? "uniform sampled softmax" : "IHN", more);
     }
 #undef NX

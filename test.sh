@@ -783,6 +783,12 @@ bad_metrics "a third final test line" "$((nm + 1))" '$p'
 bad_metrics "the last line cut short" "$nm" '$s/.\{30\}$//'
 bad_metrics "iter NaN" 2 '2s/"iter":[0-9]*/"iter":nan/'
 bad_metrics "rbeta NaN" 1 '1s/"rbeta":[0-9.]*/"rbeta":nan/'
+# a dataset's name in the figure's legend is escaped as SVG text
+mkdir -p "$TMP/svgname"; sed '1s/"name":"[^"]*"/"name":"a\&b<c>"/' "$TMP/tiny-sa-t2/metrics.jsonl" >"$TMP/svgname/metrics.jsonl"
+"$REMI" report "$TMP/svgname" "$TMP/tiny-sa-t2" --negatives-svg "$TMP/neg-n.svg" >/dev/null 2>&1
+if grep -q ">a&amp;b&lt;c&gt;: sa, IHN<" "$TMP/neg-n.svg" && ! grep -q "a&b" "$TMP/neg-n.svg"; then
+    pass "report --negatives-svg: a name with & and < escaped in the legend"
+else fail "negatives figure, escaped name" "$(grep -o 'fill="#[^"]*">[^<]*' "$TMP/neg-n.svg" | head -3 | tr '\n' ' ')"; fi
 bad_metrics "an empty string for iter" 2 '2s/"iter":[0-9]*/"iter":""/'
 bad_metrics "an empty string for rbeta" 1 '1s/"rbeta":[0-9.]*/"rbeta":""/'
 # names holding a quote or a backslash (escaped in the config line) are read back whole: two rows
