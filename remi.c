@@ -1996,8 +1996,9 @@ static void prep_note_sorted_ids(const PrepData *d, const PrepOpts *o) {
     if (n >= 20 && asc >= 0.9 * n)
         fprintf(stderr, "remi: note: %s has no time %s, so its order is the time, but %d of %d users (%.0f%%) list "
                 "their items by ascending id: if the file holds unordered (set) data, each user's highest ids "
-                "become the evaluation targets; shuffle each user's items first, or give a --time-col\n",
-                o->input, o->format == PREP_PAIRS ? "column" : "in its lines", asc, n, 100.0 * asc / n);
+                "become the evaluation targets; shuffle each user's items first%s\n", o->input,
+                o->format == PREP_PAIRS ? "column" : "in its lines", asc, n, 100.0 * asc / n,
+                o->format == PREP_PAIRS ? ", or give a --time-col" : "");
     free(last); free(seen); free(up);
 }
 
@@ -5093,9 +5094,11 @@ static void model_load(Model *m, Config *c, const char *path) {
     uint64_t meta[3] = { 0, 0, 0 }, sum;
     if (fread(hdr, 4, 2, f) != 2 || (uint32_t)hdr[0] != REMI_MODEL_MAGIC) die("%s: not a remi model file", path);
     if (hdr[1] != REMI_MODEL_VERSION && hdr[1] != 3)
-        die("%s: model file version %d, this remi reads versions 3 and %d (retrain it)", path, hdr[1], REMI_MODEL_VERSION);
+        die("%s: model file version %d, this remi reads versions 3 and %d (retrain it)", path, hdr[1],
+            REMI_MODEL_VERSION);
     int n_meta = hdr[1] == 3 ? 2 : 3; /* version 3 has no data fingerprint */
-    if (fread(hdr + 2, 4, 8, f) != 8 || fread(meta, sizeof *meta, n_meta, f) != (size_t)n_meta) die("%s: truncated model file", path);
+    if (fread(hdr + 2, 4, 8, f) != 8 || fread(meta, sizeof *meta, n_meta, f) != (size_t)n_meta)
+        die("%s: truncated model file", path);
     if (hdr[2] < 0 || hdr[2] >= N_ENCODERS || hdr[3] < 2 || hdr[4] < 1 || hdr[5] < 1 || hdr[6] < 1 ||
         hdr[4] > 4096 || hdr[5] > 64 || hdr[6] > 10000 || (hdr[7] | hdr[8] | hdr[9]) & ~1 || (hdr[9] && hdr[2] != ENC_MIND))
         die("%s: corrupt header", path);
@@ -6197,7 +6200,8 @@ int cmd_inspect(int argc, char **argv) {
         { "--data", F_STR, &c.data, "folder holding NAME_{train,valid,test}.txt" },
         { "--name", F_STR, &c.name, "dataset name (file prefix)" },
         { "--split", F_STR, &split, "valid or test" },
-        { "--users", F_STR, &users, "rows of the split to draw (printed as \"(row R)\" beside the user id), e.g. \"0 7 12\" (default: the first 4 with 8+ items)" },
+        { "--users", F_STR, &users, "rows of the split to draw (printed as \"(row R)\" beside the user id), "
+                                    "e.g. \"0 7 12\" (default: the first 4 with 8+ items)" },
         { "--out", F_STR, &out, "folder for routing.svg" },
         { "--mind-eval", F_STR, &c.mind_eval, "MIND's routing logits: fixed or fresh" },
     };
@@ -6369,9 +6373,10 @@ static int same_series(const RunResult *a, const RunResult *b) {
     return (a->M > 0) == (b->M > 0) && same_setting(a, &t);
 }
 
-/* Recall@50 against the number of negatives, one line per setting but M (model and beta,
- * and the dataset, lambda, Adam and hit removal where the rows differ in them); full
- * softmax (M = 0) as a dashed level; Pop, which draws no negatives, is left out. */
+/* Recall@50 against the number of negatives, one line per setting but M (same_series); full
+ * softmax (M = 0) as a dashed level; Pop, which draws no negatives, is left out. The legend
+ * names each line's model and beta, its dataset and lambda where the rows differ in them,
+ * lazy Adam and hit removal, and the table's other settings (D, K, lr, ...) where lines differ. */
 static void negatives_svg(const char *path, const RunResult *rows, const double *mean, int n_rows) {
     static const char *colors[] = { "#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b" };
     double lo = INFINITY, hi = -INFINITY, mmin = INFINITY, mmax = -INFINITY;
@@ -6439,8 +6444,10 @@ static void negatives_svg(const char *path, const RunResult *rows, const double 
         if (lambdas) snprintf(more + strlen(more), sizeof more - strlen(more), ", lambda %g", rows[i].rlambda);
         for (int k = 0; k < N_RUN_MORE; k++) { /* the table's other settings (D, K, lr, ...) where the lines differ */
             int differs = 0;
-            for (int j = 0; j < n_rows; j++) differs |= strcmp(rows[j].model, "pop") && strcmp(rows[j].more[k], rows[i].more[k]);
-            if (differs) snprintf(more + strlen(more), sizeof more - strlen(more), ", %s %s", RUN_MORE[k].key, rows[i].more[k]);
+            for (int j = 0; j < n_rows; j++)
+                differs |= strcmp(rows[j].model, "pop") && strcmp(rows[j].more[k], rows[i].more[k]);
+            if (differs)
+                snprintf(more + strlen(more), sizeof more - strlen(more), ", %s %s", RUN_MORE[k].key, rows[i].more[k]);
         }
         fprintf(f, "<text x=\"%.0f\" y=\"%.0f\" fill=\"%s\">", x0 + w + 12, y0 + 14 + 16 * (series - 1), col);
         if (names) svg_escaped(f, rows[i].name), fputs(": ", f);
