@@ -290,7 +290,16 @@ static const char *shell_word(char *buf, size_t n, const char *s) {
     return buf;
 }
 
-/* The lock of a folder's file sets (the first len bytes of dir), FOLDER/.remi-commit.lock:
+/* The folder of a file's path, into buf: what comes before its last '/' ("/" at the root),
+ * or "." for a bare name. */
+static const char *path_folder(char *buf, size_t n, const char *path) {
+    const char *slash = strrchr(path, '/');
+    if (!slash) snprintf(buf, n, ".");
+    else snprintf(buf, n, "%.*s", slash == path ? 1 : (int)(slash - path), path);
+    return buf;
+}
+
+/* The lock of a folder's file sets, FOLDER/.remi-commit.lock:
  * exclusive while a set is renamed into it (atomic_commit_all), shared while one is read
  * (load_dataset), so that two processes at once (two preps into one folder, a train reading
  * what a prep rewrites) replace and read each set whole, where their renames and reads would
@@ -300,9 +309,9 @@ static const char *shell_word(char *buf, size_t n, const char *s) {
  * descriptor is returned unlocked). A file rather than the folder itself, which train's
  * lock_out_dir holds for a whole run: the readers and writers of a data folder that is also a
  * train's --out would wait for that run to end. */
-static int set_lock(const char *dir, int len, int exclusive) {
-    char path[4200];
-    snprintf(path, sizeof path, "%.*s/.remi-commit.lock", len, dir);
+static int set_lock(const char *dir, int exclusive) {
+    char path[4200 + 32];
+    snprintf(path, sizeof path, "%s/.remi-commit.lock", dir);
     int fd = open(path, exclusive ? O_RDWR | O_CREAT | O_CLOEXEC : O_RDONLY | O_CLOEXEC, 0644);
     if (fd >= 0) while (flock(fd, exclusive ? LOCK_EX : LOCK_SH) != 0 && errno == EINTR) {}
     return fd;
@@ -314,8 +323,8 @@ static int set_lock(const char *dir, int len, int exclusive) {
  * set_lock and with the fatal signals held back, so that one arriving then ends the process
  * only after the whole set. */
 static void atomic_commit_all(FILE **f, int n) {
-    const char *first = pending[pending_slot(f[0])].path, *slash = strrchr(first, '/');
-    int lock = slash ? set_lock(first, (int)(slash - first), 1) : set_lock(".", 1, 1);
+    char dir[4200];
+    int lock = set_lock(path_folder(dir, sizeof dir, pending[pending_slot(f[0])].path), 1);
     for (int k = 0; k < n; k++) {
         const char *path = pending[pending_slot(f[k])].path;
         struct stat st;
@@ -861,7 +870,7 @@ void load_dataset(Dataset *ds, const char *dir, const char *name) {
     const char *part[3] = { "train", "valid", "test" };
     Split *sp[3] = { &ds->train, &ds->valid, &ds->test };
     path_printf(map, sizeof map, "%s/%s_item_map.txt", dir, name);
-    int lock = set_lock(dir, (int)strlen(dir), 0); /* the four files of one prep (set_lock) */
+    int lock = set_lock(dir, 0); /* the four files of one prep (set_lock) */
     int n_items = read_item_map(map, NULL, 0);
     for (int i = 0; i < 3; i++) {
         path_printf(path[i], sizeof path[i], "%s/%s_%s.txt", dir, name, part[i]);
@@ -1556,13 +1565,24 @@ static int prep_intern(PrepData *d, PrepIds *t, const PrepOpts *o, const char *s
  * A quote is left open when the field holds an odd number of them (CSV doubles a quote inside
  * quotes): "Weird Al" Yankovic, a whole field, is an id like any other. */
 static void prep_check_quote(const PrepOpts *o, long lineno, const char *line, const char *s, size_t len, int col) {
+    if (len == 0 || s[0] != '"') return;
     size_t quotes = 0;
     for (size_t i = 0; i < len; i++) quotes += s[i] == '"';
-    if (len > 0 && s[0] == '"' && quotes % 2)
+    if (quotes % 2)
         prep_bad_line(o, lineno, line, "field %d (%.*s) opens a quote that a separator (%s) cuts: fields are split at "
                       "every separator, as the reference's split() does, with no CSV quoting; remove the quotes and the "
                       "separators inside them, or give another --sep", col, (int)(len > 40 ? 40 : len), s,
                       prep_sep_name(o->sep));
+}
+
+/* Why a time field is not a number, for the message: a first line's field without a digit is
+ * likely a header's name; one with a date's '-' and a time's ':' an ISO 8601 time. */
+static const char *prep_time_not_number(const char *s, size_t n, int first_line) {
+    int digits = 0;
+    for (size_t i = 0; i < n; i++) digits |= s[i] >= '0' && s[i] <= '9';
+    if (!digits) return first_line ? "not a number (a header line? give --header)" : "not a number";
+    if (memchr(s, '-', n) && memchr(s, ':', n)) return "not a number (a date and time? give --time-format iso8601)";
+    return "not a number";
 }
 
 /* One "pairs" line: the user, item and (optional) time columns; extra columns are ignored.
@@ -1606,14 +1626,10 @@ static void prep_parse_pair(PrepData *d, const PrepOpts *o, long lineno, const c
         prep_bad_line(o, lineno, line, "time column %d (\"%.*s\") is not a valid YYYY-MM-DDTHH:MM:SSZ time",
                       o->tcol, (int)(fl[2] > 40 ? 40 : fl[2]), fs[2]);
     int got = o->tcol >= 0 && !o->iso_time ? prep_parse_time(fs[2], fl[2], &t) : 1;
-    int digits = 0; /* a header's name holds none; a date does */
-    for (size_t i = 0; i < fl[2]; i++) digits |= fs[2][i] >= '0' && fs[2][i] <= '9';
     if (got != 1)
         prep_bad_line(o, lineno, line, "time column %d (\"%.*s\") is %s", o->tcol, (int)(fl[2] > 40 ? 40 : fl[2]), fs[2],
                       got < 0 ? "out of range: times lie strictly between -2^63 and 2^63"
-                      : lineno == 1 && !o->header && !digits ? "not a number (a header line? give --header)"
-                      : digits && memchr(fs[2], '-', fl[2]) && memchr(fs[2], ':', fl[2])
-                      ? "not a number (a date and time? give --time-format iso8601)" : "not a number");
+                              : prep_time_not_number(fs[2], fl[2], lineno == 1 && !o->header));
     int user = prep_intern(d, &d->users, o, fs[0], fl[0], lineno, line, "user");
     prep_add(d, user, prep_intern(d, &d->items, o, fs[1], fl[1], lineno, line, "item"), t);
 }
@@ -1980,20 +1996,20 @@ static void prep_note_sorted_ids(const PrepData *d, const PrepOpts *o) {
     int *seen = xcalloc((size_t)U, sizeof *seen);
     unsigned char *up = xmalloc((size_t)U);
     memset(up, 1, (size_t)U);
-    for (size_t i = 0; i < d->n_ev; i++) {
+    int ints = 1, n = 0, asc = 0;
+    for (size_t i = 0; i < d->n_ev && ints; i++) {
         int u = d->ev[i].user;
         char *end;
         const char *id = prep_id(&d->items, d->ev[i].item);
         errno = 0;
         long long v = strtoll(id, &end, 10);
-        if (*id == 0 || *end || errno) { free(last); free(seen); free(up); return; } /* not integer ids */
+        ints = *id && !*end && !errno; /* other ids: no order to look at */
         if (seen[u]++ && v < last[u]) up[u] = 0;
         last[u] = v;
     }
-    int n = 0, asc = 0;
     for (int u = 0; u < U; u++)
         if (seen[u] >= 3) { n++; asc += up[u]; }
-    if (n >= 20 && asc >= 0.9 * n)
+    if (ints && n >= 20 && asc >= 0.9 * n)
         fprintf(stderr, "remi: note: %s has no time %s, so its order is the time, but %d of %d users (%.0f%%) list "
                 "their items by ascending id: if the file holds unordered (set) data, each user's highest ids "
                 "become the evaluation targets; shuffle each user's items first%s\n", o->input,
@@ -5710,7 +5726,7 @@ static void start_run(const Config *c, const Model *m, const Dataset *ds, TrainS
  * checkpointing after each validation; on a signal or at --stop-after, checkpoints and
  * returns the exit status. t0: the clock's reading at the run's step 0. */
 static int train_loop(const Config *c, Model *m, Acts *a, const Dataset *ds, TrainState *st, const OutFiles *out,
-                      long stop_after, uint64_t fingerprint, double t0) {
+                      long stop_after, double t0) {
     int tty = isatty(fileno(stdout));
     double t_mark = now_sec(), t_shown = now_sec();
     long it_mark = st->it, ckpt_it = st->it; /* a new run has no checkpoint: ckpt_it 0 */
@@ -5735,7 +5751,7 @@ static int train_loop(const Config *c, Model *m, Acts *a, const Dataset *ds, Tra
             if (nonfinite_tensor(m, m->mem, &bad)) die_nonfinite(m, it, NAN, out->ckpt, ckpt_it);
         }
         st->elapsed = now_sec() - t0;
-        ckpt_write(out->ckpt, c, m, st, ds->train.n_users, fingerprint);
+        ckpt_write(out->ckpt, c, m, st, ds->train.n_users, c->data_fp);
         ckpt_it = it;
         if (st->trials > c->patience) printf("early stop: %d evaluations without improvement\n", st->trials);
         if (stop_signal || it == stop_after) {
@@ -5832,8 +5848,7 @@ int cmd_train(int argc, char **argv) {
     load_dataset(&ds, c.data, c.name);
     check_batch_users(&ds.train, c.B, c.data, c.name);
     int U = ds.train.n_users;
-    uint64_t fingerprint = data_sum(&ds);
-    c.data_fp = fingerprint; /* into model.bin, for eval & co. to check */
+    c.data_fp = data_sum(&ds); /* the splits' fingerprint: a resume checks it, model.bin keeps it for eval & co. */
     if (ds.N - 1 < 2) /* no --topn (at least 1) lies below the number of items */
         die("%s/%s has %d item: a model that ranks items needs 2 or more (a lower prep --min, or more data)", c.data,
             c.name, ds.N - 1);
@@ -5860,7 +5875,7 @@ int cmd_train(int argc, char **argv) {
     if (resume) {
         char where[4400];
         snprintf(where, sizeof where, "%s/%s", c.data, c.name);
-        ckpt_read_state(&ck, &m, &st, U, fingerprint, where);
+        ckpt_read_state(&ck, &m, &st, U, c.data_fp, where);
         if (stop_after > 0 && stop_after <= st.it)
             die("--stop-after %ld: %s is at step %ld already; give a later step", stop_after, out.ckpt, st.it);
         printf("resumed from %s at iteration %ld\n", out.ckpt, st.it);
@@ -5871,7 +5886,7 @@ int cmd_train(int argc, char **argv) {
     signal(SIGINT, on_stop_signal);
     signal(SIGTERM, on_stop_signal);
     double t0 = now_sec() - st.elapsed;
-    int status = train_loop(&c, &m, &a, &ds, &st, &out, stop_after, fingerprint, t0);
+    int status = train_loop(&c, &m, &a, &ds, &st, &out, stop_after, t0);
     if (status >= 0) return status;
     final_signals(c.out);
     final_report(&c, &m, &a, &ds, &st, &out, resume != NULL, t0);
@@ -6356,6 +6371,8 @@ static int same_setting(const RunResult *a, const RunResult *b) {
     return same;
 }
 
+static int run_is_pop(const RunResult *r) { return !strcmp(r->model, "pop"); } /* counts: no negatives */
+
 /* Text as SVG character data: &, < and > escaped (a dataset's name may hold them). */
 static void svg_escaped(FILE *f, const char *s) {
     for (; *s; s++)
@@ -6381,7 +6398,7 @@ static void negatives_svg(const char *path, const RunResult *rows, const double 
     static const char *colors[] = { "#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b" };
     double lo = INFINITY, hi = -INFINITY, mmin = INFINITY, mmax = -INFINITY;
     for (int i = 0; i < n_rows; i++) { /* the scales of the rows drawn: Pop's neither */
-        if (!strcmp(rows[i].model, "pop")) continue;
+        if (run_is_pop(&rows[i])) continue;
         double y = mean[i * 8 + 4];
         lo = y < lo ? y : lo; hi = y > hi ? y : hi;
         if (rows[i].M > 0) { mmin = rows[i].M < mmin ? rows[i].M : mmin; mmax = rows[i].M > mmax ? rows[i].M : mmax; }
@@ -6389,7 +6406,7 @@ static void negatives_svg(const char *path, const RunResult *rows, const double 
     if (!(mmax > mmin)) { mmin = isfinite(mmin) ? mmin / 10 : 1; mmax = mmin * 100; } /* one M: in the middle */
     int names = 0, lambdas = 0; /* rows of more than one dataset, or lambda: say which in the legend */
     for (int i = 0, r0 = -1; i < n_rows; i++) {
-        if (!strcmp(rows[i].model, "pop")) continue;
+        if (run_is_pop(&rows[i])) continue;
         if (r0 < 0) r0 = i;
         names |= strcmp(rows[i].name, rows[r0].name) != 0;
         lambdas |= rows[i].rlambda != rows[r0].rlambda;
@@ -6413,7 +6430,7 @@ static void negatives_svg(const char *path, const RunResult *rows, const double 
 #define NY(v) (y0 + h - h * ((v) - lo) / (hi - lo))
     int series = 0;
     for (int i = 0; i < n_rows; i++) {
-        int first = strcmp(rows[i].model, "pop") != 0; /* a new series: the first row of its setting but M */
+        int first = !run_is_pop(&rows[i]); /* a new series: the first row of its setting but M */
         for (int j = 0; j < i; j++) first &= !same_series(&rows[j], &rows[i]);
         if (!first) continue;
         const char *col = colors[series++ % 6];
@@ -6445,7 +6462,7 @@ static void negatives_svg(const char *path, const RunResult *rows, const double 
         for (int k = 0; k < N_RUN_MORE; k++) { /* the table's other settings (D, K, lr, ...) where the lines differ */
             int differs = 0;
             for (int j = 0; j < n_rows; j++)
-                differs |= strcmp(rows[j].model, "pop") && strcmp(rows[j].more[k], rows[i].more[k]);
+                differs |= !run_is_pop(&rows[j]) && strcmp(rows[j].more[k], rows[i].more[k]);
             if (differs)
                 snprintf(more + strlen(more), sizeof more - strlen(more), ", %s %s", RUN_MORE[k].key, rows[i].more[k]);
         }
@@ -6483,10 +6500,8 @@ int cmd_report(int argc, char **argv) {
     if (svg && (!*svg || (stat(svg, &sb) == 0 && S_ISDIR(sb.st_mode)))) /* before the table is printed */
         die("report: --negatives-svg \"%s\": give a file name (the figure is an SVG file)", svg);
     if (svg) { /* its folder must take the file: said before the table is printed, too */
-        char dir[4200] = ".";
-        const char *slash = strrchr(svg, '/');
-        if (slash) snprintf(dir, sizeof dir, "%.*s", slash == svg ? 1 : (int)(slash - svg), svg);
-        if (access(dir, W_OK | X_OK) != 0)
+        char dir[4200];
+        if (access(path_folder(dir, sizeof dir, svg), W_OK | X_OK) != 0)
             die("report: --negatives-svg %s: cannot write to folder %s: %s", svg, dir, strerror(errno));
     }
     int n_rows = 0, *count = xcalloc(n, sizeof(int));
@@ -6513,7 +6528,7 @@ int cmd_report(int argc, char **argv) {
     printf("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     for (int r = 0; r < n_rows; r++) {
         char mb[64] = "all (full softmax)";
-        if (!strcmp(rows[r].model, "pop")) strcpy(mb, "-"); /* counts, no negatives */
+        if (run_is_pop(&rows[r])) strcpy(mb, "-");
         else if (rows[r].M != 0 && !strcmp(rows[r].hits, "none")) snprintf(mb, sizeof mb, "%g", rows[r].M);
         else if (rows[r].M != 0) snprintf(mb, sizeof mb, "%g, %s hits removed", rows[r].M, rows[r].hits);
         char more[512] = ""; /* the other settings in which this row differs from a row that looks the same */
